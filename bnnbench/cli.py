@@ -1,0 +1,64 @@
+"""The ``bnnbench`` command line.
+
+Each sub-command is a module in :mod:`bnnbench.commands` defining ``HELP``
+(one line), ``add_arguments(parser)`` and ``main(args) -> int``; modules are
+found automatically, so a new command is a new file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+from . import commands
+from .registry import load_plugin
+
+
+def _command_modules() -> dict[str, ModuleType]:
+    found = {}
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):
+            continue
+        found[info.name.replace("_", "-")] = importlib.import_module(f"{commands.__name__}.{info.name}")
+    return dict(sorted(found.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bnnbench", description="Binary neural network binarizers under one protocol.")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="import a Python file that registers extra methods with @bnnbench.register_method (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in _command_modules().items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        for path in args.plugin:
+            load_plugin(path)
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:
+        print("bnnbench: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as exc:
+        # user errors (unknown method, bad option, missing folder): one clear line, no traceback
+        print(f"bnnbench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

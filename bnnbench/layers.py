@@ -1,0 +1,172 @@
+"""Binary layers: ``BinaryConv2d`` and ``BinaryLinear`` take a method by name.
+
+Forward of a binary layer (stage 2)::
+
+    a_b = method.activation(a0)      a0 = a / sqrt(var_{C,H,W}(a) + 1e-5) per sample
+                                     in training when act_norm (upstream BiPer/ReCU),
+                                     a otherwise; sign(a0) = sign(a) either way
+    w_b = method.weight(w)           sign with the method's surrogate and scale
+    y   = conv(a_b, w_b) * alpha     alpha: learned per output channel when the
+                                     method's scale is "learned_alpha"
+
+Training progress ``p`` (for schedules) and the stage are plain attributes set
+for a whole model with :func:`set_progress` and :func:`set_stage`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .method import Method
+from .registry import get_method
+
+ACT_NORM_EPS = 1e-5
+
+
+def resolve_method(method: str | Method) -> Method:
+    """A method object from a name or an instance."""
+    return get_method(method) if isinstance(method, str) else method
+
+
+class _BinaryMixin:
+    """What BinaryConv2d and BinaryLinear share; ``weight`` comes from the torch layer."""
+
+    weight: Tensor
+    training: bool
+
+    def _setup_binary(
+        self,
+        method: str | Method,
+        out_features: int,
+        alpha_dims: int,
+        stage: int,
+        act_norm: bool | None,
+        binary_activations: bool,
+    ) -> None:
+        self.method = resolve_method(method)
+        self.stage = stage
+        self.progress = 0.0
+        self.act_norm = self.method.default_act_norm if act_norm is None else act_norm
+        self.binary_activations = self.method.binary_activations and binary_activations
+        if self.method.scale == "learned_alpha":
+            # upstream BiPer/ReCU initialise alpha uniformly in [0, 1)
+            self.alpha = nn.Parameter(torch.rand(out_features, *([1] * alpha_dims)))
+        else:
+            self.register_parameter("alpha", None)  # type: ignore[attr-defined]
+
+    @property
+    def binary_weights(self) -> bool:
+        """True when the forward weight is +-1 (times a scale): stage 2 of a binary method."""
+        return self.method.binary_weights and self.stage == 2
+
+    def forward_weight(self) -> Tensor:
+        return self.method.weight(self.weight, progress=self.progress, stage=self.stage)
+
+    def forward_input(self, x: Tensor) -> Tensor:
+        if not self.binary_activations:
+            return x
+        if self.act_norm and self.training:
+            dims = tuple(range(1, x.dim()))
+            x = x / torch.sqrt(x.var(dim=dims, keepdim=True) + ACT_NORM_EPS)
+        return self.method.activation(x, progress=self.progress)
+
+    def scale_output(self, y: Tensor) -> Tensor:
+        return y if self.alpha is None else y * self.alpha
+
+    def regularization(self) -> Tensor | None:
+        return self.method.regularizer(self.weight, self.stage)
+
+    def binary_repr(self) -> str:
+        return f"method={self.method.name}, stage={self.stage}, act_norm={self.act_norm}, binary_activations={self.binary_activations}"
+
+    alpha: nn.Parameter | None
+
+
+class BinaryConv2d(_BinaryMixin, nn.Conv2d):
+    """A 2-D convolution whose weights and inputs a method binarizes."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        method: str | Method,
+        stage: int = 2,
+        act_norm: bool | None = None,
+        binary_activations: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self._setup_binary(method, out_channels, 2, stage, act_norm, binary_activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._conv_forward(self.forward_input(x), self.forward_weight(), self.bias)
+        return self.scale_output(y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.binary_repr()}"
+
+
+class BinaryLinear(_BinaryMixin, nn.Linear):
+    """A fully connected layer whose weights and inputs a method binarizes."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        method: str | Method,
+        stage: int = 2,
+        act_norm: bool | None = None,
+        binary_activations: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self._setup_binary(method, out_features, 0, stage, act_norm, binary_activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(), self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.binary_repr()}"
+
+
+BinaryLayer = (BinaryConv2d, BinaryLinear)
+
+
+def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | BinaryLinear]]:
+    """(name, layer) for every binary layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, BinaryLayer):
+            yield name, module
+
+
+def set_progress(model: nn.Module, progress: float) -> None:
+    """Set training progress p = epoch / epochs in [0, 1] on every binary layer."""
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must lie in [0, 1], got {progress}")
+    for _, layer in binary_layers(model):
+        layer.progress = float(progress)
+
+
+def set_stage(model: nn.Module, stage: int) -> None:
+    """Switch every binary layer to stage 1 (binary activations) or 2 (all binary)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    for _, layer in binary_layers(model):
+        layer.stage = stage
+    if hasattr(model, "bnn_config"):
+        model.bnn_config["stage"] = stage
+
+
+def regularization_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the methods' extra loss terms over binary layers (None when there are none)."""
+    terms = [t for _, layer in binary_layers(model) if (t := layer.regularization()) is not None]
+    return torch.stack(terms).sum() if terms else None

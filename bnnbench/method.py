@@ -1,0 +1,139 @@
+"""The binarizer interface: one object per method, hyper-parameters as dataclass fields.
+
+A method binarizes the latent weights ``w`` and the activations ``a`` of every
+binary layer (SPEC section 1).  Subclasses override the small hooks below; the
+public calls ``weight`` and ``activation`` compose them so that the forward
+value is the binary tensor and the autograd backward is the method's surrogate.
+
+Weight path, stage 2 (both binary)::
+
+    w_hat = pre_sign(w, p)                       # sin(w0 w) for BiPer, w for STE
+    w_b   = surrogate_sign(w_hat, weight_derivative)
+    out   = w_b * weight_scale(w)                # when the method has an analytic scale
+
+Stage 1 (binary activations only) returns ``stage1_weight(w)``: ``w`` for most
+methods, ``sin(w0 w)`` for BiPer (Eq. 10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from .functional import approx_sign_derivative, identity_derivative, surrogate_sign
+
+SCALES: tuple[str, ...] = ("none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two")
+
+
+@dataclasses.dataclass
+class Method:
+    """Base binarizer: sign with the straight-through estimator on both paths.
+
+    Class attributes document the method (shown by ``bnnbench list``);
+    dataclass fields are its hyper-parameters, settable through
+    ``bnnbench.get_method(name, **hparams)``.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    weight_forward: ClassVar[str] = "sign(w)"
+    weight_backward: ClassVar[str] = "1"
+    activation_forward: ClassVar[str] = "sign(a)"
+    activation_backward: ClassVar[str] = "max(0, 2 - 2|a|)"
+    scale: ClassVar[str] = "none"
+    binary_weights: ClassVar[bool] = True
+    binary_activations: ClassVar[bool] = True
+    # Upstream BiPer and ReCU evaluate the activation surrogate on a per-sample
+    # variance-normalised input; methods set their default here.
+    default_act_norm: ClassVar[bool] = False
+
+    # ----------------------------------------------------------------- weights
+    def pre_sign(self, w: Tensor, progress: float) -> Tensor:
+        """The real tensor the sign is applied to (``w_hat``, used for QE, Eq. 15)."""
+        return w
+
+    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+        """Surrogate d sign(x)/dx at the pre-sign value ``x``."""
+        return identity_derivative(x)
+
+    def weight_scale(self, w: Tensor) -> Tensor | None:
+        """Analytic scale multiplied onto the binary weight (None: no scale)."""
+        return None
+
+    def stage1_weight(self, w: Tensor) -> Tensor:
+        """The weight used while only activations are binary (stage 1)."""
+        return w
+
+    def binarize_weight(self, w: Tensor, progress: float = 0.0) -> Tensor:
+        """+-1 weights whose backward is the method's surrogate (no scale)."""
+        return surrogate_sign(self.pre_sign(w, progress), lambda x: self.weight_derivative(x, progress))
+
+    def weight(self, w: Tensor, progress: float = 0.0, stage: int = 2) -> Tensor:
+        """Forward weight of a binary layer at training progress ``progress`` in [0, 1]."""
+        _check_stage(stage)
+        if stage == 1 or not self.binary_weights:
+            return self.stage1_weight(w)
+        binary = self.binarize_weight(w, progress)
+        scale = self.weight_scale(w)
+        return binary if scale is None else binary * scale
+
+    # ------------------------------------------------------------- activations
+    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+        """Surrogate d sign(a)/da; Bi-Real's ApproxSign (Eq. 7) unless overridden."""
+        return approx_sign_derivative(x)
+
+    def activation(self, a: Tensor, progress: float = 0.0) -> Tensor:
+        """Binary activations sign(a) with the method's surrogate backward."""
+        if not self.binary_activations:
+            return a
+        return surrogate_sign(a, lambda x: self.activation_derivative(x, progress))
+
+    # ------------------------------------------------------------------ extras
+    def regularizer(self, w: Tensor, stage: int) -> Tensor | None:
+        """Extra loss term of one layer's latent weights (None: no term)."""
+        return None
+
+    def schedule(self, progress: float) -> dict[str, float]:
+        """Values of the scheduled hyper-parameters at ``progress`` (for logs)."""
+        return {}
+
+    # ------------------------------------------------------------- description
+    @classmethod
+    def hparam_defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def hparams(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> dict[str, Any]:
+        """Everything a results file needs to reproduce this binarizer."""
+        return {
+            "name": self.name,
+            "hparams": self.hparams(),
+            "scale": self.scale,
+            "weight_forward": self.weight_forward,
+            "weight_backward": self.weight_backward,
+            "activation_forward": self.activation_forward,
+            "activation_backward": self.activation_backward,
+            "paper": self.paper,
+        }
+
+
+def _check_stage(stage: int) -> None:
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 (binary activations) or 2 (binary weights and activations), got {stage!r}")
+
+
+def mean_abs(w: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """E|w| over ``dims`` kept for broadcasting."""
+    return w.abs().mean(dim=dims, keepdim=True)
+
+
+def per_output_dims(w: Tensor) -> tuple[int, ...]:
+    """All dimensions but the output-channel one (dim 0)."""
+    return tuple(range(1, w.dim()))
+
+
+__all__ = ["Method", "SCALES", "mean_abs", "per_output_dims"]

@@ -1,0 +1,45 @@
+"""CIFAR VGG-Small (SPEC section 2).
+
+Real conv 3->128 -> BN -> act, then binary convs 128-128 [maxpool], 128-256,
+256-256 [maxpool], 256-512, 512-512 [maxpool], each conv -> (pool) -> BN -> act,
+and a real Linear 8192 -> classes.  Convs start from N(0, 2/(k^2 C_out))
+(upstream), the Linear from N(0, 0.01^2).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .blocks import BinarySpec
+from .registry import register_net
+
+# (in, out, pool after) of the five binary convs
+_BINARY_CONVS = [(128, 128, True), (128, 256, False), (256, 256, True), (256, 512, False), (512, 512, True)]
+
+
+class VGGSmall(nn.Module):
+    def __init__(self, spec: BinarySpec, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), spec.nonlinearity()]
+        for c_in, c_out, pool in _BINARY_CONVS:
+            layers.append(spec.conv(c_in, c_out, 3))
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            layers += [nn.BatchNorm2d(c_out), spec.nonlinearity()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(512 * 4 * 4, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+@register_net("cifar", "vgg_small")
+def vgg_small(spec: BinarySpec, num_classes: int = 10) -> VGGSmall:
+    """VGG-Small for 32x32 inputs."""
+    return VGGSmall(spec, num_classes)

@@ -1,0 +1,35 @@
+"""Bi-Real Net's ApproxSign: sign forward, piecewise-polynomial backward (Eq. 6-7).
+
+Forward:  x_b = sign(x)                          (sign(0) = +1)
+Backward: d x_b / d x = max(0, 2 - 2|x|)
+          (= 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere)
+
+Applied to weights and activations alike.  ApproxSign is also the default
+activation quantizer of every method that does not define its own.
+
+Paper: Liu et al., "Bi-Real Net: Enhancing the performance of 1-bit CNNs with
+improved representational capability and advanced training algorithm",
+ECCV 2018 / IJCV 2020.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from bnnbench.functional import approx_sign_derivative
+from bnnbench.method import Method
+from bnnbench.registry import register_method
+
+
+@register_method("polynomial")
+@dataclass
+class Polynomial(Method):
+    """Bi-Real ApproxSign on weights and activations."""
+
+    paper = "Liu et al., Bi-Real Net, ECCV 2018 (Eq. 6-7 of BiPer)"
+    weight_backward = "max(0, 2 - 2|w|)"
+
+    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+        return approx_sign_derivative(x)

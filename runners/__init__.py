@@ -1,0 +1,1 @@
+"""Protocols and table runners: training, tables, figures and benchmarks."""

@@ -1,0 +1,1 @@
+"""Table specs (TOML), one per table of the paper."""
