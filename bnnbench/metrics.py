@@ -168,7 +168,7 @@ class FlipTracker:
         rates = {}
         for name, layer in binary_layers(self.model):
             if name not in self._signs:
-                raise KeyError(f"binary layer {name!r} was not in the last snapshot; call FlipTracker.snapshot() after changing the model")
+                raise KeyError(f"binary layer {name!r} is not in the last snapshot; call FlipTracker.snapshot() after changing the model")
             rates[name] = flip_rate(self._signs[name], self._current(layer))
         return rates
 
@@ -191,7 +191,16 @@ class LayerDiagnostics:
     dead_share: float
     flip_rate: float
 
-    METRICS: ClassVar[tuple[str, ...]] = ("qe", "qe_relative", "gamma", "qe_l1_upstream", "laplace_b", "grad_norm", "dead_share", "flip_rate")
+    METRICS: ClassVar[tuple[str, ...]] = (
+        "qe",
+        "qe_relative",
+        "gamma",
+        "qe_l1_upstream",
+        "laplace_b",
+        "grad_norm",
+        "dead_share",
+        "flip_rate",
+    )
 
 
 def _weighted_share(layers: list[LayerDiagnostics], metric: str) -> float:
