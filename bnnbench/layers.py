@@ -2,12 +2,18 @@
 
 Forward of a binary layer (stage 2)::
 
-    a_b = method.activation(a0)      a0 = a / sqrt(var_{C,H,W}(a) + 1e-5) per sample
+    a_b = method.activation(a0, **activation_params)
+                                     a0 = a / sqrt(var_{C,H,W}(a) + 1e-5) per sample
                                      in training when act_norm (upstream BiPer/ReCU),
                                      a otherwise; sign(a0) = sign(a) either way
     w_b = method.weight(w)           sign with the method's surrogate and scale
     y   = conv(a_b, w_b) * alpha     alpha: learned per output channel when the
                                      method's scale is "learned_alpha"
+
+``activation_params`` are the learnable per-layer tensors a method asks for
+through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
+they live in ``layer.activation_params`` and exist only when the layer's
+activations are binary.
 
 Training progress ``p`` (for schedules) and the stage are plain attributes set
 for a whole model with :func:`set_progress` and :func:`set_stage`.
@@ -41,8 +47,9 @@ class _BinaryMixin:
     def _setup_binary(
         self,
         method: str | Method,
+        in_features: int,
         out_features: int,
-        alpha_dims: int,
+        spatial_dims: int,
         stage: int,
         act_norm: bool | None,
         binary_activations: bool,
@@ -54,9 +61,11 @@ class _BinaryMixin:
         self.binary_activations = self.method.binary_activations and binary_activations
         if self.method.scale == "learned_alpha":
             # upstream BiPer/ReCU initialise alpha uniformly in [0, 1)
-            self.alpha = nn.Parameter(torch.rand(out_features, *([1] * alpha_dims)))
+            self.alpha = nn.Parameter(torch.rand(out_features, *([1] * spatial_dims)))
         else:
             self.register_parameter("alpha", None)  # type: ignore[attr-defined]
+        initial = self.method.activation_parameters(in_features, spatial_dims) if self.binary_activations else {}
+        self.activation_params = nn.ParameterDict({name: nn.Parameter(value) for name, value in initial.items()})
 
     @property
     def binary_weights(self) -> bool:
@@ -72,7 +81,7 @@ class _BinaryMixin:
         if self.act_norm and self.training:
             dims = tuple(range(1, x.dim()))
             x = x / torch.sqrt(x.var(dim=dims, keepdim=True) + ACT_NORM_EPS)
-        return self.method.activation(x, progress=self.progress)
+        return self.method.activation(x, progress=self.progress, **self.activation_params)
 
     def scale_output(self, y: Tensor) -> Tensor:
         return y if self.alpha is None else y * self.alpha
@@ -84,6 +93,7 @@ class _BinaryMixin:
         return f"method={self.method.name}, stage={self.stage}, act_norm={self.act_norm}, binary_activations={self.binary_activations}"
 
     alpha: nn.Parameter | None
+    activation_params: nn.ParameterDict
 
 
 class BinaryConv2d(_BinaryMixin, nn.Conv2d):
@@ -104,7 +114,7 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         bias: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self._setup_binary(method, out_channels, 2, stage, act_norm, binary_activations)
+        self._setup_binary(method, in_channels, out_channels, 2, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._conv_forward(self.forward_input(x), self.forward_weight(), self.bias)
@@ -129,7 +139,7 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
         bias: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self._setup_binary(method, out_features, 0, stage, act_norm, binary_activations)
+        self._setup_binary(method, in_features, out_features, 0, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(), self.bias))

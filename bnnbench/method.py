@@ -11,8 +11,19 @@ Weight path, stage 2 (both binary)::
     w_b   = surrogate_sign(w_hat, weight_derivative)
     out   = w_b * weight_scale(w)                # when the method has an analytic scale
 
+The scale enters the backward by autograd (``scale_in_backward = True``: the
+surrogate is multiplied by the scale, plus the scale's own derivative when it
+is not detached) or multiplies the forward only (``False``: the backward of
+``scale * sign`` is the surrogate alone, as upstream DoReFa and ReActNet do;
+XNOR-Net writes its scale's share of the gradient into its surrogate).
+
 Stage 1 (binary activations only) returns ``stage1_weight(w)``: ``w`` for most
 methods, ``sin(w0 w)`` for BiPer (Eq. 10).
+
+Activation path: ``activation(a, progress=p, **params)``.  A method that needs
+learnable per-layer tensors (ReActNet's per-channel threshold) returns their
+initial values from ``activation_parameters``; every binary layer registers
+them as parameters and passes them to ``activation`` as keyword arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .functional import approx_sign_derivative, identity_derivative, surrogate_sign
@@ -48,6 +60,8 @@ class Method:
     # Upstream BiPer and ReCU evaluate the activation surrogate on a per-sample
     # variance-normalised input; methods set their default here.
     default_act_norm: ClassVar[bool] = False
+    # False: the analytic scale multiplies the forward only (see module docstring).
+    scale_in_backward: ClassVar[bool] = True
 
     # ----------------------------------------------------------------- weights
     def pre_sign(self, w: Tensor, progress: float) -> Tensor:
@@ -77,7 +91,9 @@ class Method:
             return self.stage1_weight(w)
         binary = self.binarize_weight(w, progress)
         scale = self.weight_scale(w)
-        return binary if scale is None else binary * scale
+        if scale is None:
+            return binary
+        return binary * scale if self.scale_in_backward else forward_only_scale(binary, scale)
 
     # ------------------------------------------------------------- activations
     def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
@@ -85,10 +101,25 @@ class Method:
         return approx_sign_derivative(x)
 
     def activation(self, a: Tensor, progress: float = 0.0) -> Tensor:
-        """Binary activations sign(a) with the method's surrogate backward."""
+        """Binary activations sign(a) with the method's surrogate backward.
+
+        Methods with :meth:`activation_parameters` accept them here as keyword
+        arguments (e.g. ``activation(a, progress=p, beta=beta)``).
+        """
         if not self.binary_activations:
             return a
         return surrogate_sign(a, lambda x: self.activation_derivative(x, progress))
+
+    def activation_parameters(self, in_channels: int, spatial_dims: int) -> dict[str, Tensor]:
+        """Initial values of learnable per-layer tensors that :meth:`activation` takes.
+
+        ``in_channels`` is the layer's input channels (features for a linear
+        layer) and ``spatial_dims`` the number of trailing input dimensions
+        after the channel one (2 for Conv2d, 0 for Linear), so a per-channel
+        tensor has shape ``(in_channels, 1, ..., 1)`` and broadcasts against
+        the input.  A binary layer registers each as ``layer.activation_params[name]``.
+        """
+        return {}
 
     # ------------------------------------------------------------------ extras
     def regularizer(self, w: Tensor, stage: int) -> Tensor | None:
@@ -121,6 +152,28 @@ class Method:
         }
 
 
+class _ForwardOnlyScale(torch.autograd.Function):
+    """Forward ``x * scale``; backward passes the gradient to ``x`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        return grad_output, None
+
+
+def forward_only_scale(x: Tensor, scale: Tensor) -> Tensor:
+    """``x * scale`` whose backward ignores the scale: d out / d x := 1, no gradient to ``scale``.
+
+    ``scale`` must broadcast to ``x``'s shape (a per-channel or scalar scale).
+    """
+    if torch.broadcast_shapes(x.shape, scale.shape) != x.shape:
+        raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast to the weight's shape {tuple(x.shape)}")
+    return _ForwardOnlyScale.apply(x, scale)
+
+
 def _check_stage(stage: int) -> None:
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 (binary activations) or 2 (binary weights and activations), got {stage!r}")
@@ -136,4 +189,4 @@ def per_output_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
-__all__ = ["Method", "SCALES", "mean_abs", "per_output_dims"]
+__all__ = ["Method", "SCALES", "forward_only_scale", "mean_abs", "per_output_dims"]

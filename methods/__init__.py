@@ -1,5 +1,19 @@
 """Built-in binarizers, one module each; importing this package registers them."""
 
-from . import biper, clip_ste, fp, polynomial, recu, reste, sign_ste
+from . import biper, clip_ste, dorefa, fda, fp, irnet, polynomial, reactnet, recu, reste, sign_ste, swish_sign, xnor
 
-__all__ = ["biper", "clip_ste", "fp", "polynomial", "recu", "reste", "sign_ste"]
+__all__ = [
+    "biper",
+    "clip_ste",
+    "dorefa",
+    "fda",
+    "fp",
+    "irnet",
+    "polynomial",
+    "reactnet",
+    "recu",
+    "reste",
+    "sign_ste",
+    "swish_sign",
+    "xnor",
+]

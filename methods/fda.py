@@ -1,0 +1,66 @@
+"""FDA: frequency-domain approximation of the sign's gradient by a Fourier series.
+
+Forward:  w_b = alpha_c sign(w),  alpha_c = mean|w_c| per output channel (detached,
+          as upstream);  a_b = sign(a)   (sign(0) = +1)
+Backward, on weights (times alpha_c) and activations alike (paper Sec. 3):
+          sign(x) = (4/pi) sum_i sin((2i+1) omega x) / (2i+1)  over i >= 0, so
+          d sign(x) / dx ~ (4 omega / pi) sum_{i=0..n} cos((2i+1) omega x) 1{|x| <= 1}
+          omega = 0.1,  n(p) = 9 + floor(9 p)   (upstream ``model_params_update``)
+
+Not modelled: the noise-adaptation module (a small per-layer MLP whose output,
+weighted by 0.05 (1 + cos(pi (epoch+1)/E)), is added to the binary weights and
+activations during training, which makes the training forward non-binary).
+
+Paper: Xu, Han, Wang, Zhao, Xu, Tao & Xu, "Learning Frequency Domain
+Approximation for Binary Neural Networks", NeurIPS 2021; upstream:
+huawei-noah/Efficient-Computing ``BinaryNetworks/FDA``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bnnbench.method import Method, mean_abs, per_output_dims
+from bnnbench.registry import register_method
+
+
+def fourier_sign_derivative(x: Tensor, omega: float, n: int) -> Tensor:
+    """(4 omega / pi) sum_{i=0..n} cos((2i+1) omega x), zero for |x| > 1."""
+    series = sum(torch.cos((2 * i + 1) * omega * x) for i in range(n + 1))
+    return (4.0 * omega / math.pi) * series * (x.abs() <= 1).to(x.dtype)
+
+
+@register_method("fda")
+@dataclass
+class FDA(Method):
+    """Sign forward, truncated-Fourier-series derivative backward, n growing with p."""
+
+    omega: float = 0.1
+    n_start: int = 9
+    n_growth: int = 9
+
+    paper = "Xu et al., Learning Frequency Domain Approximation for Binary Neural Networks, NeurIPS 2021"
+    weight_forward = "mean|w_c| sign(w) (scale detached)"
+    weight_backward = "(4 omega/pi) sum_{i<=n} cos((2i+1) omega w) 1{|w|<=1}, omega=0.1, n = 9 + floor(9p)"
+    activation_backward = "same Fourier series as the weights"
+    scale = "mean_abs_channel"
+
+    def n_terms(self, progress: float) -> int:
+        """n(p) = n_start + floor(n_growth p): the last index of the series."""
+        return self.n_start + math.floor(progress * self.n_growth)
+
+    def weight_scale(self, w: Tensor) -> Tensor:
+        return mean_abs(w, per_output_dims(w)).detach()
+
+    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+        return fourier_sign_derivative(x, self.omega, self.n_terms(progress))
+
+    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+        return fourier_sign_derivative(x, self.omega, self.n_terms(progress))
+
+    def schedule(self, progress: float) -> dict[str, float]:
+        return {"n": float(self.n_terms(progress))}

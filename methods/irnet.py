@@ -1,0 +1,78 @@
+"""IR-Net: Libra Parameter Binarization forward, Error Decay Estimator backward.
+
+Forward (Libra-PB, paper Sec. 3.1), per output channel c of the latent weights w:
+    w_std = (w - mean_c(w)) / std_c(w - mean_c(w))      (std unbiased, no eps, as upstream)
+    s_c   = 2^round(log2(mean|w_std|_c))                 (detached power-of-two scale)
+    w_b   = s_c sign(w_std),   a_b = sign(a)              (sign(0) = +1)
+Backward (EDE, paper Sec. 3.2), on weights (through the standardisation, by
+autograd, times s_c) and activations alike:
+    d sign(x) / dx = k t (1 - tanh^2(t x))
+    t(p) = 10^(log10 T_min + (log10 T_max - log10 T_min) p),   k = max(1/t, 1)
+T_min = 1e-1, T_max = 1e1 are the paper's values (Sec. 4.1); the upstream
+CIFAR ResNet-20 trainer (htqin/IR-Net ``trainer.py``) starts at T_min = 1e-3:
+pass ``t_min=1e-3`` for that variant.
+
+Paper: Qin, Gong, Liu, Bai, Song, Yu & Wang, "Forward and Backward Information
+Retention for Accurate Binary Neural Networks", CVPR 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bnnbench.method import Method, per_output_dims
+from bnnbench.registry import register_method
+
+
+def ede_derivative(x: Tensor, k: float, t: float) -> Tensor:
+    """Error Decay Estimator: d/dx [k tanh(t x)] = k t (1 - tanh^2(t x))."""
+    return k * t * (1.0 - torch.tanh(t * x).pow(2))
+
+
+@register_method("irnet")
+@dataclass
+class IRNet(Method):
+    """Standardised weights, power-of-two scale, tanh-shaped EDE surrogate."""
+
+    t_min: float = 0.1
+    t_max: float = 10.0
+
+    paper = "Qin et al., IR-Net, CVPR 2020"
+    weight_forward = "2^round(log2 mean|w_std|_c) sign(w_std), w_std = per-channel standardised w"
+    weight_backward = "k t (1 - tanh^2(t w_std)) through the standardisation; t = 10^(lg Tmin + (lg Tmax - lg Tmin) p), k = max(1/t, 1)"
+    activation_backward = "k t (1 - tanh^2(t a)) (EDE)"
+    scale = "power_of_two"
+
+    def t(self, progress: float) -> float:
+        """t(p) = 10^(log10 T_min + (log10 T_max - log10 T_min) p)."""
+        lo, hi = math.log10(self.t_min), math.log10(self.t_max)
+        return 10.0 ** (lo + (hi - lo) * progress)
+
+    def k(self, progress: float) -> float:
+        """k(p) = max(1/t(p), 1)."""
+        return max(1.0 / self.t(progress), 1.0)
+
+    def standardize(self, w: Tensor) -> Tensor:
+        dims = per_output_dims(w)
+        centered = w - w.mean(dim=dims, keepdim=True)
+        return centered / centered.std(dim=dims, keepdim=True)
+
+    def pre_sign(self, w: Tensor, progress: float) -> Tensor:
+        return self.standardize(w)
+
+    def weight_scale(self, w: Tensor) -> Tensor:
+        mean_abs_std = self.standardize(w).abs().mean(dim=per_output_dims(w), keepdim=True)
+        return torch.pow(2.0, torch.round(torch.log2(mean_abs_std))).detach()
+
+    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+        return ede_derivative(x, self.k(progress), self.t(progress))
+
+    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+        return ede_derivative(x, self.k(progress), self.t(progress))
+
+    def schedule(self, progress: float) -> dict[str, float]:
+        return {"t": self.t(progress), "k": self.k(progress)}
