@@ -1,0 +1,152 @@
+"""Binary conv2d on packed bits, exact against ``F.conv2d`` of the same +-1 tensors.
+
+Zero padding (what our backbones use: ``F.conv2d`` pads sign(a) with 0) is not
+representable in one bit.  The kernel pads with +1 (bit 0) and removes what
+the padded taps added: for output position p and filter n,
+
+    correction[n, p] = sum over taps (i, j) of p that fall in the padding of S[n, i, j],
+    S[n, i, j] = sum_c w[n, c, i, j]
+
+computed once per weight and input size (it is a 1-channel convolution of the
+padding mask with S) and cached on the :class:`PackedWeights`.  The result is
+
+    y[b, n, p] = K - 2 popcount(a XOR w) - correction[n, p],   K = C kh kw,
+
+integers well inside float32's exact range, hence equal to ``F.conv2d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .gemm import ROWS, filter_panels, padded_filters, xnor_gemm
+from .packing import im2col, output_size, pack_channels, words_for
+
+
+@dataclass
+class PackedWeights:
+    """Filters of a binary conv as bits, with what the GEMM and the border correction need.
+
+    ``bits``: (out_channels, kh * kw * words) uint64, tap-major like :func:`im2col`
+    (the stored form); ``panels``: the same bits in the GEMM's filter panels;
+    ``tap_sums``: (out_channels, kh, kw) int32, S[n, i, j] = sum_c w[n, c, i, j].
+    """
+
+    bits: np.ndarray
+    in_channels: int
+    kernel_size: tuple[int, int]
+    panels: np.ndarray = field(init=False, repr=False)
+    tap_sums: np.ndarray = field(init=False, repr=False)
+    _offsets: dict[tuple[int, int, int, int], np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        kh, kw = self.kernel_size
+        expected = kh * kw * words_for(self.in_channels)
+        if self.bits.dtype != np.uint64 or self.bits.ndim != 2 or self.bits.shape[1] != expected:
+            raise ValueError(
+                f"packed filters must be a uint64 array (out_channels, {expected}) for {self.in_channels} channels and a "
+                f"{kh}x{kw} kernel, got {self.bits.dtype} {self.bits.shape}"
+            )
+        self.bits = np.ascontiguousarray(self.bits)
+        self.panels = filter_panels(self.bits)
+        negatives = np.unpackbits(self.bits.view(np.uint8), axis=1, bitorder="little").reshape(len(self.bits), kh, kw, -1).sum(axis=3)
+        self.tap_sums = (self.in_channels - 2 * negatives).astype(np.int32)
+
+    @property
+    def out_channels(self) -> int:
+        return self.bits.shape[0]
+
+    @property
+    def k_bits(self) -> int:
+        """Binary MACs per output value: in_channels * kh * kw."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def offsets(self, height: int, width: int, stride: int, padding: int) -> np.ndarray:
+        """GEMM offsets K - correction, (OH * OW, filters padded to panels) int32, cached per input size."""
+        key = (height, width, stride, padding)
+        if key not in self._offsets:
+            correction = border_correction(self.tap_sums, height, width, stride, padding)
+            offsets = np.zeros((correction.shape[1], padded_filters(self.out_channels)), dtype=np.int32)
+            offsets[:, : self.out_channels] = self.k_bits - correction.T
+            self._offsets[key] = offsets
+        return self._offsets[key]
+
+
+def pack_weights(w: Tensor) -> PackedWeights:
+    """Pack (O, C, kh, kw) weights; values are binarised with sign (sign(0) = +1)."""
+    if w.dim() != 4:
+        raise ValueError(f"binary conv weights must be (out, in, kh, kw), got shape {tuple(w.shape)}")
+    array = _as_array(w, "weights")
+    out_channels, in_channels, kh, kw = array.shape
+    return PackedWeights(bits=pack_channels(array).reshape(out_channels, -1), in_channels=in_channels, kernel_size=(kh, kw))
+
+
+def border_correction(tap_sums: np.ndarray, height: int, width: int, stride: int, padding: int) -> np.ndarray:
+    """What +1 padding adds over zero padding, per filter and output position: (O, OH * OW) int32."""
+    out_channels, kh, kw = tap_sums.shape
+    out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
+    if padding == 0:
+        return np.zeros((out_channels, out_h * out_w), dtype=np.int32)
+    outside = torch.ones(1, 1, height + 2 * padding, width + 2 * padding, dtype=torch.float64)
+    outside[..., padding : padding + height, padding : padding + width] = 0
+    sums = torch.from_numpy(tap_sums.astype(np.float64)).unsqueeze(1)
+    correction = F.conv2d(outside, sums, stride=stride)
+    return correction.reshape(out_channels, out_h * out_w).round().numpy().astype(np.int32)
+
+
+def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, padding: int = 0) -> Tensor:
+    """``F.conv2d(sign(x), sign(w), stride=stride, padding=padding)`` from packed weights.
+
+    ``x`` is (B, C, H, W), real or +-1 (binarised while packing, sign(0) = +1),
+    on the CPU, contiguous or channels last.  The result is a float32
+    (B, O, OH, OW) tensor in channels-last memory format (the GEMM writes
+    NHWC; call ``.contiguous()`` for NCHW memory).
+    """
+    _check_int("stride", stride, minimum=1)
+    _check_int("padding", padding, minimum=0)
+    if x.dim() != 4:
+        raise ValueError(f"binary_conv2d expects a (B, C, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[1] != weights.in_channels:
+        raise ValueError(f"input has {x.shape[1]} channels but the weights expect {weights.in_channels}")
+    batch, _, height, width = x.shape
+    kh, kw = weights.kernel_size
+    out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
+    rows = im2col(pack_channels(_as_array(x, "input"), padding), kh, kw, stride, row_multiple=ROWS)
+    offsets = weights.offsets(height, width, stride, padding)
+    out = np.empty((rows.shape[0], offsets.shape[1]), dtype=np.float32)
+    xnor_gemm(rows, weights.panels, offsets, out)
+    valid = torch.from_numpy(out)[: batch * out_h * out_w, : weights.out_channels]
+    return valid.view(batch, out_h, out_w, weights.out_channels).permute(0, 3, 1, 2)
+
+
+def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """Binary convolution of +-1 tensors by XNOR-popcount; equals ``F.conv2d(x, w, ...)`` exactly.
+
+    Both tensors are packed here (values binarised with sign, sign(0) = +1);
+    use :func:`pack_weights` and :func:`binary_conv2d_packed` to pack the
+    weights once.
+    """
+    return binary_conv2d_packed(x, pack_weights(w), stride=stride, padding=padding)
+
+
+def _as_array(t: Tensor, what: str) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise ValueError(f"the packed binary conv runs on the CPU; move the {what} there with .cpu() (got device {t.device})")
+    if not t.is_floating_point():
+        raise TypeError(f"binary conv {what} must be a floating-point tensor of +-1 values, got {t.dtype}")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    t = t.detach()
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        t = t.contiguous()
+    return t.numpy()
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} (the same value for height and width), got {value!r}")

@@ -1,0 +1,138 @@
+"""Bit-packed XNOR-popcount convolution: exact against F.conv2d of the same +-1 tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+from bnnbench.functional import sign
+from bnnbench.kernels import (
+    LANES,
+    PackedWeights,
+    binary_conv2d,
+    binary_conv2d_packed,
+    border_correction,
+    pack_channels,
+    pack_weights,
+    popcount,
+)
+
+
+def pm1(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).sign()
+
+
+# (batch, in, out, height, width, kernel, stride, padding): 3x3 and 1x1, strides 1 and 2, zero padding,
+# odd and multi-word channel counts, filter counts that are not a multiple of the 8-filter panel,
+# row counts that are not a multiple of the 4-row block, ResNet shapes.
+CASES = [
+    (1, 1, 1, 3, 3, 3, 1, 1),
+    (2, 3, 5, 7, 6, 3, 1, 1),
+    (1, 65, 7, 9, 9, 3, 2, 1),
+    (3, 130, 9, 5, 8, 1, 1, 0),
+    (2, 70, 6, 6, 6, 1, 2, 0),
+    (1, 200, 13, 11, 10, 3, 2, 0),
+    (2, 64, 64, 8, 8, 3, 1, 1),
+    (2, 128, 128, 7, 7, 3, 2, 1),
+    (1, 64, 17, 1, 1, 3, 1, 1),
+    (1, 256, 24, 5, 5, 3, 1, 2),
+]
+
+
+@pytest.mark.parametrize("batch,cin,cout,height,width,kernel,stride,padding", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_binary_conv2d_equals_float_conv(batch, cin, cout, height, width, kernel, stride, padding, channels_last):
+    g = torch.Generator().manual_seed(cin * 1000 + cout)
+    x, w = pm1(batch, cin, height, width, generator=g), pm1(cout, cin, kernel, kernel, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x, w, stride=stride, padding=padding)
+    got = binary_conv2d(x, w, stride=stride, padding=padding)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_real_inputs_are_binarised_with_sign_of_zero_plus_one():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 67, 6, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 67, 3, 3, generator=g)
+    x[0, :5, 2, 2] = 0.0
+    w[3, :7, 1, 1] = 0.0
+    expected = F.conv2d(sign(x.float()), sign(w), padding=1)
+    assert torch.equal(binary_conv2d(x, w, padding=1), expected)
+
+
+def test_border_correction_is_what_plus_one_padding_adds():
+    """Without the correction the result would be the conv of the input padded with +1."""
+    g = torch.Generator().manual_seed(2)
+    x, w = pm1(1, 33, 5, 5, generator=g), pm1(4, 33, 3, 3, generator=g)
+    packed = pack_weights(w)
+    plus_one_padded = F.conv2d(F.pad(x, (1, 1, 1, 1), value=1.0), w)
+    zero_padded = F.conv2d(x, w, padding=1)
+    correction = border_correction(packed.tap_sums, 5, 5, 1, 1)
+    assert torch.equal(plus_one_padded - zero_padded, torch.from_numpy(correction).float().view(1, 4, 5, 5))
+    assert correction[:, 12].tolist() == [0] * 4 and np.abs(correction).sum() > 0  # centre untouched, border corrected
+
+
+def test_packed_weights_reused_across_input_sizes():
+    g = torch.Generator().manual_seed(3)
+    w = pm1(12, 40, 3, 3, generator=g)
+    packed = pack_weights(w)
+    for size, stride in ((9, 1), (7, 2), (4, 1)):
+        x = pm1(2, 40, size, size, generator=g)
+        assert torch.equal(binary_conv2d_packed(x, packed, stride, 1), F.conv2d(x, w, stride=stride, padding=1))
+
+
+def test_bit_layout():
+    """Bit c % 64 of word c // 64 is 1 exactly for -1; padding and unused channel bits are 0."""
+    x = torch.ones(1, 70, 1, 2)
+    x[0, [0, 5, 63, 64, 69], 0, 1] = -1.0
+    packed = pack_channels(x.numpy(), padding=1)
+    assert packed.shape == (1, 3, 4, 2) and packed.dtype == np.uint64
+    assert packed[0, 1, 1].tolist() == [0, 0]
+    assert packed[0, 1, 2].tolist() == [(1 << 0) | (1 << 5) | (1 << 63), (1 << 0) | (1 << 5)]
+    assert packed[0, 0].sum() == 0 and packed[0, :, 0].sum() == 0 and packed[0, :, 3].sum() == 0
+
+
+def test_packed_weights_layout_and_tap_sums():
+    g = torch.Generator().manual_seed(4)
+    w = pm1(11, 70, 3, 3, generator=g)
+    packed = pack_weights(w)
+    assert packed.bits.shape == (11, 3 * 3 * 2) and packed.k_bits == 70 * 9
+    assert packed.panels.shape == (2, 18, LANES)
+    assert np.array_equal(packed.tap_sums, w.sum(dim=1).numpy().astype(np.int32))
+    rebuilt = PackedWeights(bits=packed.bits.copy(), in_channels=70, kernel_size=(3, 3))
+    assert np.array_equal(rebuilt.panels, packed.panels)
+    with pytest.raises(ValueError, match="packed filters must be"):
+        PackedWeights(bits=packed.bits[:, :5], in_channels=70, kernel_size=(3, 3))
+
+
+@njit
+def _popcounts(words):
+    out = np.empty(words.size, dtype=np.int64)
+    for i in range(words.size):
+        out[i] = popcount(words[i])
+    return out
+
+
+def test_popcount_intrinsic():
+    words = np.random.default_rng(0).integers(0, np.iinfo(np.int64).max, 1000, dtype=np.int64).view(np.uint64)
+    words[:3] = [0, np.uint64(2**64 - 1), np.uint64(1 << 63)]
+    assert np.array_equal(_popcounts(words), np.bitwise_count(words).astype(np.int64))
+
+
+def test_clear_errors():
+    x, w = torch.ones(1, 8, 4, 4), torch.ones(2, 8, 3, 3)
+    with pytest.raises(ValueError, match="input has 3 channels"):
+        binary_conv2d(torch.ones(1, 3, 4, 4), w)
+    with pytest.raises(ValueError, match="stride must be an int"):
+        binary_conv2d(x, w, stride=(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="floating-point"):
+        binary_conv2d(x.int(), w)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        binary_conv2d(torch.ones(1, 8, 2, 2), w)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        binary_conv2d(torch.ones(8, 4, 4), w)
