@@ -114,8 +114,8 @@ def test_unknown_net_and_option_errors():
     "net,family,method,size",
     [
         ("resnet20", "cifar", "biper", 32),
-        ("resnet18", "cifar", "recu", 32),
-        ("vgg_small", "cifar", "reste", 32),
+        ("resnet18", "cifar", "recu", 16),  # global pooling: any input size works; small keeps CI fast
+        ("vgg_small", "cifar", "reste", 32),  # the 8192-wide FC needs 32x32
         ("resnet18", "imagenet", "biper", 64),
         ("resnet20", "cifar", "fp", 32),
     ],
@@ -124,8 +124,8 @@ def test_a_few_steps_reduce_the_loss(net, family, method, size):
     """Fit one fixed batch whose class is a per-channel colour offset: the loss must drop (stage 2)."""
     torch.manual_seed(0)
     model = build_model(net, method, family=family, num_classes=4)
-    y = torch.arange(32) % 4
-    x = torch.randn(32, 3, size, size) + 2 * torch.randn(4, 3, 1, 1)[y]
+    y = torch.arange(16) % 4
+    x = torch.randn(16, 3, size, size) + 2 * torch.randn(4, 3, 1, 1)[y]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(12):
