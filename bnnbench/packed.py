@@ -1,0 +1,232 @@
+"""Packed inference: a trained model's binary layers as bits, run by the XNOR-popcount kernel.
+
+:func:`export_packed` copies a model and replaces every stage-2 binary layer
+(binary weights and activations) by a :class:`PackedBinaryLayer` holding
+
+    bits          sign(w_hat) packed along input channels (int64 words; bit 1 = -1)
+    weight_scale  the method's analytic scale (``method.weight_scale(w)``), per output channel
+    bias, alpha   the layer's bias and learned per-channel scale, in float
+
+and computing, exactly like the float-simulated layer in eval mode (SPEC section 6),
+
+    y = (binary_conv(a_b, w_b) * weight_scale + bias) * alpha,   a_b = method.activation(x)
+
+where the binary convolution is integer-exact, so for methods without an
+analytic scale (BiPer, ReCU, sign-STE, ...) the outputs equal the float
+model's bit for bit up to the summation order of later real-valued layers.
+Everything else (stem, BatchNorm, shortcuts, classifier) stays float.
+
+:func:`save_packed` / :func:`load_packed` store the packed model as a
+``torch.save`` dict of tensors and JSON-able values (read back with
+``weights_only=True``): the architecture is rebuilt with
+:func:`bnnbench.build_model` from ``model.bnn_config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .kernels import PackedWeights, binary_conv2d_packed, pack_weights
+from .layers import BinaryConv2d, BinaryLinear, binary_layers
+from .method import Method
+from .models import build_model
+from .registry import get_method
+
+FORMAT = "bnnbench-packed"
+VERSION = 1
+
+
+class PackedBinaryLayer(nn.Module):
+    """Inference-only stand-in for a stage-2 :class:`BinaryConv2d` or :class:`BinaryLinear`.
+
+    Built from the float layer; a linear layer runs as a 1x1 convolution of a
+    (B, C, 1, 1) input.  Runs on the CPU.
+    """
+
+    bits: Tensor
+    weight_scale: Tensor | None
+    bias: Tensor | None
+    alpha: Tensor | None
+
+    def __init__(self, layer: BinaryConv2d | BinaryLinear) -> None:
+        super().__init__()
+        check_packable(layer)
+        self.method: Method = layer.method
+        self.linear = isinstance(layer, BinaryLinear)
+        weight = layer.weight.detach()
+        if self.linear:
+            self.stride, self.padding = 1, 0
+        else:
+            self.stride, self.padding = layer.stride[0], layer.padding[0]  # type: ignore[index]
+        self.out_channels = weight.shape[0]
+        with torch.no_grad():
+            binary = self.method.binarize_weight(weight, layer.progress)
+            scale = self.method.weight_scale(weight)
+        filters = binary if binary.dim() == 4 else binary[:, :, None, None]
+        packed = pack_weights(filters)
+        self.in_channels, self.kernel_size = packed.in_channels, packed.kernel_size
+        self.register_buffer("bits", torch.from_numpy(packed.bits.view(np.int64).copy()))
+        self.register_buffer("weight_scale", None if scale is None else self._per_output(scale.detach(), "weight scale"))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.register_buffer("alpha", None if layer.alpha is None else self._per_output(layer.alpha.detach(), "alpha"))
+        self.activation_params = nn.ParameterDict(
+            {name: nn.Parameter(p.detach().clone(), requires_grad=False) for name, p in layer.activation_params.items()}
+        )
+        self._packed: PackedWeights | None = packed
+        self._packed_version = self.bits._version
+
+    def _per_output(self, value: Tensor, what: str) -> Tensor:
+        """A per-output-channel (or per-layer) factor as a (out_channels,) vector."""
+        if value.numel() == 1:
+            return value.reshape(1).expand(self.out_channels).clone().float()
+        if value.shape[0] == self.out_channels and value.numel() == self.out_channels:
+            return value.reshape(self.out_channels).clone().float()
+        raise ValueError(
+            f"method {self.method.name!r}: the {what} of shape {tuple(value.shape)} varies within a filter; "
+            "packed layers support one factor per output channel or per layer"
+        )
+
+    def packed_weights(self) -> PackedWeights:
+        """The kernel's view of ``bits`` (rebuilt after ``load_state_dict`` changes them)."""
+        if self._packed is None or self._packed_version != self.bits._version:
+            self._packed = PackedWeights(bits=self.bits.numpy().view(np.uint64), in_channels=self.in_channels, kernel_size=self.kernel_size)
+            self._packed_version = self.bits._version
+        return self._packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            a = self.method.activation(x, **self.activation_params)
+            if self.linear:
+                if a.dim() != 2:
+                    raise ValueError(f"a packed linear layer expects (batch, features) inputs, got shape {tuple(a.shape)}")
+                a = a[:, :, None, None]
+            y = binary_conv2d_packed(a, self.packed_weights(), self.stride, self.padding)
+            if self.linear:
+                y = y.flatten(1)
+            shape = (1, -1) if self.linear else (1, -1, 1, 1)
+            if self.weight_scale is not None:
+                y = y * self.weight_scale.view(shape)
+            if self.bias is not None:
+                y = y + self.bias.view(shape)
+            if self.alpha is not None:
+                y = y * self.alpha.view(shape)
+            return y
+
+    def extra_repr(self) -> str:
+        kind = "linear" if self.linear else f"conv {self.kernel_size[0]}x{self.kernel_size[1]}, stride={self.stride}, padding={self.padding}"
+        return f"{self.in_channels}, {self.out_channels}, {kind}, method={self.method.name}, packed"
+
+
+def check_packable(layer: nn.Module) -> None:
+    """Raise a ValueError saying why ``layer`` cannot run on the XNOR-popcount kernel."""
+    if not isinstance(layer, (BinaryConv2d, BinaryLinear)):
+        raise ValueError(f"only BinaryConv2d and BinaryLinear layers can be packed, got {type(layer).__name__}")
+    name = layer.method.name
+    if not layer.binary_weights:
+        why = "its weights are real in stage 1" if layer.stage == 1 else f"method {name!r} keeps real weights"
+        raise ValueError(f"cannot pack a layer whose weights are not binary ({why}); export a stage-2 model of a binary method")
+    if not layer.binary_activations:
+        raise ValueError(f"cannot pack a layer with real activations (method {name!r}, 1W/32A): XNOR-popcount needs binary inputs too")
+    if isinstance(layer, BinaryConv2d):
+        if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros":
+            raise ValueError("packed convolutions support groups=1, dilation=1 and zero padding only")
+        if layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:  # type: ignore[index]
+            raise ValueError(f"packed convolutions need the same stride and padding in height and width, got {layer.stride}, {layer.padding}")
+
+
+def export_packed(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode, frozen) whose binary layers are :class:`PackedBinaryLayer`.
+
+    The copy keeps ``bnn_config`` and lists the replaced layers in
+    ``packed_layers``.  Raises ValueError when the model has no binary layer
+    or one of them cannot be packed (stage 1, real weights or activations).
+    """
+    names = [name for name, _ in binary_layers(model)]
+    if not names:
+        raise ValueError("the model has no binary layers to pack")
+    packed = copy.deepcopy(model)
+    for name in names:
+        layer = packed.get_submodule(name)
+        try:
+            replacement = PackedBinaryLayer(layer)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
+        parent_name, _, child = name.rpartition(".")
+        setattr(packed.get_submodule(parent_name), child, replacement)
+    packed.eval().requires_grad_(False)
+    packed.packed_layers = names
+    if hasattr(model, "bnn_config"):
+        packed.bnn_config = copy.deepcopy(model.bnn_config)
+    return packed
+
+
+def save_packed(model: nn.Module, path: str | Path) -> Path:
+    """Write a packed model (from :func:`export_packed`) atomically; returns the path."""
+    if not hasattr(model, "packed_layers") or not hasattr(model, "bnn_config"):
+        raise ValueError("save_packed expects a model from export_packed(model) built with bnnbench.build_model")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "bnn_config": model.bnn_config,
+        "packed_layers": list(model.packed_layers),
+        "state_dict": model.state_dict(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """Read a file written by :func:`save_packed` and return the packed model in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"packed model {str(path)!r} does not exist; write one with `bnnbench export RUN_DIR --packed`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read packed model {str(path)!r}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a bnnbench packed model (written by `bnnbench export --packed`)")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} has packed-model format version {payload.get('version')}; this bnnbench reads version {VERSION}")
+    model = export_packed(model_from_config(payload["bnn_config"]))
+    if model.packed_layers != payload["packed_layers"]:
+        raise ValueError(f"{str(path)!r}: the rebuilt network packs layers {model.packed_layers}, the file {payload['packed_layers']}")
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def model_from_config(bnn_config: dict[str, Any]) -> nn.Module:
+    """Rebuild an (untrained) model from its ``bnn_config`` record."""
+    method = bnn_config["method"]
+    try:
+        method_obj = get_method(method["name"], **method["hparams"])
+    except KeyError as exc:
+        raise ValueError(f"{exc}; a plugin method must be loaded first (bnnbench --plugin FILE.py ...)") from None
+    return build_model(
+        bnn_config["net"],
+        method_obj,
+        num_classes=bnn_config["num_classes"],
+        stage=bnn_config["stage"],
+        family=bnn_config["family"],
+        act_norm=bnn_config["act_norm"],
+        binary_activations=bnn_config["binary_activations"],
+        **bnn_config["options"],
+    )
+

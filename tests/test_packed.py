@@ -1,0 +1,132 @@
+"""Packed inference: exported models predict exactly what the float-simulated models predict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnnbench
+from bnnbench import BinaryLinear, build_model
+from bnnbench.data import make_data
+from bnnbench.packed import PackedBinaryLayer, export_packed, load_packed, save_packed
+
+
+def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Trained-looking BatchNorm statistics, so that no pre-activation sits exactly at 0 by construction."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.bias.data.copy_(0.6 * torch.rand(n, generator=generator) - 0.3)
+
+
+def predictions(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(chunk) for chunk in images.split(100)])
+
+
+PACKABLE = [m for m in bnnbench.list_methods() if bnnbench.get_method(m).binary_weights and bnnbench.get_method(m).binary_activations]
+
+
+@pytest.mark.parametrize("method", PACKABLE)
+def test_packed_model_matches_float_model(method):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = build_model("resnet20", method)
+    randomise_batchnorm(model, g)
+    model.eval()
+    images = torch.randn(24, 3, 16, 16, generator=g)  # small images keep the 12 cases fast
+    packed = export_packed(model)
+    assert len(packed.packed_layers) == 18
+    expected, got = predictions(model, images), predictions(packed, images)
+    assert torch.equal(expected.argmax(1), got.argmax(1))
+    if model.bnn_config["method"]["scale"] in ("none", "learned_alpha", "power_of_two"):
+        # integer-exact binary convs times exactly representable factors: only later summation orders differ
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_trained_cifar_model_exports_with_identical_predictions(cifar10_dir, tmp_path):
+    """ResNet-20 + BiPer, stage 2, trained a few steps on CIFAR-10; 300 test images."""
+    torch.manual_seed(0)
+    data = make_data("cifar10", data_dir=cifar10_dir, batch_size=64, train_subset=192, test_subset=300, augment=False, loader="torch")
+    model = build_model("resnet20", "biper", stage=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for images, labels in data.train:
+        loss = F.cross_entropy(model(images), labels) + bnnbench.regularization_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    model.eval()
+    test_images = torch.cat([images for images, _ in data.test])
+    assert len(test_images) == 300
+    packed = export_packed(model)
+    expected, got = predictions(model, test_images), predictions(packed, test_images)
+    assert (expected.argmax(1) == got.argmax(1)).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    path = save_packed(packed, tmp_path / "model.packed.pt")
+    reloaded = load_packed(path)
+    assert torch.equal(predictions(reloaded, test_images[:50]), got[:50])
+    assert path.stat().st_size < 0.25 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_save_load_roundtrip_keeps_every_tensor(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    model = build_model("resnet20", "reactnet")  # activation parameters (beta) and an analytic scale
+    for layer in model.modules():
+        if isinstance(layer, PackedBinaryLayer) or not hasattr(layer, "activation_params"):
+            continue
+        for p in layer.activation_params.values():
+            p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
+    randomise_batchnorm(model, g)
+    packed = export_packed(model.eval())
+    reloaded = load_packed(save_packed(packed, tmp_path / "sub" / "m.pt"))
+    state, again = packed.state_dict(), reloaded.state_dict()
+    assert state.keys() == again.keys() and any(k.endswith("activation_params.beta") for k in state)
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    images = torch.randn(8, 3, 16, 16, generator=g)
+    assert torch.equal(predictions(reloaded, images), predictions(packed, images))
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+def test_bits_are_one_bit_per_weight():
+    model = build_model("resnet20", "biper")
+    packed = export_packed(model)
+    layer = packed.get_submodule("stages.2.1.conv2")  # 64 -> 64, 3x3: one 64-bit word per tap
+    assert isinstance(layer, PackedBinaryLayer) and layer.bits.dtype == torch.int64
+    assert tuple(layer.bits.shape) == (64, 9)
+    assert layer.alpha is not None and layer.weight_scale is None
+
+
+def test_binary_linear_layer_packs():
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    layer = BinaryLinear(70, 13, method="xnor", bias=True).eval()
+    layer.bias.data.normal_(generator=g)
+    x = torch.randn(5, 70, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedBinaryLayer(layer)(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_unpackable_models_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="keeps real weights"):
+        export_packed(build_model("resnet20", "fp"))
+    with pytest.raises(ValueError, match="stage 1"):
+        export_packed(build_model("resnet20", "biper", stage=1))
+    with pytest.raises(ValueError, match="real activations"):
+        export_packed(build_model("resnet20", "biper", binary_activations=False))
+    with pytest.raises(ValueError, match="no binary layers"):
+        export_packed(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(FileNotFoundError, match="bnnbench export"):
+        load_packed(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}}, other)
+    with pytest.raises(ValueError, match="not a bnnbench packed model"):
+        load_packed(other)
