@@ -65,6 +65,14 @@ def test_real_inputs_are_binarised_with_sign_of_zero_plus_one():
     assert torch.equal(binary_conv2d(x, w, padding=1), expected)
 
 
+def test_strided_and_half_inputs():
+    g = torch.Generator().manual_seed(5)
+    x, w = pm1(2, 20, 9, 12, generator=g), pm1(6, 10, 3, 3, generator=g)
+    view = x[:, ::2, :, ::2]  # neither NCHW- nor channels-last-contiguous
+    assert torch.equal(binary_conv2d(view, w, padding=1), F.conv2d(view, w, padding=1))
+    assert torch.equal(binary_conv2d(view.half(), w, padding=1), F.conv2d(view, w, padding=1))
+
+
 def test_border_correction_is_what_plus_one_padding_adds():
     """Without the correction the result would be the conv of the input padded with +1."""
     g = torch.Generator().manual_seed(2)

@@ -120,8 +120,8 @@ def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, pad
     offsets = weights.offsets(height, width, stride, padding)
     out = np.empty((rows.shape[0], offsets.shape[1]), dtype=np.float32)
     xnor_gemm(rows, weights.panels, offsets, out)
-    valid = torch.from_numpy(out)[: batch * out_h * out_w, : weights.out_channels]
-    return valid.view(batch, out_h, out_w, weights.out_channels).permute(0, 3, 1, 2)
+    valid = out[: batch * out_h * out_w, : weights.out_channels].reshape(batch, out_h, out_w, weights.out_channels)
+    return torch.from_numpy(valid).permute(0, 3, 1, 2)
 
 
 def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
@@ -141,10 +141,7 @@ def _as_array(t: Tensor, what: str) -> np.ndarray:
         raise TypeError(f"binary conv {what} must be a floating-point tensor of +-1 values, got {t.dtype}")
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
-    t = t.detach()
-    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-        t = t.contiguous()
-    return t.numpy()
+    return t.detach().numpy()  # any strides: pack_channels reads NCHW and channels-last in place
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
