@@ -1,0 +1,201 @@
+"""Training recipes: named presets of the two-stage protocol (SPEC section 3, paper Sec. 5.1.3).
+
+A recipe fixes everything about optimisation that is not the method, the
+network or the data: per stage the epochs, learning rate, weight decay,
+linear warm-up and whether the method's extra loss term is used; for the run
+the batch sizes, which parameters are decayed, label smoothing, subsets and
+which stage-1 checkpoint stage 2 starts from.  Every field can be overridden
+from the command line (``bnnbench run --epochs 2,1 --lr 0.05,0.005 ...``).
+
+Presets
+-------
+``paper``
+    The text of Sec. 5.1.3: SGD momentum 0.9, cosine; stage 1 lr 0.1, wd 5e-4;
+    stage 2 lr 0.01, wd 5e-5.  The text gives no epochs, batch or warm-up: we
+    use the upstream CIFAR epochs (600 / 300) and batch 256.  No regulariser
+    (the text has none).
+``upstream`` (resolved per data family to ``upstream-cifar`` / ``upstream-imagenet``)
+    The official BiPer scripts (``cifar10/run_stg{1,2}.sh``, ``imagenet/run_stg{1,2}.sh``):
+    CIFAR ResNet-18: 600 epochs, lr 0.021, wd 1.6e-3, batch 256 (eval 128), 5-epoch linear
+    warm-up, regulariser on (tau 0.037) / 300 epochs, lr 0.0037, wd 1.6e-4, warm-up (the
+    stage-2 script passes ``--warm_up`` too), regulariser on (tau 0.0468); every parameter
+    decayed; stage 2 starts from the best stage-1 checkpoint.
+    ImageNet ResNet-18: 200 epochs, lr 0.1, wd 1e-4, batch 512 (eval 256), warm-up (the
+    stage-1 script passes ``--warm_up``) / 100 epochs, lr 0.01, wd 1e-4, no warm-up; decay
+    only on the parameters upstream names conv*/fc* (see ``WD_GROUPS``); the regulariser is
+    commented out in the upstream ImageNet code, so it is off.
+``quick``
+    A CPU budget for demos and tests: 2 + 1 epochs on 1,024 training images
+    (BiPer ResNet-20 reaches about 80% on the digits demo in half a minute of CPU).
+``short``
+    A CPU budget for the real CIFAR-10 comparison across methods: upstream CIFAR
+    hyper-parameters on fewer epochs and a subset; epochs and subset sizes are the knobs
+    to tune against the time available.
+
+The regulariser's strength (BiPer's tau) is a method hyper-parameter
+(``--hp reg_tau_stage1=...``); the recipe only switches the term on or off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+WD_GROUPS: dict[str, str] = {
+    "all": "every parameter (upstream CIFAR scripts)",
+    "conv_fc": "binary layers (weights and alpha), the stem conv and the classifier; no decay on norms "
+    "or the real 1x1 downsample convs (upstream ImageNet: parameters whose name contains conv/fc)",
+    "weights_only": "weight tensors of conv and linear layers; no decay on norms, biases or alpha",
+}
+STAGE2_INIT = ("best", "last")
+
+
+@dataclass
+class StageRecipe:
+    """Optimisation of one stage: SGD with a cosine schedule after an optional linear warm-up."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: int = 0
+    regularizer: bool = True
+
+    def validate(self, stage: int) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"stage {stage}: epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"stage {stage}: lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"stage {stage}: weight decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"stage {stage}: warm-up must be between 0 and the stage's {self.epochs} epochs, got {self.warmup_epochs} "
+                "(override it with --warmup N1,N2)"
+            )
+
+
+@dataclass
+class Recipe:
+    """A named preset of the two-stage protocol; see the module docstring for the presets."""
+
+    name: str
+    description: str
+    stage1: StageRecipe
+    stage2: StageRecipe
+    batch_size: int = 256
+    eval_batch_size: int | None = None
+    wd_groups: str = "all"
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    stage2_init: str = "last"
+    source: str = ""
+
+    def stage(self, s: int) -> StageRecipe:
+        return self.stage1 if s == 1 else self.stage2
+
+    def validate(self) -> None:
+        self.stage1.validate(1)
+        self.stage2.validate(2)
+        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} / {self.eval_batch_size}")
+        if self.wd_groups not in WD_GROUPS:
+            raise ValueError(f"unknown weight-decay grouping {self.wd_groups!r}; valid: {', '.join(WD_GROUPS)}")
+        if self.stage2_init not in STAGE2_INIT:
+            raise ValueError(f"stage2_init must be one of {STAGE2_INIT}, got {self.stage2_init!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label smoothing must lie in [0, 1), got {self.label_smoothing}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        data = dict(data)
+        data["stage1"] = StageRecipe(**data["stage1"])
+        data["stage2"] = StageRecipe(**data["stage2"])
+        return cls(**data)
+
+
+_RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        name="paper",
+        description="Sec. 5.1.3 text; epochs and batch from the upstream CIFAR scripts (the text gives none)",
+        stage1=StageRecipe(epochs=600, lr=0.1, weight_decay=5e-4, regularizer=False),
+        stage2=StageRecipe(epochs=300, lr=0.01, weight_decay=5e-5, regularizer=False),
+        batch_size=256,
+        eval_batch_size=128,
+        source="BiPer paper, Sec. 5.1.3",
+    ),
+    "upstream-cifar": Recipe(
+        name="upstream-cifar",
+        description="official BiPer CIFAR-10 ResNet-18 scripts",
+        stage1=StageRecipe(epochs=600, lr=0.021, weight_decay=1.6e-3, warmup_epochs=5, regularizer=True),
+        stage2=StageRecipe(epochs=300, lr=0.0037, weight_decay=1.6e-4, warmup_epochs=5, regularizer=True),
+        batch_size=256,
+        eval_batch_size=128,
+        wd_groups="all",
+        stage2_init="best",
+        source="edmav4/BiPer cifar10/run_stg1.sh, run_stg2.sh",
+    ),
+    "upstream-imagenet": Recipe(
+        name="upstream-imagenet",
+        description="official BiPer ImageNet ResNet-18 scripts",
+        stage1=StageRecipe(epochs=200, lr=0.1, weight_decay=1e-4, warmup_epochs=5, regularizer=False),
+        stage2=StageRecipe(epochs=100, lr=0.01, weight_decay=1e-4, warmup_epochs=0, regularizer=False),
+        batch_size=512,
+        eval_batch_size=256,
+        wd_groups="conv_fc",
+        stage2_init="best",
+        source="edmav4/BiPer imagenet/run_stg1.sh, run_stg2.sh",
+    ),
+    "quick": Recipe(
+        name="quick",
+        description="CPU demo and test budget: 2 + 1 epochs on a small subset",
+        stage1=StageRecipe(epochs=2, lr=0.02, weight_decay=5e-4, regularizer=True),
+        stage2=StageRecipe(epochs=1, lr=0.01, weight_decay=5e-5, regularizer=True),
+        batch_size=32,
+        eval_batch_size=256,
+        train_subset=1024,
+        test_subset=300,
+        source="bnnbench",
+    ),
+    "short": Recipe(
+        name="short",
+        description="CPU budget for the CIFAR-10 method comparison: upstream CIFAR hyper-parameters, fewer epochs",
+        stage1=StageRecipe(epochs=10, lr=0.021, weight_decay=1.6e-3, warmup_epochs=1, regularizer=True),
+        stage2=StageRecipe(epochs=5, lr=0.0037, weight_decay=1.6e-4, warmup_epochs=1, regularizer=True),
+        batch_size=128,
+        eval_batch_size=256,
+        wd_groups="all",
+        train_subset=10000,
+        test_subset=2000,
+        source="bnnbench (epochs and subsets to be tuned to the CPU budget)",
+    ),
+}
+
+ALIASES: dict[str, str] = {"upstream": "upstream-{family}"}
+
+
+def list_recipes() -> list[str]:
+    """Names of the presets (aliases included)."""
+    return list(_RECIPES) + list(ALIASES)
+
+
+def get_recipe(name: str, family: str = "cifar") -> Recipe:
+    """A fresh copy of preset ``name``; ``upstream`` resolves to the data family's scripts."""
+    resolved = ALIASES.get(name, name).format(family=family)
+    if resolved not in _RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(list_recipes())} (see `bnnbench recipes`)")
+    return Recipe.from_dict(_RECIPES[resolved].to_dict())
+
+
+def preset_recipes() -> list[Recipe]:
+    """Every preset (copies), in display order."""
+    return [get_recipe(name) for name in _RECIPES]

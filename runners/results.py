@@ -1,0 +1,185 @@
+"""The run directory: atomic files, checkpoints, per-epoch CSV logs and provenance.
+
+Layout of ``<out>/runs/<run-id>/``::
+
+    config.json          resolved configuration + provenance (git commit, versions, device)
+    metrics.csv          one row per finished epoch (both stages)
+    layers.csv           per-layer diagnostics from epoch callbacks (only when a callback reports any)
+    stage{1,2}_last.pt   state after the stage's latest finished epoch (resume point)
+    stage{1,2}_best.pt   state at the stage's best test top-1
+    final.json           summary, written once the last stage finishes
+    failure.json         why the run stopped (non-finite loss), when it did
+
+Every file is written to a temporary name in the same directory and moved
+into place with ``os.replace``, so a killed process leaves either the old or
+the new version, never half a file.  Checkpoints hold only tensors, dicts,
+lists, numbers and strings so that ``torch.load(weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CONFIG, METRICS, LAYERS, FINAL, FAILURE = "config.json", "metrics.csv", "layers.csv", "final.json", "failure.json"
+
+
+# ------------------------------------------------------------------ atomic files
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{str(path)!r} is not a bnnbench checkpoint (no 'model' state)")
+    return state
+
+
+def checkpoint_name(stage: int, kind: str) -> str:
+    """``stage1_last.pt``, ``stage2_best.pt``, ..."""
+    return f"stage{stage}_{kind}.pt"
+
+
+# ------------------------------------------------------------------ CSV logs
+class CsvLog:
+    """A CSV file of dict rows ordered by (stage, epoch), rewritten atomically on each append.
+
+    Columns are the union of the rows' keys in first-seen order, so a
+    callback that starts reporting a new value later still gets a column.
+    """
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = rows or []
+
+    @classmethod
+    def resume(cls, path: Path, upto: tuple[int, int]) -> CsvLog:
+        """Rows already on disk up to and including (stage, epoch) ``upto``; later rows are dropped
+        (they belong to an epoch whose checkpoint was never written)."""
+        path = Path(path)
+        if not path.is_file():
+            return cls(path)
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if (int(r["stage"]), int(r["epoch"])) <= upto]
+        return cls(path, rows)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        columns: dict[str, None] = {}
+        for row in self.rows:
+            columns.update(dict.fromkeys(row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in self.rows)
+        write_text(self.path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    return repr(value) if isinstance(value, float) else value  # repr round-trips floats exactly
+
+
+# ------------------------------------------------------------------ RNG state
+def rng_state() -> dict[str, Any]:
+    """Every global RNG as tensors/lists (loadable with ``weights_only=True``)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+# ------------------------------------------------------------------ provenance
+def git_commit(path: Path | None = None) -> dict[str, Any] | None:
+    """Commit of the source tree holding bnnbench (and whether it has local changes); None outside git."""
+    cwd = path or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("bnnbench", "torch", "torchvision", "numpy", "ffcv", "rich"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__  # with the build tag, e.g. 2.4.1+cu121
+    return versions
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu_count"] = os.cpu_count()
+    return info

@@ -1,0 +1,639 @@
+"""Two-stage training of a binary network (SPEC section 3, paper Sec. 5.1.3).
+
+Read top to bottom: configuration -> data -> model -> optimiser/schedule ->
+training loop -> results.
+
+Protocol
+--------
+Stage 1 trains with binary activations and the method's stage-1 weights
+(``sin(w0 w)`` for BiPer, Eq. 10; the latent weights for most methods).
+Stage 2 starts from a stage-1 checkpoint (the recipe's ``stage2_init``: ``best``
+test top-1 as upstream, or ``last``) and binarizes the weights too.  Each stage
+has its own SGD optimiser and warm-up + cosine schedule (``runners/optim.py``).
+The method's extra loss term (``bnnbench.regularization_loss``) is added to the
+cross-entropy when the stage's recipe switches it on.
+
+Schedules
+---------
+Training progress ``p = (finished epochs) / (epochs of the stage)`` is set
+with ``bnnbench.set_progress`` at the start of every epoch, so it runs from 0
+to (E-1)/E and is constant within an epoch, as in the upstream ReCU/BiPer code
+(SPEC: p = epoch/E).  The learning rate is stepped per epoch too.
+
+Results
+-------
+Everything goes to ``<out>/runs/<run-id>/`` (see ``runners/results.py``).
+Each finished epoch appends a metrics row and then writes
+``stage{s}_last.pt`` (and ``stage{s}_best.pt`` on a new best test top-1), so an
+interrupted run loses at most the epoch in progress; ``resume`` continues from
+the latest checkpoint with model, optimiser, scheduler and RNG state restored
+and the data order re-derived from (seed, epoch), giving the same numbers as
+an uninterrupted run on CPU.
+
+Diagnostics hook
+----------------
+``callbacks`` are :class:`EpochCallback` objects: ``on_epoch_start``,
+``on_after_backward`` (every step, after the backward pass) and
+``on_epoch_end`` returning an :class:`EpochReport` whose ``columns`` become
+extra metrics.csv columns and whose ``layers`` rows go to layers.csv.
+
+Only the main process writes files (``is_main_process``), so DDP can wrap the
+loop without two ranks racing on the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bnnbench
+from bnnbench.data import make_data
+
+from .display import Display
+from .optim import make_optimizer, make_scheduler
+from .recipes import Recipe, get_recipe
+from .results import (
+    CONFIG,
+    FAILURE,
+    FINAL,
+    LAYERS,
+    METRICS,
+    CsvLog,
+    checkpoint_name,
+    device_info,
+    git_commit,
+    load_checkpoint,
+    package_versions,
+    read_json,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
+
+TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s")
+
+
+# ======================================================================== configuration
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved resolved in ``config.json``."""
+
+    method: str = "biper"
+    net: str = "resnet18"
+    data: str = "digits"
+    data_dir: str | None = None
+    recipe: Recipe = field(default_factory=lambda: get_recipe("quick"))
+    hparams: dict[str, Any] = field(default_factory=dict)
+    stages: list[int] = field(default_factory=lambda: [1, 2])
+    init: str | None = None  # stage 2 alone: stage-1 checkpoint, or "scratch"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # bf16 autocast; None: on for CUDA
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    loader: str = "auto"
+    ffcv_dir: str | None = None
+    workers: int = 0
+    augment: bool = True
+    skip_bad_images: bool = False
+    download: bool = False  # fetch torchvision's CIFAR-10 into the cache when no local copy exists
+    net_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"skip": "single"}
+    act_norm: bool | None = None
+    real_activations: bool = False
+    out: str = "results"
+    name: str | None = None
+
+    def validate(self) -> None:
+        self.recipe.validate()
+        if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2}:
+            raise ValueError(f"stages must be [1], [2] or [1, 2], got {self.stages}")
+        if self.stages == [2] and self.init is None:
+            raise ValueError(
+                "stage 2 alone needs --init CKPT, a stage-1 checkpoint such as results/runs/<run-id>/stage1_best.pt "
+                "(or --init scratch to train stage 2 from random weights)"
+            )
+        if self.init is not None and self.stages != [2]:
+            raise ValueError("--init applies to --stage 2 only; with --stage both, stage 2 starts from this run's stage 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["recipe"] = Recipe.from_dict(values["recipe"])
+        return cls(**values)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM (or SIGINT) arrived; finished epochs are saved."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ======================================================================== diagnostics hook
+@dataclass
+class EpochReport:
+    """What a callback adds at the end of an epoch: metrics.csv columns and layers.csv rows."""
+
+    columns: dict[str, float] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EpochCallback:
+    """Per-epoch diagnostics (per-layer QE, grad norms, flip rate, ...); override what you need."""
+
+    def on_epoch_start(self, stage: int, epoch: int, model: nn.Module) -> None:
+        """Before the first step of an epoch (e.g. snapshot the binary weights)."""
+
+    def on_after_backward(self, stage: int, epoch: int, step: int, model: nn.Module) -> None:
+        """After each backward pass, before the optimiser step (gradients are populated)."""
+
+    def on_epoch_end(self, stage: int, epoch: int, model: nn.Module) -> EpochReport:
+        """After the epoch's evaluation; returned values are logged with the epoch."""
+        return EpochReport()
+
+
+# ======================================================================== helpers
+def is_main_process() -> bool:
+    """Rank 0 (or no process group): the process that writes the run directory."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; pass --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.net.replace('/', '_')}-{cfg.method}-{cfg.data}-s{cfg.seed}-{stamp}"
+
+
+def choose_run_dir(cfg: TrainConfig) -> Path:
+    """``<out>/runs/<--name or net-method-data-seed-timestamp>``; the directory is made when training starts."""
+    runs = Path(cfg.out) / "runs"
+    if cfg.name:
+        path = runs / cfg.name
+        if path.exists():
+            raise ValueError(f"run directory {str(path)!r} already exists; continue it with --resume {path} or choose another --name")
+        return path
+    base = runs / new_run_id(cfg)
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`RunInterrupted` while training (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> list[Tensor]:
+    """Number of samples whose label is among the top-k logits, for each k."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels[:, None]
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+# ======================================================================== one epoch
+@dataclass
+class StepContext:
+    """What the epoch loops need besides the model and the data."""
+
+    model: nn.Module  # the module (state dicts, regulariser, callbacks)
+    forward: nn.Module  # what runs the batches: the module or its torch.compile wrapper
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    label_smoothing: float
+    callbacks: Sequence[EpochCallback]
+    display: Display
+
+    def autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def prepare(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def train_one_epoch(ctx: StepContext, loader: Any, optimizer: torch.optim.Optimizer, stage: int, epoch: int, epochs: int, regularizer: bool) -> dict[str, float]:
+    """One pass over the training set; raises :class:`TrainingDiverged` on a non-finite loss.
+
+    The loss is checked every step (one device sync per step, which the progress bar needs anyway),
+    before the backward pass, so a diverging step never reaches the weights.
+    """
+    ctx.model.train()
+    loss_sum = reg_sum = correct_sum = 0.0
+    count = 0
+    with ctx.display.epoch(stage, epoch, epochs, len(loader)) as bar:
+        for step, (images, labels) in enumerate(loader, start=1):
+            with ctx.autocast():
+                logits = ctx.forward(ctx.prepare(images))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=ctx.label_smoothing)
+            reg = bnnbench.regularization_loss(ctx.model) if regularizer else None
+            total = loss if reg is None else loss + reg
+            correct = (logits.detach().argmax(dim=1) == labels).sum()
+            reg_detached = reg.detach() if reg is not None else torch.zeros((), device=loss.device)
+            loss_value, reg_value, correct_value = torch.stack([loss.detach(), reg_detached, correct.float()]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(reg_value)):
+                where = f"stage {stage}, epoch {epoch}, step {step}/{len(loader)}"
+                raise TrainingDiverged(f"{where}: the training loss is {loss_value + reg_value} (cross-entropy {loss_value}, regulariser {reg_value})")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            for cb in ctx.callbacks:
+                cb.on_after_backward(stage, epoch, step, ctx.model)
+            optimizer.step()
+            n = labels.numel()
+            loss_sum, reg_sum, correct_sum, count = loss_sum + loss_value * n, reg_sum + reg_value * n, correct_sum + correct_value, count + n
+            bar.advance(n, loss_value, int(correct_value))
+    # With DDP, all-reduce (loss_sum, reg_sum, correct_sum, count) here before dividing.
+    return {"train_loss": loss_sum / count, "train_reg": reg_sum / count, "train_top1": 100.0 * correct_sum / count, "train_images": count}
+
+
+@torch.no_grad()
+def evaluate(ctx: StepContext, loader: Any) -> dict[str, float]:
+    """Test loss (cross-entropy, no regulariser), top-1 and top-5 in percent."""
+    ctx.model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top-1, top-5, images
+    for images, labels in loader:
+        with ctx.autocast():
+            logits = ctx.forward(ctx.prepare(images)).float()
+        k5 = min(5, logits.shape[1])
+        top1, top5 = topk_correct(logits, labels, (1, k5))
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(float(labels.numel()))])
+    loss_sum, top1, top5, count = sums.tolist()
+    return {"test_loss": loss_sum / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}
+
+
+# ======================================================================== the run
+class Run:
+    """A run directory and its state: fresh (``path=None``: a new directory is made) or resumed."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        path: Path | None = None,
+        *,
+        display: Display | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+    ) -> None:
+        cfg.validate()
+        self.cfg, self.fresh = cfg, path is None
+        self.path = choose_run_dir(cfg) if path is None else path
+        self.display = display or Display()
+        self.callbacks = callbacks
+        self.writes = is_main_process()
+
+    @classmethod
+    def resume(cls, path: str | Path, *, display: Display | None = None, callbacks: Sequence[EpochCallback] = ()) -> Run:
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
+        saved = read_json(path / CONFIG)
+        return cls(TrainConfig.from_dict(saved["config"]), path, display=display, callbacks=callbacks)
+
+    # ------------------------------------------------------------------ main
+    def execute(self) -> dict[str, Any]:
+        """Train every remaining epoch of every stage and return final.json's content."""
+        cfg = self.cfg
+        if not self.fresh and (self.path / FINAL).is_file():
+            self.display.log(f"run {self.path} already finished; nothing to resume")
+            return read_json(self.path / FINAL)
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        amp = device.type == "cuda" if cfg.amp is None else cfg.amp
+        channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        method = bnnbench.get_method(cfg.method, **cfg.hparams)
+        init_record = self._init_record() if self.fresh else None
+
+        # ---- data
+        bundle = make_data(
+            cfg.data,
+            data_dir=cfg.data_dir,
+            batch_size=cfg.recipe.batch_size,
+            eval_batch_size=cfg.recipe.eval_batch_size,
+            train_subset=cfg.recipe.train_subset,
+            test_subset=cfg.recipe.test_subset,
+            seed=cfg.seed,
+            loader=cfg.loader,
+            ffcv_dir=cfg.ffcv_dir,
+            workers=cfg.workers,
+            device=str(device),
+            augment=cfg.augment,
+            distributed=False,
+            skip_bad_images=cfg.skip_bad_images,
+            download=cfg.download,
+        )
+
+        # ---- model
+        model = bnnbench.build_model(
+            cfg.net,
+            method,
+            num_classes=bundle.num_classes,
+            stage=cfg.stages[0],
+            family=bundle.family,
+            act_norm=cfg.act_norm,
+            binary_activations=not cfg.real_activations,
+            **cfg.net_options,
+        ).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        forward = torch.compile(model) if cfg.compile else model
+        ctx = StepContext(model, forward, device, amp, channels_last, cfg.recipe.label_smoothing, self.callbacks, self.display)
+
+        # ---- run directory and resume point
+        if self.fresh and self.writes:
+            self.path.mkdir(parents=True)
+            self._write_json(CONFIG, self._provenance(device, amp, channels_last, model, bundle, init_record))
+        latest = self._latest_checkpoint()
+        position = (latest["stage"], latest["epoch"]) if latest else (0, 0)
+        self.metrics = CsvLog.resume(self.path / METRICS, position)
+        self.layers = CsvLog.resume(self.path / LAYERS, position)
+        if latest is not None:
+            set_rng_state(latest["rng"])  # after everything above that draws random numbers
+        self.display.log(f"run directory: {self.path}")
+
+        # ---- stages
+        try:
+            with sigterm_as_interrupt():
+                for stage in cfg.stages:
+                    self._train_stage(stage, ctx, bundle, method, latest)
+        except (KeyboardInterrupt, RunInterrupted):
+            self._remove_if_nothing_saved()
+            raise
+        except Exception as exc:
+            kept = not self._remove_if_nothing_saved()
+            where = self._last_checkpoint_note() if kept else "no epoch had finished, so the run directory was removed"
+            if kept:
+                self._write_json(FAILURE, {"error": str(exc), "type": type(exc).__name__, "time": datetime.now().isoformat(timespec="seconds")})
+            if isinstance(exc, TrainingDiverged):
+                raise TrainingDiverged(f"{exc}; {where}. Lower the learning rate (--lr) or check the method's hyper-parameters.") from None
+            raise
+
+        # ---- results
+        final = self._final_summary()
+        final["skipped_bad_images"] = sorted(bundle.train.skipped_images | bundle.test.skipped_images)
+        self._write_json(FINAL, final)
+        if self.writes:
+            (self.path / FAILURE).unlink(missing_ok=True)  # a resumed run that finished is no longer failed
+        self.display.log(f"finished: top-1 {final['final_test_top1']:.2f}% (best {final['best_test_top1']:.2f}%), results in {self.path}")
+        return final
+
+    # ------------------------------------------------------------------ one stage
+    def _train_stage(self, stage: int, ctx: StepContext, bundle: Any, method: bnnbench.Method, latest: dict[str, Any] | None) -> None:
+        cfg, model = self.cfg, ctx.model
+        recipe = cfg.recipe.stage(stage)
+        if latest is not None and latest["stage"] > stage:
+            return  # finished before the interruption
+        bnnbench.set_stage(model, stage)
+
+        # ---- optimiser and schedule
+        optimizer = make_optimizer(model, recipe, cfg.recipe)
+        scheduler = make_scheduler(optimizer, recipe)
+        if latest is not None and latest["stage"] == stage:
+            model.load_state_dict(latest["model"])
+            optimizer.load_state_dict(latest["optimizer"])
+            scheduler.load_state_dict(latest["scheduler"])
+            start, best = latest["epoch"], latest["best"]
+        else:
+            self._initialise_stage(stage, model)
+            start, best = 0, {"test_top1": -1.0, "epoch": 0}
+
+        # ---- loop
+        for epoch in range(start + 1, recipe.epochs + 1):
+            progress = (epoch - 1) / recipe.epochs
+            bnnbench.set_progress(model, progress)
+            bundle.set_epoch(epoch - 1)
+            for cb in self.callbacks:
+                cb.on_epoch_start(stage, epoch, model)
+            lr = optimizer.param_groups[0]["lr"]
+
+            began = time.perf_counter()
+            train = train_one_epoch(ctx, bundle.train, optimizer, stage, epoch, recipe.epochs, recipe.regularizer)
+            self._synchronize(ctx.device)
+            trained = time.perf_counter()
+            test = evaluate(ctx, bundle.test)
+            self._synchronize(ctx.device)
+            ended = time.perf_counter()
+            if not math.isfinite(test["test_loss"]):
+                raise TrainingDiverged(f"stage {stage}, epoch {epoch}, evaluation: the test loss is {test['test_loss']}")
+            scheduler.step()
+
+            reports = [cb.on_epoch_end(stage, epoch, model) for cb in self.callbacks]
+            row: dict[str, Any] = {"stage": stage, "epoch": epoch, "epochs": recipe.epochs, "progress": progress, "lr": lr}
+            row.update(train)
+            row.update(test)
+            row.update({f"schedule_{k}": v for k, v in method.schedule(progress).items()})
+            row.update(
+                epoch_time_s=ended - began,
+                train_time_s=trained - began,
+                eval_time_s=ended - trained,
+                train_images_per_s=train["train_images"] / (trained - began),
+            )
+            for report in reports:
+                row.update(report.columns)
+            if test["test_top1"] > best["test_top1"]:
+                best = {"test_top1": test["test_top1"], "epoch": epoch}
+
+            # ---- results: logs first, then the checkpoint that marks the epoch as done
+            self.display.epoch_summary(row)
+            if self.writes:
+                self.metrics.append([row])
+                layer_rows = [{"stage": stage, "epoch": epoch, **r} for report in reports for r in report.layers]
+                if layer_rows:
+                    self.layers.append(layer_rows)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "stage": stage,
+                "epoch": epoch,
+                "best": best,
+                "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+                "bnn_config": model.bnn_config,
+                "config": cfg.to_dict(),
+            }
+            if best["epoch"] == epoch:
+                self._save(checkpoint_name(stage, "best"), state)
+            self._save(checkpoint_name(stage, "last"), state)
+
+    def _initialise_stage(self, stage: int, model: nn.Module) -> None:
+        """Stage 2 starts from this run's stage-1 checkpoint, or from ``--init``."""
+        if stage == 1:
+            return
+        if 1 in self.cfg.stages:
+            source = self.path / checkpoint_name(1, self.cfg.recipe.stage2_init)
+        elif self.cfg.init == "scratch":
+            return
+        else:
+            source = Path(self.cfg.init)  # type: ignore[arg-type]
+        state = load_checkpoint(source)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {str(source)!r} does not fit {self.cfg.net} with method {self.cfg.method}: {exc}") from None
+        self.display.log(f"stage 2 starts from {source} (stage {state.get('stage')}, epoch {state.get('epoch')})")
+
+    # ------------------------------------------------------------------ records
+    def _init_record(self) -> dict[str, Any] | None:
+        """Where stage 2 starts from (an ``--init`` checkpoint is read before anything is written)."""
+        cfg = self.cfg
+        if cfg.stages == [1, 2]:
+            return {"source": f"this run's {checkpoint_name(1, cfg.recipe.stage2_init)}"}
+        if cfg.init is None or cfg.init == "scratch":
+            return None if cfg.init is None else {"source": "scratch"}
+        state = load_checkpoint(Path(cfg.init))
+        return {"source": str(Path(cfg.init).resolve()), "stage": state.get("stage"), "epoch": state.get("epoch"), "bnn_config": state.get("bnn_config")}
+
+    def _provenance(self, device: torch.device, amp: bool, channels_last: bool, model: nn.Module, bundle: Any, init: Any) -> dict[str, Any]:
+        return {
+            "run_id": self.path.name,
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "config": self.cfg.to_dict(),
+            "resolved": {"device": str(device), "amp_bf16": amp, "channels_last": channels_last, "stage2_init": init},
+            "model": model.bnn_config,
+            "data": bundle.info,
+            "git": git_commit(),
+            "versions": package_versions(),
+            "machine": device_info(device),
+        }
+
+    def _final_summary(self) -> dict[str, Any]:
+        rows = self.metrics.rows
+        stages: dict[str, Any] = {}
+        for stage in self.cfg.stages:
+            mine = [r for r in rows if int(r["stage"]) == stage]
+            last = mine[-1]
+            best = max(mine, key=lambda r: (float(r["test_top1"]), -int(r["epoch"])))
+            stages[str(stage)] = {
+                "epochs": int(last["epoch"]),
+                "last": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss")},
+                "best": {"test_top1": float(best["test_top1"]), "epoch": int(best["epoch"])},
+            }
+        final_stage = stages[str(self.cfg.stages[-1])]
+        return {
+            "run_id": self.path.name,
+            "status": "finished",
+            "method": self.cfg.method,
+            "net": self.cfg.net,
+            "data": self.cfg.data,
+            "seed": self.cfg.seed,
+            "recipe": self.cfg.recipe.name,
+            "final_test_top1": final_stage["last"]["test_top1"],
+            "final_test_top5": final_stage["last"]["test_top5"],
+            "best_test_top1": final_stage["best"]["test_top1"],
+            "stages": stages,
+            "train_time_s": sum(float(r["epoch_time_s"]) for r in rows),
+            "note": "best = highest test top-1 over the stage's epochs (upstream practice: selected on the test set)",
+        }
+
+    # ------------------------------------------------------------------ files
+    def _latest_checkpoint(self) -> dict[str, Any] | None:
+        for stage in (2, 1):
+            path = self.path / checkpoint_name(stage, "last")
+            if path.is_file():
+                return load_checkpoint(path)
+        return None
+
+    def _save(self, name: str, state: dict[str, Any]) -> None:
+        if self.writes:
+            save_checkpoint(self.path / name, state)
+
+    def _write_json(self, name: str, data: Any) -> None:
+        if self.writes:
+            write_json(self.path / name, data)
+
+    def _last_checkpoint_note(self) -> str:
+        latest = self._latest_checkpoint()
+        if latest is None:
+            return f"no epoch has finished yet in {self.path}"
+        name = checkpoint_name(latest["stage"], "last")
+        return f"the last good checkpoint is {self.path / name} (stage {latest['stage']}, epoch {latest['epoch']})"
+
+    def _remove_if_nothing_saved(self) -> bool:
+        """A fresh run that stops before its first checkpoint leaves nothing behind; True if removed."""
+        if self.fresh and self.writes and self.path.is_dir() and not any(self.path.glob("stage*_last.pt")):
+            shutil.rmtree(self.path)
+            return True
+        return False
+
+    @staticmethod
+    def _synchronize(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def run_training(cfg: TrainConfig, *, quiet: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
+    """Train a fresh run (library entry point; the CLI is ``bnnbench run``)."""
+    return Run(cfg, display=Display(quiet), callbacks=callbacks).execute()
+
+
+def resume_training(path: str | Path, *, quiet: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
+    """Continue the run in ``path`` from its latest checkpoint."""
+    return Run.resume(path, display=Display(quiet), callbacks=callbacks).execute()
+
+
+__all__ = [
+    "EpochCallback",
+    "EpochReport",
+    "Run",
+    "RunInterrupted",
+    "TIMING_COLUMNS",
+    "TrainConfig",
+    "TrainingDiverged",
+    "resume_training",
+    "run_training",
+]

@@ -1,0 +1,271 @@
+"""The training loop as a library: schedule, weight-decay groups, two-stage hand-over, regulariser,
+per-epoch progress, callbacks, checkpoints, determinism and divergence handling (digits, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import bnnbench
+from bnnbench.runners.optim import WarmupCosine, decayed_parameters, make_optimizer
+from bnnbench.runners.recipes import Recipe, get_recipe, list_recipes
+from bnnbench.runners.results import load_checkpoint
+from bnnbench.runners.train import TIMING_COLUMNS, EpochCallback, EpochReport, TrainConfig, TrainingDiverged, run_training
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the 2 shared cores thrash with two spinning OpenMP threads per process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
+    """resnet20 on 64 digits, batches of 16, 1 + 1 epochs: about a second per epoch."""
+    recipe = get_recipe("quick")
+    recipe.train_subset, recipe.test_subset, recipe.batch_size = 64, 40, 16
+    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
+    cfg = TrainConfig(method="biper", net="resnet20", data="digits", recipe=recipe, out=str(tmp_path / "results"))
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    (path,) = (Path(cfg.out) / "runs").iterdir()
+    return path
+
+
+# ---------------------------------------------------------------- schedule and optimiser
+def upstream_lrs(base: float, epochs: int, warm_up: bool) -> list[float]:
+    """The learning rate of each epoch in the upstream BiPer loop, emulated with torch's own scheduler:
+    lr*(e+1)/5 for the first five epochs when warming up, CosineAnnealingLR(T_max=E-4*warm_up) stepped
+    after every epoch from epoch 4*warm_up on."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs - 4 * warm_up, eta_min=0)
+    lrs = []
+    for epoch in range(epochs):
+        if warm_up and epoch < 5:
+            opt.param_groups[0]["lr"] = base * (epoch + 1) / 5
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if epoch >= 4 * warm_up:
+            cosine.step()
+    return lrs
+
+
+@pytest.mark.parametrize("epochs,warmup", [(20, 5), (12, 0), (600, 5)])
+def test_warmup_cosine_matches_the_upstream_schedule(epochs, warmup):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.021)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(epochs, warmup))
+    ours = []
+    for _ in range(epochs):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert ours == pytest.approx(upstream_lrs(0.021, epochs, warm_up=warmup > 0), rel=1e-12, abs=1e-15)
+    assert ours[0] == pytest.approx(0.021 / warmup if warmup else 0.021) and min(ours) > 0
+
+
+def test_weight_decay_groups_follow_upstream_names():
+    model = bnnbench.build_model("resnet18", "biper", family="imagenet", num_classes=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(grouping: str) -> set[str]:
+        return {names[i] for i in decayed_parameters(model, grouping)}
+
+    assert decayed("all") == set(names.values())
+    conv_fc = decayed("conv_fc")
+    # upstream ImageNet: parameters whose name contains conv/fc: stem conv, binary convs with alpha, classifier
+    binary = {n for n in names.values() if ".conv" in n}
+    assert conv_fc == binary | {"stem.0.weight", "fc.weight", "fc.bias"}
+    assert any(n.endswith(".alpha") for n in conv_fc)
+    assert not any(".shortcut." in n or ".bn" in n for n in conv_fc)  # real 1x1 downsample and norms: no decay
+    weights_only = decayed("weights_only")
+    assert not any(n.endswith((".alpha", ".bias")) for n in weights_only)
+    assert any(".shortcut.0.weight" in n for n in weights_only) and not any(".bn" in n for n in weights_only)
+    recipe = get_recipe("upstream", family="imagenet")
+    opt = make_optimizer(model, recipe.stage1, recipe)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    assert opt.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="valid: all, conv_fc, weights_only"):
+        decayed_parameters(model, "bn")
+
+
+def test_classifier_is_named_fc():
+    """The conv_fc rule picks the last Linear: make sure that is the classifier of every backbone."""
+    for net, family in (("resnet20", "cifar"), ("resnet18", "imagenet"), ("vgg_small", "cifar")):
+        model = bnnbench.build_model(net, "biper", family=family, num_classes=7)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert linears[-1].out_features == 7
+
+
+def test_recipes_resolve_and_validate():
+    assert {"paper", "upstream", "upstream-cifar", "upstream-imagenet", "quick", "short"} <= set(list_recipes())
+    cifar, imagenet = get_recipe("upstream"), get_recipe("upstream", family="imagenet")
+    assert (cifar.stage1.epochs, cifar.stage1.lr, cifar.stage1.weight_decay, cifar.batch_size, cifar.stage1.warmup_epochs) == (600, 0.021, 1.6e-3, 256, 5)
+    assert (cifar.stage2.epochs, cifar.stage2.lr, cifar.stage2.weight_decay, cifar.stage2.warmup_epochs) == (300, 0.0037, 1.6e-4, 5)
+    assert (imagenet.stage1.epochs, imagenet.stage1.lr, imagenet.batch_size, imagenet.wd_groups) == (200, 0.1, 512, "conv_fc")
+    assert (imagenet.stage2.epochs, imagenet.stage2.lr, imagenet.stage2.warmup_epochs) == (100, 0.01, 0)
+    paper = get_recipe("paper")
+    assert (paper.stage1.lr, paper.stage1.weight_decay, paper.stage2.lr, paper.stage2.weight_decay) == (0.1, 5e-4, 0.01, 5e-5)
+    assert not paper.stage1.regularizer and not paper.stage2.regularizer
+    assert Recipe.from_dict(cifar.to_dict()) == cifar
+    get_recipe("quick").stage1.epochs = 99  # presets are copies
+    assert get_recipe("quick").stage1.epochs != 99
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        get_recipe("fast")
+    cifar.stage1.epochs = 3
+    with pytest.raises(ValueError, match="--warmup"):
+        cifar.validate()
+
+
+# ---------------------------------------------------------------- the protocol
+@dataclass
+class Recorder(EpochCallback):
+    """Records what the loop shows a diagnostics callback, and reports columns and per-layer rows."""
+
+    def __post_init__(self) -> None:
+        self.starts: list[tuple[int, int, dict[str, Tensor], list[float], list[int]]] = []
+        self.backward_steps = 0
+        self.grads_seen = True
+
+    def on_epoch_start(self, stage: int, epoch: int, model: nn.Module) -> None:
+        layers = [layer for _, layer in bnnbench.binary_layers(model)]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.starts.append((stage, epoch, state, [layer.progress for layer in layers], [layer.stage for layer in layers]))
+
+    def on_after_backward(self, stage: int, epoch: int, step: int, model: nn.Module) -> None:
+        self.backward_steps += 1
+        self.grads_seen &= all(layer.weight.grad is not None for _, layer in bnnbench.binary_layers(model))
+
+    @torch.no_grad()
+    def on_epoch_end(self, stage: int, epoch: int, model: nn.Module) -> EpochReport:
+        layers = list(bnnbench.binary_layers(model))
+        return EpochReport(
+            columns={"mean_abs_w": float(torch.stack([layer.weight.abs().mean() for _, layer in layers]).mean())},
+            layers=[{"layer": name, "abs_mean": float(layer.weight.abs().mean())} for name, layer in layers],
+        )
+
+
+def test_two_stages_hand_over_schedule_and_callbacks(tmp_path):
+    cfg = tiny_config(tmp_path, method="recu")
+    cfg.recipe.stage1.epochs, cfg.recipe.stage2_init = 2, "best"
+    recorder = Recorder()
+    final = run_training(cfg, quiet=True, callbacks=[recorder])
+    path = run_dir(cfg)
+    rows = read_rows(path / "metrics.csv")
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1")]
+
+    # progress p = finished epochs / stage epochs, set on every binary layer before the epoch
+    assert [(s, e, set(p)) for s, e, _, p, _ in recorder.starts] == [(1, 1, {0.0}), (1, 2, {0.5}), (2, 1, {0.0})]
+    assert [set(stages) for *_, stages in recorder.starts] == [{1}, {1}, {2}]
+    method = bnnbench.get_method("recu")
+    assert [float(r["schedule_tau"]) for r in rows] == [method.tau(0.0), method.tau(0.5), method.tau(0.0)]
+
+    # stage 2 starts from the stage-1 checkpoint the recipe names (best test top-1 here)
+    best = load_checkpoint(path / "stage1_best.pt")
+    stage2_start = recorder.starts[2][2]
+    assert all(torch.equal(stage2_start[k], v) for k, v in best["model"].items())
+    best_epoch = max(rows[:2], key=lambda r: (float(r["test_top1"]), -int(r["epoch"])))["epoch"]
+    assert best["epoch"] == int(best_epoch) and final["stages"]["1"]["best"]["epoch"] == int(best_epoch)
+
+    # the hook: every step seen after backward with gradients, columns and per-layer rows logged
+    assert recorder.backward_steps == 3 * 4 and recorder.grads_seen
+    assert all(float(r["mean_abs_w"]) > 0 for r in rows)
+    layer_rows = read_rows(path / "layers.csv")
+    n_binary = len(list(bnnbench.binary_layers(bnnbench.build_model("resnet20", "recu"))))
+    assert len(layer_rows) == 3 * n_binary and {"stage", "epoch", "layer", "abs_mean"} <= set(layer_rows[0])
+
+
+def test_regulariser_is_added_only_when_the_recipe_says_so(tmp_path):
+    on = tiny_config(tmp_path / "on")
+    run_training(on, quiet=True)
+    off = tiny_config(tmp_path / "off")
+    off.recipe.stage1.regularizer = off.recipe.stage2.regularizer = False
+    run_training(off, quiet=True)
+    on_rows, off_rows = read_rows(run_dir(on) / "metrics.csv"), read_rows(run_dir(off) / "metrics.csv")
+    # BiPer: tau * mean(sin^2(w0 w)) per layer; tau 0.037 / 0.0468 and mean sin^2 below 1
+    n_layers = len(list(bnnbench.binary_layers(bnnbench.build_model("resnet20", "biper"))))
+    for row, tau in zip(on_rows, (0.037, 0.0468)):
+        assert 0.1 * tau * n_layers < float(row["train_reg"]) < tau * n_layers
+    assert all(float(r["train_reg"]) == 0.0 for r in off_rows)
+    assert on_rows[0]["train_loss"] != off_rows[0]["train_loss"] or on_rows[1]["train_loss"] != off_rows[1]["train_loss"]
+
+
+def test_checkpoints_load_weights_only_and_hold_the_resume_state(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run_training(cfg, quiet=True)
+    path = run_dir(cfg)
+    for stage in (1, 2):
+        state = torch.load(path / f"stage{stage}_last.pt", weights_only=True)
+        assert {"model", "optimizer", "scheduler", "rng", "stage", "epoch", "best", "config", "bnn_config"} <= set(state)
+        assert (state["stage"], state["epoch"], state["bnn_config"]["stage"]) == (stage, 1, stage)
+        assert isinstance(state["rng"]["torch"], Tensor) and state["optimizer"]["state"]
+        assert state["scheduler"]["last_epoch"] == 1
+    model = bnnbench.build_model("resnet20", "biper", stage=2)
+    model.load_state_dict(torch.load(path / "stage2_best.pt", weights_only=True)["model"])
+
+
+def test_same_seed_gives_bit_identical_metrics_and_weights(tmp_path):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = tiny_config(tmp_path / name, seed=seed)
+        run_training(cfg, quiet=True)
+        path = run_dir(cfg)
+        runs.append((without_timing(read_rows(path / "metrics.csv")), torch.load(path / "stage2_last.pt", weights_only=True)["model"]))
+    (rows_a, model_a), (rows_b, model_b), (rows_c, model_c) = runs
+    assert rows_a == rows_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert rows_a != rows_c and not all(torch.equal(model_a[k], model_c[k]) for k in model_a)
+
+
+# ---------------------------------------------------------------- divergence
+@bnnbench.register_method("test-nan-later")
+@dataclass
+class NanInSecondHalf(bnnbench.Method):
+    """sign-STE whose weights turn NaN once training progress reaches 1/2: a run that diverges in epoch 2."""
+
+    def weight(self, w: Tensor, progress: float = 0.0, stage: int = 2) -> Tensor:
+        out = super().weight(w, progress, stage)
+        return out * math.nan if progress >= 0.5 else out
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, method="test-nan-later")
+    cfg.recipe.stage2.epochs = 2
+    with pytest.raises(TrainingDiverged, match=r"stage 2, epoch 2, step 1/4: the training loss is nan.*stage2_last\.pt \(stage 2, epoch 1\)"):
+        run_training(cfg, quiet=True)
+    path = run_dir(cfg)
+    assert not (path / "final.json").exists()
+    last = load_checkpoint(path / "stage2_last.pt")
+    assert (last["stage"], last["epoch"]) == (2, 1) and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
+    assert "stage 2, epoch 2" in (path / "failure.json").read_text()
+    assert len(read_rows(path / "metrics.csv")) == 2
+    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_divergence_in_the_first_epoch_leaves_no_run_directory(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.recipe.stage1.lr = 1e30
+    with pytest.raises(TrainingDiverged, match=r"stage 1, epoch 1, step [234]/4: the training loss is (nan|inf).*run directory was removed"):
+        run_training(cfg, quiet=True)
+    assert list((Path(cfg.out) / "runs").iterdir()) == []
