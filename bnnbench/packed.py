@@ -16,6 +16,11 @@ analytic scale (BiPer, ReCU, sign-STE, ...) the outputs equal the float
 model's bit for bit up to the summation order of later real-valued layers.
 Everything else (stem, BatchNorm, shortcuts, classifier) stays float.
 
+``set_backend(model, "float")`` runs the same packed model with the bits
+unpacked to +-1 float32 filters and ``F.conv2d``: the identical network on
+the float path, the like-for-like baseline for speed comparisons
+(``"xnor"``, the default, is the bit-packed kernel).
+
 :func:`save_packed` / :func:`load_packed` store the packed model as a
 ``torch.save`` dict of tensors and JSON-able values (read back with
 ``weights_only=True``): the architecture is rebuilt with
@@ -32,9 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import PackedWeights, binary_conv2d_packed, pack_weights
+from .kernels import PackedWeights, binary_conv2d_packed, pack_weights, unpack_weights
 from .layers import BinaryConv2d, BinaryLinear, binary_layers
 from .method import Method
 from .models import build_model
@@ -42,13 +48,15 @@ from .registry import get_method
 
 FORMAT = "bnnbench-packed"
 VERSION = 1
+BACKENDS = ("xnor", "float")
 
 
 class PackedBinaryLayer(nn.Module):
     """Inference-only stand-in for a stage-2 :class:`BinaryConv2d` or :class:`BinaryLinear`.
 
     Built from the float layer; a linear layer runs as a 1x1 convolution of a
-    (B, C, 1, 1) input.  Runs on the CPU.
+    (B, C, 1, 1) input.  Runs on the CPU.  ``backend``: "xnor" (bit-packed
+    kernel) or "float" (the same bits as +-1 float32 filters and ``F.conv2d``).
     """
 
     bits: Tensor
@@ -80,7 +88,11 @@ class PackedBinaryLayer(nn.Module):
         self.activation_params = nn.ParameterDict(
             {name: nn.Parameter(p.detach().clone(), requires_grad=False) for name, p in layer.activation_params.items()}
         )
+        self.backend = "xnor"
+        # the kernel's packing applies sign (sign(0) = +1) itself, unless the method binarizes otherwise
+        self._packing_binarizes = type(self.method).activation is Method.activation and not self.activation_params
         self._packed: PackedWeights | None = packed
+        self._float_weight: Tensor | None = None
         self._packed_version = self.bits._version
 
     def _per_output(self, value: Tensor, what: str) -> Tensor:
@@ -98,17 +110,33 @@ class PackedBinaryLayer(nn.Module):
         """The kernel's view of ``bits`` (rebuilt after ``load_state_dict`` changes them)."""
         if self._packed is None or self._packed_version != self.bits._version:
             self._packed = PackedWeights(bits=self.bits.numpy().view(np.uint64), in_channels=self.in_channels, kernel_size=self.kernel_size)
+            self._float_weight = None
             self._packed_version = self.bits._version
         return self._packed
 
+    def float_weight(self) -> Tensor:
+        """The +-1 float32 filters (O, C, kh, kw) held in ``bits``, for the "float" backend."""
+        packed = self.packed_weights()
+        if self._float_weight is None:
+            self._float_weight = unpack_weights(packed)
+        return self._float_weight
+
+    def _binary_conv(self, a: Tensor) -> Tensor:
+        if self.backend == "xnor":
+            return binary_conv2d_packed(a, self.packed_weights(), self.stride, self.padding)
+        return F.conv2d(a, self.float_weight(), stride=self.stride, padding=self.padding)
+
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            a = self.method.activation(x, **self.activation_params)
+            if self.backend == "xnor" and self._packing_binarizes:
+                a = x
+            else:
+                a = self.method.activation(x, **self.activation_params)
             if self.linear:
                 if a.dim() != 2:
                     raise ValueError(f"a packed linear layer expects (batch, features) inputs, got shape {tuple(a.shape)}")
                 a = a[:, :, None, None]
-            y = binary_conv2d_packed(a, self.packed_weights(), self.stride, self.padding)
+            y = self._binary_conv(a)
             if self.linear:
                 y = y.flatten(1)
             shape = (1, -1) if self.linear else (1, -1, 1, 1)
@@ -122,7 +150,7 @@ class PackedBinaryLayer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "linear" if self.linear else f"conv {self.kernel_size[0]}x{self.kernel_size[1]}, stride={self.stride}, padding={self.padding}"
-        return f"{self.in_channels}, {self.out_channels}, {kind}, method={self.method.name}, packed"
+        return f"{self.in_channels}, {self.out_channels}, {kind}, method={self.method.name}, backend={self.backend}"
 
 
 def check_packable(layer: nn.Module) -> None:
@@ -166,6 +194,18 @@ def export_packed(model: nn.Module) -> nn.Module:
     if hasattr(model, "bnn_config"):
         packed.bnn_config = copy.deepcopy(model.bnn_config)
     return packed
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Run every packed layer of ``model`` with ``backend`` ("xnor" or "float"); returns the model."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    layers = [m for m in model.modules() if isinstance(m, PackedBinaryLayer)]
+    if not layers:
+        raise ValueError("the model has no packed layers; make one with export_packed(model)")
+    for layer in layers:
+        layer.backend = backend
+    return model
 
 
 def save_packed(model: nn.Module, path: str | Path) -> Path:

@@ -18,6 +18,7 @@ from bnnbench.kernels import (
     pack_channels,
     pack_weights,
     popcount,
+    unpack_weights,
 )
 
 
@@ -112,6 +113,7 @@ def test_packed_weights_layout_and_tap_sums():
     assert packed.bits.shape == (11, 3 * 3 * 2) and packed.k_bits == 70 * 9
     assert packed.panels.shape == (2, 18, LANES)
     assert np.array_equal(packed.tap_sums, w.sum(dim=1).numpy().astype(np.int32))
+    assert torch.equal(unpack_weights(packed), w)
     rebuilt = PackedWeights(bits=packed.bits.copy(), in_channels=70, kernel_size=(3, 3))
     assert np.array_equal(rebuilt.panels, packed.panels)
     with pytest.raises(ValueError, match="packed filters must be"):

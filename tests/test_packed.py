@@ -10,7 +10,7 @@ from torch import nn
 import bnnbench
 from bnnbench import BinaryLinear, build_model
 from bnnbench.data import make_data
-from bnnbench.packed import PackedBinaryLayer, export_packed, load_packed, save_packed
+from bnnbench.packed import PackedBinaryLayer, export_packed, load_packed, save_packed, set_backend
 
 
 def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
@@ -47,6 +47,8 @@ def test_packed_model_matches_float_model(method):
     if model.bnn_config["method"]["scale"] in ("none", "learned_alpha", "power_of_two"):
         # integer-exact binary convs times exactly representable factors: only later summation orders differ
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    float_path = predictions(set_backend(packed, "float"), images)  # the same bits through F.conv2d
+    torch.testing.assert_close(float_path, got, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gemm import ROWS, filter_panels, padded_filters, xnor_gemm
-from .packing import im2col, output_size, pack_channels, words_for
+from .gemm import filter_panels, output_rows, padded_filters, xnor_gemm
+from .packing import output_size, pack_channels, words_for
 
 
 @dataclass
 class PackedWeights:
     """Filters of a binary conv as bits, with what the GEMM and the border correction need.
 
-    ``bits``: (out_channels, kh * kw * words) uint64, tap-major like :func:`im2col`
+    ``bits``: (out_channels, kh * kw * words) uint64, tap-major (kernel row, column, word)
     (the stored form); ``panels``: the same bits in the GEMM's filter panels;
     ``tap_sums``: (out_channels, kh, kw) int32, S[n, i, j] = sum_c w[n, c, i, j].
     """
@@ -86,6 +86,14 @@ def pack_weights(w: Tensor) -> PackedWeights:
     return PackedWeights(bits=pack_channels(array).reshape(out_channels, -1), in_channels=in_channels, kernel_size=(kh, kw))
 
 
+def unpack_weights(packed: PackedWeights) -> Tensor:
+    """The +-1 float32 filters (O, C, kh, kw) that ``packed`` holds (inverse of :func:`pack_weights`)."""
+    kh, kw = packed.kernel_size
+    bits = np.unpackbits(packed.bits.view(np.uint8), axis=1, bitorder="little")
+    negative = bits.reshape(packed.out_channels, kh, kw, -1)[..., : packed.in_channels]
+    return torch.from_numpy(1.0 - 2.0 * negative.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+
+
 def border_correction(tap_sums: np.ndarray, height: int, width: int, stride: int, padding: int) -> np.ndarray:
     """What +1 padding adds over zero padding, per filter and output position: (O, OH * OW) int32."""
     out_channels, kh, kw = tap_sums.shape
@@ -116,10 +124,10 @@ def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, pad
     batch, _, height, width = x.shape
     kh, kw = weights.kernel_size
     out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
-    rows = im2col(pack_channels(_as_array(x, "input"), padding), kh, kw, stride, row_multiple=ROWS)
+    packed = pack_channels(_as_array(x, "input"), padding)
     offsets = weights.offsets(height, width, stride, padding)
-    out = np.empty((rows.shape[0], offsets.shape[1]), dtype=np.float32)
-    xnor_gemm(rows, weights.panels, offsets, out)
+    out = np.empty((output_rows(batch, out_h, out_w), offsets.shape[1]), dtype=np.float32)
+    xnor_gemm(packed, (kh, kw), stride, weights.panels, offsets, out)
     valid = out[: batch * out_h * out_w, : weights.out_channels].reshape(batch, out_h, out_w, weights.out_channels)
     return torch.from_numpy(valid).permute(0, 3, 1, 2)
 

@@ -1,29 +1,33 @@
-"""The XNOR-popcount GEMM: register blocks of 4 rows x 8 filters on the vector and integer units at once.
+"""The XNOR-popcount GEMM of a binary convolution, over an implicit im2col of the packed input.
 
-For packed rows ``a[m]`` (receptive fields, from :func:`~bnnbench.kernels.packing.im2col`)
-and filters ``w[n]`` of K words each, the GEMM writes
+Row m = (image b, output position p) of the GEMM is the receptive field of p:
+``kh`` runs of ``kw * words`` consecutive words of the padded, packed input
+(B, Hp, Wp, words), one run per kernel row.  The kernel reads those runs in
+place (an implicit im2col: no patch matrix is built) and writes
 
-    out[m, n] = offsets[m mod P, n] - 2 * sum_k popcount(a[m, k] ^ w[n, k])
+    out[m, n] = offsets[p, n] - 2 * sum_k popcount(a[m, k] ^ w[n, k])
 
-where ``offsets = K_bits - correction`` (the border correction of
-:mod:`bnnbench.kernels.conv`; P output positions per image), i.e. the
-convolution output with rows m = (image, position) and filters contiguous: NHWC.
+where ``offsets = K_bits - correction`` (K_bits = C kh kw; the border
+correction of :mod:`bnnbench.kernels.conv`): the convolution output with
+filters contiguous, i.e. NHWC.
 
-Filters are stored as panels of ``LANES`` = 8: ``panels[j, k, l] = w[8 j + l, k]``.
-One step of the micro-kernel loads the k-th words of 8 filters as one
-``<8 x i64>`` vector; each of the first ``VECTOR_ROWS`` = 3 rows broadcasts its
-k-th word and accumulates ``ctpop(a ^ w)`` in a vector register, and the last
-row of the block does the same 8 XOR-popcounts with scalar POPCNT, so the
-integer units work alongside the vector units (on an AVX2 Zen 3 this mix runs
-about 20% faster than 4 vector rows; compare the ``vector`` and ``mixed``
-peaks of :func:`~bnnbench.kernels.popcount.popcount_peak_gops`).  The epilogue
-turns each row's 8 counts into 8 float32 outputs with one subtraction and one
-conversion.  The micro-kernel is LLVM IR (a numba intrinsic) with the generic
+Register blocking: filters are stored as panels of ``LANES`` = 8,
+``panels[j, k, l] = w[8 j + l, k]``, and a block is ``ROWS`` = 4 rows x 8
+filters.  One step loads the k-th words of the 8 filters as one ``<8 x i64>``
+vector; each of the first ``VECTOR_ROWS`` = 3 rows broadcasts its k-th word and
+accumulates ``ctpop(a ^ w)`` in a vector register, and the last row does the
+same 8 XOR-popcounts with scalar POPCNT, so the integer units work alongside
+the vector units (on an AVX2 Zen 3 this runs about 20% faster than 4 vector
+rows; compare the ``vector`` and ``mixed`` peaks of
+:func:`~bnnbench.kernels.popcount.popcount_peak_gops`).  The epilogue turns each
+row's 8 counts into 8 float32 outputs with one subtraction and one conversion.
+
+The micro-kernel is LLVM IR (a numba intrinsic) using the generic
 ``llvm.ctpop`` intrinsics, which LLVM lowers for the host CPU: VPOPCNTQ with
 AVX-512 VPOPCNTDQ, a VPSHUFB nibble table with AVX2, POPCNT for scalars.
-Remainders: ``im2col`` zero-pads the rows to a multiple of 4 and
-``filter_panels`` the filters to a multiple of 8; the GEMM computes the padded
-block in full and the caller drops the padding.
+Remainders: the output has its rows padded to a multiple of 4 (padding rows
+repeat the last receptive field) and its filters to a multiple of 8 (zero
+filters from :func:`filter_panels`); the caller drops the padding.
 """
 
 from __future__ import annotations
@@ -56,10 +60,16 @@ def _vector_pointer(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, vec
 
 
 @intrinsic
-def _gemm_block(typingctx, rows, first_row, panels, panel, offsets, positions, out):  # type: ignore[no-untyped-def]
-    """out[first_row + i, 8 panel + l] = offsets[positions[i], 8 panel + l] - 2 sum_k popcount(rows[first_row + i, k] ^ panels[panel, k, l])."""
+def _gemm_block(typingctx, packed, starts, runs, run_words, pitch, panels, panel, offsets, positions, out, first_row):  # type: ignore[no-untyped-def]
+    """One block: ROWS rows (receptive fields starting at packed[starts[i]]) x the 8 filters of ``panel``.
+
+    Row i reads ``runs`` runs of ``run_words`` words, run r at
+    ``starts[i] + r * pitch``; it is written to ``out[first_row + i]``
+    with the offsets of output position ``positions[i]``.
+    """
     arrays_ok = (
-        _is_array(rows, types.uint64, 2)
+        _is_array(packed, types.uint64, 1)
+        and _is_array(starts, types.int64, 1)
         and _is_array(panels, types.uint64, 3)
         and _is_array(offsets, types.int32, 2)
         and _is_array(positions, types.int64, 1)
@@ -67,32 +77,34 @@ def _gemm_block(typingctx, rows, first_row, panels, panel, offsets, positions, o
     )
     if not arrays_ok:
         return None
-    signature = types.void(rows, types.intp, panels, types.intp, offsets, positions, out)
+    signature = types.void(packed, starts, types.intp, types.intp, types.intp, panels, types.intp, offsets, positions, out, types.intp)
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        rows_a, panels_a, offsets_a, positions_a, out_a = (
-            context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2, 4, 5, 6)
+        packed_a, starts_a, panels_a, offsets_a, positions_a, out_a = (
+            context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 5, 7, 8, 9)
         )
-        first_row, panel = args[1], args[3]
-        words = builder.extract_value(rows_a.shape, 1)
+        runs, run_words, pitch, panel, first_row = args[2], args[3], args[4], args[6], args[10]
         width = builder.extract_value(out_a.shape, 1)  # = offsets.shape[1] = LANES * panels.shape[0]
-        row_base = builder.gep(rows_a.data, [builder.mul(first_row, words)])
-        panel_base = builder.gep(panels_a.data, [builder.mul(panel, builder.mul(words, _int(LANES)))])
+        panel_base = builder.gep(panels_a.data, [builder.mul(panel, builder.mul(builder.mul(runs, run_words), _int(LANES)))])
+        starts = [builder.load(builder.gep(starts_a.data, [_int(i)])) for i in range(ROWS)]
         vector_sums = [cgutils.alloca_once_value(builder, ir.Constant(WORDS, [0] * LANES)) for _ in range(VECTOR_ROWS)]
         scalar_sums = [[cgutils.alloca_once_value(builder, _int(0)) for _ in range(LANES)] for _ in range(VECTOR_ROWS, ROWS)]
-        with cgutils.for_range(builder, words) as loop:
-            k = loop.index
-            filter_words = builder.gep(panel_base, [builder.mul(k, _int(LANES))])
-            filters = builder.load(builder.bitcast(filter_words, WORDS.as_pointer()), align=8)
-            for i in range(ROWS):
-                word = builder.load(builder.gep(row_base, [builder.add(builder.mul(_int(i), words), k)]))
-                if i < VECTOR_ROWS:
-                    disagreements = vector_popcount(builder, builder.xor(splat(builder, word), filters))
-                    builder.store(builder.add(builder.load(vector_sums[i]), disagreements), vector_sums[i])
-                    continue
-                for lane, total in enumerate(scalar_sums[i - VECTOR_ROWS]):
-                    filter_word = builder.load(builder.gep(filter_words, [_int(lane)]))
-                    builder.store(builder.add(builder.load(total), builder.ctpop(builder.xor(word, filter_word))), total)
+        with cgutils.for_range(builder, runs) as run:
+            run_filters = builder.gep(panel_base, [builder.mul(builder.mul(run.index, run_words), _int(LANES))])
+            run_rows = [builder.gep(packed_a.data, [builder.add(start, builder.mul(run.index, pitch))]) for start in starts]
+            with cgutils.for_range(builder, run_words) as step:
+                k = step.index
+                filter_words = builder.gep(run_filters, [builder.mul(k, _int(LANES))])
+                filters = builder.load(builder.bitcast(filter_words, WORDS.as_pointer()), align=8)
+                for i, row in enumerate(run_rows):
+                    word = builder.load(builder.gep(row, [k]))
+                    if i < VECTOR_ROWS:
+                        disagreements = vector_popcount(builder, builder.xor(splat(builder, word), filters))
+                        builder.store(builder.add(builder.load(vector_sums[i]), disagreements), vector_sums[i])
+                        continue
+                    for lane, total in enumerate(scalar_sums[i - VECTOR_ROWS]):
+                        filter_word = builder.load(builder.gep(filter_words, [_int(lane)]))
+                        builder.store(builder.add(builder.load(total), builder.ctpop(builder.xor(word, filter_word))), total)
         counts = [builder.load(total) for total in vector_sums]
         for lanes in scalar_sums:
             vector = ir.Constant(WORDS, ir.Undefined)
@@ -113,20 +125,40 @@ def _gemm_block(typingctx, rows, first_row, panels, panel, offsets, positions, o
 
 
 @njit(parallel=True, cache=True)
-def xnor_gemm(rows: np.ndarray, panels: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out`` (M', 8 J) float32 from packed ``rows`` (M', K) and filter ``panels`` (J, K, 8).
+def xnor_gemm(packed: np.ndarray, kernel_size: tuple, stride: int, panels: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
+    """Binary conv of the padded packed input (B, Hp, Wp, words) into ``out`` (M', 8 J) float32.
 
-    M' is a multiple of ``ROWS``; ``offsets`` is (P, 8 J) int32 = K_bits - correction,
-    and row m uses ``offsets[m % P]``.
+    ``kernel_size`` = (kh, kw); ``panels`` (J, kh kw words, 8) from
+    :func:`filter_panels`; ``offsets`` (OH OW, 8 J) int32; M' = B OH OW
+    rounded up to a multiple of ``ROWS``.
     """
-    positions_per_image = offsets.shape[0]
-    for block in prange(rows.shape[0] // ROWS):
+    batch, height, width, words = packed.shape
+    kernel_h, kernel_w = kernel_size
+    out_h = (height - kernel_h) // stride + 1
+    out_w = (width - kernel_w) // stride + 1
+    positions_per_image = out_h * out_w
+    last_row = batch * positions_per_image - 1
+    flat = packed.reshape(-1)
+    pitch = width * words
+    for block in prange(out.shape[0] // ROWS):
         first = block * ROWS
+        starts = np.empty(ROWS, dtype=np.int64)
         positions = np.empty(ROWS, dtype=np.int64)
         for i in range(ROWS):
-            positions[i] = (first + i) % positions_per_image
+            m = min(first + i, last_row)
+            b = m // positions_per_image
+            p = m - b * positions_per_image
+            oh = p // out_w
+            ow = p - oh * out_w
+            starts[i] = ((b * height + oh * stride) * width + ow * stride) * words
+            positions[i] = p
         for panel in range(panels.shape[0]):
-            _gemm_block(rows, first, panels, panel, offsets, positions, out)
+            _gemm_block(flat, starts, kernel_h, kernel_w * words, pitch, panels, panel, offsets, positions, out, first)
+
+
+def output_rows(batch: int, out_h: int, out_w: int) -> int:
+    """Rows of the GEMM output: B OH OW rounded up to a multiple of ``ROWS``."""
+    return -(-(batch * out_h * out_w) // ROWS) * ROWS
 
 
 def filter_panels(bits: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Bit packing of +-1 tensors along channels, and the packed im2col.
+"""Bit packing of +-1 tensors along channels.
 
 Bit convention: bit 1 encodes -1 and bit 0 encodes +1, so for two packed
 words ``popcount(a ^ w)`` counts the positions where the signs differ and
@@ -84,44 +84,9 @@ def pack_channels(x: np.ndarray, padding: int = 0) -> np.ndarray:
     return out
 
 
-@njit(parallel=True, cache=True)
-def _im2col(packed: np.ndarray, kernel_h: int, kernel_w: int, stride: int, out_h: int, out_w: int, out: np.ndarray) -> None:
-    """out[(b, oh, ow), (i, j, word)] = packed[b, oh * stride + i, ow * stride + j, word]."""
-    n_words = packed.shape[3]
-    span = kernel_w * n_words
-    for m in prange(packed.shape[0] * out_h * out_w):
-        b = m // (out_h * out_w)
-        oh = (m // out_w) % out_h
-        ow = m % out_w
-        for i in range(kernel_h):
-            source = packed[b, oh * stride + i, ow * stride : ow * stride + kernel_w, :]
-            target = out[m, i * span : (i + 1) * span]
-            for j in range(kernel_w):
-                for word in range(n_words):
-                    target[j * n_words + word] = source[j, word]
-
-
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Spatial output size of a convolution (as ``F.conv2d``)."""
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
         raise ValueError(f"input size {size} with padding {padding} is smaller than the kernel ({kernel})")
-    return out
-
-
-def im2col(packed: np.ndarray, kernel_h: int, kernel_w: int, stride: int, row_multiple: int = 1) -> np.ndarray:
-    """Rows of packed receptive fields: (B * OH * OW, kernel_h * kernel_w * words), tap-major.
-
-    ``packed`` is already padded (from :func:`pack_channels`).  The row count is
-    rounded up to a multiple of ``row_multiple`` with zero rows (the GEMM's
-    block height).
-    """
-    batch, height, width, n_words = packed.shape
-    out_h = output_size(height, kernel_h, stride, 0)
-    out_w = output_size(width, kernel_w, stride, 0)
-    rows = batch * out_h * out_w
-    padded_rows = -(-rows // row_multiple) * row_multiple
-    out = np.empty((padded_rows, kernel_h * kernel_w * n_words), dtype=np.uint64)
-    out[rows:] = 0
-    _im2col(packed, kernel_h, kernel_w, stride, out_h, out_w, out)
     return out
