@@ -1,0 +1,96 @@
+"""``bnnbench export RUN_DIR --packed``: a trained run's binary layers as bits, for XNOR-popcount inference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..packed import export_packed, model_from_config, save_packed
+from ..summary import RESOLUTIONS
+
+HELP = "export a trained run bit-packed for XNOR-popcount inference (bnnbench export RUN_DIR --packed)"
+
+KINDS = ("best", "last")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR", help="a run directory (results/runs/<run-id>/) or a checkpoint .pt file")
+    parser.add_argument("--packed", action="store_true", help="pack the binary layers' weights into bits (the export format)")
+    parser.add_argument("--checkpoint", choices=KINDS, default="best", help="which checkpoint of the run (default: best)")
+    parser.add_argument("--out", default=None, help="output file (default: RUN_DIR/packed_<checkpoint file name>)")
+    parser.add_argument("--verify", type=int, default=16, metavar="N", help="compare float and packed logits on N random images (default: 16)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.packed:
+        raise ValueError("the only export format is the bit-packed one: add --packed")
+    source = find_checkpoint(Path(args.run), args.checkpoint)
+    state = _load(source)
+    config = state.get("bnn_config") or _run_config(source)
+    model = model_from_config(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {str(source)!r} does not fit the network in its configuration: {exc}") from None
+    model.eval()
+    packed = export_packed(model)
+    console = Console()
+    if args.verify > 0:
+        size = RESOLUTIONS[config["family"]]
+        images = torch.randn(args.verify, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected, got = model(images), packed(images)
+        agree = int((expected.argmax(1) == got.argmax(1)).sum())
+        console.print(f"check on {args.verify} random images: argmax agreement {agree}/{args.verify}, max |logit difference| {float((expected - got).abs().max()):.2e}")
+        if agree != args.verify:
+            console.print("[red]warning: packed and float predictions differ; please report this with the checkpoint[/red]")
+    out = Path(args.out) if args.out else source.parent / f"packed_{source.name}"
+    save_packed(packed, out)
+    float_bytes = sum(t.numel() * t.element_size() for t in state["model"].values() if torch.is_tensor(t))
+    console.print(
+        f"{config['family']}/{config['net']} + {config['method']['name']}: {len(packed.packed_layers)} binary layers packed; "
+        f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB; float32 state {float_bytes / 2**20:.2f} MiB)"
+    )
+    return 0
+
+
+def find_checkpoint(run: Path, kind: str) -> Path:
+    """The checkpoint file of ``run``: the path itself, or stage2_<kind>.pt / <kind>.pt inside the run directory."""
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        raise FileNotFoundError(f"{str(run)!r} is neither a run directory nor a checkpoint file")
+    for name in (f"stage2_{kind}.pt", f"{kind}.pt"):
+        if (run / name).is_file():
+            return run / name
+    present = sorted(p.name for p in run.glob("*.pt")) or ["none"]
+    raise FileNotFoundError(
+        f"no stage-2 {kind} checkpoint (stage2_{kind}.pt or {kind}.pt) in {run}; checkpoints there: {', '.join(present)}. "
+        "Only stage-2 models (binary weights and activations) can be packed."
+    )
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{str(path)!r} is not a bnnbench checkpoint (no 'model' state dict)")
+    return state
+
+
+def _run_config(checkpoint: Path) -> dict[str, Any]:
+    """The network record ("model" of config.json) of the run holding ``checkpoint``."""
+    config = checkpoint.parent / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(checkpoint)!r} records no bnn_config and there is no config.json next to it")
+    record = json.loads(config.read_text())
+    if "model" not in record:
+        raise ValueError(f"{config} has no 'model' entry (the network's bnn_config)")
+    return record["model"]
