@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +150,21 @@ def test_clear_errors():
         binary_conv2d(torch.ones(1, 8, 2, 2), w)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         binary_conv2d(torch.ones(8, 4, 4), w)
+
+
+@pytest.mark.parametrize("user_cache_writable", [True, False])
+def test_cache_dir_fallback_for_a_read_only_package(monkeypatch, tmp_path, user_cache_writable):
+    """A read-only package folder sends numba's cache to the user cache, or else to the temp folder."""
+    import numba
+
+    import bnnbench.kernels as kernels
+
+    package_cache = Path(kernels.__file__).parent / "__pycache__"
+    user_cache = tmp_path / "bnnbench" / "numba"
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(kernels, "_writable", lambda folder: folder not in (package_cache, *([] if user_cache_writable else [user_cache])))
+    kernels._choose_cache_dir()
+    expected = user_cache if user_cache_writable else Path(tempfile.gettempdir()) / f"bnnbench-numba-{os.getuid()}"
+    assert numba.config.CACHE_DIR == str(expected)

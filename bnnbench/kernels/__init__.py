@@ -9,8 +9,10 @@ Public API::
     popcount_peak_gops()                                  the machine's measured popcount peak
 
 Kernels compile on first use and are cached by numba next to this package
-(``__pycache__``) or, when that folder is not writable, in numba's user-wide
-cache (``NUMBA_CACHE_DIR`` overrides both).
+(``__pycache__``, ignored by git).  When that folder is not writable (an
+installed, read-only package) the cache goes to ``$XDG_CACHE_HOME/bnnbench/numba``
+(default ``~/.cache``) or, failing that, a per-user folder in the temporary
+directory; ``NUMBA_CACHE_DIR`` overrides all of them.
 
 Threads: ``numba.set_num_threads(n)``.  numba's OpenMP threading layer is
 preferred over TBB (numba's default order): next to torch's own OpenMP pool it
@@ -20,9 +22,33 @@ by the user take precedence.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 import numba
 
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+def _choose_cache_dir() -> None:
+    """Point numba's cache at a writable folder when the package's own ``__pycache__`` is not."""
+    if os.environ.get("NUMBA_CACHE_DIR") or _writable(Path(__file__).parent / "__pycache__"):
+        return
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnnbench" / "numba"
+    for folder in (user_cache, Path(tempfile.gettempdir()) / f"bnnbench-numba-{os.getuid()}"):
+        if _writable(folder):
+            numba.config.CACHE_DIR = str(folder)
+            return
+
+
+_choose_cache_dir()  # before the kernel modules below create their cached dispatchers
 if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
