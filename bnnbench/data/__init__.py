@@ -1,0 +1,41 @@
+"""Data for bnnbench: CIFAR-10, ImageNet and the offline digits demo, through torch or FFCV.
+
+::
+
+    from bnnbench.data import make_data
+    bundle = make_data("cifar10", data_dir="~/data/cifar10-jpeg.tar", batch_size=128, train_subset=1000)
+    for epoch in range(epochs):
+        bundle.set_epoch(epoch)
+        for images, labels in bundle.train: ...
+
+``data_dir`` for cifar10 is a folder holding ``cifar-10-batches-py/`` (torchvision), a folder with
+``train/<class>/*`` and ``test/<class>/*`` images, or a ``.tar`` of such a folder (read in place).
+With ``data_dir=None`` the cache (``$BNNBENCH_CACHE`` or ``~/.cache/bnnbench``) is searched, and
+torchvision's copy is downloaded there only with ``download=True``.  ImageNet is a folder with
+``train/<class>/`` and ``val/<class>/``.  ``digits`` is scikit-learn's bundled 8x8 digits at 32x32:
+an offline demo, not a benchmark.
+
+Subsets are the first N of a fixed class-balanced order (N=100 -> 10 per class), the same for
+every run seed.  Training order and augmentation are pure functions of (seed, epoch), set with
+``DataBundle.set_epoch``.  With ``loader="ffcv"`` (or "auto" when ``ffcv_dir`` holds the .beton
+files written by ``bnnbench prepare``) FFCV decodes the images.
+"""
+
+from .bundle import DataBundle, make_data
+from .errors import BadImageError, DataError, DataNotFoundError
+from .sampling import balanced_order, balanced_subset
+from .sources import extract_archive
+from .specs import DATASETS, DatasetSpec
+
+__all__ = [
+    "DATASETS",
+    "BadImageError",
+    "DataBundle",
+    "DataError",
+    "DataNotFoundError",
+    "DatasetSpec",
+    "balanced_order",
+    "balanced_subset",
+    "extract_archive",
+    "make_data",
+]

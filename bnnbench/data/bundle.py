@@ -1,0 +1,300 @@
+"""``make_data``: one call from a data set name to train/test loaders and their provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import cache_root
+from .cifar import load_cifar10
+from .decoded import LoadedSplits
+from .digits import load_digits
+from .errors import DataError, DataNotFoundError
+from .ffcv_store import (
+    beton_path,
+    betons_present,
+    ffcv_missing_reason,
+    labels_path,
+    read_manifest,
+)
+from .loaders import ArrayLoader, EpochLoader, FolderDataset, FolderLoader
+from .sampling import SUBSET_SEED, balanced_subset, distributed_rank
+from .sources import FolderSource, archive_note
+from .specs import DatasetSpec, get_spec
+
+LOADERS = ("auto", "torch", "ffcv")
+FFCV_DATASETS = ("cifar10", "imagenet")
+
+
+@dataclass
+class DataBundle:
+    """Train and test loaders of one data set, plus what a results file needs to say about them.
+
+    ``train``/``test`` are re-iterable, have ``len()`` in batches and yield ``(images, labels)``:
+    float32 (B, C, H, W) normalised images and int64 labels on the requested device.
+    ``set_epoch(e)`` makes the next pass over ``train`` a pure function of (seed, e).
+    ``train_size``/``test_size`` count the images used (after the subset; over all ranks).
+    ``train.skipped_images``/``test.skipped_images`` are the unreadable files left out (sets).
+    """
+
+    train: EpochLoader
+    test: EpochLoader
+    num_classes: int
+    family: str
+    train_size: int
+    test_size: int
+    info: dict[str, Any]
+    classes: list[str] = field(default_factory=list)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose training order and augmentation the next pass replays."""
+        self.train.set_epoch(epoch)
+
+
+def _choose_backend(name: str, loader: str, ffcv_dir: Path | None) -> str:
+    if loader not in LOADERS:
+        raise DataError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    if loader == "torch":
+        return "torch"
+    if loader == "auto":
+        usable = name in FFCV_DATASETS and betons_present(ffcv_dir) and ffcv_missing_reason() is None
+        return "ffcv" if usable else "torch"
+    if name not in FFCV_DATASETS:
+        raise DataError(f"loader='ffcv' serves {' and '.join(FFCV_DATASETS)}, not {name!r}; use loader='torch'")
+    if ffcv_dir is None or not betons_present(ffcv_dir):
+        raise DataNotFoundError(
+            f"loader='ffcv' needs ffcv_dir (--ffcv-dir) holding train.beton and test.beton (looked in {ffcv_dir}); "
+            f"write them with: bnnbench prepare --data {name} --data-dir DIR --out FFCV_DIR"
+        )
+    reason = ffcv_missing_reason()
+    if reason:
+        raise DataError(reason)
+    return "ffcv"
+
+
+def _array_bundle(
+    spec: DatasetSpec, loaded: LoadedSplits, opts: dict[str, Any]
+) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
+    mean, std = loaded.mean or spec.mean, loaded.std or spec.std
+    common = {
+        "seed": opts["seed"],
+        "mean": mean,
+        "std": std,
+        "device": opts["device"],
+        "rank": opts["rank"],
+        "world_size": opts["world_size"],
+    }
+    train = ArrayLoader(
+        loaded.train.images, loaded.train.labels, opts["batch_size"], train=True, augment=opts["augment"], **common
+    )
+    test = ArrayLoader(loaded.test.images, loaded.test.labels, opts["eval_batch_size"], train=False, augment=False, **common)
+    train.skipped_images.update(loaded.train.skipped)
+    test.skipped_images.update(loaded.test.skipped)
+    skipped = loaded.train.skipped + loaded.test.skipped
+    info = {
+        **loaded.provenance,
+        "loader": "torch (in-memory uint8 arrays, batched crop/flip)",
+        "classes": loaded.train.classes,
+        "full_train_size": loaded.train.full_size,
+        "full_test_size": loaded.test.full_size,
+        "decode_cache": {"train": loaded.train.cache, "test": loaded.test.cache},
+        "skipped_bad_images": len(skipped),
+        "skipped_images": skipped[:20],
+        "mean": list(mean),
+        "std": list(std),
+    }
+    return train, test, info
+
+
+def _imagenet_root(data_dir: Path | None) -> Path:
+    candidates = [Path(data_dir)] if data_dir is not None else [cache_root() / "imagenet"]
+    for candidate in candidates:
+        if (candidate / "train").is_dir() and (candidate / "val").is_dir():
+            return candidate
+    raise DataNotFoundError(
+        f"no ImageNet found (looked for train/ and val/ in {candidates[0]}). Pass data_dir (--data-dir) as a folder "
+        "with train/<class>/*.JPEG and val/<class>/*.JPEG (val sorted into class folders)"
+    )
+
+
+def _imagenet_bundle(
+    spec: DatasetSpec, data_dir: Path | None, opts: dict[str, Any]
+) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
+    source = FolderSource(_imagenet_root(data_dir))
+    train_index = source.split_index("train")
+    val_index = source.split_index("val", train_index.classes)
+    loaders = []
+    for index, subset, train in ((train_index, opts["train_subset"], True), (val_index, opts["test_subset"], False)):
+        dataset = FolderDataset(
+            source, index, augment=train and opts["augment"], seed=opts["seed"], size=spec.image_size, resize=spec.eval_resize
+        )
+        loaders.append(
+            FolderLoader(
+                dataset,
+                balanced_subset(index.labels, subset),
+                opts["batch_size"] if train else opts["eval_batch_size"],
+                train=train,
+                seed=opts["seed"],
+                workers=opts["workers"],
+                mean=spec.mean,
+                std=spec.std,
+                device=opts["device"],
+                skip_bad=opts["skip_bad_images"],
+                rank=opts["rank"],
+                world_size=opts["world_size"],
+            )
+        )
+    info = {
+        "root": str(source.root),
+        "layout": source.kind,
+        "md5": source.md5,
+        "note": archive_note(source.md5),
+        "loader": f"torch DataLoader ({opts['workers']} workers)",
+        "classes": train_index.classes,
+        "full_train_size": len(train_index.names),
+        "full_test_size": len(val_index.names),
+        "skipped_bad_images": None,  # not known before iterating: see DataBundle.train/test.skipped_images
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+    return loaders[0], loaders[1], info
+
+
+def _ffcv_bundle(spec: DatasetSpec, ffcv_dir: Path, opts: dict[str, Any]) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
+    from .ffcv_loader import FFCVLoader
+
+    manifest = read_manifest(ffcv_dir, spec.name)
+    skipped = manifest["splits"]["train"]["skipped"] + manifest["splits"]["test"]["skipped"]
+    if skipped and not opts["skip_bad_images"]:
+        raise DataError(
+            f"{ffcv_dir} was written with --skip-bad-images and leaves out {len(skipped)} unreadable images "
+            f"(first: {skipped[0]}); pass skip_bad_images=True (--skip-bad-images) to use it"
+        )
+    loaders = []
+    for split, subset, train in (("train", opts["train_subset"], True), ("test", opts["test_subset"], False)):
+        labels = np.load(labels_path(ffcv_dir, split))
+        usable = np.setdiff1d(np.arange(len(labels)), np.asarray(manifest["splits"][split]["excluded"], dtype=np.int64))
+        sample_ids = usable[balanced_subset(labels[usable], subset)]
+        loaders.append(
+            FFCVLoader(
+                beton_path(ffcv_dir, split),
+                sample_ids,
+                opts["batch_size"] if train else opts["eval_batch_size"],
+                family=spec.family,
+                train=train,
+                augment=opts["augment"],
+                seed=opts["seed"],
+                workers=opts["workers"],
+                mean=spec.mean,
+                std=spec.std,
+                device=opts["device"],
+                image_size=spec.image_size,
+                eval_resize=spec.eval_resize,
+                distributed=opts["world_size"] > 1,
+                rank=opts["rank"],
+                world_size=opts["world_size"],
+            )
+        )
+        loaders[-1].skipped_images.update(manifest["splits"][split]["skipped"])
+    info = {
+        **manifest["source"],
+        "loader": f"ffcv ({Path(ffcv_dir)})",
+        "ffcv_dir": str(ffcv_dir),
+        "ffcv_image_field": manifest["image_field"],
+        "classes": manifest["classes"],
+        "full_train_size": manifest["splits"]["train"]["full_size"],
+        "full_test_size": manifest["splits"]["test"]["full_size"],
+        "skipped_bad_images": len(skipped),
+        "skipped_images": skipped[:20],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+    return loaders[0], loaders[1], info
+
+
+def make_data(
+    name: str,
+    data_dir: str | Path | None = None,
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    seed: int = 0,
+    loader: str = "auto",
+    ffcv_dir: str | Path | None = None,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    augment: bool = True,
+    distributed: bool = False,
+    skip_bad_images: bool = False,
+    download: bool = False,
+) -> DataBundle:
+    """Train/test loaders for ``name`` ("cifar10", "imagenet" or "digits") and their provenance.
+
+    - ``data_dir``: the local copy (see :mod:`bnnbench.data`); None searches the cache, and for
+      cifar10 downloads torchvision's copy there only when ``download`` is True.
+    - ``train_subset``/``test_subset``: the first N of the fixed class-balanced order of the split.
+    - ``seed``: with the epoch set by ``set_epoch``, fixes the training order and augmentation.
+    - ``loader``: "torch", "ffcv" (``ffcv_dir`` from ``bnnbench prepare``), or "auto" (FFCV when
+      ``ffcv_dir`` holds train.beton and test.beton and FFCV imports).
+    - ``workers``: DataLoader processes (ImageNet folders) or FFCV threads; the in-memory CIFAR
+      path needs none.  ``device``: where batches are delivered (and CIFAR arrays are kept).
+    - ``augment``: CIFAR crop 32 pad 4 + flip, ImageNet RandomResizedCrop 224 + flip (never digits).
+    - ``distributed``: shard by ``torch.distributed`` rank like DistributedSampler.
+    - ``skip_bad_images``: leave unreadable images out (counted in ``info`` and the loaders'
+      ``skipped_images``) instead of raising :class:`BadImageError` naming the first one.
+    """
+    spec = get_spec(name)
+    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+    ffcv_dir = Path(ffcv_dir).expanduser() if ffcv_dir is not None else None
+    backend = _choose_backend(name, loader, ffcv_dir)
+    rank, world_size = distributed_rank(distributed)
+    opts = {
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size or batch_size,
+        "train_subset": train_subset,
+        "test_subset": test_subset,
+        "seed": seed,
+        "workers": workers,
+        "device": torch.device(device),
+        "augment": augment and spec.augmentable,
+        "skip_bad_images": skip_bad_images,
+        "rank": rank,
+        "world_size": world_size,
+    }
+    if backend == "ffcv":
+        train, test, info = _ffcv_bundle(spec, ffcv_dir, opts)
+    elif name == "imagenet":
+        train, test, info = _imagenet_bundle(spec, data_dir, opts)
+    elif name == "cifar10":
+        loaded = load_cifar10(
+            data_dir, train_subset=train_subset, test_subset=test_subset, skip_bad=skip_bad_images, download=download
+        )
+        train, test, info = _array_bundle(spec, loaded, opts)
+    else:
+        train, test, info = _array_bundle(spec, load_digits(train_subset=train_subset, test_subset=test_subset), opts)
+    classes = info.pop("classes")
+    info = {
+        "dataset": name,
+        "description": spec.description,
+        **info,
+        "family": spec.family,
+        "num_classes": len(classes),
+        "classes": classes,
+        "image_size": spec.image_size,
+        "augment": opts["augment"],
+        "train_subset": train_subset,
+        "test_subset": test_subset,
+        "train_size": train.num_samples,
+        "test_size": test.num_samples,
+        "subset_seed": SUBSET_SEED,
+        "seed": seed,
+        "batch_size": batch_size,
+        "eval_batch_size": opts["eval_batch_size"],
+        "distributed": {"rank": rank, "world_size": world_size},
+    }
+    return DataBundle(train, test, len(classes), spec.family, train.num_samples, test.num_samples, info, classes)

@@ -1,0 +1,145 @@
+"""Small images decoded once into a uint8 array cache (the CIFAR fast path).
+
+A split of small fixed-size images (CIFAR-10: 60,000 JPEGs of 32x32) is decoded once into
+``<cache>/decoded/<dataset>-<key>/<split>/images.npy`` (N, H, W, 3 uint8) plus ``labels.npy``;
+the key is the tar's md5 or a fingerprint of the folder's files.  Later runs memory-map it.
+A subset asked for before the full cache exists is decoded directly (a few hundred images
+take milliseconds), without building the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import atomic_directory, cache_root, read_json, save_array, write_json
+from .errors import BadImageError, DataError
+from .images import decode_rgb
+from .sampling import balanced_subset
+from .sources import FolderSource, SplitIndex, TarSource
+
+
+@dataclass
+class SplitArrays:
+    """Decoded images (N, H, W, 3 uint8) and int64 labels of one split, with where they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    full_size: int  # images in the whole split (before the subset)
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out (skip_bad_images=True)
+    cache: str | None = None  # decode-cache folder when one was used
+
+
+@dataclass
+class LoadedSplits:
+    """Decoded train and test splits, provenance for ``DataBundle.info``, and data-derived statistics.
+
+    ``mean``/``std`` are set when the data set's normalisation is computed from its training split.
+    """
+
+    train: SplitArrays
+    test: SplitArrays
+    provenance: dict[str, Any]
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+def _decode_many(
+    source: FolderSource | TarSource, names: list[str], size: int
+) -> tuple[np.ndarray, np.ndarray, list[BadImageError]]:
+    """Decode ``names`` into (images, kept positions, errors); every image must be ``size`` x ``size``."""
+    images = np.empty((len(names), size, size, 3), dtype=np.uint8)
+    kept, bad = [], []
+    for i, name in enumerate(names):
+        try:
+            pixels = decode_rgb(source.read(name), source.display(name))
+        except BadImageError as exc:
+            bad.append(exc)
+            continue
+        if pixels.shape[:2] != (size, size):
+            raise DataError(f"image {source.display(name)} is {pixels.shape[1]}x{pixels.shape[0]}, expected {size}x{size}")
+        images[len(kept)] = pixels
+        kept.append(i)
+    return images[: len(kept)], np.asarray(kept, dtype=np.int64), bad
+
+
+def _raise_for_bad(bad: list[str], reasons: list[str]) -> None:
+    """Raise for the first unreadable image, counting the others."""
+    more = f" (and {len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
+    raise BadImageError(bad[0], reasons[0] + more)
+
+
+def cache_folder(dataset: str, key: str, split: str) -> Path:
+    return cache_root() / "decoded" / f"{dataset}-{key}" / split
+
+
+def build_cache(dataset: str, source: FolderSource | TarSource, index: SplitIndex, size: int, skip_bad: bool) -> Path:
+    """Decode every image of ``index`` into the cache; unreadable images raise unless ``skip_bad``."""
+    target = cache_folder(dataset, source.fingerprint(index), index.split)
+    if target.is_dir():
+        return target
+    start = time.perf_counter()
+    images, kept, bad = _decode_many(source, index.names, size)
+    if bad and not skip_bad:
+        _raise_for_bad([e.path for e in bad], [e.reason for e in bad])
+    with atomic_directory(target) as tmp:
+        save_array(tmp / "images.npy", images)
+        save_array(tmp / "labels.npy", index.labels[kept])
+        write_json(
+            tmp / "meta.json",
+            {
+                "classes": index.classes,
+                "full_size": len(index.names),
+                "skipped": [e.path for e in bad],
+                "skipped_reasons": [e.reason for e in bad],
+                "source": source.display(""),
+                "build_seconds": round(time.perf_counter() - start, 3),
+            },
+        )
+    return target
+
+
+def load_split(
+    dataset: str,
+    source: FolderSource | TarSource,
+    split: str,
+    *,
+    classes: list[str] | None,
+    subset: int | None,
+    size: int,
+    skip_bad: bool,
+) -> SplitArrays:
+    """Images of ``split``: the first ``subset`` of the class-balanced order (all when None), sorted.
+
+    Uses the decode cache when it exists (or builds it when the whole split is asked for);
+    otherwise decodes only the subset.  Unreadable images raise :class:`BadImageError` naming the
+    file, or with ``skip_bad`` are left out and listed in ``skipped``.
+    """
+    index = source.split_index(split, classes)
+    folder = cache_folder(dataset, source.fingerprint(index), split)
+    if subset is None and not folder.is_dir():
+        folder = build_cache(dataset, source, index, size, skip_bad)
+    if folder.is_dir():
+        meta = read_json(folder / "meta.json")
+        if meta["classes"] != index.classes:
+            raise DataError(
+                f"decode cache {folder} has classes {meta['classes']}, the source has {index.classes}; delete the cache folder"
+            )
+        if meta["skipped"] and not skip_bad:
+            _raise_for_bad(meta["skipped"], meta["skipped_reasons"])
+        labels = np.load(folder / "labels.npy")
+        chosen = balanced_subset(labels, subset)
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        return SplitArrays(
+            np.ascontiguousarray(images[chosen]), labels[chosen], index.classes, meta["full_size"], meta["skipped"], str(folder)
+        )
+    chosen = balanced_subset(index.labels, subset)
+    images, kept, bad = _decode_many(source, [index.names[i] for i in chosen], size)
+    if bad and not skip_bad:
+        _raise_for_bad([e.path for e in bad], [e.reason for e in bad])
+    return SplitArrays(images, index.labels[chosen][kept], index.classes, len(index.names), [e.path for e in bad])
