@@ -269,3 +269,24 @@ def test_divergence_in_the_first_epoch_leaves_no_run_directory(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"stage 1, epoch 1, step [234]/4: the training loss is (nan|inf).*run directory was removed"):
         run_training(cfg, quiet=True)
     assert list((Path(cfg.out) / "runs").iterdir()) == []
+
+
+class MemoryFormatProbe(EpochCallback):
+    def on_epoch_start(self, stage: int, epoch: int, model: nn.Module) -> None:
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        self.channels_last = all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_bf16_autocast_and_channels_last_paths_run_on_cpu(tmp_path):
+    """The CUDA defaults (bf16 autocast, channels_last) forced on CPU: the code path runs, changes the numbers, stays finite."""
+    runs = {}
+    for amp in (False, True):
+        cfg = tiny_config(tmp_path / str(amp), amp=amp, channels_last=amp, stages=[1])
+        cfg.recipe.train_subset, cfg.recipe.test_subset = 32, 20
+        probe = MemoryFormatProbe()
+        run_training(cfg, quiet=True, callbacks=[probe])
+        (row,) = read_rows(run_dir(cfg) / "metrics.csv")
+        runs[amp] = row
+        assert probe.channels_last == amp
+        assert all(math.isfinite(float(row[k])) for k in ("train_loss", "test_loss"))
+    assert runs[True]["train_loss"] != runs[False]["train_loss"]

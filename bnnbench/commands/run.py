@@ -1,7 +1,7 @@
 """``bnnbench run``: train a method on a backbone and data set with the two-stage protocol.
 
-``bnnbench run`` alone trains BiPer on a ResNet-18 over the bundled digits
-(the offline demo, ``quick`` recipe).  ``--data cifar10`` / ``--data imagenet``
+``bnnbench run`` alone is the offline demo: BiPer on a ResNet-20 over the
+bundled digits with the ``quick`` recipe (under a minute on a CPU).  ``--data cifar10`` / ``--data imagenet``
 use the ``upstream`` recipe unless ``--recipe`` says otherwise; every recipe
 field can be overridden.  Exit status: 0 done, 2 bad input, 3 the loss
 diverged (NaN/inf), 130/143 interrupted by Ctrl-C/SIGTERM (resume with
@@ -73,7 +73,9 @@ def _key_value(text: str) -> tuple[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument("--method", help="binarizer (bnnbench list); default biper")
-    what.add_argument("--net", help="backbone: resnet20, resnet18, vgg_small (CIFAR), resnet18, resnet34 (ImageNet); default resnet18")
+    what.add_argument(
+        "--net", help="backbone: resnet20, resnet18, vgg_small (CIFAR), resnet18, resnet34 (ImageNet); default resnet18 (resnet20 for the digits demo)"
+    )
     what.add_argument("--data", help=f"cifar10, imagenet or digits (bundled offline demo, the default: {DEFAULT_DATA})")
     what.add_argument("--data-dir", help="local copy of the data set (image folder, torchvision cifar-10-batches-py or .tar)")
     what.add_argument("--download", action="store_true", default=None, help="cifar10: download torchvision's copy into the cache if none is found")
@@ -104,7 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
     machine.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
-    machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile")
+    machine.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="run the model through torch.compile (off by default: it does not pay on CPU, since every epoch recompiles; see bnnbench.runners.train)",
+    )
     machine.add_argument("--loader", choices=("auto", "torch", "ffcv"), help="data loader (auto: FFCV when .beton files exist)")
     machine.add_argument("--ffcv-dir", help="folder with the .beton files written by bnnbench prepare")
     machine.add_argument("--workers", type=int, help="data loading worker processes (default 0)")
@@ -141,7 +148,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     stages = {"1": [1], "2": [2], "both": [1, 2], None: [1, 2]}[args.stage]
     return TrainConfig(
         method=args.method or "biper",
-        net=args.net or "resnet18",
+        net=args.net or ("resnet20" if data == "digits" else "resnet18"),
         data=data,
         data_dir=args.data_dir,
         recipe=resolve_recipe(args, family),
