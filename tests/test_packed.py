@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnnbench
-from bnnbench import BinaryLinear, build_model
+from bnnbench import BinaryConv2d, BinaryLinear, build_model
 from bnnbench.data import make_data
 from bnnbench.packed import PackedBinaryLayer, export_packed, load_packed, save_packed, set_backend
 
@@ -32,23 +32,60 @@ def predictions(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 PACKABLE = [m for m in bnnbench.list_methods() if bnnbench.get_method(m).binary_weights and bnnbench.get_method(m).binary_activations]
 
 
-@pytest.mark.parametrize("method", PACKABLE)
-def test_packed_model_matches_float_model(method):
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = build_model("resnet20", method)
-    randomise_batchnorm(model, g)
+def small_binary_net(method: str) -> nn.Module:
+    """Every packed-layer shape in one small net: 3x3 (multi-word channels), 3x3 stride 2, 1x1, linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.Hardtanh(),
+        BinaryConv2d(16, 70, 3, padding=1, method=method),
+        nn.BatchNorm2d(70),
+        nn.Hardtanh(),
+        BinaryConv2d(70, 24, 3, stride=2, padding=1, method=method),
+        nn.BatchNorm2d(24),
+        nn.Hardtanh(),
+        BinaryConv2d(24, 33, 1, method=method),
+        nn.BatchNorm2d(33),
+        nn.Hardtanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        BinaryLinear(33, 10, method=method, bias=True),
+    )
+
+
+def check_packed_matches(model: nn.Module, images: torch.Tensor, exact_scales: bool) -> None:
     model.eval()
-    images = torch.randn(24, 3, 16, 16, generator=g)  # small images keep the 12 cases fast
     packed = export_packed(model)
-    assert len(packed.packed_layers) == 18
     expected, got = predictions(model, images), predictions(packed, images)
     assert torch.equal(expected.argmax(1), got.argmax(1))
-    if model.bnn_config["method"]["scale"] in ("none", "learned_alpha", "power_of_two"):
+    if exact_scales:
         # integer-exact binary convs times exactly representable factors: only later summation orders differ
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     float_path = predictions(set_backend(packed, "float"), images)  # the same bits through F.conv2d
     torch.testing.assert_close(float_path, got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", PACKABLE)
+def test_packed_layers_match_float_layers(method):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = small_binary_net(method)
+    randomise_batchnorm(model, g)
+    for layer in model.modules():
+        if isinstance(layer, (BinaryConv2d, BinaryLinear)):
+            for p in layer.activation_params.values():  # e.g. ReActNet's learned thresholds
+                p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
+    scale = bnnbench.get_method(method).scale
+    check_packed_matches(model, torch.randn(48, 3, 12, 12, generator=g), exact_scales=scale in ("none", "learned_alpha", "power_of_two"))
+
+
+def test_resnet20_backbone_exports():
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = build_model("resnet20", "biper")
+    randomise_batchnorm(model, g)
+    assert len(export_packed(model).packed_layers) == 18
+    check_packed_matches(model, torch.randn(16, 3, 32, 32, generator=g), exact_scales=True)
 
 
 @pytest.mark.slow
@@ -105,16 +142,6 @@ def test_bits_are_one_bit_per_weight():
     assert isinstance(layer, PackedBinaryLayer) and layer.bits.dtype == torch.int64
     assert tuple(layer.bits.shape) == (64, 9)
     assert layer.alpha is not None and layer.weight_scale is None
-
-
-def test_binary_linear_layer_packs():
-    g = torch.Generator().manual_seed(2)
-    torch.manual_seed(2)
-    layer = BinaryLinear(70, 13, method="xnor", bias=True).eval()
-    layer.bias.data.normal_(generator=g)
-    x = torch.randn(5, 70, generator=g)
-    with torch.no_grad():
-        torch.testing.assert_close(PackedBinaryLayer(layer)(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
 def test_unpackable_models_are_refused_with_the_reason(tmp_path):
