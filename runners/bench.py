@@ -211,7 +211,7 @@ def train_benchmark(
     set_threads(threads)
     names = ["fp"] + [name for name in (methods or bnnbench.list_methods()) if name != "fp"]
     torch.manual_seed(seed)
-    steps = {name: _training_step(net, family, name, stage, batch, seed) for name in names}
+    steps = {name: training_step(net, family, name, stage, batch, seed) for name in names}
     times = time_interleaved(steps, budget_s * len(names), min_runs=3)
     reference = times["fp"]
     rows = [
@@ -232,7 +232,8 @@ def train_benchmark(
     return rows, machine_info(threads)
 
 
-def _training_step(net: str, family: str, method: str, stage: int, batch: int, seed: int) -> Callable[[], None]:
+def training_step(net: str, family: str, method: str, stage: int, batch: int, seed: int) -> Callable[[], None]:
+    """A closure running one SGD step (forward, loss + regulariser, backward, update) on a fixed random batch."""
     generator = torch.Generator().manual_seed(seed)
     model = bnnbench.build_model(net, method, family=family, stage=stage if method != "fp" else 2)
     model.train()

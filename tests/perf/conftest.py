@@ -6,21 +6,16 @@ Compare:  pytest tests/perf --benchmark-only --benchmark-compare --benchmark-com
 
 Every assertion is a ratio against a baseline timed in the same test (never an
 absolute time); thresholds can be tightened on a quiet machine through the
-environment variables below.
+environment variables BNNBENCH_PERF_MIN_CONV_SPEEDUP (default 4),
+BNNBENCH_PERF_MIN_GEMM_SHARE (0.5), BNNBENCH_PERF_MIN_MODEL_SPEEDUP (1.5) and
+BNNBENCH_PERF_MAX_STEP_SLOWDOWN (4).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from bnnbench.runners.bench import set_threads
-
-
-def threshold(name: str, default: float) -> float:
-    """A ratio threshold, overridable with the environment variable ``name``."""
-    return float(os.environ.get(name, default))
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +23,3 @@ def one_thread():
     """Timings with one thread in torch and numba, as ``bnnbench bench`` by default."""
     set_threads(1)
 
-
-def fixture_best(benchmark) -> float:
-    """Best (minimum) seconds per call measured by pytest-benchmark."""
-    if benchmark.stats is None:
-        pytest.skip("benchmarks are disabled (--benchmark-disable); run with --benchmark-only")
-    return benchmark.stats.stats.min

@@ -13,7 +13,7 @@ from bnnbench.kernels import binary_conv2d_packed, output_rows, pack_channels, p
 from bnnbench.packed import export_packed, set_backend
 from bnnbench.runners.bench import time_interleaved
 
-from .conftest import fixture_best, threshold
+from .helpers import fixture_best, threshold
 
 # ImageNet ResNet-18, third stage: 256 -> 256 channels at 14x14, batch 1 (the headline shape)
 CHANNELS, SIZE = 256, 14

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 import bnnbench
-from bnnbench.runners.bench import _training_step, time_interleaved
+from bnnbench.runners.bench import training_step, time_interleaved
 
-from .conftest import fixture_best, threshold
+from .helpers import fixture_best, threshold
 
 BATCH = 32
 
 
 @pytest.mark.parametrize("method", [m for m in bnnbench.list_methods() if m != "fp"])
-def test_training_step_cost_relative_to_fp(benchmark, method):
+def testtraining_step_cost_relative_to_fp(benchmark, method):
     """One SGD step of CIFAR ResNet-20 (stage 2) with ``method`` takes at most a few times the fp step."""
-    step = _training_step("resnet20", "cifar", method, 2, BATCH, seed=0)
-    reference = _training_step("resnet20", "cifar", "fp", 2, BATCH, seed=0)
+    step = training_step("resnet20", "cifar", method, 2, BATCH, seed=0)
+    reference = training_step("resnet20", "cifar", "fp", 2, BATCH, seed=0)
     before = time_interleaved({"fp": reference}, 1.0).get("fp").best
     benchmark.pedantic(step, rounds=10, warmup_rounds=1)
     baseline = min(before, time_interleaved({"fp": reference}, 1.0)["fp"].best)
