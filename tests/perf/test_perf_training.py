@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import bnnbench
-from bnnbench.runners.bench import training_step, time_interleaved
+from bnnbench.runners.bench import time_interleaved, training_step
 
 from .helpers import fixture_best, threshold
 
@@ -13,7 +13,7 @@ BATCH = 32
 
 
 @pytest.mark.parametrize("method", [m for m in bnnbench.list_methods() if m != "fp"])
-def testtraining_step_cost_relative_to_fp(benchmark, method):
+def test_training_step_cost_relative_to_fp(benchmark, method):
     """One SGD step of CIFAR ResNet-20 (stage 2) with ``method`` takes at most a few times the fp step."""
     step = training_step("resnet20", "cifar", method, 2, BATCH, seed=0)
     reference = training_step("resnet20", "cifar", "fp", 2, BATCH, seed=0)
