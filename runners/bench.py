@@ -25,7 +25,6 @@ import io
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 import bnnbench
 from bnnbench.kernels import binary_conv2d_packed, output_rows, pack_channels, pack_weights, popcount_peak_gops, xnor_gemm
+from bnnbench.runners.results import write_text
 
 # (in channels, out channels, input size, stride) of the binary 3x3 convs of ImageNet ResNet-18
 RESNET18_BINARY_CONVS: tuple[tuple[int, int, int, int], ...] = (
@@ -264,12 +264,5 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], machine: dict[str, A
     writer.writerows(records)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, buffer.getvalue())
     return path

@@ -42,6 +42,10 @@ def popcount(typingctx, word):  # type: ignore[no-untyped-def]
     return types.int64(word), codegen
 
 
+# numba keys the on-disk cache of a jitted function on its own file only: after editing the IR
+# helpers below, delete bnnbench/kernels/__pycache__ so that gemm.xnor_gemm is recompiled.
+
+
 def vector_popcount(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
     """IR: per-lane popcount of a ``<LANES x i64>`` value."""
     function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(WORDS, [WORDS]), f"llvm.ctpop.v{LANES}i64")
