@@ -1,0 +1,60 @@
+"""``bnnbench table 1|2|3|4``: train (or reuse) the runs a table of the paper needs and write it.
+
+Runs are looked up in ``OUT/runs/`` by their resolved configuration; finished
+ones are reused, interrupted ones resumed, missing ones trained one after the
+other (Ctrl-C keeps every finished epoch: run the same command again to go on).
+The table goes to ``OUT/tables/tableN.md``, ``.tex`` (booktabs) and ``.csv``
+(per seed, with the run id of each number).  Exit status: 0 written with every
+run it could make, 2 bad input or data not found (the table is still written,
+its missing runs marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..runners.experiments import plan
+from ..runners.recipes import get_recipe, list_recipes
+from ..runners.tables import describe_plan, load_spec, make_table
+from ..runners.train import RunInterrupted
+
+HELP = "regenerate Table 1-4 of the BiPer paper from bnnbench runs (bnnbench table 3 --budget quick)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("table", help="table number (1, 2, 3, 4) or the path of a table spec (.toml)")
+    parser.add_argument("--budget", default="quick", help=f"training recipe of every run: {', '.join(list_recipes())} (default quick)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per row, 0..N-1 (default 1); cells show mean ± sd when N > 1")
+    parser.add_argument("--data-dir", help="the data set's local copy for new runs (CIFAR-10 folder/.tar, ImageNet folder)")
+    parser.add_argument("--out", default="results", help="results root: runs in OUT/runs, tables in OUT/tables (default results)")
+    parser.add_argument("--device", help="device of new runs: cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--workers", type=int, default=0, help="data loading worker processes of new runs (default 0)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print which runs would be used, resumed or trained; write nothing")
+    mode.add_argument("--no-run", action="store_true", help="only render the table from finished runs (the others show as missing)")
+    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = load_spec(args.table)
+    recipe = get_recipe(args.budget, spec.family)
+    machine = {"data_dir": args.data_dir, "device": args.device or "auto", "workers": args.workers}
+    if args.dry_run:
+        runs = plan(spec.experiments, range(args.seeds), recipe, args.out, **machine)
+        for line in describe_plan(spec, runs, args.seeds):
+            print(line)
+        todo = [job for job in runs.jobs if not job.done]
+        print(f"{len(runs.jobs) - len(todo)} of {len(runs.jobs)} runs available; {len(todo)} to train or resume (budget {recipe.name})")
+        return 0
+    try:
+        result = make_table(spec, recipe, seeds=args.seeds, out=args.out, train=not args.no_run, quiet=args.quiet, **machine)
+    except RunInterrupted as exc:
+        print(f"bnnbench: interrupted ({exc}); finished runs and epochs are kept: run the same command again to go on", file=sys.stderr)
+        return 128 + exc.signum
+    for path in result.paths:
+        print(path)
+    if result.stopped:
+        print(f"bnnbench: error: some runs could not be made: {result.stopped}", file=sys.stderr)
+        return 2
+    return 0

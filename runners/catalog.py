@@ -1,0 +1,136 @@
+"""Reading finished and unfinished run directories (``<out>/runs/<run-id>/``, see ``runners/results.py``).
+
+A :class:`RunRecord` is what one run directory says about itself: its saved
+configuration and provenance (``config.json``), its per-epoch log
+(``metrics.csv``), its summary once finished (``final.json``) and why it
+stopped when it failed (``failure.json``).  The tables, the report and the
+Figure 4 sweep all read runs through :func:`scan_runs`.
+
+Status of a run
+---------------
+``finished``  ``final.json`` exists;
+``diverged``  ``failure.json`` says the loss became non-finite (rerunning gives the same);
+``failed``    ``failure.json`` names another error (resuming may get further);
+``unfinished`` neither: interrupted, or still training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, read_json
+
+DIVERGED_ERROR = "TrainingDiverged"
+
+
+@dataclass
+class RunRecord:
+    """One run directory, read lazily (the CSV logs only when asked for)."""
+
+    path: Path
+    saved: dict[str, Any]  # config.json: {"run_id", "created", "config", "resolved", "model", "data", "machine", ...}
+    final: dict[str, Any] | None
+    failure: dict[str, Any] | None
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved :class:`~bnnbench.runners.train.TrainConfig` as saved (a dict)."""
+        return self.saved.get("config", {})
+
+    @property
+    def status(self) -> str:
+        if self.final is not None:
+            return "finished"
+        if self.failure is not None:
+            return "diverged" if self.failure.get("type") == DIVERGED_ERROR else "failed"
+        return "unfinished"
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        """``metrics.csv`` (empty when no epoch has finished)."""
+        return _read_csv(self.path / METRICS)
+
+    @cached_property
+    def layers(self) -> pd.DataFrame:
+        """``layers.csv`` (empty when the run logged no per-layer diagnostics)."""
+        return _read_csv(self.path / LAYERS)
+
+    def stage_end(self, stage: int) -> pd.Series | None:
+        """The ``metrics.csv`` row of the last logged epoch of ``stage`` (None if the stage has none)."""
+        rows = self.metrics
+        if rows.empty or "stage" not in rows:
+            return None
+        mine = rows[rows["stage"] == stage]
+        return None if mine.empty else mine.loc[mine["epoch"].idxmax()]
+
+    def stage_best(self, stage: int, column: str = "test_top1") -> pd.Series | None:
+        """The row of ``stage`` with the highest ``column`` (earliest epoch on ties), or None."""
+        rows = self.metrics
+        if rows.empty or "stage" not in rows or column not in rows:
+            return None
+        mine = rows[rows["stage"] == stage].sort_values("epoch")
+        return None if mine.empty else mine.loc[mine[column].idxmax()]
+
+    @property
+    def data_label(self) -> str:
+        """What the run trained on, as a caption should say it (e.g. "CIFAR-10 (JPEG q75 copy)")."""
+        info = self.saved.get("data") or {}
+        return info.get("note") or info.get("description") or self.config.get("data", "?")
+
+    @property
+    def machine_label(self) -> str:
+        """The device the run used: the GPU's name, or the CPU and its core count."""
+        info = self.saved.get("machine") or {}
+        if info.get("gpu"):
+            return str(info["gpu"])
+        cores = f", {info['cpu_count']} cores" if info.get("cpu_count") else ""
+        return f"{info.get('cpu') or 'CPU'} CPU{cores}" if info else "unknown machine"
+
+    @property
+    def created(self) -> str:
+        return str(self.saved.get("created", ""))
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """The record of one run directory; a ValueError names a directory that is not a readable run."""
+    path = Path(path)
+    try:
+        saved = read_json(path / CONFIG)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a run directory (no {CONFIG})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / CONFIG} is not valid JSON: {exc}") from None
+    final = read_json(path / FINAL) if (path / FINAL).is_file() else None
+    failure = read_json(path / FAILURE) if (path / FAILURE).is_file() else None
+    return RunRecord(path, saved, final, failure)
+
+
+def scan_runs(root: str | Path) -> list[RunRecord]:
+    """Every run directory directly under ``root`` (e.g. ``results/runs``), oldest first.
+
+    Folders without ``config.json`` (a run that failed before its first epoch
+    removes itself; anything else is not ours) are skipped.  A missing ``root``
+    holds no runs.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    records = [read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / CONFIG).is_file()]
+    return sorted(records, key=lambda r: (r.created, r.run_id))
+
+
+__all__ = ["DIVERGED_ERROR", "RunRecord", "read_run", "scan_runs"]

@@ -1,0 +1,105 @@
+"""Every run in one pandas DataFrame, for users' own analysis (``bnnbench report``).
+
+One line per run directory (finished or not), with
+
+* identity and status: ``run_id``, ``path``, ``status`` (finished, unfinished,
+  diverged, failed), ``created``, ``data_label``, ``machine``;
+* the configuration flattened with dots: ``config.method``, ``config.recipe.stage1.lr``,
+  ``config.hparams.w0``, ...; the model as built: ``model.act_norm``, ``model.method.hparams.w0``, ...;
+* the summary of ``final.json`` (``final_test_top1``, ``best_test_top1``, ``train_time_s``, ...);
+* per stage ``s``: ``stage{s}_epochs`` (epochs logged), ``stage{s}_best_top1`` and its
+  epoch, and every numeric ``metrics.csv`` column at the stage's last epoch as
+  ``stage{s}_last_<column>`` (test top-1/top-5, QE, Laplace b, flip rate, ... when the
+  run logged diagnostics).
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .catalog import RunRecord, scan_runs
+from .results import atomic_write
+
+_SKIPPED_METRICS = ("stage", "epoch", "epochs")
+_FINAL_SKIPPED = ("stages", "run_id", "method", "net", "data", "seed", "recipe", "status", "note", "skipped_bad_images")
+
+
+def flatten(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"prefix.a.b": 1}``; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = str(value) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def run_row(record: RunRecord) -> dict[str, Any]:
+    """The report line of one run."""
+    row: dict[str, Any] = {
+        "run_id": record.run_id,
+        "path": str(record.path),
+        "status": record.status,
+        "created": record.created,
+        "data_label": record.data_label,
+        "machine": record.machine_label,
+    }
+    row.update(flatten(record.config, "config"))
+    row.update(flatten(record.saved.get("model") or {}, "model"))
+    if record.final is not None:
+        row.update({k: v for k, v in record.final.items() if k not in _FINAL_SKIPPED})
+    if record.failure is not None:
+        row["failure"] = record.failure.get("error")
+    metrics = record.metrics
+    for stage in record.config.get("stages", []):
+        last = record.stage_end(stage)
+        if last is None:
+            continue
+        best = record.stage_best(stage)
+        row[f"stage{stage}_epochs"] = int((metrics["stage"] == stage).sum())
+        row[f"stage{stage}_best_top1"] = float(best["test_top1"])
+        row[f"stage{stage}_best_epoch"] = int(best["epoch"])
+        for column, value in last.items():
+            if column not in _SKIPPED_METRICS and isinstance(value, numbers.Number):
+                row[f"stage{stage}_last_{column}"] = value
+    return row
+
+
+def runs_frame(root: str | Path = "results/runs") -> pd.DataFrame:
+    """One line per run directory under ``root``, oldest first (an empty frame when there is none)."""
+    return pd.DataFrame([run_row(r) for r in scan_runs(root)])
+
+
+def export(frame: pd.DataFrame, csv: str | Path | None = None, parquet: str | Path | None = None) -> list[Path]:
+    """Write the frame as CSV and/or Parquet (atomically); Parquet needs pyarrow (or fastparquet)."""
+    written = []
+    if csv is not None:
+        path = Path(csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(frame.to_csv(index=False).encode()))
+        written.append(path)
+    if parquet is not None:
+        path = Path(parquet)
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            try:
+                import fastparquet  # noqa: F401
+            except ImportError:
+                raise ImportError("Parquet export needs pyarrow: pip install pyarrow (or use --csv)") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # columns mixing numbers and strings across runs (e.g. a hyper-parameter given as text) are stored as text
+        mixed = [c for c in frame.columns if frame[c].dtype == object]
+        typed = frame.astype({c: "string" for c in mixed})
+        atomic_write(path, lambda f: typed.to_parquet(f, index=False))
+        written.append(path)
+    return written
+
+
+__all__ = ["export", "flatten", "run_row", "runs_frame"]

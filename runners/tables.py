@@ -1,0 +1,445 @@
+"""The paper's Tables 1-4 from bnnbench runs: spec (TOML), measurements, Markdown and LaTeX.
+
+A table spec (``tables/tableN.toml``, installed as ``bnnbench.tables``) lists
+
+* ``columns``: what is measured, each a ``metrics.csv`` column (``value``) read at
+  the last epoch of a stage (``stage = 1``, ``2`` or ``"final"``, the run's last
+  stage), with a label and the decimals to print;
+* ``rows``: network, label, W/A, the paper's values (strings, as printed) and, when
+  bnnbench implements the method, the experiment: ``method``, ``hparams``,
+  ``binary_activations`` (false for 1W/32A) and optionally ``data``/``stages``
+  overriding the table's.  A row without ``method`` shows the paper's value and
+  "not in bnnbench".
+
+:func:`make_table` matches every row to finished runs (one per seed, see
+:mod:`runners.experiments`), trains the missing ones unless told not to, and
+writes ``<out>/tables/tableN.md``, ``tableN.tex`` (booktabs) and ``tableN.csv``
+(one line per row, column and seed, naming the run each number comes from).
+Each measured cell is the value of one seed or the mean ± sample standard
+deviation over seeds; a run that has not finished is "missing", never 0.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bnnbench.data import DATASETS
+from bnnbench.registry import method_class
+
+from .catalog import RunRecord
+from .experiments import Experiment, Job, Plan, execute, plan
+from .recipes import Recipe
+from .results import write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TABLE_NUMBERS = (1, 2, 3, 4)
+NOT_IMPLEMENTED = "not in bnnbench"
+MISSING = "missing"
+
+_TABLE_KEYS = {"number", "title", "data", "stages", "source", "notes", "columns", "rows"}
+_COLUMN_KEYS = {"key", "label", "value", "stage", "digits"}
+_ROW_KEYS = {"net", "label", "wa", "method", "hparams", "binary_activations", "data", "stages", "paper", "note"}
+
+
+# ------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class Column:
+    """A measured quantity: ``metrics.csv`` column ``value`` at the end of ``stage`` ("final": the run's last)."""
+
+    key: str
+    label: str
+    value: str = "test_top1"
+    stage: int | str = "final"
+    digits: int = 2
+
+    def read(self, record: RunRecord) -> float | None:
+        """The value in a finished run, or None when that run did not log it."""
+        stage = record.config["stages"][-1] if self.stage == "final" else int(self.stage)
+        row = record.stage_end(stage)
+        if row is None or self.value not in row or pd.isna(row[self.value]):
+            return None
+        return float(row[self.value])
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a table: a method on a network, the paper's numbers, and our experiment if we have one."""
+
+    net: str
+    label: str
+    wa: str
+    paper: dict[str, str]
+    experiment: Experiment | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    number: int | str
+    title: str
+    data: str
+    source: str
+    columns: list[Column]
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return DATASETS[self.data].family
+
+    @property
+    def experiments(self) -> list[Experiment]:
+        return [row.experiment for row in self.rows if row.experiment is not None]
+
+
+def _check_keys(where: str, given: dict[str, Any], allowed: set[str], required: set[str]) -> None:
+    unknown, missing = sorted(set(given) - allowed), sorted(required - set(given))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(allowed))}")
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+
+
+def _wa_of(method: str, binary_activations: bool) -> str:
+    cls = method_class(method)
+    weights = "1" if cls.binary_weights else "32"
+    acts = "1" if cls.binary_activations and binary_activations else "32"
+    return f"{weights}/{acts}"
+
+
+def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
+    """A :class:`TableSpec` from parsed TOML; every error names the row or column at fault."""
+    _check_keys(where, data, _TABLE_KEYS, {"number", "title", "data", "columns", "rows"})
+    if data["data"] not in DATASETS:
+        raise ValueError(f"{where}: unknown data set {data['data']!r}; valid: {', '.join(DATASETS)}")
+    columns = []
+    for i, col in enumerate(data["columns"], start=1):
+        _check_keys(f"{where}, column {i}", col, _COLUMN_KEYS, {"key", "label"})
+        column = Column(**col)
+        if column.stage not in ("final", 1, 2):
+            raise ValueError(f'{where}, column {column.key!r}: stage must be 1, 2 or "final", got {column.stage!r}')
+        columns.append(column)
+    keys = [c.key for c in columns]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{where}: column keys repeat: {keys}")
+    rows = []
+    for i, row in enumerate(data["rows"], start=1):
+        here = f"{where}, row {i} ({row.get('label', '?')})"
+        _check_keys(here, row, _ROW_KEYS, {"net", "label", "wa"})
+        paper = {k: str(v) for k, v in row.get("paper", {}).items()}
+        unknown = sorted(set(paper) - set(keys))
+        if unknown:
+            raise ValueError(f"{here}: paper values for unknown column(s) {', '.join(unknown)}; columns: {', '.join(keys)}")
+        for key, value in paper.items():
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"{here}: paper value {key} = {value!r} is not a number") from None
+        experiment = None
+        if "method" in row:
+            binary_activations = row.get("binary_activations", True)
+            try:
+                experiment = Experiment.make(
+                    row.get("data", data["data"]),
+                    row["net"],
+                    row["method"],
+                    row.get("hparams", {}),
+                    binary_activations=binary_activations,
+                    stages=row.get("stages", data.get("stages", [1, 2])),
+                )
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"{here}: {exc}") from None
+            wa = _wa_of(row["method"], binary_activations)
+            if wa != row["wa"]:
+                raise ValueError(f"{here}: wa = {row['wa']!r} but method {row['method']!r} with binary_activations={binary_activations} is {wa}")
+        elif "hparams" in row or "binary_activations" in row:
+            raise ValueError(f"{here}: hparams/binary_activations given without a method")
+        rows.append(Row(row["net"], row["label"], row["wa"], paper, experiment, row.get("note", "")))
+    return TableSpec(data["number"], data["title"], data["data"], data.get("source", ""), columns, rows, list(data.get("notes", [])))
+
+
+def load_spec(table: int | str | Path) -> TableSpec:
+    """Table 1-4 of the paper (a number) or a spec file (a path to a ``.toml``)."""
+    if isinstance(table, int) or str(table).isdigit():
+        number = int(table)
+        if number not in TABLE_NUMBERS:
+            raise ValueError(f"the BiPer paper has tables {', '.join(map(str, TABLE_NUMBERS))}, not {number}")
+        text = resources.files("bnnbench.tables").joinpath(f"table{number}.toml").read_text()
+        where = f"bnnbench.tables/table{number}.toml"
+    else:
+        path = Path(table)
+        if not path.is_file():
+            raise FileNotFoundError(f"table spec {path} does not exist; pass 1, 2, 3, 4 or the path of a .toml spec")
+        text, where = path.read_text(), str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{where} is not valid TOML: {exc}") from None
+    return parse_spec(data, where)
+
+
+# ------------------------------------------------------------------ measurements
+def measurements(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
+    """One line per (row, column, seed) of our rows: the value (NaN if none), the run's status and id."""
+    lines = []
+    for index, row in enumerate(spec.rows):
+        if row.experiment is None:
+            continue
+        for seed in seeds:
+            job = runs.job(row.experiment, seed)
+            record = job.record if job.status == "finished" else None
+            for column in spec.columns:
+                value = column.read(record) if record is not None else None
+                status = "not logged" if record is not None and value is None else job.status
+                lines.append(
+                    {
+                        "row": index,
+                        "net": row.net,
+                        "label": row.label,
+                        "column": column.key,
+                        "seed": seed,
+                        "value": math.nan if value is None else value,
+                        "status": status,
+                        "note": job.note,
+                        "run_id": job.record.run_id if job.record is not None else "",
+                    }
+                )
+    return pd.DataFrame(lines, columns=["row", "net", "label", "column", "seed", "value", "status", "note", "run_id"])
+
+
+def _cell(values: pd.DataFrame, digits: int, seeds: int) -> str:
+    """``mean ± sd`` (or one value) of the finished seeds; "missing"/"diverged" when there are none."""
+    got = values["value"].dropna()
+    if got.empty:
+        statuses = set(values["status"])
+        for reason in ("diverged", "not logged"):
+            if statuses == {reason}:
+                return reason
+        notes = {n for n in values["note"] if n}
+        return MISSING + (f" ({', '.join(sorted(notes))})" if notes else "")
+    text = f"{got.mean():.{digits}f}"
+    if len(got) > 1:
+        text += f" ± {got.std(ddof=1):.{digits}f}"
+    if len(got) < seeds:
+        text += f" ({len(got)}/{seeds} seeds)"
+    return text
+
+
+def table_frame(spec: TableSpec, values: pd.DataFrame, seeds: int) -> pd.DataFrame:
+    """The table as strings: Net, Method, W/A, then per column the measured cell and (if any) the paper's."""
+    paper_columns = [c for c in spec.columns if any(c.key in r.paper for r in spec.rows)]
+    lines = []
+    for index, row in enumerate(spec.rows):
+        line = {"Net": _net_label(row.net), "Method": row.label, "W/A": row.wa}
+        for column in spec.columns:
+            if row.experiment is None:
+                line[column.label] = NOT_IMPLEMENTED
+            else:
+                mine = values[(values["row"] == index) & (values["column"] == column.key)]
+                line[column.label] = _cell(mine, column.digits, seeds)
+            if column in paper_columns:
+                line[f"{column.label} paper"] = row.paper.get(column.key, "")
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+_NET_LABELS = {"resnet18": "ResNet-18", "resnet20": "ResNet-20", "resnet34": "ResNet-34", "vgg_small": "VGG-Small"}
+
+
+def _net_label(net: str) -> str:
+    return _NET_LABELS.get(net.split("/")[-1], net)
+
+
+# ------------------------------------------------------------------ caption
+def _recipe_summary(recipe: Recipe) -> str:
+    def subset(n: int | None) -> str:
+        return "all" if n is None else f"{n:,}"
+
+    def epochs(n: int) -> str:
+        return f"{n} epoch{'s' if n != 1 else ''}"
+
+    s1, s2 = recipe.stage1, recipe.stage2
+    return (
+        f"{recipe.name} (stage 1: {epochs(s1.epochs)}, lr {s1.lr:g}; stage 2: {epochs(s2.epochs)}, lr {s2.lr:g}; "
+        f"batch {recipe.batch_size}; {subset(recipe.train_subset)} training / {subset(recipe.test_subset)} test images)"
+    )
+
+
+def caption(spec: TableSpec, recipe: Recipe, seeds: int, records: list[RunRecord], stopped: str | None = None) -> str:
+    """What was measured and how: budget, seeds, data, machines and dates of the runs, the paper's source."""
+    data = sorted({r.data_label for r in records}) or [f"{DATASETS[spec.data].name} (no finished runs)"]
+    machines = sorted({r.machine_label for r in records})
+    dates = sorted(r.created[:10] for r in records if r.created)
+    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "no runs yet"
+    parts = [
+        f"Table {spec.number}: {spec.title}.",
+        (
+            f"Measured by bnnbench with budget {_recipe_summary(recipe)}, {seeds} seed{'s' if seeds > 1 else ''} "
+            "(mean ± sample sd when more than one), values at the last epoch of each stage (no selection on the test set)."
+        ),
+        f"Data: {'; '.join(data)}.",
+        f"Runs made on {', '.join(machines) or 'no machine yet'}, {when}.",
+        f"Paper: {spec.source}." if spec.source else "",
+        *spec.notes,
+        *(f"{_net_label(row.net)}, {row.label}: {row.note}." for row in spec.rows if row.note),
+        f"Runs not made: {stopped}" if stopped else "",
+    ]
+    return " ".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------ rendering
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def to_markdown(frame: pd.DataFrame, caption_text: str) -> str:
+    """A GitHub Markdown table (numbers right-aligned) under its caption."""
+    header = [str(c) for c in frame.columns]
+    align = [":--" if c in ("Net", "Method", "W/A") else "--:" for c in header]
+    out = io.StringIO()
+    out.write(f"{caption_text}\n\n")
+    out.write("| " + " | ".join(_md_escape(c) for c in header) + " |\n")
+    out.write("| " + " | ".join(align) + " |\n")
+    for _, line in frame.iterrows():
+        out.write("| " + " | ".join(_md_escape(v) for v in line) + " |\n")
+    return out.getvalue()
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
+
+
+def latex_escape(text: str) -> str:
+    """Text safe in LaTeX; ``±`` becomes ``$\\pm$``."""
+    return _LATEX_RE.sub(lambda m: _LATEX_SPECIAL[m.group()], str(text)).replace("±", r"$\pm$")
+
+
+def to_latex(frame: pd.DataFrame, caption_text: str, label: str) -> str:
+    """A booktabs ``table`` environment; rows are grouped by network (name on the group's first row)."""
+    header = [str(c) for c in frame.columns]
+    spec = "".join("l" if c in ("Net", "Method", "W/A") else "r" for c in header)
+    out = io.StringIO()
+    out.write("% requires \\usepackage{booktabs}\n")
+    out.write("\\begin{table}[t]\n\\centering\n\\small\n")
+    out.write(f"\\caption{{{latex_escape(caption_text)}}}\n\\label{{{label}}}\n")
+    out.write(f"\\begin{{tabular}}{{{spec}}}\n\\toprule\n")
+    out.write(" & ".join(latex_escape(c) for c in header) + " \\\\\n\\midrule\n")
+    previous = None
+    for _, line in frame.iterrows():
+        cells = [latex_escape(v) for v in line]
+        if previous is not None and line["Net"] != previous:
+            out.write("\\midrule\n")
+        if line["Net"] == previous:
+            cells[0] = ""
+        previous = line["Net"]
+        out.write(" & ".join(cells) + " \\\\\n")
+    out.write("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------ the whole table
+@dataclass
+class TableResult:
+    spec: TableSpec
+    runs: Plan
+    values: pd.DataFrame
+    frame: pd.DataFrame
+    caption: str
+    paths: list[Path]
+    stopped: str | None
+
+
+def make_table(
+    spec: TableSpec,
+    recipe: Recipe,
+    *,
+    seeds: int = 1,
+    out: str | Path = "results",
+    train: bool = True,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+    **machine: Any,
+) -> TableResult:
+    """Match, (train,) measure and write ``<out>/tables/table{number}.{md,tex,csv}``.
+
+    ``train=False`` only renders what is already in ``<out>/runs``.  ``machine``
+    goes to every new run's config (``data_dir``, ``device``, ``workers``).
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    seed_list = list(range(seeds))
+    runs = plan(spec.experiments, seed_list, recipe, out, **machine)
+    stopped = execute(runs.jobs, quiet=quiet, log=log).stopped if train else None
+    values = measurements(spec, runs, seed_list)
+    used = {job.record.run_id: job.record for job in runs.jobs if job.status == "finished"}
+    text = caption(spec, recipe, seeds, list(used.values()), stopped)
+    frame = table_frame(spec, values, seeds)
+    folder = Path(out) / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"table{spec.number}"
+    paths = [folder / f"{stem}.md", folder / f"{stem}.tex", folder / f"{stem}.csv"]
+    write_text(paths[0], to_markdown(frame, text))
+    write_text(paths[1], to_latex(frame, text, f"tab:bnnbench-{stem}"))
+    write_text(paths[2], values.to_csv(index=False))
+    return TableResult(spec, runs, values, frame, text, paths, stopped)
+
+
+def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
+    """One line per row and seed: the run that would be used, resumed or trained (``--dry-run``)."""
+    lines = []
+    for row in spec.rows:
+        if row.experiment is None:
+            lines.append(f"{_net_label(row.net):10} {row.label:28} {NOT_IMPLEMENTED}")
+            continue
+        for seed in range(seeds):
+            job: Job = runs.job(row.experiment, seed)
+            action = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}[job.status]
+            where = f" {job.record.path}" if job.record is not None else ""
+            lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}")
+    return lines
+
+
+__all__ = [
+    "MISSING",
+    "NOT_IMPLEMENTED",
+    "TABLE_NUMBERS",
+    "Column",
+    "Row",
+    "TableResult",
+    "TableSpec",
+    "caption",
+    "describe_plan",
+    "latex_escape",
+    "load_spec",
+    "make_table",
+    "measurements",
+    "parse_spec",
+    "table_frame",
+    "to_latex",
+    "to_markdown",
+]

@@ -1,0 +1,331 @@
+"""Tables from small real runs: specs, matching and reuse, Markdown/LaTeX rendering, missing and
+diverged runs, the paper's four table specs, ImageNet without data, the Figure 4 sweep."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tomllib
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import bnnbench
+from bnnbench import figures
+from bnnbench.cli import main as cli_main
+from bnnbench.runners.experiments import Experiment, execute, plan
+from bnnbench.runners.recipes import get_recipe
+from bnnbench.runners.sweep import sweep_experiments, sweep_frame
+from bnnbench.runners.tables import NOT_IMPLEMENTED, load_spec, make_table, parse_spec
+
+SPEC = """
+number = "demo"
+title = "Demo on digits"
+data = "digits"
+source = "a test"
+notes = ["A note for the caption."]
+
+[[columns]]
+key = "top1"
+label = "Top-1 (%)"
+
+[[columns]]
+key = "stage1_qe"
+label = "Stage 1 QE (Eq. 15)"
+value = "qe"
+stage = 1
+digits = 4
+
+[[rows]]
+net = "resnet20"
+label = "BiPer"
+wa = "1/1"
+method = "biper"
+paper = { top1 = "87.5", stage1_qe = "0.0584" }
+
+[[rows]]
+net = "resnet20"
+label = "sign-STE real acts"
+wa = "1/32"
+method = "sign-ste"
+binary_activations = false
+
+[[rows]]
+net = "resnet20"
+label = "RAD"
+wa = "1/1"
+paper = { top1 = "90.5" }
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_recipe():
+    recipe = get_recipe("quick")
+    recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
+    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
+    return recipe
+
+
+def run_dirs(out: Path) -> dict[str, float]:
+    """Run directory name -> mtime of its final.json (0 when unfinished)."""
+    runs = out / "runs"
+    if not runs.is_dir():
+        return {}
+    return {p.name: (p / "final.json").stat().st_mtime if (p / "final.json").is_file() else 0.0 for p in runs.iterdir()}
+
+
+def quiet_log(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo table rendered before any run exists, then with 2 seeds trained (4 tiny runs)."""
+    root = tmp_path_factory.mktemp("tables")
+    spec_path = root / "demo.toml"
+    spec_path.write_text(SPEC)
+    out = root / "results"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        empty = make_table(load_spec(spec_path), tiny_recipe(), seeds=2, out=out, train=False, log=quiet_log)
+        empty_md = empty.paths[0].read_text()
+        empty_csv = pd.read_csv(empty.paths[2])
+        runs_after_empty = run_dirs(out)
+        trained = make_table(load_spec(spec_path), tiny_recipe(), seeds=2, out=out, quiet=True, log=quiet_log)
+    finally:
+        torch.set_num_threads(before)
+    return {"spec": spec_path, "out": out, "empty_md": empty_md, "empty_csv": empty_csv, "runs_after_empty": runs_after_empty, "trained": trained}
+
+
+def markdown_rows(md: str, net: str = "ResNet-20") -> dict[str, list[str]]:
+    """Method label -> cells of the Markdown table lines of one network."""
+    rows = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| :--") and not line.startswith("| Net"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            if cells[0] == net:
+                rows[cells[1]] = cells
+    return rows
+
+
+def test_before_training_every_run_is_missing_never_zero(demo):
+    assert demo["runs_after_empty"] == {}
+    rows = markdown_rows(demo["empty_md"])
+    assert rows["BiPer"][3:] == ["missing", "87.5", "missing", "0.0584"]
+    assert rows["sign-STE real acts"][3:] == ["missing", "", "missing", ""]
+    assert rows["RAD"][3:] == [NOT_IMPLEMENTED, "90.5", NOT_IMPLEMENTED, ""]
+    assert set(demo["empty_csv"]["status"]) == {"missing"} and demo["empty_csv"]["value"].isna().all()
+
+
+def test_markdown_and_latex_have_every_row_the_paper_column_and_the_measured_values(demo):
+    result = demo["trained"]
+    md, tex = result.paths[0].read_text(), result.paths[1].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Net"))
+    assert header == "| Net | Method | W/A | Top-1 (%) | Top-1 (%) paper | Stage 1 QE (Eq. 15) | Stage 1 QE (Eq. 15) paper |"
+    rows = markdown_rows(md)
+    assert list(rows) == ["BiPer", "sign-STE real acts", "RAD"]
+    # the BiPer cell is mean ± sample sd over the two seeds' final top-1, read here from the runs themselves
+    finals = {}
+    for path in (demo["out"] / "runs").iterdir():
+        final, config = json.loads((path / "final.json").read_text()), json.loads((path / "config.json").read_text())
+        finals.setdefault(config["config"]["method"], []).append(final["final_test_top1"])
+    top1 = finals["biper"]
+    assert rows["BiPer"][3] == f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
+    assert rows["BiPer"][4] == "87.5" and rows["BiPer"][6] == "0.0584"
+    assert "±" in rows["sign-STE real acts"][3] and "±" in rows["sign-STE real acts"][5]
+    assert rows["RAD"][3] == NOT_IMPLEMENTED and rows["RAD"][4] == "90.5"
+    assert "missing" not in md
+    for text in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{lllrrrr}", "87.5", "0.0584", "90.5", NOT_IMPLEMENTED, "$\\pm$"):
+        assert text in tex, text
+    for label in rows:
+        assert f"& {label} &" in tex
+    assert "Top-1 (\\%) paper" in tex
+    today = date.today().isoformat()
+    for text in ("budget quick", "48 training / 30 test images", "2 seeds", "digits", today, "A note for the caption.", "Paper: a test."):
+        assert text in result.caption, text
+    assert result.caption in md
+
+
+def test_csv_names_the_run_of_every_number(demo):
+    values = pd.read_csv(demo["trained"].paths[2])
+    assert len(values) == 2 * 2 * 2  # our rows x columns x seeds
+    assert set(values["status"]) == {"finished"} and values["value"].notna().all()
+    assert set(values["run_id"]) == set(run_dirs(demo["out"]))
+
+
+def test_matching_runs_are_reused_not_retrained(demo):
+    before = run_dirs(demo["out"])
+    assert len(before) == 4 and all(before.values())
+    again = make_table(load_spec(demo["spec"]), tiny_recipe(), seeds=2, out=demo["out"], log=quiet_log)
+    assert run_dirs(demo["out"]) == before  # no new directory, no final.json rewritten
+    assert {job.status for job in again.runs.jobs} == {"finished"}
+    assert again.paths[0].read_text() == demo["trained"].paths[0].read_text().replace(demo["trained"].caption, again.caption)
+
+
+def test_another_budget_or_hyper_parameter_does_not_match(demo):
+    recipe = tiny_recipe()
+    recipe.stage1.lr = 0.05
+    spec = load_spec(demo["spec"])
+    assert {job.status for job in plan(spec.experiments, [0], recipe, demo["out"]).jobs} == {"missing"}
+    other = Experiment.make("digits", "resnet20", "biper", {"w0": 10.0})
+    default = Experiment.make("digits", "resnet20", "biper", {"w0": "20"})  # the default, as text: same model
+    runs = plan([other, default], [0], tiny_recipe(), demo["out"])
+    assert runs.job(other, 0).status == "missing" and runs.job(default, 0).status == "finished"
+
+
+def copy_biper_run(demo, target: Path) -> Path:
+    source = next(p for p in (demo["out"] / "runs").iterdir() if "biper" in p.name and "-s0-" in p.name)
+    copy = target / "runs" / source.name
+    shutil.copytree(source, copy)
+    return copy
+
+
+def test_unfinished_run_is_missing_then_resumed_in_place(demo, tmp_path):
+    out = tmp_path / "results"
+    copy = copy_biper_run(demo, out)
+    (copy / "final.json").unlink()
+    spec = load_spec(demo["spec"])
+    rendered = make_table(spec, tiny_recipe(), out=out, train=False, log=quiet_log)
+    assert markdown_rows(rendered.paths[0].read_text())["BiPer"][3] == "missing"
+    resumed = make_table(spec, tiny_recipe(), out=out, quiet=True, log=quiet_log)
+    assert (copy / "final.json").is_file()  # finished in its own directory ...
+    assert sum("biper" in name for name in run_dirs(out)) == 1  # ... not trained again elsewhere
+    assert markdown_rows(resumed.paths[0].read_text())["BiPer"][3] != "missing"
+
+
+def test_diverged_run_is_shown_as_diverged_and_not_retrained(demo, tmp_path):
+    out = tmp_path / "results"
+    copy = copy_biper_run(demo, out)
+    (copy / "final.json").unlink()
+    (copy / "failure.json").write_text(json.dumps({"error": "the training loss is nan", "type": "TrainingDiverged"}))
+    data = tomllib.loads(SPEC)
+    spec = parse_spec({**data, "rows": data["rows"][:1]})  # the BiPer row alone
+    result = make_table(spec, tiny_recipe(), out=out, log=quiet_log)
+    assert markdown_rows(result.paths[0].read_text())["BiPer"][3] == "diverged"
+    assert list(run_dirs(out)) == [copy.name] and not (copy / "final.json").exists()
+
+
+def test_spec_errors_name_the_row():
+    data = tomllib.loads(SPEC)
+    bad_wa = {**data, "rows": [{**data["rows"][0], "wa": "1/32"}]}
+    with pytest.raises(ValueError, match=r"row 1 \(BiPer\): wa = '1/32' but method 'biper'.* is 1/1"):
+        parse_spec(bad_wa)
+    with pytest.raises(ValueError, match=r"row 1 \(BiPer\): unknown key\(s\) methd"):
+        parse_spec({**data, "rows": [{"net": "resnet20", "label": "BiPer", "wa": "1/1", "methd": "biper"}]})
+    with pytest.raises(ValueError, match=r"row 1 \(X\): .*unknown method"):
+        parse_spec({**data, "rows": [{"net": "resnet20", "label": "X", "wa": "1/1", "method": "nope"}]})
+    with pytest.raises(ValueError, match=r"paper values for unknown column\(s\) top5"):
+        parse_spec({**data, "rows": [{"net": "resnet20", "label": "Y", "wa": "1/1", "paper": {"top5": "1"}}]})
+    with pytest.raises(ValueError, match="tables 1, 2, 3, 4, not 5"):
+        load_spec(5)
+
+
+# ---------------------------------------------------------------- the paper's tables
+def paper_rows(spec) -> dict[tuple[str, str], dict[str, str]]:
+    return {(row.net, row.label): row.paper for row in spec.rows if row.paper}
+
+
+def test_the_four_specs_hold_the_papers_numbers_and_every_method():
+    t1, t2, t3, t4 = (load_spec(n) for n in (1, 2, 3, 4))
+    row = t1.rows[0]
+    assert (row.net, row.experiment.method, dict(row.experiment.hparams)) == ("resnet18", "biper", {"periodic": False})
+    assert row.paper == {"stage1_top1": "93.93", "stage1_qe": "0.2351", "stage2_top1": "93.01", "stage2_qe": "0.0584"}
+    assert [c.stage for c in t1.columns] == [1, 1, 1, 2, 2, 2]
+
+    assert [(r.label, r.paper["top1"], r.experiment is not None) for r in t2.rows] == [
+        ("FP", "91.7", True), ("DoReFa", "90.0", True), ("LQ-Net", "90.1", False), ("DSQ", "90.2", False),
+        ("IR-Net", "90.8", True), ("LCR-BNN", "91.20", False), ("BiPer", "91.20", True),
+    ]  # fmt: skip
+    assert all(not r.experiment.binary_activations for r in t2.rows if r.experiment and r.label != "FP")
+
+    p3 = paper_rows(t3)
+    assert len(p3) == 10 + 7 + 10
+    assert p3[("resnet18", "BiPer")] == {"top1": "93.75"} and p3[("resnet18", "ReSTE")] == {"top1": "92.63"}
+    assert p3[("resnet20", "DoReFa")] == {"top1": "79.3"} and p3[("vgg_small", "BNN")] == {"top1": "89.9"}
+    p4 = paper_rows(t4)
+    assert len(p4) == 8 + 6
+    assert p4[("resnet18", "BiPer")] == {"top1": "61.4", "top5": "83.14"}
+    assert p4[("resnet34", "ReSTE")] == {"top1": "65.05", "top5": "85.78"}
+    mapped = {(r.net, r.label): r.experiment.method for r in t3.rows if r.experiment and r.paper}
+    assert mapped[("vgg_small", "BNN")] == "clip-ste" and mapped[("vgg_small", "XNOR-Net")] == "xnor"
+    for spec, nets in ((t3, ("resnet18", "resnet20", "vgg_small")), (t4, ("resnet18", "resnet34"))):
+        for net in nets:
+            methods = [r.experiment.method for r in spec.rows if r.net == net and r.experiment]
+            assert sorted(methods) == bnnbench.list_methods(), (spec.number, net)  # each once, all of them
+
+
+def test_table4_without_imagenet_writes_all_missing_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BNNBENCH_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "results"
+    assert cli_main(["table", "4", "--out", str(out), "--budget", "quick", "--quiet"]) == 2
+    assert "no ImageNet found" in capsys.readouterr().err
+    rows = markdown_rows((out / "tables" / "table4.md").read_text(), "ResNet-18")
+    assert rows["BiPer"][3:] == ["missing (data not found)", "61.4", "missing (data not found)", "83.14"]
+    assert rows["Bi-Real"][3] == NOT_IMPLEMENTED
+    assert run_dirs(out) == {}
+    assert cli_main(["table", "4", "--out", str(out), "--no-run"]) == 0
+    assert markdown_rows((out / "tables" / "table4.md").read_text(), "ResNet-34")["BiPer"][3] == "missing"
+
+
+def test_dry_run_lists_the_plan_and_writes_nothing(demo, tmp_path, capsys):
+    assert cli_main(["table", str(demo["spec"]), "--out", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "0 of 2 runs available; 2 to train or resume (budget quick)"
+    assert any("RAD" in line and NOT_IMPLEMENTED in line for line in lines)
+    assert not any(tmp_path.iterdir())
+
+
+def test_table2_on_the_cifar10_jpeg_copy(cifar10_dir, tmp_path):
+    recipe = tiny_recipe()
+    recipe.train_subset, recipe.test_subset = 40, 30
+    result = make_table(load_spec(2), recipe, out=tmp_path, data_dir=str(cifar10_dir), quiet=True, log=quiet_log)
+    assert "Data: CIFAR-10 (JPEG q75 copy)." in result.caption
+    rows = markdown_rows(result.paths[0].read_text())
+    assert list(rows) == ["FP", "DoReFa", "LQ-Net", "DSQ", "IR-Net", "LCR-BNN", "BiPer"]
+    for label in ("FP", "DoReFa", "IR-Net", "BiPer"):
+        assert rows[label][3].replace(".", "").isdigit(), rows[label]
+    for label in ("LQ-Net", "DSQ", "LCR-BNN"):
+        assert rows[label][3] == NOT_IMPLEMENTED
+    configs = [json.loads((p / "config.json").read_text()) for p in (tmp_path / "runs").iterdir()]
+    acts = {c["config"]["method"]: c["model"]["binary_activations"] for c in configs}
+    assert acts == {"fp": False, "dorefa": False, "irnet": False, "biper": False}
+
+
+# ---------------------------------------------------------------- Figure 4 sweep
+def test_frequency_sweep_reuses_runs_and_feeds_figure4(demo):
+    experiments = sweep_experiments([20.0, 5.0], data="digits")
+    runs = plan(experiments, [0], tiny_recipe(), demo["out"])
+    assert [runs.job(e, 0).status for e in experiments] == ["finished", "missing"]  # w0 = 20 is the table's BiPer run
+    execute(runs.jobs, quiet=True, log=quiet_log)
+    sweep = sweep_frame(experiments, runs, [0])
+    assert list(sweep["w0"]) == [20.0, 5.0]
+    assert sweep[list(figures.SWEEP_COLUMNS)].notna().all().all()
+    table_run = runs.job(experiments[0], 0).record
+    assert sweep["top1"].iloc[0] == table_run.final["final_test_top1"]
+    assert sweep["b"].iloc[0] == pytest.approx(table_run.stage_end(1)["laplace_b"])
+    assert len(figures.figure4(sweep).axes) == 4
+
+
+def test_figure4_cli_without_finished_runs_says_how(tmp_path):
+    with pytest.raises(ValueError, match="no finished sweep runs"):
+        cli_main_raising(["figure", "4", "--budget", "quick", "--no-run", "--results", str(tmp_path), "--out", str(tmp_path / "fig")])
+
+
+def cli_main_raising(argv: list[str]) -> int:
+    """The parsed command's main, so errors surface as exceptions (cli.main turns them into exit 2)."""
+    from bnnbench.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args._main(args)
