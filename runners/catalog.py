@@ -85,7 +85,10 @@ class RunRecord:
     def data_label(self) -> str:
         """What the run trained on, as a caption should say it (e.g. "CIFAR-10 (JPEG q75 copy)")."""
         info = self.saved.get("data") or {}
-        return info.get("note") or info.get("description") or self.config.get("data", "?")
+        if info.get("note"):
+            return str(info["note"])
+        name = str(info.get("description") or self.config.get("data", "?")).split(":")[0]
+        return f"{name} ({info['root']})" if info.get("root") else name
 
     @property
     def machine_label(self) -> str:
