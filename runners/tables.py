@@ -194,7 +194,7 @@ def load_spec(table: int | str | Path) -> TableSpec:
 
 # ------------------------------------------------------------------ measurements
 def measurements(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
-    """One line per (row, column, seed) of our rows: the value (NaN if none), the run's status and id."""
+    """One line per (row, column, seed) of our rows: the value (NaN if none), the paper's, the run's status and id."""
     lines = []
     for index, row in enumerate(spec.rows):
         if row.experiment is None:
@@ -213,12 +213,13 @@ def measurements(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
                         "column": column.key,
                         "seed": seed,
                         "value": math.nan if value is None else value,
+                        "paper": float(row.paper[column.key]) if column.key in row.paper else math.nan,
                         "status": status,
                         "note": job.note,
                         "run_id": job.record.run_id if job.record is not None else "",
                     }
                 )
-    return pd.DataFrame(lines, columns=["row", "net", "label", "column", "seed", "value", "status", "note", "run_id"])
+    return pd.DataFrame(lines, columns=["row", "net", "label", "column", "seed", "value", "paper", "status", "note", "run_id"])
 
 
 def _cell(values: pd.DataFrame, digits: int, seeds: int) -> str:

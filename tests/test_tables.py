@@ -163,6 +163,9 @@ def test_csv_names_the_run_of_every_number(demo):
     assert len(values) == 2 * 2 * 2  # our rows x columns x seeds
     assert set(values["status"]) == {"finished"} and values["value"].notna().all()
     assert set(values["run_id"]) == set(run_dirs(demo["out"]))
+    biper = values[values["label"] == "BiPer"].set_index(["column", "seed"])["paper"]
+    assert biper[("top1", 1)] == 87.5 and biper[("stage1_qe", 0)] == 0.0584
+    assert values[values["label"] != "BiPer"]["paper"].isna().all()
 
 
 def test_matching_runs_are_reused_not_retrained(demo):
