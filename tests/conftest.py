@@ -88,3 +88,16 @@ def make_image_folder():
         return root
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test runs torch on one intra-op thread: the tensors are small, results are then
+    independent of the machine's core count, and two spinning OpenMP threads per process thrash
+    when the 2 cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

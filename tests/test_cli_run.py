@@ -20,14 +20,6 @@ SMALL = ["--net", "resnet20", "--recipe", "quick", "--batch-size", "16", "--quie
 RUN_FILES = {"config.json", "metrics.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(out: Path, *args: str) -> int:
     return cli_main(["run", "--out", str(out), *args])
 

@@ -18,14 +18,6 @@ from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, run_training
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(out: Path, method: str = "recu") -> TrainConfig:
     """resnet20 on 48 digits, 1 + 1 epochs of 3 steps."""
     recipe = get_recipe("quick")

@@ -33,15 +33,6 @@ KINKS = [0.0, 0.0, -0.0, 1e-9, -1e-9, 0.1, -0.1, 0.1 - 1e-9, 0.1 + 1e-9, -0.1 - 
          1.0, -1.0, 1 - 1e-9, 1 + 1e-9, -1 + 1e-9, -1 - 1e-9, 1.5, -1.5, 1.5 - 1e-9, 1.5 + 1e-9, -1.5 - 1e-9, 2.0, -3.0]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kink_tensor(shape: tuple[int, ...] = (4, 3, 3, 3), seed: int = 0) -> torch.Tensor:
     """Random N(0, 1.5^2) values with the kink values written over the first entries."""
     gen = torch.Generator().manual_seed(seed)

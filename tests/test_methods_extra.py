@@ -26,7 +26,6 @@ from test_methods import (
     random_like,
     reference_sign_approx,
     sign_scalar,
-    single_thread,  # noqa: F401  (autouse fixture)
     weight_and_grad,
 )
 

@@ -24,14 +24,6 @@ from bnnbench.runners.train import TIMING_COLUMNS, EpochCallback, TrainConfig, r
 ARGS = ["--net", "resnet20", "--data", "digits", "--recipe", "quick", "--train-subset", "96", "--test-subset", "40", "--batch-size", "16", "--epochs", "2,1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(out: Path, name: str) -> TrainConfig:
     """The library twin of ARGS."""
     recipe = get_recipe("quick")

@@ -62,14 +62,6 @@ paper = { top1 = "90.5" }
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_recipe():
     recipe = get_recipe("quick")
     recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16

@@ -19,15 +19,6 @@ from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.train import TIMING_COLUMNS, EpochCallback, EpochReport, TrainConfig, TrainingDiverged, run_training
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the 2 shared cores thrash with two spinning OpenMP threads per process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
     """resnet20 on 64 digits, batches of 16, 1 + 1 epochs: about a second per epoch."""
     recipe = get_recipe("quick")

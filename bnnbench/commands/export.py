@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from ..packed import export_packed, model_from_config, save_packed
+from ..runners.results import load_checkpoint
 from ..summary import RESOLUTIONS
 
 HELP = "export a trained run bit-packed for XNOR-popcount inference (bnnbench export RUN_DIR --packed)"
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.packed:
         raise ValueError("the only export format is the bit-packed one: add --packed")
     source = find_checkpoint(Path(args.run), args.checkpoint)
-    state = _load(source)
+    state = load_checkpoint(source)
     config = state.get("bnn_config") or _run_config(source)
     model = model_from_config(config)
     try:
@@ -73,16 +74,6 @@ def find_checkpoint(run: Path, kind: str) -> Path:
         f"no stage-2 {kind} checkpoint (stage2_{kind}.pt or {kind}.pt) in {run}; checkpoints there: {', '.join(present)}. "
         "Only stage-2 models (binary weights and activations) can be packed."
     )
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{str(path)!r} is not a bnnbench checkpoint (no 'model' state dict)")
-    return state
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
