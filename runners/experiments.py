@@ -5,8 +5,8 @@ network, method and hyper-parameters, binary or real activations, stages); with 
 recipe (the budget) and a seed it becomes a
 :class:`~bnnbench.runners.train.TrainConfig`.  :func:`plan` looks for runs in
 ``<out>/runs/`` whose *resolved* configuration matches (see :func:`signature`);
-:func:`execute` trains what is missing, one run after the other, each in its own
-run directory so an interruption loses at most one epoch: the next call resumes it.
+:func:`execute` trains what is missing (one run after the other, or several at
+once in worker processes), each in its own run directory so an interruption loses at most one epoch: the next call resumes it.
 
 What "matching" compares
 ------------------------
@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,39 +225,99 @@ class Outcome:
     stopped: str | None = None
 
 
-def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] = print) -> Outcome:
-    """Train (or resume) every job that is not done, sequentially, with the default diagnostics callbacks.
+@dataclass(frozen=True)
+class _Result:
+    """What training one job ended with (picklable: it comes back from worker processes)."""
 
-    A diverged run is recorded and the others go on.  A data error (no data set
-    where the configuration points) stops the loop: every later run would fail
-    the same way; :attr:`Outcome.stopped` says why.  Ctrl-C / SIGTERM propagate:
-    finished epochs are saved and the next call resumes the interrupted run.
+    path: str | None  # the run directory, once one was chosen
+    diverged: str | None = None
+    data_error: str | None = None
+    data_missing: bool = False
+
+
+def _train(config: TrainConfig, resume: str | None, quiet: bool) -> _Result:
+    """Train (or resume) one run with the default diagnostics callbacks."""
+    display = Display(quiet)
+    run = Run.resume(resume, display=display, callbacks=default_callbacks()) if resume else Run(config, display=display, callbacks=default_callbacks())
+    try:
+        run.execute()
+    except TrainingDiverged as exc:
+        return _Result(str(run.path), diverged=str(exc))
+    except DataError as exc:
+        return _Result(str(run.path), data_error=str(exc), data_missing=isinstance(exc, FileNotFoundError))
+    return _Result(str(run.path))
+
+
+def _train_in_worker(config: TrainConfig, resume: str | None, threads: int) -> _Result:
+    torch.set_num_threads(threads)
+    return _train(config, resume, quiet=True)
+
+
+def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] = print, parallel: int = 1) -> Outcome:
+    """Train (or resume) every job that is not done, with the default diagnostics callbacks.
+
+    ``parallel`` > 1 trains that many runs at once in worker processes, each
+    with ``cores // parallel`` torch threads and plain log lines: on a CPU,
+    independent single-threaded runs use the cores better than one run with
+    several threads.  A diverged run is recorded and the others go on.  A data
+    error (no data set where the configuration points) stops the loop: every
+    later run would fail the same way; :attr:`Outcome.stopped` says why.
+    Ctrl-C / SIGTERM propagate: finished epochs are saved and the next call
+    resumes the interrupted run.
     """
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, got {parallel}")
     outcome = Outcome()
     todo = [job for job in jobs if not job.done]
-    for i, job in enumerate(todo, start=1):
+
+    def announce(i: int, job: Job) -> None:
         verb = "resuming" if job.record is not None else "training"
         log(f"[{i}/{len(todo)}] {verb} {job.experiment.describe()}, seed {job.seed}, budget {job.config.recipe.name}")
-        display = Display(quiet)
-        if job.record is not None:
-            run = Run.resume(job.record.path, display=display, callbacks=default_callbacks())
-        else:
-            run = Run(job.config, display=display, callbacks=default_callbacks())
-        try:
-            run.execute()
-        except TrainingDiverged as exc:
-            log(f"    diverged: {exc}")
-        except DataError as exc:
-            outcome.stopped = str(exc)
-            job.note = "data not found" if isinstance(exc, FileNotFoundError) else "data error"
-            log(f"    stopped: {exc}")
-            for later in todo[i:]:
-                later.note = job.note
-            break
-        finally:
-            if (run.path / CONFIG).is_file():
-                job.record = read_run(run.path)
+
+    def settle(job: Job, result: _Result) -> bool:
+        """Record a finished job; False when a data error means the rest cannot run."""
+        if result.path and (Path(result.path) / CONFIG).is_file():
+            job.record = read_run(Path(result.path))
         outcome.trained.append(job)
+        if result.diverged:
+            log(f"    diverged ({job.experiment.describe()}): {result.diverged}")
+        if result.data_error:
+            outcome.stopped = result.data_error
+            log(f"    stopped: {result.data_error}")
+            return False
+        return True
+
+    def mark_data_problem(missing: bool) -> None:
+        for job in todo:
+            if not job.done:
+                job.note = "data not found" if missing else "data error"
+
+    if parallel == 1:
+        for i, job in enumerate(todo, start=1):
+            announce(i, job)
+            result = _train(job.config, str(job.record.path) if job.record else None, quiet)
+            if not settle(job, result):
+                mark_data_problem(result.data_missing)
+                break
+        return outcome
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    context = multiprocessing.get_context("spawn")  # no forked OpenMP/numba state
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
+        futures = {}
+        for i, job in enumerate(todo, start=1):
+            announce(i, job)
+            resume = str(job.record.path) if job.record else None
+            futures[pool.submit(_train_in_worker, job.config, resume, threads)] = job
+        for future in as_completed(futures):
+            job = futures[future]
+            result = future.result()
+            log(f"    done: {job.experiment.describe()}, seed {job.seed}")
+            if not settle(job, result):
+                for other in futures:
+                    other.cancel()
+                mark_data_problem(result.data_missing)
+                break
     return outcome
 
 

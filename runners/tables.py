@@ -384,18 +384,20 @@ def make_table(
     train: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] = print,
+    parallel: int = 1,
     **machine: Any,
 ) -> TableResult:
     """Match, (train,) measure and write ``<out>/tables/table{number}.{md,tex,csv}``.
 
-    ``train=False`` only renders what is already in ``<out>/runs``.  ``machine``
+    ``train=False`` only renders what is already in ``<out>/runs``; ``parallel``
+    trains that many runs at once (see :func:`execute`).  ``machine``
     goes to every new run's config (``data_dir``, ``device``, ``workers``).
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     seed_list = list(range(seeds))
     runs = plan(spec.experiments, seed_list, recipe, out, **machine)
-    stopped = execute(runs.jobs, quiet=quiet, log=log).stopped if train else None
+    stopped = execute(runs.jobs, quiet=quiet, log=log, parallel=parallel).stopped if train else None
     values = measurements(spec, runs, seed_list)
     used = {job.record.run_id: job.record for job in runs.jobs if job.status == "finished"}
     text = caption(spec, recipe, seeds, list(used.values()), stopped)

@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--device", help="device of new runs (default auto)")
     sweep.add_argument("--no-run", action="store_true", default=None, help="plot only the finished runs; train nothing")
     sweep.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress bars while training")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (default 1)")
 
 
 def _sweep_table(args: argparse.Namespace) -> tuple[pd.DataFrame, str | None]:
@@ -76,7 +77,7 @@ def _sweep_table(args: argparse.Namespace) -> tuple[pd.DataFrame, str | None]:
     experiments = sweep_experiments(args.w0 or DEFAULT_W0, args.net or DEFAULT_NET)
     recipe = get_recipe(args.budget, "cifar")
     runs = plan(experiments, seeds, recipe, args.results, data_dir=args.data_dir, device=args.device or "auto")
-    stopped = None if args.no_run else execute(runs.jobs, quiet=args.quiet).stopped
+    stopped = None if args.no_run else execute(runs.jobs, quiet=args.quiet, parallel=args.jobs).stopped
     sweep = sweep_frame(experiments, runs, seeds)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--dry-run", action="store_true", help="print which runs would be used, resumed or trained; write nothing")
     mode.add_argument("--no-run", action="store_true", help="only render the table from finished runs (the others show as missing)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress bars")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes, each on cores/JOBS threads (default 1)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{len(runs.jobs) - len(todo)} of {len(runs.jobs)} runs available; {len(todo)} to train or resume (budget {recipe.name})")
         return 0
     try:
-        result = make_table(spec, recipe, seeds=args.seeds, out=args.out, train=not args.no_run, quiet=args.quiet, **machine)
+        result = make_table(spec, recipe, seeds=args.seeds, out=args.out, train=not args.no_run, quiet=args.quiet, parallel=args.jobs, **machine)
     except RunInterrupted as exc:
         print(f"bnnbench: interrupted ({exc}); finished runs and epochs are kept: run the same command again to go on", file=sys.stderr)
         return 128 + exc.signum
