@@ -47,8 +47,26 @@ the training progress ``p`` as a Python float attribute (past torch's recompile
 limit, 8 by default, dynamo falls back to eager); with ReCU, whose weights
 depend on ``p``, the second epoch fails inside dynamo (InternalTorchDynamoError).
 
-Only the main process writes files (``is_main_process``), so DDP can wrap the
-loop without two ranks racing on the run directory.
+Several processes (DDP)
+-----------------------
+Under ``torchrun`` (or ``bnnbench run --nproc N``) every process runs this same
+loop on its shard of the data; ``runners/distributed.py`` has the mechanics.
+Per rank: the model is wrapped in DistributedDataParallel for each stage, the
+global ``batch_size`` is split evenly over the processes, the per-step loss,
+regulariser and hit counts are all-reduced before the non-finite check (so all
+ranks stop together, and the bar shows global numbers), rank 0's BatchNorm
+statistics are copied to every rank before the evaluation (so the reduced test
+accuracy is exactly that of the checkpoint rank 0 saves, over every test image
+once), and only rank 0 writes files or prints.  The regulariser, the callbacks
+and the checkpoints always get the unwrapped module (``StepContext.model``).
+
+RNG on resume: a checkpoint stores rank 0's global RNG states (``rng``) and,
+with several processes, every rank's (``rng_ranks``, with ``world_size``).
+Resuming with the same number of processes restores each rank its own state;
+with a different number every rank gets rank 0's, and since the shards depend
+on the world size the numbers then differ from an uninterrupted run.  (Data
+order and augmentation never use these states: they are functions of (seed,
+epoch, rank).)
 """
 
 from __future__ import annotations
@@ -74,6 +92,7 @@ from torch import Tensor, nn
 import bnnbench
 from bnnbench.data import make_data
 
+from . import distributed
 from .display import Display
 from .optim import make_optimizer, make_scheduler
 from .recipes import Recipe, get_recipe
@@ -126,6 +145,7 @@ class TrainConfig:
     net_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"skip": "single"}
     act_norm: bool | None = None
     real_activations: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across the processes of a distributed run (CUDA)
     out: str = "results"
     name: str | None = None
 
@@ -188,12 +208,6 @@ class EpochCallback:
 
 
 # ======================================================================== helpers
-def is_main_process() -> bool:
-    """Rank 0 (or no process group): the process that writes the run directory."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,7 +274,8 @@ class StepContext:
     """What the epoch loops need besides the model and the data."""
 
     model: nn.Module  # the module (state dicts, regulariser, callbacks)
-    forward: nn.Module  # what runs the batches: the module or its torch.compile wrapper
+    forward: nn.Module  # what runs the training batches: ``inference``, wrapped in DDP with several processes
+    inference: nn.Module  # what runs the test batches: the module or its torch.compile wrapper
     device: torch.device
     amp: bool
     channels_last: bool
@@ -279,7 +294,10 @@ def train_one_epoch(ctx: StepContext, loader: Any, optimizer: torch.optim.Optimi
     """One pass over the training set; raises :class:`TrainingDiverged` on a non-finite loss.
 
     The loss is checked every step (one device sync per step, which the progress bar needs anyway),
-    before the backward pass, so a diverging step never reaches the weights.
+    before the backward pass, so a diverging step never reaches the weights.  With several
+    processes the step's sums (loss x images, regulariser x images, hits, images) are all-reduced
+    first: every rank sees the global batch's values and all of them stop on the same step.
+    Shards are padded to equal length, so ``train_images`` counts up to world_size - 1 repeats.
     """
     ctx.model.train()
     loss_sum = reg_sum = correct_sum = 0.0
@@ -293,7 +311,10 @@ def train_one_epoch(ctx: StepContext, loader: Any, optimizer: torch.optim.Optimi
             total = loss if reg is None else loss + reg
             correct = (logits.detach().argmax(dim=1) == labels).sum()
             reg_detached = reg.detach() if reg is not None else torch.zeros((), device=loss.device)
-            loss_value, reg_value, correct_value = torch.stack([loss.detach(), reg_detached, correct.float()]).tolist()
+            n = labels.numel()
+            sums = torch.stack([loss.detach().double() * n, reg_detached.double() * n, correct.double(), loss.new_tensor(n, dtype=torch.float64)])
+            loss_sum_step, reg_sum_step, correct_value, n_value = distributed.all_reduce_sum(sums).tolist()
+            loss_value, reg_value, n = loss_sum_step / n_value, reg_sum_step / n_value, int(n_value)
             if not (math.isfinite(loss_value) and math.isfinite(reg_value)):
                 where = f"stage {stage}, epoch {epoch}, step {step}/{len(loader)}"
                 raise TrainingDiverged(f"{where}: the training loss is {loss_value + reg_value} (cross-entropy {loss_value}, regulariser {reg_value})")
@@ -302,26 +323,35 @@ def train_one_epoch(ctx: StepContext, loader: Any, optimizer: torch.optim.Optimi
             for cb in ctx.callbacks:
                 cb.on_after_backward(stage, epoch, step, ctx.model)
             optimizer.step()
-            n = labels.numel()
             loss_sum, reg_sum, correct_sum, count = loss_sum + loss_value * n, reg_sum + reg_value * n, correct_sum + correct_value, count + n
             bar.advance(n, loss_value, int(correct_value))
-    # With DDP, all-reduce (loss_sum, reg_sum, correct_sum, count) here before dividing.
     return {"train_loss": loss_sum / count, "train_reg": reg_sum / count, "train_top1": 100.0 * correct_sum / count, "train_images": count}
 
 
 @torch.no_grad()
 def evaluate(ctx: StepContext, loader: Any) -> dict[str, float]:
-    """Test loss (cross-entropy, no regulariser), top-1 and top-5 in percent."""
+    """Test loss (cross-entropy, no regulariser), top-1 and top-5 in percent, over the whole test set.
+
+    With several processes each rank evaluates its shard, leaves out the shard's padding (repeats
+    at its end, see :func:`distributed.unpadded_share`) and the sums are all-reduced, so every
+    test image counts exactly once.  (With ``skip_bad_images`` on image folders, a rank that
+    skipped an unreadable image may count its padding repeat in its place.)
+    """
     ctx.model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top-1, top-5, images
+    real = distributed.unpadded_share(loader.num_samples, loader.rank, loader.world_size)
+    seen = 0
     for images, labels in loader:
         with ctx.autocast():
-            logits = ctx.forward(ctx.prepare(images)).float()
+            logits = ctx.inference(ctx.prepare(images)).float()
+        keep = min(len(labels), max(real - seen, 0))
+        seen += len(labels)
+        logits, labels = logits[:keep], labels[:keep]
         k5 = min(5, logits.shape[1])
         top1, top5 = topk_correct(logits, labels, (1, k5))
         loss = F.cross_entropy(logits, labels, reduction="sum")
         sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(float(labels.numel()))])
-    loss_sum, top1, top5, count = sums.tolist()
+    loss_sum, top1, top5, count = distributed.all_reduce_sum(sums).tolist()
     return {"test_loss": loss_sum / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}
 
 
@@ -339,10 +369,18 @@ class Run:
     ) -> None:
         cfg.validate()
         self.cfg, self.fresh = cfg, path is None
-        self.path = choose_run_dir(cfg) if path is None else path
-        self.display = display or Display()
+        device = resolve_device(cfg.device)
+        self.joined = distributed.join_from_env(device)  # under torchrun: this process is one rank
+        try:
+            distributed.check_processes(cfg.recipe.batch_size, cfg.sync_bn, device, distributed.world_size())
+            # rank 0 names the directory (the timestamp) and tells the others
+            self.path = distributed.main_process_value(lambda: choose_run_dir(cfg)) if path is None else path
+        except BaseException:
+            self._leave()
+            raise
+        self.writes = distributed.is_main_process()
+        self.display = (display or Display()) if self.writes else distributed.SilentDisplay()
         self.callbacks = callbacks
-        self.writes = is_main_process()
 
     @classmethod
     def resume(cls, path: str | Path, *, display: Display | None = None, callbacks: Sequence[EpochCallback] = ()) -> Run:
@@ -354,13 +392,20 @@ class Run:
 
     # ------------------------------------------------------------------ main
     def execute(self) -> dict[str, Any]:
-        """Train every remaining epoch of every stage and return final.json's content."""
+        """Train every remaining epoch of every stage and return final.json's content (on every rank)."""
+        try:
+            return self._execute()
+        finally:
+            self._leave()
+
+    def _execute(self) -> dict[str, Any]:
         cfg = self.cfg
         if not self.fresh and (self.path / FINAL).is_file():
             self.display.log(f"run {self.path} already finished; nothing to resume")
             return read_json(self.path / FINAL)
         seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
+        device = distributed.rank_device(resolve_device(cfg.device))
+        world = distributed.world_size()
         amp = device.type == "cuda" if cfg.amp is None else cfg.amp
         channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         method = bnnbench.get_method(cfg.method, **cfg.hparams)
@@ -370,8 +415,8 @@ class Run:
         bundle = make_data(
             cfg.data,
             data_dir=cfg.data_dir,
-            batch_size=cfg.recipe.batch_size,
-            eval_batch_size=cfg.recipe.eval_batch_size,
+            batch_size=distributed.process_batch_size(cfg.recipe.batch_size, world),
+            eval_batch_size=None if cfg.recipe.eval_batch_size is None else -(-cfg.recipe.eval_batch_size // world),
             train_subset=cfg.recipe.train_subset,
             test_subset=cfg.recipe.test_subset,
             seed=cfg.seed,
@@ -380,7 +425,7 @@ class Run:
             workers=cfg.workers,
             device=str(device),
             augment=cfg.augment,
-            distributed=False,
+            distributed=distributed.is_distributed(),
             skip_bad_images=cfg.skip_bad_images,
             download=cfg.download,
         )
@@ -396,24 +441,36 @@ class Run:
             binary_activations=not cfg.real_activations,
             **cfg.net_options,
         ).to(device)
+        sync_bn = cfg.sync_bn and world > 1
+        if sync_bn:
+            model = distributed.sync_batch_norm(model, device)
+        elif cfg.sync_bn:
+            self.display.log("--sync-bn has no effect with a single process")
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        forward = torch.compile(model) if cfg.compile else model
-        ctx = StepContext(model, forward, device, amp, channels_last, cfg.recipe.label_smoothing, self.callbacks, self.display)
+        inference = torch.compile(model) if cfg.compile else model
+        ctx = StepContext(model, inference, inference, device, amp, channels_last, cfg.recipe.label_smoothing, self.callbacks, self.display)
 
         # ---- run directory and resume point
         if self.fresh and self.writes:
             self.path.mkdir(parents=True)
-            self._write_json(CONFIG, self._provenance(device, amp, channels_last, model, bundle, init_record))
+            parallel = {
+                "world_size": world,
+                "distributed_backend": distributed.backend_name(),
+                "process_batch_size": bundle.train.batch_size,
+                "process_eval_batch_size": bundle.test.batch_size,
+                "sync_bn": sync_bn,
+            }
+            self._write_json(CONFIG, self._provenance(device, amp, channels_last, model, bundle, init_record, parallel))
         latest = self._latest_checkpoint()
         position = (latest["stage"], latest["epoch"]) if latest else (0, 0)
         self.metrics = CsvLog.resume(self.path / METRICS, position)
         self.layers = CsvLog.resume(self.path / LAYERS, position)
         if latest is not None:
-            set_rng_state(latest["rng"])  # after everything above that draws random numbers
-        self.display.log(f"run directory: {self.path}")
+            set_rng_state(self._rank_rng_state(latest, world))  # after everything above that draws random numbers
+        self.display.log(f"run directory: {self.path}" + (f" ({world} processes, {distributed.backend_name()})" if world > 1 else ""))
 
         # ---- stages
         try:
@@ -432,9 +489,10 @@ class Run:
                 raise TrainingDiverged(f"{exc}; {where}. Lower the learning rate (--lr) or check the method's hyper-parameters.") from None
             raise
 
-        # ---- results
-        final = self._final_summary()
-        final["skipped_bad_images"] = sorted(bundle.train.skipped_images | bundle.test.skipped_images)
+        # ---- results (rank 0 holds the metrics; every rank returns the same summary)
+        final = distributed.main_process_value(self._final_summary)
+        skipped = distributed.all_gather(bundle.train.skipped_images | bundle.test.skipped_images)
+        final["skipped_bad_images"] = sorted(set().union(*skipped))
         self._write_json(FINAL, final)
         if self.writes:
             (self.path / FAILURE).unlink(missing_ok=True)  # a resumed run that finished is no longer failed
@@ -460,6 +518,8 @@ class Run:
         else:
             self._initialise_stage(stage, model)
             start, best = 0, {"test_top1": -1.0, "epoch": 0}
+        # DDP per stage: wrapping broadcasts rank 0's weights after they were loaded
+        ctx = dataclasses.replace(ctx, forward=distributed.data_parallel(ctx.inference, ctx.device))
 
         # ---- loop
         for epoch in range(start + 1, recipe.epochs + 1):
@@ -474,6 +534,7 @@ class Run:
             train = train_one_epoch(ctx, bundle.train, optimizer, stage, epoch, recipe.epochs, recipe.regularizer)
             self._synchronize(ctx.device)
             trained = time.perf_counter()
+            distributed.broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
             test = evaluate(ctx, bundle.test)
             self._synchronize(ctx.device)
             ended = time.perf_counter()
@@ -504,11 +565,14 @@ class Run:
                 layer_rows = [{"stage": stage, "epoch": epoch, **r} for report in reports for r in report.layers]
                 if layer_rows:
                     self.layers.append(layer_rows)
+            rng_ranks = distributed.all_gather(rng_state())
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rng_ranks[0],
+                **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
+                "world_size": len(rng_ranks),
                 "stage": stage,
                 "epoch": epoch,
                 "best": best,
@@ -519,6 +583,7 @@ class Run:
             if best["epoch"] == epoch:
                 self._save(checkpoint_name(stage, "best"), state)
             self._save(checkpoint_name(stage, "last"), state)
+            distributed.barrier()  # the other ranks may read these files next (stage 2's start)
 
     def _initialise_stage(self, stage: int, model: nn.Module) -> None:
         """Stage 2 starts from this run's stage-1 checkpoint, or from ``--init``."""
@@ -548,12 +613,14 @@ class Run:
         state = load_checkpoint(Path(cfg.init))
         return {"source": str(Path(cfg.init).resolve()), "stage": state.get("stage"), "epoch": state.get("epoch"), "bnn_config": state.get("bnn_config")}
 
-    def _provenance(self, device: torch.device, amp: bool, channels_last: bool, model: nn.Module, bundle: Any, init: Any) -> dict[str, Any]:
+    def _provenance(
+        self, device: torch.device, amp: bool, channels_last: bool, model: nn.Module, bundle: Any, init: Any, parallel: dict[str, Any]
+    ) -> dict[str, Any]:
         return {
             "run_id": self.path.name,
             "created": datetime.now().isoformat(timespec="seconds"),
             "config": self.cfg.to_dict(),
-            "resolved": {"device": str(device), "amp_bf16": amp, "channels_last": channels_last, "stage2_init": init},
+            "resolved": {"device": str(device), "amp_bf16": amp, "channels_last": channels_last, "stage2_init": init, **parallel},
             "model": model.bnn_config,
             "data": bundle.info,
             "git": git_commit(),
@@ -589,6 +656,26 @@ class Run:
             "train_time_s": sum(float(r["epoch_time_s"]) for r in rows),
             "note": "best = highest test top-1 over the stage's epochs (upstream practice: selected on the test set)",
         }
+
+    # ------------------------------------------------------------------ processes
+
+    def _rank_rng_state(self, latest: dict[str, Any], world: int) -> dict[str, Any]:
+        """This rank's saved RNG state when the world size is unchanged, else rank 0's (see the module docstring)."""
+        saved_world = int(latest.get("world_size", 1))
+        if saved_world != world:
+            self.display.log(
+                f"resuming a run trained on {saved_world} process(es) with {world}: the data shards and per-rank RNG "
+                "differ, so the numbers will not match an uninterrupted run exactly"
+            )
+        if saved_world == world and "rng_ranks" in latest:
+            return latest["rng_ranks"][distributed.rank()]
+        return latest["rng"]
+
+    def _leave(self) -> None:
+        """Leave the process group if this run joined it."""
+        if self.joined:
+            distributed.leave()
+            self.joined = False
 
     # ------------------------------------------------------------------ files
     def _latest_checkpoint(self) -> dict[str, Any] | None:

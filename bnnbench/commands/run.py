@@ -3,33 +3,49 @@
 ``bnnbench run`` alone is the offline demo: BiPer on a ResNet-20 over the
 bundled digits with the ``quick`` recipe (under a minute on a CPU).  ``--data cifar10`` / ``--data imagenet``
 use the ``upstream`` recipe unless ``--recipe`` says otherwise; every recipe
-field can be overridden.  Exit status: 0 done, 2 bad input, 3 the loss
-diverged (NaN/inf), 130/143 interrupted by Ctrl-C/SIGTERM (resume with
-``--resume RUN_DIR``).
+field can be overridden.  Exit status: 0 done, 1 a worker process of
+``--nproc`` died, 2 bad input, 3 the loss diverged (NaN/inf), 130/143
+interrupted by Ctrl-C/SIGTERM (resume with ``--resume RUN_DIR``).
+
+Several processes (DistributedDataParallel, see ``bnnbench.runners.distributed``):
+``--nproc N`` starts N local workers through torch's elastic agent (torchrun's
+engine), each running this command; ``torchrun --nproc_per_node N -m bnnbench run ...``
+does the same from outside and spans several nodes.  ``--batch-size`` stays the
+global batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from ..registry import load_plugin
+from ..runners import distributed
 from ..runners.display import Display
 from ..runners.recipes import STAGE2_INIT, WD_GROUPS, Recipe, get_recipe, list_recipes
-from ..runners.train import Run, RunInterrupted, TrainConfig, TrainingDiverged
+from ..runners.results import CONFIG, read_json
+from ..runners.train import Run, RunInterrupted, TrainConfig, TrainingDiverged, resolve_device
 
 HELP = "train a method with the two-stage protocol (bnnbench run --method biper --net resnet18 --data cifar10)"
 
 DEFAULT_DATA = "digits"
+EXIT_WORKER_FAILED = 1
 EXIT_DIVERGED = 3
+# what bnnbench.cli reports as one line (exit 2); a --nproc worker reports the same way
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
 
 # options that define a run: rejected together with --resume (the saved config rules)
 CONFIG_OPTIONS = (
     "method", "net", "data", "data_dir", "recipe", "epochs", "lr", "wd", "warmup", "regularizer", "batch_size",
     "eval_batch_size", "wd_groups", "label_smoothing", "train_subset", "test_subset", "stage2_init", "hp", "skip",
     "act_norm", "real_activations", "stage", "init", "seed", "device", "amp", "channels_last", "compile", "loader",
-    "ffcv_dir", "workers", "augment", "skip_bad_images", "download", "name",
+    "ffcv_dir", "workers", "augment", "skip_bad_images", "download", "sync_bn", "name",
 )  # fmt: skip
 
 
@@ -117,6 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument("--workers", type=int, help="data loading worker processes (default 0)")
     machine.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="training augmentation (default on; digits never augments)")
     machine.add_argument("--skip-bad-images", action="store_true", default=None, help="skip undecodable images (counted in config.json) instead of stopping")
+    machine.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N local processes with DistributedDataParallel (one per GPU on CUDA: NCCL; gloo on CPU); "
+        "--batch-size stays the global batch. Several nodes: torchrun ... -m bnnbench run (README)",
+    )
+    machine.add_argument("--sync-bn", action="store_true", default=None, help="with several processes: SyncBatchNorm (batch statistics over the global batch; CUDA only)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="results", help="results root; runs go to OUT/runs/<run-id>/ (default results)")
@@ -169,29 +193,97 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         net_options={"skip": args.skip} if args.skip else {},
         act_norm=args.act_norm,
         real_activations=bool(args.real_activations),
+        sync_bn=bool(args.sync_bn),
         out=args.out,
         name=args.name,
     )
 
 
+def check_resume_options(args: argparse.Namespace) -> None:
+    given = [f"--{o.replace('_', '-')}" for o in CONFIG_OPTIONS if getattr(args, o) is not None]
+    if given:
+        raise ValueError(f"--resume continues a run with its saved config.json; drop {', '.join(given)}")
+
+
+def resume_command(path: Path, processes: int) -> str:
+    return f"bnnbench run --resume {path}" + (f" --nproc {processes}" if processes > 1 else "")
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc != 1:
+        return launch(args)
     display = Display(quiet=args.quiet)
     if args.resume:
-        given = [f"--{o.replace('_', '-')}" for o in CONFIG_OPTIONS if getattr(args, o) is not None]
-        if given:
-            raise ValueError(f"--resume continues a run with its saved config.json; drop {', '.join(given)}")
+        check_resume_options(args)
         run = Run.resume(args.resume, display=display)
     else:
         run = Run(build_config(args), display=display)
+    processes = distributed.world_size()  # read before execute() leaves the process group
     try:
         run.execute()
     except TrainingDiverged as exc:
-        print(f"bnnbench: training diverged: {exc}", file=sys.stderr)
+        if run.writes:  # every rank stops on the same step; rank 0 speaks for them
+            print(f"bnnbench: training diverged: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except (KeyboardInterrupt, RunInterrupted) as exc:
         signum = exc.signum if isinstance(exc, RunInterrupted) else signal.SIGINT
-        saved = any(run.path.glob("stage*_last.pt"))
-        where = f"finished epochs are saved; continue with: bnnbench run --resume {run.path}" if saved else "no epoch had finished, nothing was kept"
-        print(f"bnnbench: interrupted ({signal.Signals(signum).name}); {where}", file=sys.stderr)
+        if run.writes:
+            saved = any(run.path.glob("stage*_last.pt"))
+            where = f"finished epochs are saved; continue with: {resume_command(run.path, processes)}" if saved else "no epoch had finished, nothing was kept"
+            print(f"bnnbench: interrupted ({signal.Signals(signum).name}); {where}", file=sys.stderr)
         return 128 + int(signum)
     return 0
+
+
+# ======================================================================== --nproc
+def launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: N local processes started by torch's elastic agent (torchrun's engine), each
+    running this command as a rank of one DistributedDataParallel job; returns the first non-zero
+    worker status, or 1 with the reason when a worker died or raised."""
+    nproc = args.nproc
+    if distributed.launched_by_torchrun():
+        raise ValueError("--nproc starts its own processes; under torchrun drop --nproc (torchrun's --nproc_per_node sets the count)")
+    # the errors every worker would hit, once and before anything starts
+    if args.resume:
+        check_resume_options(args)
+        if not (Path(args.resume) / CONFIG).is_file():
+            raise FileNotFoundError(f"{args.resume!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
+        cfg = TrainConfig.from_dict(read_json(Path(args.resume) / CONFIG)["config"])
+    else:
+        cfg = build_config(args)
+        cfg.validate()
+    device = resolve_device(cfg.device)
+    distributed.check_processes(cfg.recipe.batch_size, cfg.sync_bn, device, nproc)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc} needs one GPU per process, but {torch.cuda.device_count()} are visible")
+
+    try:
+        statuses = distributed.launch_local(_worker, (argparse.Namespace(**{**vars(args), "nproc": None}),), nproc)
+    except distributed.WorkersFailed as exc:
+        if args.resume:
+            run_dir = str(args.resume)
+        elif args.name:
+            run_dir = str(Path(args.out) / "runs" / args.name)
+        else:
+            run_dir = "RUN_DIR"
+        where = "" if run_dir != "RUN_DIR" else " (RUN_DIR: the 'run directory' rank 0 printed above)"
+        print(
+            f"bnnbench: distributed training failed: {exc}. Finished epochs are kept; continue with: "
+            f"{resume_command(Path(run_dir), nproc)}{where}",
+            file=sys.stderr,
+        )
+        return EXIT_WORKER_FAILED
+    except distributed.LaunchInterrupted as exc:
+        return 128 + exc.signum  # rank 0 has said where the finished epochs are
+    return next((status for status in statuses if status), 0)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One process of ``--nproc``: this command under the torchrun environment the agent set."""
+    for path in getattr(args, "plugin", []):  # methods registered by plugins, in this process too
+        load_plugin(path)
+    try:
+        return main(args)
+    except USER_ERRORS as exc:
+        print(f"bnnbench: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr)
+        return 2
