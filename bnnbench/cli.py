@@ -16,6 +16,9 @@ from types import ModuleType
 from . import commands
 from .registry import load_plugin
 
+# Errors a user's input causes (unknown method, bad option, missing folder): one clear line, exit 2.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
+
 
 def _command_modules() -> dict[str, ModuleType]:
     found = {}
@@ -54,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bnnbench: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as exc:
-        # user errors (unknown method, bad option, missing folder): one clear line, no traceback
+    except USER_ERRORS as exc:
         print(f"bnnbench: error: {exc}", file=sys.stderr)
         return 2
 

@@ -25,8 +25,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..cli import USER_ERRORS
 from ..registry import load_plugin
 from ..runners import distributed
+from ..runners.diagnostics import default_callbacks
 from ..runners.display import Display
 from ..runners.recipes import STAGE2_INIT, WD_GROUPS, Recipe, get_recipe, list_recipes
 from ..runners.results import CONFIG, read_json
@@ -37,8 +39,6 @@ HELP = "train a method with the two-stage protocol (bnnbench run --method biper 
 DEFAULT_DATA = "digits"
 EXIT_WORKER_FAILED = 1
 EXIT_DIVERGED = 3
-# what bnnbench.cli reports as one line (exit 2); a --nproc worker reports the same way
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
 
 # options that define a run: rejected together with --resume (the saved config rules)
 CONFIG_OPTIONS = (
@@ -215,9 +215,9 @@ def main(args: argparse.Namespace) -> int:
     display = Display(quiet=args.quiet)
     if args.resume:
         check_resume_options(args)
-        run = Run.resume(args.resume, display=display)
+        run = Run.resume(args.resume, display=display, callbacks=default_callbacks())
     else:
-        run = Run(build_config(args), display=display)
+        run = Run(build_config(args), display=display, callbacks=default_callbacks())
     processes = distributed.world_size()  # read before execute() leaves the process group
     try:
         run.execute()
