@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from bnnbench.layers import binary_layers
 from bnnbench.metrics import FlipTracker, LayerDiagnostics, model_diagnostics
 
-from .train import EpochCallback, EpochReport
+from .callbacks import EpochCallback, EpochReport
 
 MODEL_COLUMNS = (
     "qe",

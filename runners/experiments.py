@@ -37,7 +37,6 @@ import bnnbench
 from bnnbench.data import DATASETS, DataError
 
 from .catalog import RunRecord, read_run, scan_runs
-from .diagnostics import default_callbacks
 from .display import Display
 from .recipes import Recipe
 from .results import CONFIG
@@ -236,9 +235,9 @@ class _Result:
 
 
 def _train(config: TrainConfig, resume: str | None, quiet: bool) -> _Result:
-    """Train (or resume) one run with the default diagnostics callbacks."""
+    """Train (or resume) one run (with the diagnostics every run records)."""
     display = Display(quiet)
-    run = Run.resume(resume, display=display, callbacks=default_callbacks()) if resume else Run(config, display=display, callbacks=default_callbacks())
+    run = Run.resume(resume, display=display) if resume else Run(config, display=display)
     try:
         run.execute()
     except TrainingDiverged as exc:
@@ -254,7 +253,7 @@ def _train_in_worker(config: TrainConfig, resume: str | None, threads: int) -> _
 
 
 def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] = print, parallel: int = 1) -> Outcome:
-    """Train (or resume) every job that is not done, with the default diagnostics callbacks.
+    """Train (or resume) every job that is not done.
 
     ``parallel`` > 1 trains that many runs at once in worker processes, each
     with ``cores // parallel`` torch threads and plain log lines: on a CPU,

@@ -35,7 +35,10 @@ Diagnostics hook
 ``callbacks`` are :class:`EpochCallback` objects: ``on_epoch_start``,
 ``on_after_backward`` (every step, after the backward pass) and
 ``on_epoch_end`` returning an :class:`EpochReport` whose ``columns`` become
-extra metrics.csv columns and whose ``layers`` rows go to layers.csv.
+extra metrics.csv columns and whose ``layers`` rows go to layers.csv
+(:mod:`bnnbench.runners.callbacks`).  ``callbacks=None`` (the default) records
+the per-layer diagnostics of :mod:`bnnbench.runners.diagnostics`; pass ``()``
+for none.
 
 torch.compile
 -------------
@@ -93,6 +96,8 @@ import bnnbench
 from bnnbench.data import make_data
 
 from . import distributed
+from .callbacks import EpochCallback, EpochReport
+from .diagnostics import default_callbacks
 from .display import Display
 from .optim import make_optimizer, make_scheduler
 from .recipes import Recipe, get_recipe
@@ -182,29 +187,6 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-# ======================================================================== diagnostics hook
-@dataclass
-class EpochReport:
-    """What a callback adds at the end of an epoch: metrics.csv columns and layers.csv rows."""
-
-    columns: dict[str, float] = field(default_factory=dict)
-    layers: list[dict[str, Any]] = field(default_factory=list)
-
-
-class EpochCallback:
-    """Per-epoch diagnostics (per-layer QE, grad norms, flip rate, ...); override what you need."""
-
-    def on_epoch_start(self, stage: int, epoch: int, model: nn.Module) -> None:
-        """Before the first step of an epoch (e.g. snapshot the binary weights)."""
-
-    def on_after_backward(self, stage: int, epoch: int, step: int, model: nn.Module) -> None:
-        """After each backward pass, before the optimiser step (gradients are populated)."""
-
-    def on_epoch_end(self, stage: int, epoch: int, model: nn.Module) -> EpochReport:
-        """After the epoch's evaluation; returned values are logged with the epoch."""
-        return EpochReport()
 
 
 # ======================================================================== helpers
@@ -365,7 +347,7 @@ class Run:
         path: Path | None = None,
         *,
         display: Display | None = None,
-        callbacks: Sequence[EpochCallback] = (),
+        callbacks: Sequence[EpochCallback] | None = None,
     ) -> None:
         cfg.validate()
         self.cfg, self.fresh = cfg, path is None
@@ -380,10 +362,11 @@ class Run:
             raise
         self.writes = distributed.is_main_process()
         self.display = (display or Display()) if self.writes else distributed.SilentDisplay()
-        self.callbacks = callbacks
+        # None: the diagnostics every run records (per-layer QE, b, grad norms, flips, dead weights)
+        self.callbacks = default_callbacks() if callbacks is None else list(callbacks)
 
     @classmethod
-    def resume(cls, path: str | Path, *, display: Display | None = None, callbacks: Sequence[EpochCallback] = ()) -> Run:
+    def resume(cls, path: str | Path, *, display: Display | None = None, callbacks: Sequence[EpochCallback] | None = None) -> Run:
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
@@ -713,12 +696,12 @@ class Run:
             torch.cuda.synchronize(device)
 
 
-def run_training(cfg: TrainConfig, *, quiet: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, *, quiet: bool = False, callbacks: Sequence[EpochCallback] | None = None) -> dict[str, Any]:
     """Train a fresh run (library entry point; the CLI is ``bnnbench run``)."""
     return Run(cfg, display=Display(quiet), callbacks=callbacks).execute()
 
 
-def resume_training(path: str | Path, *, quiet: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
+def resume_training(path: str | Path, *, quiet: bool = False, callbacks: Sequence[EpochCallback] | None = None) -> dict[str, Any]:
     """Continue the run in ``path`` from its latest checkpoint."""
     return Run.resume(path, display=Display(quiet), callbacks=callbacks).execute()
 

@@ -12,9 +12,14 @@ from PIL import Image
 from bnnbench.data import extract_archive
 from bnnbench.data.cache import cache_root
 
-# ../shared/data/cifar10-jpeg.tar next to the repository; BNNBENCH_CIFAR10_TAR overrides it.
+# The shared CIFAR-10 JPEG copy: $BNNBENCH_CIFAR10_TAR, else ../shared/data next to the repository,
+# else the workplace's /work/shared/data (where a clone elsewhere, such as CI's, still finds it).
+_TAR_CANDIDATES = [
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar",
+    Path("/work/shared/data/cifar10-jpeg.tar"),
+]
 CIFAR10_TAR = Path(
-    os.environ.get("BNNBENCH_CIFAR10_TAR", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar")
+    os.environ.get("BNNBENCH_CIFAR10_TAR") or next((p for p in _TAR_CANDIDATES if p.is_file()), _TAR_CANDIDATES[0])
 )
 # The cache of the session (read before any test points BNNBENCH_CACHE at a private folder), so the
 # extraction is shared by every test and kept for later sessions.

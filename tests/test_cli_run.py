@@ -17,7 +17,7 @@ from bnnbench.runners.train import TIMING_COLUMNS
 pytestmark = pytest.mark.usefixtures("private_cache")  # generated folders' decode caches stay out of ~/.cache
 
 SMALL = ["--net", "resnet20", "--recipe", "quick", "--batch-size", "16", "--quiet"]
-RUN_FILES = {"config.json", "metrics.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
+RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 
 def run(out: Path, *args: str) -> int:
@@ -65,7 +65,7 @@ def test_cifar10_subset_both_stages_writes_a_complete_run_directory(tmp_path, ci
         assert 0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100 and float(r["train_images_per_s"]) > 0
     final = json.loads((path / "final.json").read_text())
     assert final["status"] == "finished" and final["final_test_top1"] == float(metrics[-1]["test_top1"])
-    for name in RUN_FILES - {"config.json", "metrics.csv", "final.json"}:
+    for name in RUN_FILES - {"config.json", "metrics.csv", "layers.csv", "final.json"}:
         assert torch.load(path / name, weights_only=True)["stage"] == int(name[5])
     printed = capsys.readouterr().out
     assert "stage 1 epoch 1/1" in printed and "stage 2 epoch 1/1" in printed and str(path) in printed
@@ -88,7 +88,7 @@ def test_stages_separately_with_overrides_saved_in_the_config(tmp_path, capsys):
     ]  # fmt: skip
     assert run(out, *common, *stage1) == 0
     s1 = out / "runs" / "s1"
-    assert {p.name for p in s1.iterdir()} == {"config.json", "metrics.csv", "final.json", "stage1_last.pt", "stage1_best.pt"}
+    assert {p.name for p in s1.iterdir()} == {"config.json", "metrics.csv", "layers.csv", "final.json", "stage1_last.pt", "stage1_best.pt"}
     config = json.loads((s1 / "config.json").read_text())
     recipe = config["config"]["recipe"]
     assert (recipe["stage1"], recipe["stage2"]) == (

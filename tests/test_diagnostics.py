@@ -91,7 +91,7 @@ def test_logged_values_equal_metrics_on_the_saved_weights(logged_run):
 
 def test_callback_does_not_change_training(logged_run, tmp_path):
     """Same seed without the callback: every training and test number is identical."""
-    run_training(tiny_config(tmp_path / "results"), quiet=True)
+    run_training(tiny_config(tmp_path / "results"), quiet=True, callbacks=())
     plain = pd.read_csv(only_run(tmp_path / "results") / "metrics.csv")
     logged = pd.read_csv(logged_run / "metrics.csv")
     assert not (only_run(tmp_path / "results") / "layers.csv").exists()

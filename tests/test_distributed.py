@@ -33,14 +33,15 @@ from bnnbench.data.sampling import shard
 from bnnbench.runners.distributed import TORCHRUN_ENV, unpadded_share
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.results import load_checkpoint
-from bnnbench.runners.train import TIMING_COLUMNS, EpochCallback, EpochReport, TrainConfig, run_training
+from bnnbench.runners.callbacks import EpochCallback, EpochReport
+from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, run_training
 
 TEST_IMAGES = 51  # odd: each rank's shard holds 26 positions, rank 1's last one a repeat
 ARGS = [
     "--device", "cpu", "--net", "resnet20", "--recipe", "quick", "--train-subset", "64", "--test-subset", str(TEST_IMAGES),
     "--batch-size", "16", "--eval-batch-size", "50", "--epochs", "2,1", "--quiet",
 ]  # fmt: skip
-RUN_FILES = {"config.json", "metrics.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
+RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 # Test-side only: a plugin module, imported by every worker (--plugin), that makes rank 1 kill itself
 # with SIGKILL when stage 1's second epoch starts (progress (2 - 1) / 2), after epoch 1's checkpoint.

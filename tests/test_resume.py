@@ -19,7 +19,9 @@ from torch import nn
 
 from bnnbench.cli import main as cli_main
 from bnnbench.runners.recipes import get_recipe
-from bnnbench.runners.train import TIMING_COLUMNS, EpochCallback, TrainConfig, resume_training, run_training
+from bnnbench.runners.callbacks import EpochCallback
+from bnnbench.runners.diagnostics import default_callbacks
+from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, resume_training, run_training
 
 ARGS = ["--net", "resnet20", "--data", "digits", "--recipe", "quick", "--train-subset", "96", "--test-subset", "40", "--batch-size", "16", "--epochs", "2,1"]
 
@@ -107,7 +109,7 @@ class Snapshot(EpochCallback):
 def test_resume_from_every_epoch_boundary_and_with_a_metrics_row_ahead_of_its_checkpoint(tmp_path, reference):
     out = tmp_path / "results"
     snapshot = Snapshot(out, at=[(1, 1), (1, 2), (2, 1)])
-    run_training(config(out, "full"), quiet=True, callbacks=[snapshot])
+    run_training(config(out, "full"), quiet=True, callbacks=[*default_callbacks(), snapshot])
     same_outcome(out / "runs" / "full", reference)  # a callback that reports nothing changes nothing
 
     # killed after metrics.csv got the row of an epoch but before that epoch's checkpoint was written

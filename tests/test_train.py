@@ -13,10 +13,12 @@ import torch
 from torch import Tensor, nn
 
 import bnnbench
+from bnnbench import registry
 from bnnbench.runners.optim import WarmupCosine, decayed_parameters, make_optimizer
 from bnnbench.runners.recipes import Recipe, get_recipe, list_recipes
 from bnnbench.runners.results import load_checkpoint
-from bnnbench.runners.train import TIMING_COLUMNS, EpochCallback, EpochReport, TrainConfig, TrainingDiverged, run_training
+from bnnbench.runners.callbacks import EpochCallback, EpochReport
+from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, TrainingDiverged, run_training
 
 
 def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
@@ -230,8 +232,6 @@ def test_same_seed_gives_bit_identical_metrics_and_weights(tmp_path):
 
 
 # ---------------------------------------------------------------- divergence
-@bnnbench.register_method("test-nan-later")
-@dataclass
 class NanInSecondHalf(bnnbench.Method):
     """sign-STE whose weights turn NaN once training progress reaches 1/2: a run that diverges in epoch 2."""
 
@@ -240,8 +240,16 @@ class NanInSecondHalf(bnnbench.Method):
         return out * math.nan if progress >= 0.5 else out
 
 
-def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, method="test-nan-later")
+@pytest.fixture
+def nan_method(monkeypatch):
+    """Registers "test-nan-later" in a private copy of the method table (other tests see the built-ins only)."""
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    bnnbench.register_method("test-nan-later")(NanInSecondHalf)
+    return "test-nan-later"
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, nan_method):
+    cfg = tiny_config(tmp_path, method=nan_method)
     cfg.recipe.stage2.epochs = 2
     with pytest.raises(TrainingDiverged, match=r"stage 2, epoch 2, step 1/4: the training loss is nan.*stage2_last\.pt \(stage 2, epoch 1\)"):
         run_training(cfg, quiet=True)

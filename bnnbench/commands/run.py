@@ -28,7 +28,6 @@ import torch
 from ..cli import USER_ERRORS
 from ..registry import load_plugin
 from ..runners import distributed
-from ..runners.diagnostics import default_callbacks
 from ..runners.display import Display
 from ..runners.recipes import STAGE2_INIT, WD_GROUPS, Recipe, get_recipe, list_recipes
 from ..runners.results import CONFIG, read_json
@@ -215,9 +214,9 @@ def main(args: argparse.Namespace) -> int:
     display = Display(quiet=args.quiet)
     if args.resume:
         check_resume_options(args)
-        run = Run.resume(args.resume, display=display, callbacks=default_callbacks())
+        run = Run.resume(args.resume, display=display)
     else:
-        run = Run(build_config(args), display=display, callbacks=default_callbacks())
+        run = Run(build_config(args), display=display)
     processes = distributed.world_size()  # read before execute() leaves the process group
     try:
         run.execute()
