@@ -13,6 +13,8 @@ from .method import Method
 from .models import build_model, list_nets, register_net
 from .registry import get_method, list_methods, load_plugin, register_method
 
+from . import methods  # noqa: E402,F401  (registers the built-in binarizers)
+
 __version__ = "0.1.0"
 
 __all__ = [

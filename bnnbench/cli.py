@@ -14,10 +14,8 @@ import sys
 from types import ModuleType
 
 from . import commands
+from .errors import USER_ERRORS
 from .registry import load_plugin
-
-# Errors a user's input causes (unknown method, bad option, missing folder): one clear line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
 
 
 def _command_modules() -> dict[str, ModuleType]:

@@ -5,7 +5,8 @@ Forward of a binary layer (stage 2)::
     a_b = method.activation(a0, **activation_params)
                                      a0 = a / sqrt(var_{C,H,W}(a) + 1e-5) per sample
                                      in training when act_norm (upstream BiPer/ReCU),
-                                     a otherwise; sign(a0) = sign(a) either way
+                                     a otherwise; a positive per-sample scale, so
+                                     sign(a0) = sign(a): the forward is unchanged
     w_b = method.weight(w)           sign with the method's surrogate and scale
     y   = conv(a_b, w_b) * alpha     alpha: learned per output channel when the
                                      method's scale is "learned_alpha"
@@ -13,7 +14,9 @@ Forward of a binary layer (stage 2)::
 ``activation_params`` are the learnable per-layer tensors a method asks for
 through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
 they live in ``layer.activation_params`` and exist only when the layer's
-activations are binary.
+activations are binary.  A method with such a threshold refuses ``act_norm``:
+sign(a0 + beta) would differ from sign(a + beta), so training and evaluation
+would run different networks.
 
 Training progress ``p`` (for schedules) and the stage are plain attributes set
 for a whole model with :func:`set_progress` and :func:`set_stage`.
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .method import Method
 from .registry import get_method
 
@@ -65,6 +69,11 @@ class _BinaryMixin:
         else:
             self.register_parameter("alpha", None)  # type: ignore[attr-defined]
         initial = self.method.activation_parameters(in_features, spatial_dims) if self.binary_activations else {}
+        if initial and self.act_norm:
+            raise ConfigError(
+                f"method {self.method.name!r} learns activation parameters ({', '.join(initial)}); act_norm would change "
+                "its forward (sign(a0 + beta) != sign(a + beta)): use --no-act-norm"
+            )
         self.activation_params = nn.ParameterDict({name: nn.Parameter(value) for name, value in initial.items()})
 
     @property

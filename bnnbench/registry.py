@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .errors import ConfigError, UnknownMethodError
 from .method import SCALES, Method
 
 ENTRY_POINT_GROUP = "bnnbench.methods"
@@ -24,14 +25,8 @@ ENTRY_POINT_GROUP = "bnnbench.methods"
 M = TypeVar("M", bound=type[Method])
 
 _METHODS: dict[str, type[Method]] = {}
+_PLUGINS: list[str] = []  # plugin files loaded in this process (worker processes load them again)
 _loaded = False
-
-
-class UnknownMethodError(KeyError):
-    """A method name that is not registered."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0])
 
 
 def register_method(name: str) -> Callable[[M], M]:
@@ -49,8 +44,11 @@ def register_method(name: str) -> Callable[[M], M]:
         if cls.scale not in SCALES:
             raise ValueError(f"method {name!r}: scale {cls.scale!r} is not one of {SCALES}")
         existing = _METHODS.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(
+                f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+                f"register {cls.__module__}.{cls.__qualname__} under another name"
+            )
         cls.name = name
         _METHODS[name] = cls
         return cls
@@ -83,6 +81,12 @@ def load_plugin(path: str | Path) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
+    _PLUGINS.append(str(path.resolve()))
+
+
+def loaded_plugins() -> list[str]:
+    """Absolute paths of the plugin files loaded so far (for worker processes to load them too)."""
+    return list(_PLUGINS)
 
 
 def list_methods() -> list[str]:
@@ -111,21 +115,30 @@ def get_method(name: str, **hparams: Any) -> Method:
     unknown = sorted(set(hparams) - set(fields))
     if unknown:
         valid = ", ".join(f"{k}={f.default!r}" for k, f in fields.items()) or "none"
-        raise TypeError(f"method {name!r} has no hyper-parameter {', '.join(map(repr, unknown))}; valid: {valid}")
+        raise ConfigError(f"method {name!r} has no hyper-parameter {', '.join(map(repr, unknown))}; valid: {valid}")
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(name, k, v, hints.get(k)) for k, v in hparams.items()}
     return cls(**values)
 
 
 def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
-    if not isinstance(value, str) or hint in (None, str):
+    """``value`` as the field's type: strings from the command line are parsed, ints widen to float,
+    anything else of the wrong type is refused (so that 20 and 20.0 name the same run)."""
+    if hint not in (bool, int, float, str):
         return value
-    try:
+    bad = ConfigError(f"method {method!r}: hyper-parameter {key}={value!r} is not a valid {hint.__name__}")
+    if isinstance(value, str) and hint is not str:
         if hint is bool:
             lowered = value.lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(value)
+                raise bad
             return lowered in ("1", "true", "yes")
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"method {method!r}: hyper-parameter {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+        try:
+            return hint(value)
+        except ValueError:
+            raise bad from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise bad
+    return value

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import bnnbench
+from bnnbench import registry
 from bnnbench.data import DATASETS, DataError
 
 from .catalog import RunRecord, read_run, scan_runs
@@ -232,6 +233,7 @@ class _Result:
     diverged: str | None = None
     data_error: str | None = None
     data_missing: bool = False
+    failed: str | None = None  # any other error (in a worker process)
 
 
 def _train(config: TrainConfig, resume: str | None, quiet: bool) -> _Result:
@@ -247,9 +249,17 @@ def _train(config: TrainConfig, resume: str | None, quiet: bool) -> _Result:
     return _Result(str(run.path))
 
 
-def _train_in_worker(config: TrainConfig, resume: str | None, threads: int) -> _Result:
+def _init_worker(threads: int, plugins: list[str]) -> None:
     torch.set_num_threads(threads)
-    return _train(config, resume, quiet=True)
+    for path in plugins:  # methods registered from plugin files exist in this process too
+        bnnbench.load_plugin(path)
+
+
+def _train_in_worker(config: TrainConfig, resume: str | None) -> _Result:
+    try:
+        return _train(config, resume, quiet=True)
+    except Exception as exc:  # reported by the parent; the other workers go on
+        return _Result(None, failed=f"{type(exc).__name__}: {exc}")
 
 
 def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] = print, parallel: int = 1) -> Outcome:
@@ -280,6 +290,9 @@ def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] 
         outcome.trained.append(job)
         if result.diverged:
             log(f"    diverged ({job.experiment.describe()}): {result.diverged}")
+        if result.failed:
+            job.note = "failed"
+            log(f"    failed ({job.experiment.describe()}): {result.failed}")
         if result.data_error:
             outcome.stopped = result.data_error
             log(f"    stopped: {result.data_error}")
@@ -302,21 +315,22 @@ def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] 
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")  # no forked OpenMP/numba state
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=_init_worker, initargs=(threads, registry.loaded_plugins()))
+    try:
         futures = {}
         for i, job in enumerate(todo, start=1):
             announce(i, job)
             resume = str(job.record.path) if job.record else None
-            futures[pool.submit(_train_in_worker, job.config, resume, threads)] = job
+            futures[pool.submit(_train_in_worker, job.config, resume)] = job
         for future in as_completed(futures):
             job = futures[future]
             result = future.result()
             log(f"    done: {job.experiment.describe()}, seed {job.seed}")
             if not settle(job, result):
-                for other in futures:
-                    other.cancel()
                 mark_data_problem(result.data_missing)
                 break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # queued runs are dropped; running ones finish or save
     return outcome
 
 

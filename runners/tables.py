@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 import re
-import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -40,11 +40,6 @@ from .catalog import RunRecord
 from .experiments import Experiment, Job, Plan, execute, plan
 from .recipes import Recipe
 from .results import write_text
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 TABLE_NUMBERS = (1, 2, 3, 4)
 NOT_IMPLEMENTED = "not in bnnbench"
@@ -290,7 +285,12 @@ def caption(spec: TableSpec, recipe: Recipe, seeds: int, records: list[RunRecord
         f"Table {spec.number}: {spec.title}.",
         (
             f"Measured by bnnbench with budget {_recipe_summary(recipe)}, {seeds} seed{'s' if seeds > 1 else ''} "
-            "(mean ± sample sd when more than one), values at the last epoch of each stage (no selection on the test set)."
+            "(mean ± sample sd when more than one), values at the last epoch of each stage"
+            + (
+                "; stage 2 starts from the stage-1 epoch with the best test top-1 (selection on the test set, as upstream)."
+                if recipe.stage2_init == "best"
+                else " (no selection on the test set)."
+            )
         ),
         f"Data: {'; '.join(data)}.",
         f"Runs made on {', '.join(machines) or 'no machine yet'}, {when}.",

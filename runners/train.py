@@ -75,6 +75,8 @@ epoch, rank).)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import random
 import shutil
@@ -206,12 +208,15 @@ def seed_everything(seed: int) -> None:
 
 
 def new_run_id(cfg: TrainConfig) -> str:
+    """net-method-data-seed-timestamp-hash; the short hash of the whole configuration keeps runs that
+    differ only in hyper-parameters or recipe apart when they start in the same second (parallel jobs)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.net.replace('/', '_')}-{cfg.method}-{cfg.data}-s{cfg.seed}-{stamp}"
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{cfg.net.replace('/', '_')}-{cfg.method}-{cfg.data}-s{cfg.seed}-{stamp}-{digest}"
 
 
 def choose_run_dir(cfg: TrainConfig) -> Path:
-    """``<out>/runs/<--name or net-method-data-seed-timestamp>``; the directory is made when training starts."""
+    """``<out>/runs/<--name or net-method-data-seed-timestamp-hash>``; the directory is made when training starts."""
     runs = Path(cfg.out) / "runs"
     if cfg.name:
         path = runs / cfg.name
@@ -523,6 +528,10 @@ class Run:
             ended = time.perf_counter()
             if not math.isfinite(test["test_loss"]):
                 raise TrainingDiverged(f"stage {stage}, epoch {epoch}, evaluation: the test loss is {test['test_loss']}")
+            # sign(NaN) is a valid -1: NaN latent weights can hide behind a finite loss
+            broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+            if broken:
+                raise TrainingDiverged(f"stage {stage}, epoch {epoch}: non-finite parameters ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
             scheduler.step()
 
             reports = [cb.on_epoch_end(stage, epoch, model) for cb in self.callbacks]

@@ -334,3 +334,43 @@ def test_parallel_workers_reproduce_the_sequential_runs(demo, tmp_path):
     sequential = pd.read_csv(demo["trained"].paths[2]).drop(columns=["run_id"], errors="ignore")
     in_workers = pd.read_csv(parallel.paths[2]).drop(columns=["run_id"], errors="ignore")
     pd.testing.assert_frame_equal(sequential, in_workers)
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+import bnnbench
+
+@bnnbench.register_method("test-plugin-ste")
+@dataclass
+class PluginSTE(bnnbench.Method):
+    """sign-STE defined outside the package."""
+
+@bnnbench.register_method("test-plugin-boom")
+@dataclass
+class Boom(bnnbench.Method):
+    """Fails when stage 2 starts."""
+
+    def weight(self, w, progress=0.0, stage=2):
+        if stage == 2:
+            raise RuntimeError("boom in stage 2")
+        return super().weight(w, progress, stage)
+'''
+
+
+def test_parallel_workers_load_plugins_and_a_failing_run_does_not_block_the_others(tmp_path, monkeypatch):
+    from bnnbench import registry
+
+    registry.list_methods()  # built-ins and entry points loaded before the copy
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_PLUGINS", [])
+    plugin = tmp_path / "plugin_methods.py"
+    plugin.write_text(PLUGIN)
+    bnnbench.load_plugin(plugin)
+    experiments = [Experiment.make("digits", "resnet20", m) for m in ("test-plugin-ste", "test-plugin-boom")]
+    runs = plan(experiments, [0], tiny_recipe(), tmp_path / "results")
+    logged: list[str] = []
+    outcome = execute(runs.jobs, log=logged.append, parallel=2)
+    ok, boom = (runs.job(exp, 0) for exp in experiments)
+    assert ok.status == "finished" and outcome.stopped is None
+    assert boom.status != "finished" and boom.note == "failed"
+    assert any("boom in stage 2" in line for line in logged)

@@ -243,6 +243,7 @@ class NanInSecondHalf(bnnbench.Method):
 @pytest.fixture
 def nan_method(monkeypatch):
     """Registers "test-nan-later" in a private copy of the method table (other tests see the built-ins only)."""
+    registry.list_methods()  # built-ins and entry points loaded before the copy
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     bnnbench.register_method("test-nan-later")(NanInSecondHalf)
     return "test-nan-later"
@@ -289,3 +290,22 @@ def test_bf16_autocast_and_channels_last_paths_run_on_cpu(tmp_path):
         assert probe.channels_last == amp
         assert all(math.isfinite(float(row[k])) for k in ("train_loss", "test_loss"))
     assert runs[True]["train_loss"] != runs[False]["train_loss"]
+
+
+class NanIntoOneLatentWeight(EpochCallback):
+    """Writes NaN into one gradient entry of the first binary layer in stage 2: the SGD step makes that
+    latent weight NaN, which sign() maps to -1, so the loss stays finite."""
+
+    def on_after_backward(self, stage: int, epoch: int, step: int, model: nn.Module) -> None:
+        if stage == 2:
+            _, layer = next(bnnbench.binary_layers(model))
+            layer.weight.grad.view(-1)[0] = math.nan
+
+
+def test_non_finite_latent_weights_behind_a_finite_loss_stop_the_run(tmp_path):
+    cfg = tiny_config(tmp_path, method="sign-ste")
+    with pytest.raises(TrainingDiverged, match=r"stage 2, epoch 1: non-finite parameters \(stages\.0\.0\.conv1\.weight\)"):
+        run_training(cfg, quiet=True, callbacks=[NanIntoOneLatentWeight()])
+    path = run_dir(cfg)
+    assert [p.name for p in sorted(path.glob("stage2_*"))] == []  # the NaN model was not checkpointed
+    assert load_checkpoint(path / "stage1_last.pt")["stage"] == 1

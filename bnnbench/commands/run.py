@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..cli import USER_ERRORS
+from ..errors import USER_ERRORS
 from ..registry import load_plugin
 from ..runners import distributed
 from ..runners.display import Display
@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="results", help="results root; runs go to OUT/runs/<run-id>/ (default results)")
-    output.add_argument("--name", help="run id instead of net-method-data-seed-timestamp")
+    output.add_argument("--name", help="run id instead of net-method-data-seed-timestamp-hash")
     output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     output.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress bars")
 

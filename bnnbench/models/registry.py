@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import resolve_method
 from ..method import Method
 from .blocks import BinarySpec
@@ -81,7 +82,7 @@ def build_model(
     accepted = set(inspect.signature(factory).parameters) - {"spec", "num_classes"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise TypeError(f"network {family}/{name} has no option {', '.join(unknown)}; valid: {', '.join(sorted(accepted)) or 'none'}")
+        raise ConfigError(f"network {family}/{name} has no option {', '.join(unknown)}; valid: {', '.join(sorted(accepted)) or 'none'}")
     if num_classes is None:
         num_classes = 1000 if family == "imagenet" else 10
     spec = BinarySpec(method_obj, stage=stage, act_norm=act_norm, binary_activations=binary_activations)
