@@ -25,6 +25,7 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
+from .io import atomic_write
 from .metrics import quantization_error
 from .registry import get_method
 from .theory import QE_LIMIT, pdf_sin_laplace, qe_laplace, qe_peak
@@ -173,15 +174,7 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike[str], stem: str, dpi: in
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in FORMATS:
-        target = out / f"{stem}.{fmt}"
-        tmp = out / f".{stem}.{fmt}.{os.getpid()}.tmp"
-        try:
-            fig.savefig(tmp, format=fmt, dpi=dpi)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        written.append(target)
+        written.append(atomic_write(out / f"{stem}.{fmt}", lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=dpi)))
     return written
 
 

@@ -30,8 +30,6 @@ the float path, the like-for-like baseline for speed comparisons
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .io import atomic_write
 from .kernels import PackedWeights, binary_conv2d_packed, pack_weights, unpack_weights
 from .layers import BinaryConv2d, BinaryLinear, binary_layers
 from .method import Method
@@ -219,17 +218,8 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
         "packed_layers": list(model.packed_layers),
         "state_dict": model.state_dict(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+    return Path(path)
 
 
 def load_packed(path: str | Path) -> nn.Module:

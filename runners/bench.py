@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import bnnbench
 from bnnbench.kernels import binary_conv2d_packed, output_rows, pack_channels, pack_weights, popcount_peak_gops, xnor_gemm
-from bnnbench.runners.results import write_text
+from bnnbench.io import write_text
 
 # (in channels, out channels, input size, stride) of the binary 3x3 convs of ImageNet ResNet-18
 RESNET18_BINARY_CONVS: tuple[tuple[int, int, int, int], ...] = (

@@ -24,7 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, read_json
+from bnnbench.io import read_json
+
+from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS
 
 DIVERGED_ERROR = "TrainingDiverged"
 

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from .catalog import RunRecord, scan_runs
-from .results import atomic_write
+from bnnbench.io import atomic_write
 
 _SKIPPED_METRICS = ("stage", "epoch", "epochs")
 _FINAL_SKIPPED = ("stages", "run_id", "method", "net", "data", "seed", "recipe", "status", "note", "skipped_bad_images")

@@ -39,7 +39,7 @@ from bnnbench.registry import method_class
 from .catalog import RunRecord
 from .experiments import Experiment, Job, Plan, execute, plan
 from .recipes import Recipe
-from .results import write_text
+from bnnbench.io import write_text
 
 TABLE_NUMBERS = (1, 2, 3, 4)
 NOT_IMPLEMENTED = "not in bnnbench"

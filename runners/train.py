@@ -96,6 +96,7 @@ from torch import Tensor, nn
 
 import bnnbench
 from bnnbench.data import make_data
+from bnnbench.io import read_json, write_json
 
 from . import distributed
 from .callbacks import EpochCallback, EpochReport
@@ -115,11 +116,9 @@ from .results import (
     git_commit,
     load_checkpoint,
     package_versions,
-    read_json,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    write_json,
 )
 
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s")

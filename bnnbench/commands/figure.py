@@ -17,7 +17,7 @@ import pandas as pd
 from .. import figures
 from ..runners.experiments import execute, plan
 from ..runners.recipes import get_recipe, list_recipes
-from ..runners.results import write_text
+from ..io import write_text
 from ..runners.sweep import DEFAULT_NET, DEFAULT_W0, sweep_experiments, sweep_frame
 from ..runners.train import RunInterrupted
 

@@ -30,7 +30,8 @@ from ..registry import load_plugin
 from ..runners import distributed
 from ..runners.display import Display
 from ..runners.recipes import STAGE2_INIT, WD_GROUPS, Recipe, get_recipe, list_recipes
-from ..runners.results import CONFIG, read_json
+from ..io import read_json
+from ..runners.results import CONFIG
 from ..runners.train import Run, RunInterrupted, TrainConfig, TrainingDiverged, resolve_device
 
 HELP = "train a method with the two-stage protocol (bnnbench run --method biper --net resnet18 --data cifar10)"

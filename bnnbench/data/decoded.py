@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .cache import atomic_directory, cache_root, read_json, save_array, write_json
+from ..io import read_json, write_json
+from .cache import atomic_directory, cache_root, save_array
 from .errors import BadImageError, DataError
 from .images import decode_rgb
 from .sampling import balanced_subset

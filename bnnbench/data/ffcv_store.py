@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .cache import read_json, save_array, write_json
+from ..io import read_json, write_json
+from .cache import save_array
 from .errors import BadImageError, DataError, DataNotFoundError
 from .images import decode_rgb
 from .sources import FolderSource

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import read_json, write_bytes, write_json
 from .cache import (
     KNOWN_ARCHIVES,
     atomic_directory,
-    atomic_write_bytes,
     cache_root,
     file_md5,
-    read_json,
-    write_json,
 )
 from .errors import BadImageError, DataError, DataNotFoundError
 from .images import is_image_name
@@ -147,7 +145,7 @@ class TarSource:
                 offsets=np.array(offsets, dtype=np.int64),
                 sizes=np.array(sizes, dtype=np.int64),
             )
-            atomic_write_bytes(cached, buf.getvalue())
+            write_bytes(cached, buf.getvalue())
         with np.load(cached, allow_pickle=False) as z:
             return z["names"].tolist(), z["offsets"], z["sizes"]
 
