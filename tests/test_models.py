@@ -23,6 +23,8 @@ def n_params(model: nn.Module) -> int:
     "net,family,method,expected",
     [
         ("resnet18", "cifar", "biper", 11_005_002),
+        ("resnet20", "cifar", "biper", 270_522),  # 0.27M (upstream's ResNet-20) + 288 alphas
+        ("resnet34", "imagenet", "biper", 21_806_248),  # torchvision 21,797,672 + BN1d 1,024 + 7,552 alphas
         ("resnet18", "imagenet", "biper", 11_694_376),
         ("vgg_small", "cifar", "biper", 4_661_770),
         # full precision: torchvision-style counts without alpha
