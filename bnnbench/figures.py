@@ -142,12 +142,18 @@ def figure4(sweep: pd.DataFrame) -> Figure:
     """Fig. 4: the w0 sweep, from a table with the columns of :data:`SWEEP_COLUMNS`.
 
     Panels: (a) stage-1 Top-1, (b) stage-1 QE with the Laplace prediction
-    ``qe_laplace(w0 b)`` at the measured b, (c) the Laplace scale b, (d) Top-1
+    (the optional column ``qe_theory``, the mean over layers of
+    ``qe_laplace(w0 b_layer)`` as :mod:`bnnbench.runners.sweep` computes it; else
+    ``qe_laplace(w0 b)`` at the layer-mean b), (c) the Laplace scale b, (d) Top-1
     of the full binary model (stage-1 Top-1 dashed for reference).  Rows that
     share a w0 (seeds) are averaged, with +-1 standard deviation bands.
     """
     data = validate_sweep(sweep)
-    data["qe_theory"] = qe_laplace(np.asarray(data["w0"] * data["b"], dtype=float))
+    per_layer = "qe_theory" in sweep
+    if per_layer:
+        data["qe_theory"] = pd.to_numeric(sweep["qe_theory"], errors="coerce").to_numpy()
+    else:
+        data["qe_theory"] = qe_laplace(np.asarray(data["w0"] * data["b"], dtype=float))
     style, context = _style()
     with style, context:
         fig = Figure(figsize=(12.0, 3.2), layout="constrained")
@@ -156,7 +162,8 @@ def figure4(sweep: pd.DataFrame) -> Figure:
         sns.lineplot(y="stage1_top1", ax=ax_a, **line)
         ax_a.set(title="(a) stage 1 Top-1", ylabel="Top-1 (%)")
         sns.lineplot(y="qe", ax=ax_b, label="measured", **line)
-        sns.lineplot(y="qe_theory", ax=ax_b, label=r"Laplace theory at measured $b$", linestyle="--", **line)
+        theory = r"Laplace theory, per-layer $b$" if per_layer else r"Laplace theory at mean $b$"
+        sns.lineplot(y="qe_theory", ax=ax_b, label=theory, linestyle="--", **line)
         ax_b.set(title="(b) stage 1 QE (Eq. 15)", ylabel="QE")
         sns.lineplot(y="b", ax=ax_c, **line)
         ax_c.set(title="(c) Laplace scale b (MLE)", ylabel="b")

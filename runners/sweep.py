@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from bnnbench.figures import SWEEP_COLUMNS
+from bnnbench.theory import qe_laplace
 
+from .catalog import RunRecord
 from .experiments import Experiment, Plan
 
 DEFAULT_W0 = (5.0, 10.0, 20.0, 30.0, 40.0)
@@ -50,8 +53,19 @@ def sweep_frame(experiments: Sequence[Experiment], runs: Plan, seeds: Sequence[i
             for column, (stage, value) in _SOURCES.items():
                 row = job.record.stage_end(stage)
                 line[column] = float(row[value]) if row is not None and value in row else math.nan
+            line["qe_theory"] = _layer_mean_theory(job.record, line["w0"])
             lines.append(line)
-    return pd.DataFrame(lines, columns=[*SWEEP_COLUMNS, "seed", "run_id"])
+    return pd.DataFrame(lines, columns=[*SWEEP_COLUMNS, "qe_theory", "seed", "run_id"])
+
+
+def _layer_mean_theory(record: RunRecord, w0: float) -> float:
+    """Mean over layers of qe_laplace(w0 b_l) at the end of stage 1: the prediction for the logged
+    model QE, which is the mean of the per-layer QEs (QE is not linear in b, so not qe_laplace(w0 mean b))."""
+    layers, end = record.layers, record.stage_end(1)
+    if layers.empty or end is None or "laplace_b" not in layers:
+        return math.nan
+    last = layers[(layers["stage"] == 1) & (layers["epoch"] == end["epoch"])]
+    return float(np.mean(qe_laplace(w0 * last["laplace_b"].to_numpy(dtype=float)))) if len(last) else math.nan
 
 
 __all__ = ["DEFAULT_NET", "DEFAULT_W0", "sweep_experiments", "sweep_frame"]

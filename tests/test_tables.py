@@ -21,6 +21,7 @@ from bnnbench.runners.experiments import Experiment, execute, plan
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.sweep import sweep_experiments, sweep_frame
 from bnnbench.runners.tables import NOT_IMPLEMENTED, load_spec, make_table, parse_spec
+from bnnbench.theory import qe_laplace
 
 SPEC = """
 number = "demo"
@@ -310,6 +311,11 @@ def test_frequency_sweep_reuses_runs_and_feeds_figure4(demo):
     table_run = runs.job(experiments[0], 0).record
     assert sweep["top1"].iloc[0] == table_run.final["final_test_top1"]
     assert sweep["b"].iloc[0] == pytest.approx(table_run.stage_end(1)["laplace_b"])
+    # the theory line averages the per-layer predictions, as the logged QE averages per-layer QEs
+    layers = table_run.layers[(table_run.layers["stage"] == 1) & (table_run.layers["epoch"] == table_run.stage_end(1)["epoch"])]
+    expected = statistics.mean(float(qe_laplace(20.0 * b)) for b in layers["laplace_b"])
+    assert sweep["qe_theory"].iloc[0] == pytest.approx(expected)
+    assert sweep["qe_theory"].iloc[0] != pytest.approx(float(qe_laplace(20.0 * sweep["b"].iloc[0])))
     assert len(figures.figure4(sweep).axes) == 4
 
 
