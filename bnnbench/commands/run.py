@@ -166,6 +166,11 @@ def resolve_recipe(args: argparse.Namespace, family: str) -> Recipe:
     return recipe
 
 
+def _absolute(path: str | None) -> str | None:
+    """Paths are saved absolute, so that --resume works from any working directory."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     data = args.data or DEFAULT_DATA
     family = "imagenet" if data == "imagenet" else "cifar"
@@ -174,18 +179,18 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         method=args.method or "biper",
         net=args.net or ("resnet20" if data == "digits" else "resnet18"),
         data=data,
-        data_dir=args.data_dir,
+        data_dir=_absolute(args.data_dir),
         recipe=resolve_recipe(args, family),
         hparams=dict(args.hp or []),
         stages=stages,
-        init=args.init,
+        init=args.init if args.init in (None, "scratch") else _absolute(args.init),
         seed=0 if args.seed is None else args.seed,
         device=args.device or "auto",
         amp=args.amp,
         channels_last=args.channels_last,
         compile=bool(args.compile),
         loader=args.loader or "auto",
-        ffcv_dir=args.ffcv_dir,
+        ffcv_dir=_absolute(args.ffcv_dir),
         workers=args.workers or 0,
         augment=True if args.augment is None else args.augment,
         skip_bad_images=bool(args.skip_bad_images),
