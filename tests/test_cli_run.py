@@ -45,7 +45,7 @@ def test_cifar10_subset_both_stages_writes_a_complete_run_directory(tmp_path, ci
     args = ["--method", "biper", "--data", "cifar10", "--data-dir", str(cifar10_dir), "--train-subset", "192", "--test-subset", "100"]
     assert run(out, *args, *SMALL, "--epochs", "1,1", "--seed", "5") == 0
     path = only_run(out)
-    assert re.fullmatch(r"resnet20-biper-cifar10-s5-\d{8}-\d{6}", path.name)
+    assert re.fullmatch(r"resnet20-biper-cifar10-s5-\d{8}-\d{6}-[0-9a-f]{6}", path.name)
     assert {p.name for p in path.iterdir()} == RUN_FILES
 
     config = json.loads((path / "config.json").read_text())
