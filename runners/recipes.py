@@ -26,7 +26,8 @@ Presets
     commented out in the upstream ImageNet code, so it is off.
 ``quick``
     A CPU budget for demos and tests: 3 + 2 epochs on 1,024 training images
-    (``bnnbench run``: BiPer ResNet-20 reaches 85-90% on 300 test digits in under a minute of CPU).
+    (``bnnbench run``: BiPer ResNet-20 reached 90.7% on 300 test digits on 2026-11-25, 2 min on 2 shared
+    CPU cores, seed 0).
 ``short``
     A CPU budget for the real CIFAR-10 comparison across methods: upstream CIFAR
     hyper-parameters on fewer epochs and a subset; epochs and subset sizes are the knobs
