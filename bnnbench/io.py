@@ -46,3 +46,19 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
 
 def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_torch(path: str | os.PathLike[str], what: str, how_to_make: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: nothing in the file is unpickled as code.
+
+    A missing or unreadable file is a clear error naming ``what`` it should have been.
+    """
+    import torch  # the only module here that needs torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist" + (f"; {how_to_make}" if how_to_make else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {exc}") from exc

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import atomic_write
+from .io import atomic_write, read_torch
 from .kernels import PackedWeights, binary_conv2d_packed, pack_weights, unpack_weights
 from .layers import BinaryConv2d, BinaryLinear, binary_layers
 from .method import Method
@@ -224,13 +224,7 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
 
 def load_packed(path: str | Path) -> nn.Module:
     """Read a file written by :func:`save_packed` and return the packed model in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"packed model {str(path)!r} does not exist; write one with `bnnbench export RUN_DIR --packed`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read packed model {str(path)!r}: {exc}") from exc
+    payload = read_torch(path, "packed model", "write one with `bnnbench export RUN_DIR --packed`")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a bnnbench packed model (written by `bnnbench export --packed`)")
     if payload.get("version") != VERSION:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnnbench.io import atomic_write, write_text
+from bnnbench.io import atomic_write, read_torch, write_text
 
 CONFIG, METRICS, LAYERS, FINAL, FAILURE = "config.json", "metrics.csv", "layers.csv", "final.json", "failure.json"
 
@@ -46,13 +46,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    state = read_torch(path, "checkpoint")
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{str(path)!r} is not a bnnbench checkpoint (no 'model' state)")
     return state
