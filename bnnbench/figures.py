@@ -8,6 +8,8 @@
   Eq. 15 error of BiPer's own pre-sign tensor on sampled Laplace weights.
 * Figure 4: the frequency sweep (needs training runs): a DataFrame with one row
   per trained model and the columns of :data:`SWEEP_COLUMNS`.
+* Training curves of a comparison (not a paper figure): chosen ``metrics.csv``
+  columns against the epoch, one line per method (:func:`training_curves`).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot
 and no global style change) and written atomically (temp file, then rename).
@@ -175,6 +177,49 @@ def figure4(sweep: pd.DataFrame) -> Figure:
     return fig
 
 
+CURVE_LABELS = {
+    "test_top1": "test Top-1 (%)",
+    "train_loss": "train loss",
+    "qe": "QE (Eq. 15, layer mean)",
+    "qe_l1_upstream": "QE, upstream L1 form",
+    "laplace_b": "Laplace scale b (layer mean)",
+    "flip_rate": "weight flip rate per epoch",
+    "grad_norm_mean": "latent-weight gradient L2 norm",
+    "dead_share": "share with zero surrogate gradient",
+}
+
+
+def training_curves(curves: pd.DataFrame, metrics: Sequence[str]) -> Figure:
+    """One panel per metric against the epoch counted over both stages, one line per ``label``.
+
+    ``curves`` is long-form ``metrics.csv`` data with the columns ``label``,
+    ``stage``, ``epoch`` and the ``metrics``; a dotted vertical line marks where
+    stage 2 begins; several runs with one label (seeds) are averaged, +-1 sd
+    shown.  Runs that did not log a metric (e.g. QE of the
+    full-precision model) are left out of that panel.
+    """
+    missing = sorted({"label", "stage", "epoch", *metrics} - set(curves.columns))
+    if missing:
+        raise ValueError(f"training curves need the column(s) {', '.join(missing)}")
+    if curves.empty or not metrics:
+        raise ValueError("training curves need at least one run and one metric")
+    data = curves.copy()
+    stage1_epochs = int(data.loc[data["stage"] == 1, "epoch"].max()) if (data["stage"] == 1).any() else 0
+    data["global_epoch"] = data["epoch"] + np.where(data["stage"] == 2, stage1_epochs, 0)
+    style, context = _style()
+    with style, context:
+        fig = Figure(figsize=(3.6 * len(metrics), 3.4), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
+        last = len(metrics) - 1
+        for i, (ax, metric) in enumerate(zip(axes, metrics)):
+            sns.lineplot(data=data.dropna(subset=[metric]), x="global_epoch", y=metric, hue="label", marker="o", errorbar="sd", ax=ax, legend=i == last)
+            if stage1_epochs:
+                ax.axvline(stage1_epochs + 0.5, color="0.5", linestyle=":")
+            ax.set(title=CURVE_LABELS.get(metric, metric), xlabel="epoch (stage 1, then stage 2)", ylabel="")
+        sns.move_legend(axes[last], "center left", bbox_to_anchor=(1.02, 0.5), title=None)
+    return fig
+
+
 def save_figure(fig: Figure, out_dir: str | os.PathLike[str], stem: str, dpi: int = 200) -> list[Path]:
     """Write ``fig`` as ``out_dir/stem.png`` (``dpi``) and ``.pdf`` (temp file + rename each); return the paths."""
     out = Path(out_dir)
@@ -196,5 +241,6 @@ __all__ = [
     "figure4",
     "read_sweep",
     "save_figure",
+    "training_curves",
     "validate_sweep",
 ]

@@ -1,6 +1,9 @@
 """The paper's Tables 1-4 from bnnbench runs: spec (TOML), measurements, Markdown and LaTeX.
 
-A table spec (``tables/tableN.toml``, installed as ``bnnbench.tables``) lists
+A table spec (``tables/*.toml``, installed as ``bnnbench.tables``) gives ``number``,
+``title``, ``data`` and optionally ``name`` (the output file stem, default
+``table<number>``), ``curves`` (``metrics.csv`` columns to draw against the epoch
+for every run of the table) and lists
 
 * ``columns``: what is measured, each a ``metrics.csv`` column (``value``) read at
   the last epoch of a stage (``stage = 1``, ``2`` or ``"final"``, the run's last
@@ -13,8 +16,9 @@ A table spec (``tables/tableN.toml``, installed as ``bnnbench.tables``) lists
 
 :func:`make_table` matches every row to finished runs (one per seed, see
 :mod:`runners.experiments`), trains the missing ones unless told not to, and
-writes ``<out>/tables/tableN.md``, ``tableN.tex`` (booktabs) and ``tableN.csv``
-(one line per row, column and seed, naming the run each number comes from).
+writes ``<out>/tables/<stem>.md``, ``<stem>.tex`` (booktabs) and ``<stem>.csv``
+(one line per row, column and seed, naming the run each number comes from), and
+with ``curves`` the figure ``<out>/figures/<stem>_curves.png`` / ``.pdf``.
 Each measured cell is the value of one seed or the mean ± sample standard
 deviation over seeds; a run that has not finished is "missing", never 0.
 """
@@ -34,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from bnnbench.data import DATASETS
+from bnnbench.figures import save_figure, training_curves
 from bnnbench.registry import method_class
 
 from .catalog import RunRecord
@@ -45,7 +50,7 @@ TABLE_NUMBERS = (1, 2, 3, 4)
 NOT_IMPLEMENTED = "not in bnnbench"
 MISSING = "missing"
 
-_TABLE_KEYS = {"number", "title", "data", "stages", "source", "notes", "columns", "rows"}
+_TABLE_KEYS = {"number", "name", "title", "data", "stages", "source", "notes", "columns", "rows", "curves"}
 _COLUMN_KEYS = {"key", "label", "value", "stage", "digits"}
 _ROW_KEYS = {"net", "label", "wa", "method", "hparams", "binary_activations", "data", "stages", "paper", "note"}
 
@@ -91,6 +96,13 @@ class TableSpec:
     columns: list[Column]
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    name: str = ""
+    curves: list[str] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        """File name of the outputs: ``name`` when the spec gives one, else ``table<number>``."""
+        return self.name or f"table{self.number}"
 
     @property
     def family(self) -> str:
@@ -164,21 +176,41 @@ def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
         elif "hparams" in row or "binary_activations" in row:
             raise ValueError(f"{here}: hparams/binary_activations given without a method")
         rows.append(Row(row["net"], row["label"], row["wa"], paper, experiment, row.get("note", "")))
-    return TableSpec(data["number"], data["title"], data["data"], data.get("source", ""), columns, rows, list(data.get("notes", [])))
+    curves = list(data.get("curves", []))
+    if any(not isinstance(c, str) or not c for c in curves):
+        raise ValueError(f"{where}: curves must be a list of metrics.csv column names, got {curves!r}")
+    name = data.get("name", "")
+    if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"{where}: name {name!r} is a file stem: letters, digits, '_', '.', '-' only")
+    return TableSpec(
+        data["number"], data["title"], data["data"], data.get("source", ""), columns, rows, list(data.get("notes", [])), name, curves
+    )
+
+
+def bundled_specs() -> list[str]:
+    """Names of the specs shipped in ``bnnbench.tables`` besides Tables 1-4 (``bnnbench table NAME``)."""
+    names = (p.name.removesuffix(".toml") for p in resources.files("bnnbench.tables").iterdir() if p.name.endswith(".toml"))
+    return sorted(n for n in names if n not in {f"table{k}" for k in TABLE_NUMBERS})
 
 
 def load_spec(table: int | str | Path) -> TableSpec:
-    """Table 1-4 of the paper (a number) or a spec file (a path to a ``.toml``)."""
+    """Table 1-4 of the paper (a number), a spec shipped with bnnbench (its name) or a spec file (a path)."""
     if isinstance(table, int) or str(table).isdigit():
         number = int(table)
         if number not in TABLE_NUMBERS:
             raise ValueError(f"the BiPer paper has tables {', '.join(map(str, TABLE_NUMBERS))}, not {number}")
         text = resources.files("bnnbench.tables").joinpath(f"table{number}.toml").read_text()
         where = f"bnnbench.tables/table{number}.toml"
+    elif str(table) in bundled_specs():
+        text = resources.files("bnnbench.tables").joinpath(f"{table}.toml").read_text()
+        where = f"bnnbench.tables/{table}.toml"
     else:
         path = Path(table)
         if not path.is_file():
-            raise FileNotFoundError(f"table spec {path} does not exist; pass 1, 2, 3, 4 or the path of a .toml spec")
+            shipped = ", ".join(bundled_specs()) or "none"
+            raise FileNotFoundError(
+                f"table spec {path} does not exist; pass 1, 2, 3, 4, a shipped spec ({shipped}) or the path of a .toml spec"
+            )
         text, where = path.read_text(), str(path)
     try:
         data = tomllib.loads(text)
@@ -215,6 +247,22 @@ def measurements(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(lines, columns=["row", "net", "label", "column", "seed", "value", "paper", "status", "note", "run_id"])
+
+
+def curve_frame(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
+    """``metrics.csv`` of every finished run of the table's rows, long-form, with the row's ``label``, ``net`` and ``seed``."""
+    frames = []
+    for row in spec.rows:
+        for seed in seeds:
+            job = runs.job(row.experiment, seed) if row.experiment is not None else None
+            if job is None or job.status != "finished":
+                continue
+            metrics = job.record.metrics.copy()
+            metrics.insert(0, "label", row.label)
+            metrics.insert(1, "net", row.net)
+            metrics.insert(2, "seed", seed)
+            frames.append(metrics)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _cell(values: pd.DataFrame, digits: int, seeds: int) -> str:
@@ -387,7 +435,7 @@ def make_table(
     parallel: int = 1,
     **machine: Any,
 ) -> TableResult:
-    """Match, (train,) measure and write ``<out>/tables/table{number}.{md,tex,csv}``.
+    """Match, (train,) measure and write ``<out>/tables/<stem>.{md,tex,csv}`` (and the curves figure the spec asks for).
 
     ``train=False`` only renders what is already in ``<out>/runs``; ``parallel``
     trains that many runs at once (see :func:`execute`).  ``machine``
@@ -404,11 +452,14 @@ def make_table(
     frame = table_frame(spec, values, seeds)
     folder = Path(out) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"table{spec.number}"
+    stem = spec.stem
     paths = [folder / f"{stem}.md", folder / f"{stem}.tex", folder / f"{stem}.csv"]
     write_text(paths[0], to_markdown(frame, text))
     write_text(paths[1], to_latex(frame, text, f"tab:bnnbench-{stem}"))
     write_text(paths[2], values.to_csv(index=False))
+    curves = curve_frame(spec, runs, seed_list) if spec.curves else pd.DataFrame()
+    if not curves.empty:
+        paths += save_figure(training_curves(curves, spec.curves), Path(out) / "figures", f"{stem}_curves")
     return TableResult(spec, runs, values, frame, text, paths, stopped)
 
 

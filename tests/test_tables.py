@@ -20,7 +20,7 @@ from bnnbench.cli import main as cli_main
 from bnnbench.runners.experiments import Experiment, execute, plan
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.sweep import sweep_experiments, sweep_frame
-from bnnbench.runners.tables import NOT_IMPLEMENTED, load_spec, make_table, parse_spec
+from bnnbench.runners.tables import NOT_IMPLEMENTED, curve_frame, load_spec, make_table, parse_spec
 from bnnbench.theory import qe_laplace
 
 SPEC = """
@@ -380,3 +380,43 @@ def test_parallel_workers_load_plugins_and_a_failing_run_does_not_block_the_othe
     assert ok.status == "finished" and outcome.stopped is None
     assert boom.status != "finished" and boom.note == "failed"
     assert any("boom in stage 2" in line for line in logged)
+
+
+# ---------------------------------------------------------------- named specs and training curves
+def test_a_named_spec_with_curves_writes_its_stem_and_the_curves_of_every_finished_run(demo):
+    text = SPEC.replace('number = "demo"', 'number = "D"\nname = "demo-curves"\ncurves = ["test_top1", "qe"]')
+    spec = parse_spec(tomllib.loads(text))
+    result = make_table(spec, tiny_recipe(), seeds=2, out=demo["out"], train=False, log=quiet_log)
+    names = [p.name for p in result.paths]
+    assert names == ["demo-curves.md", "demo-curves.tex", "demo-curves.csv", "demo-curves_curves.png", "demo-curves_curves.pdf"]
+    assert result.paths[3].parent == demo["out"] / "figures" and result.paths[3].stat().st_size > 10_000
+    assert "Table D: Demo on digits." in result.paths[0].read_text()
+    curves = curve_frame(spec, result.runs, [0, 1])
+    # two finished rows x two seeds x (1 + 1) epochs, each row's label, epochs as logged
+    assert len(curves) == 8 and set(curves["label"]) == {"BiPer", "sign-STE real acts"}
+    assert sorted(curves.groupby(["label", "seed"]).size()) == [2, 2, 2, 2]
+    assert curves.loc[curves["label"] == "BiPer", "qe"].notna().all()
+
+
+def test_spec_name_and_curves_are_checked():
+    data = tomllib.loads(SPEC)
+    with pytest.raises(ValueError, match="name 'a/b' is a file stem"):
+        parse_spec({**data, "name": "a/b"})
+    with pytest.raises(ValueError, match="curves must be a list of metrics.csv column names"):
+        parse_spec({**data, "curves": ["qe", 3]})
+    with pytest.raises(FileNotFoundError, match="a shipped spec \\(comparison-resnet20\\)"):
+        load_spec("no-such-table")
+    frame = pd.DataFrame({"label": ["x"], "stage": [1], "epoch": [1], "qe": [0.1]})
+    with pytest.raises(ValueError, match="need the column\\(s\\) flip_rate"):
+        figures.training_curves(frame, ["qe", "flip_rate"])
+
+
+def test_the_comparison_spec_runs_every_method_on_resnet20_with_the_papers_numbers():
+    spec, t3 = load_spec("comparison-resnet20"), load_spec(3)
+    assert spec.stem == "comparison-resnet20" and spec.curves == ["test_top1", "qe", "flip_rate", "grad_norm_mean"]
+    assert {r.net for r in spec.rows} == {"resnet20"}
+    assert sorted(r.experiment.method for r in spec.rows) == bnnbench.list_methods()
+    biper = next(r for r in spec.rows if r.experiment.method == "biper")
+    assert dict(biper.experiment.hparams) == {"w0": 20.0}
+    paper3 = {r.experiment.method: r.paper["top1"] for r in t3.rows if r.net == "resnet20" and r.experiment and r.paper}
+    assert {r.experiment.method: r.paper["top1"] for r in spec.rows if r.paper} == paper3
