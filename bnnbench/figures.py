@@ -181,12 +181,17 @@ CURVE_LABELS = {
     "test_top1": "test Top-1 (%)",
     "train_loss": "train loss",
     "qe": "QE (Eq. 15, layer mean)",
+    "qe_relative": "QE / E[w_hat^2] (layer mean)",
     "qe_l1_upstream": "QE, upstream L1 form",
     "laplace_b": "Laplace scale b (layer mean)",
     "flip_rate": "weight flip rate per epoch",
     "grad_norm_mean": "latent-weight gradient L2 norm",
     "dead_share": "share with zero surrogate gradient",
 }
+
+
+LOG_SCALE = {"grad_norm_mean", "grad_norm_last", "train_loss"}
+"""Metrics drawn on a log axis (they span orders of magnitude across methods)."""
 
 
 def training_curves(curves: pd.DataFrame, metrics: Sequence[str]) -> Figure:
@@ -211,8 +216,13 @@ def training_curves(curves: pd.DataFrame, metrics: Sequence[str]) -> Figure:
         fig = Figure(figsize=(3.6 * len(metrics), 3.4), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
         last = len(metrics) - 1
+        labels = list(dict.fromkeys(data["label"]))
+        palette = dict(zip(labels, sns.color_palette("tab20", len(labels))))
         for i, (ax, metric) in enumerate(zip(axes, metrics)):
-            sns.lineplot(data=data.dropna(subset=[metric]), x="global_epoch", y=metric, hue="label", marker="o", errorbar="sd", ax=ax, legend=i == last)
+            shown = data.dropna(subset=[metric])
+            sns.lineplot(data=shown, x="global_epoch", y=metric, hue="label", palette=palette, marker="o", errorbar="sd", ax=ax, legend=i == last)
+            if metric in LOG_SCALE and (shown[metric] > 0).all():
+                ax.set_yscale("log")
             if stage1_epochs:
                 ax.axvline(stage1_epochs + 0.5, color="0.5", linestyle=":")
             ax.set(title=CURVE_LABELS.get(metric, metric), xlabel="epoch (stage 1, then stage 2)", ylabel="")
