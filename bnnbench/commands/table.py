@@ -1,10 +1,15 @@
-"""``bnnbench table 1|2|3|4``: train (or reuse) the runs a table of the paper needs and write it.
+"""``bnnbench table 1|2|3|4|NAME|SPEC.toml``: train (or reuse) the runs a table needs and write it.
+
+1-4 are the BiPer paper's tables; NAME a spec shipped in ``tables/`` (``comparison-resnet20``:
+every method on CIFAR-10 ResNet-20 with its weight diagnostics and training curves); or the
+path of your own spec.
 
 Runs are looked up in ``OUT/runs/`` by their resolved configuration; finished
 ones are reused, interrupted ones resumed, missing ones trained one after the
 other (Ctrl-C keeps every finished epoch: run the same command again to go on).
-The table goes to ``OUT/tables/tableN.md``, ``.tex`` (booktabs) and ``.csv``
-(per seed, with the run id of each number).  Exit status: 0 written with every
+The table goes to ``OUT/tables/<stem>.md``, ``.tex`` (booktabs) and ``.csv``
+(per seed, with the run id of each number; the stem is ``tableN`` or the spec's ``name``),
+and a spec's ``curves`` to ``OUT/figures/<stem>_curves.png`` / ``.pdf``.  Exit status: 0 written with every
 run it could make, 2 bad input or data not found (the table is still written,
 its missing runs marked).
 """
@@ -16,14 +21,14 @@ import sys
 
 from ..runners.experiments import plan
 from ..runners.recipes import get_recipe, list_recipes
-from ..runners.tables import describe_plan, load_spec, make_table
+from ..runners.tables import bundled_specs, describe_plan, load_spec, make_table
 from ..runners.train import RunInterrupted
 
-HELP = "regenerate Table 1-4 of the BiPer paper from bnnbench runs (bnnbench table 3 --budget quick)"
+HELP = "regenerate Table 1-4 of the BiPer paper, or a shipped/own table spec, from bnnbench runs (bnnbench table 3 --budget quick)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("table", help="table number (1, 2, 3, 4) or the path of a table spec (.toml)")
+    parser.add_argument("table", help=f"table number (1, 2, 3, 4), a spec shipped with bnnbench ({', '.join(bundled_specs())}) or the path of a table spec (.toml)")
     parser.add_argument("--budget", default="quick", help=f"training recipe of every run: {', '.join(list_recipes())} (default quick)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row, 0..N-1 (default 1); cells show mean ± sd when N > 1")
     parser.add_argument("--data-dir", help="the data set's local copy for new runs (CIFAR-10 folder/.tar, ImageNet folder)")
