@@ -29,11 +29,12 @@ Presets
     (``bnnbench run``: BiPer ResNet-20 reached 90.7% on 300 test digits on 2026-11-25, 2 min on 2 shared
     CPU cores, seed 0).
 ``short``
-    A CPU budget for the real CIFAR-10 comparison across methods: upstream CIFAR
-    hyper-parameters (stage 2 at a third of the epochs, as upstream's 600 + 300) on
-    6 + 3 epochs and a 12,000-image class-balanced subset, sized from measured
-    one-thread ResNet-20 throughput (84-210 images/s per method) so that the 13 runs
-    take about 100 minutes on 2 cores with 2 jobs.
+    A CPU budget for the real CIFAR-10 comparison across methods: upstream CIFAR lr,
+    weight decay and regulariser, batch 128, one warm-up epoch per stage, stage 2 from
+    the last stage-1 epoch (no selection on the test set), 6 + 3 epochs (stage 2 at half
+    of stage 1, as upstream's 600 + 300) on 12,000 training / 2,000 test images of the
+    class-balanced subset; sized from measured one-thread ResNet-20 throughput (84-210
+    images/s per method) so that the 13 runs take about 100 minutes on 2 cores, 2 jobs.
 
 The regulariser's strength (BiPer's tau) is a method hyper-parameter
 (``--hp reg_tau_stage1=...``); the recipe only switches the term on or off.

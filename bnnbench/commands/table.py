@@ -6,12 +6,15 @@ path of your own spec.
 
 Runs are looked up in ``OUT/runs/`` by their resolved configuration; finished
 ones are reused, interrupted ones resumed, missing ones trained one after the
-other (Ctrl-C keeps every finished epoch: run the same command again to go on).
+other, or ``--jobs N`` at once in worker processes (Ctrl-C keeps every finished
+epoch: run the same command again to go on).
 The table goes to ``OUT/tables/<stem>.md``, ``.tex`` (booktabs) and ``.csv``
 (per seed, with the run id of each number; the stem is ``tableN`` or the spec's ``name``),
-and a spec's ``curves`` to ``OUT/figures/<stem>_curves.png`` / ``.pdf``.  Exit status: 0 written with every
-run it could make, 2 bad input or data not found (the table is still written,
-its missing runs marked).
+and a spec's ``curves`` to ``OUT/figures/<stem>_curves.png`` / ``.pdf``.
+
+Exit status: 0 when every run it could make was made (diverged or failed runs
+show as such); 2 on bad input (nothing written) or data not found (the table is
+written, its missing runs marked); 128 + the signal number when interrupted.
 """
 
 from __future__ import annotations
