@@ -135,8 +135,17 @@ class _DyingSamples:
         os._exit(3)
 
 
-def test_a_crashed_writer_process_is_an_error_not_a_hang(tmp_path):
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_crashed_writer_process_is_an_error_not_a_hang(tmp_path, sigint):
+    """Also when SIGINT is ignored, as in a process a shell started with ``nohup ... &``."""
+    import signal
+
     from bnnbench.data.ffcv_store import CIFAR_FIELD, write_beton
 
-    with pytest.raises(DataError, match="writer process died"):
-        write_beton(tmp_path / "x.beton", _DyingSamples(), CIFAR_FIELD, page_size=MIN_PAGE_SIZE, workers=1)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    try:
+        with pytest.raises(DataError, match="writer process died"):
+            write_beton(tmp_path / "x.beton", _DyingSamples(), CIFAR_FIELD, page_size=MIN_PAGE_SIZE, workers=1)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # the watchdog's handler is gone again
+    finally:
+        signal.signal(signal.SIGINT, previous)

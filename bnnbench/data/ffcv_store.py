@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -170,17 +171,31 @@ def _waiting_for_workers(thread_id: int) -> bool:
     return frame is not None and frame.f_code.co_name == "_write_common"
 
 
+class _WriterDied(Exception):
+    """Raised in the main thread by the watchdog's signal when a writer process has died."""
+
+
+def _raise_writer_died(signum: int, frame: Any) -> None:
+    raise _WriterDied
+
+
 @contextlib.contextmanager
 def _writer_watchdog(grace_s: float = 5.0) -> Iterator[None]:
     """Turn FFCV's endless wait for a crashed writer process into an error.
 
     FFCV's ``DatasetWriter`` polls a counter until every sample is written; if a worker process
     dies, it polls forever.  A watcher thread interrupts the main thread when it has been polling
-    for ``grace_s`` seconds with no worker process alive.
+    for ``grace_s`` seconds with no worker process alive.  It interrupts with SIGUSR2 and a
+    handler installed for the duration, not with SIGINT: a process started in the background
+    by a shell (``nohup ... &``, some CI runners) ignores SIGINT, and a real Ctrl-C stays a
+    ``KeyboardInterrupt``.  Off the main thread no handler can be installed and the wait is
+    left as FFCV has it.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     main_id = threading.get_ident()
     finished = threading.Event()
-    fired = threading.Event()
 
     def watch() -> None:
         idle_since = None
@@ -190,22 +205,20 @@ def _writer_watchdog(grace_s: float = 5.0) -> Iterator[None]:
                 continue
             idle_since = idle_since or time.monotonic()
             if time.monotonic() - idle_since > grace_s:
-                fired.set()
-                _thread.interrupt_main()
+                _thread.interrupt_main(signal.SIGUSR2)
                 return
 
+    previous = signal.signal(signal.SIGUSR2, _raise_writer_died)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         yield
-    except KeyboardInterrupt:
-        if fired.is_set():
-            raise DataError(
-                "an FFCV writer process died before finishing (see its traceback above); nothing was written"
-            ) from None
-        raise
+    except _WriterDied:
+        raise DataError("an FFCV writer process died before finishing (see its traceback above); nothing was written") from None
     finally:
         finished.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def check_page_size(page_size: int) -> None:
