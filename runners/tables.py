@@ -187,29 +187,30 @@ def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
     )
 
 
+def _shipped_specs() -> list[str]:
+    """Names (file stems) of every spec in ``bnnbench.tables``, Tables 1-4 included."""
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("bnnbench.tables").iterdir() if p.name.endswith(".toml"))
+
+
 def bundled_specs() -> list[str]:
     """Names of the specs shipped in ``bnnbench.tables`` besides Tables 1-4 (``bnnbench table NAME``)."""
-    names = (p.name.removesuffix(".toml") for p in resources.files("bnnbench.tables").iterdir() if p.name.endswith(".toml"))
-    return sorted(n for n in names if n not in {f"table{k}" for k in TABLE_NUMBERS})
+    return [n for n in _shipped_specs() if n not in {f"table{k}" for k in TABLE_NUMBERS}]
 
 
 def load_spec(table: int | str | Path) -> TableSpec:
     """Table 1-4 of the paper (a number), a spec shipped with bnnbench (its name) or a spec file (a path)."""
     if isinstance(table, int) or str(table).isdigit():
-        number = int(table)
-        if number not in TABLE_NUMBERS:
-            raise ValueError(f"the BiPer paper has tables {', '.join(map(str, TABLE_NUMBERS))}, not {number}")
-        text = resources.files("bnnbench.tables").joinpath(f"table{number}.toml").read_text()
-        where = f"bnnbench.tables/table{number}.toml"
-    elif str(table) in bundled_specs():
-        text = resources.files("bnnbench.tables").joinpath(f"{table}.toml").read_text()
-        where = f"bnnbench.tables/{table}.toml"
+        if int(table) not in TABLE_NUMBERS:
+            raise ValueError(f"the BiPer paper has tables {', '.join(map(str, TABLE_NUMBERS))}, not {int(table)}")
+        table = f"table{int(table)}"
+    if str(table) in _shipped_specs():
+        text, where = resources.files("bnnbench.tables").joinpath(f"{table}.toml").read_text(), f"bnnbench.tables/{table}.toml"
     else:
         path = Path(table)
         if not path.is_file():
-            shipped = ", ".join(bundled_specs()) or "none"
             raise FileNotFoundError(
-                f"table spec {path} does not exist; pass 1, 2, 3, 4, a shipped spec ({shipped}) or the path of a .toml spec"
+                f"table spec {path} does not exist; pass 1, 2, 3, 4, a shipped spec ({', '.join(bundled_specs()) or 'none'}) "
+                "or the path of a .toml spec"
             )
         text, where = path.read_text(), str(path)
     try:
