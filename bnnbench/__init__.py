@@ -1,37 +1,50 @@
 """bnnbench: binary neural network binarizers compared under one protocol.
 
-Public API::
+Public API (imported on first use, so that ``bnnbench --help`` does not load torch)::
 
     register_method(name)        decorator registering a Method subclass
     list_methods(), get_method(name, **hparams)
+    ModelSpec(net, method, act_method=..., ...).build(stage)
     build_model(net, method, num_classes=..., stage=...)
 """
 
-from .functional import sign, surrogate_sign
-from .layers import BinaryConv2d, BinaryLinear, binary_layers, regularization_loss, set_progress, set_stage
-from .method import Method
-from .models import build_model, list_nets, register_net
-from .registry import get_method, list_methods, load_plugin, register_method
+from __future__ import annotations
 
-from . import methods  # noqa: E402,F401  (registers the built-in binarizers)
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BinaryConv2d",
-    "BinaryLinear",
-    "Method",
-    "binary_layers",
-    "build_model",
-    "get_method",
-    "list_methods",
-    "list_nets",
-    "load_plugin",
-    "regularization_loss",
-    "register_method",
-    "register_net",
-    "set_progress",
-    "set_stage",
-    "sign",
-    "surrogate_sign",
-]
+_EXPORTS = {
+    "sign": "functional",
+    "surrogate_sign": "functional",
+    "BinaryConv2d": "layers",
+    "BinaryLinear": "layers",
+    "binary_layers": "layers",
+    "regularization_loss": "layers",
+    "set_progress": "layers",
+    "set_stage": "layers",
+    "Method": "method",
+    "ModelSpec": "models",
+    "build_model": "models",
+    "list_nets": "models",
+    "register_net": "models",
+    "get_method": "registry",
+    "list_methods": "registry",
+    "load_plugin": "registry",
+    "register_method": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bnnbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

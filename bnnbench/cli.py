@@ -2,7 +2,9 @@
 
 Each sub-command is a module in :mod:`bnnbench.commands` defining ``HELP``
 (one line), ``add_arguments(parser)`` and ``main(args) -> int``; modules are
-found automatically, so a new command is a new file.
+found automatically, so a new command is a new file.  Command modules import
+torch, numba, pandas and seaborn inside ``main``, so that ``bnnbench --help``
+and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from types import ModuleType
 
 from . import commands
 from .errors import USER_ERRORS
-from .registry import load_plugin
 
 
 def _command_modules() -> dict[str, ModuleType]:
@@ -49,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        for path in args.plugin:
-            load_plugin(path)
+        if args.plugin:
+            from .registry import load_plugin
+
+            for path in args.plugin:
+                load_plugin(path)
         return int(args._main(args) or 0)
     except KeyboardInterrupt:
         print("bnnbench: interrupted", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Binary layers: ``BinaryConv2d`` and ``BinaryLinear`` take a method by name.
+"""Binary layers: ``BinaryConv2d`` and ``BinaryLinear`` take a weight and an activation binarizer.
 
-Forward of a binary layer (stage 2)::
+``method`` binarizes the weights and ``act_method`` (default: the same method) the inputs,
+as larq's layers take a kernel and an input quantizer.  Forward of a binary layer (stage 2)::
 
-    a_b = method.activation(a0, **activation_params)
+    a_b = act_method.activation(a0, **activation_params)
                                      a0 = a / sqrt(var_{C,H,W}(a) + 1e-5) per sample
                                      in training when act_norm (upstream BiPer/ReCU),
                                      a otherwise; a positive per-sample scale, so
@@ -11,15 +12,20 @@ Forward of a binary layer (stage 2)::
     y   = conv(a_b, w_b) * alpha     alpha: learned per output channel when the
                                      method's scale is "learned_alpha"
 
-``activation_params`` are the learnable per-layer tensors a method asks for
+``activation_params`` are the learnable per-layer tensors the activation method asks for
 through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
 they live in ``layer.activation_params`` and exist only when the layer's
 activations are binary.  A method with such a threshold refuses ``act_norm``:
 sign(a0 + beta) would differ from sign(a + beta), so training and evaluation
 would run different networks.
 
-Training progress ``p`` (for schedules) and the stage are plain attributes set
-for a whole model with :func:`set_progress` and :func:`set_stage`.
+Training progress ``p`` (for schedules) is a 0-dim float64 buffer of every layer, set for a
+whole model with :func:`set_progress`: its value changes every epoch, its identity never, so
+a ``torch.compile``-d model does not recompile when it moves.  The methods' hooks receive it as
+that tensor.  The stage is a plain attribute set with :func:`set_stage`: it changes once per
+run, which costs a compiled model one recompile, while a tensor stage would cost either a host
+synchronisation or both weight paths on every step.  Neither is part of the ``state_dict``
+(checkpoints record stage and epoch, and the loop sets both).
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ def resolve_method(method: str | Method) -> Method:
     return get_method(method) if isinstance(method, str) else method
 
 
+def check_act_norm(method: Method, act_norm: bool) -> None:
+    """act_norm and a learned activation threshold exclude each other: sign(a0 + beta) != sign(a + beta)."""
+    learned = method.activation_parameters(1, 2) if method.binary_activations else {}
+    if learned and act_norm:
+        raise ConfigError(
+            f"method {method.name!r} learns activation parameters ({', '.join(learned)}); act_norm would change "
+            "its forward (sign(a0 + beta) != sign(a + beta)): use --no-act-norm"
+        )
+
+
 class _BinaryMixin:
     """What BinaryConv2d and BinaryLinear share; ``weight`` comes from the torch layer."""
 
@@ -51,6 +67,7 @@ class _BinaryMixin:
     def _setup_binary(
         self,
         method: str | Method,
+        act_method: str | Method | None,
         in_features: int,
         out_features: int,
         spatial_dims: int,
@@ -59,21 +76,20 @@ class _BinaryMixin:
         binary_activations: bool,
     ) -> None:
         self.method = resolve_method(method)
+        self.act_method = self.method if act_method is None else resolve_method(act_method)
+        if not binary_activations:
+            self.act_method = get_method("fp")
         self.stage = stage
-        self.progress = 0.0
-        self.act_norm = self.method.default_act_norm if act_norm is None else act_norm
-        self.binary_activations = self.method.binary_activations and binary_activations
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64), persistent=False)  # type: ignore[attr-defined]
+        self.binary_activations = self.act_method.binary_activations
+        self.act_norm = (self.act_method.default_act_norm if act_norm is None else act_norm) and self.binary_activations
         if self.method.scale == "learned_alpha":
             # upstream BiPer/ReCU initialise alpha uniformly in [0, 1)
             self.alpha = nn.Parameter(torch.rand(out_features, *([1] * spatial_dims)))
         else:
             self.register_parameter("alpha", None)  # type: ignore[attr-defined]
-        initial = self.method.activation_parameters(in_features, spatial_dims) if self.binary_activations else {}
-        if initial and self.act_norm:
-            raise ConfigError(
-                f"method {self.method.name!r} learns activation parameters ({', '.join(initial)}); act_norm would change "
-                "its forward (sign(a0 + beta) != sign(a + beta)): use --no-act-norm"
-            )
+        check_act_norm(self.act_method, self.act_norm)
+        initial = self.act_method.activation_parameters(in_features, spatial_dims) if self.binary_activations else {}
         self.activation_params = nn.ParameterDict({name: nn.Parameter(value) for name, value in initial.items()})
 
     @property
@@ -90,7 +106,7 @@ class _BinaryMixin:
         if self.act_norm and self.training:
             dims = tuple(range(1, x.dim()))
             x = x / torch.sqrt(x.var(dim=dims, keepdim=True) + ACT_NORM_EPS)
-        return self.method.activation(x, progress=self.progress, **self.activation_params)
+        return self.act_method.activation(x, progress=self.progress, **self.activation_params)
 
     def scale_output(self, y: Tensor) -> Tensor:
         return y if self.alpha is None else y * self.alpha
@@ -99,10 +115,12 @@ class _BinaryMixin:
         return self.method.regularizer(self.weight, self.stage)
 
     def binary_repr(self) -> str:
-        return f"method={self.method.name}, stage={self.stage}, act_norm={self.act_norm}, binary_activations={self.binary_activations}"
+        acts = "" if self.act_method is self.method else f", act_method={self.act_method.name}"
+        return f"method={self.method.name}{acts}, stage={self.stage}, act_norm={self.act_norm}, binary_activations={self.binary_activations}"
 
     alpha: nn.Parameter | None
     activation_params: nn.ParameterDict
+    progress: Tensor
 
 
 class BinaryConv2d(_BinaryMixin, nn.Conv2d):
@@ -117,13 +135,14 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         padding: int = 0,
         *,
         method: str | Method,
+        act_method: str | Method | None = None,
         stage: int = 2,
         act_norm: bool | None = None,
         binary_activations: bool = True,
         bias: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self._setup_binary(method, in_channels, out_channels, 2, stage, act_norm, binary_activations)
+        self._setup_binary(method, act_method, in_channels, out_channels, 2, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._conv_forward(self.forward_input(x), self.forward_weight(), self.bias)
@@ -142,13 +161,14 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
         out_features: int,
         *,
         method: str | Method,
+        act_method: str | Method | None = None,
         stage: int = 2,
         act_norm: bool | None = None,
         binary_activations: bool = True,
         bias: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self._setup_binary(method, in_features, out_features, 0, stage, act_norm, binary_activations)
+        self._setup_binary(method, act_method, in_features, out_features, 0, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(), self.bias))
@@ -172,7 +192,7 @@ def set_progress(model: nn.Module, progress: float) -> None:
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must lie in [0, 1], got {progress}")
     for _, layer in binary_layers(model):
-        layer.progress = float(progress)
+        layer.progress.fill_(float(progress))
 
 
 def set_stage(model: nn.Module, stage: int) -> None:
@@ -181,8 +201,6 @@ def set_stage(model: nn.Module, stage: int) -> None:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     for _, layer in binary_layers(model):
         layer.stage = stage
-    if hasattr(model, "bnn_config"):
-        model.bnn_config["stage"] = stage
 
 
 def regularization_loss(model: nn.Module) -> Tensor | None:

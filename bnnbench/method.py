@@ -20,6 +20,11 @@ XNOR-Net writes its scale's share of the gradient into its surrogate).
 Stage 1 (binary activations only) returns ``stage1_weight(w)``: ``w`` for most
 methods, ``sin(w0 w)`` for BiPer (Eq. 10).
 
+Training progress ``p`` reaches the hooks as a :data:`Progress`: a Python float, or the
+0-dim float64 buffer a binary layer holds (so that a compiled model does not recompile when
+it moves).  Schedules are written with torch operations on :func:`as_progress` ``(p)`` and
+work for both.
+
 Activation path: ``activation(a, progress=p, **params)``.  A method that needs
 learnable per-layer tensors (ReActNet's per-channel threshold) returns their
 initial values from ``activation_parameters``; every binary layer registers
@@ -29,7 +34,7 @@ them as parameters and passes them to ``activation`` as keyword arguments.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +42,20 @@ from torch import Tensor
 from .functional import approx_sign_derivative, identity_derivative, surrogate_sign
 
 SCALES: tuple[str, ...] = ("none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two")
+
+Progress = Union[float, Tensor]
+"""Training progress p in [0, 1]: a float, or a binary layer's 0-dim float64 buffer."""
+
+
+def as_progress(progress: Progress) -> Tensor:
+    """``progress`` as a 0-dim float64 tensor (the buffer itself when it is one), for schedule arithmetic."""
+    return progress if isinstance(progress, Tensor) else torch.tensor(float(progress), dtype=torch.float64)
+
+
+def scheduled(progress: Progress, value: Tensor) -> Progress:
+    """A schedule's ``value`` (computed from :func:`as_progress`) in the kind ``progress`` came as:
+    a float for a float, the 0-dim tensor for a layer's buffer."""
+    return value if isinstance(progress, Tensor) else float(value)
 
 
 @dataclasses.dataclass
@@ -64,11 +83,11 @@ class Method:
     scale_in_backward: ClassVar[bool] = True
 
     # ----------------------------------------------------------------- weights
-    def pre_sign(self, w: Tensor, progress: float) -> Tensor:
+    def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:
         """The real tensor the sign is applied to (``w_hat``, used for QE, Eq. 15)."""
         return w
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         """Surrogate d sign(x)/dx at the pre-sign value ``x``."""
         return identity_derivative(x)
 
@@ -80,11 +99,11 @@ class Method:
         """The weight used while only activations are binary (stage 1)."""
         return w
 
-    def binarize_weight(self, w: Tensor, progress: float = 0.0) -> Tensor:
+    def binarize_weight(self, w: Tensor, progress: Progress = 0.0) -> Tensor:
         """+-1 weights whose backward is the method's surrogate (no scale)."""
         return surrogate_sign(self.pre_sign(w, progress), lambda x: self.weight_derivative(x, progress))
 
-    def weight(self, w: Tensor, progress: float = 0.0, stage: int = 2) -> Tensor:
+    def weight(self, w: Tensor, progress: Progress = 0.0, stage: int = 2) -> Tensor:
         """Forward weight of a binary layer at training progress ``progress`` in [0, 1]."""
         _check_stage(stage)
         if stage == 1 or not self.binary_weights:
@@ -96,11 +115,11 @@ class Method:
         return binary * scale if self.scale_in_backward else forward_only_scale(binary, scale)
 
     # ------------------------------------------------------------- activations
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         """Surrogate d sign(a)/da; Bi-Real's ApproxSign (Eq. 7) unless overridden."""
         return approx_sign_derivative(x)
 
-    def activation(self, a: Tensor, progress: float = 0.0) -> Tensor:
+    def activation(self, a: Tensor, progress: Progress = 0.0) -> Tensor:
         """Binary activations sign(a) with the method's surrogate backward.
 
         Methods with :meth:`activation_parameters` accept them here as keyword
@@ -126,7 +145,7 @@ class Method:
         """Extra loss term of one layer's latent weights (None: no term)."""
         return None
 
-    def schedule(self, progress: float) -> dict[str, float]:
+    def schedule(self, progress: Progress) -> dict[str, float]:
         """Values of the scheduled hyper-parameters at ``progress`` (for logs)."""
         return {}
 
@@ -189,4 +208,4 @@ def per_output_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
-__all__ = ["Method", "SCALES", "forward_only_scale", "mean_abs", "per_output_dims"]
+__all__ = ["Method", "Progress", "SCALES", "as_progress", "forward_only_scale", "mean_abs", "per_output_dims", "scheduled"]

@@ -23,15 +23,14 @@ the float path, the like-for-like baseline for speed comparisons
 
 :func:`save_packed` / :func:`load_packed` store the packed model as a
 ``torch.save`` dict of tensors and JSON-able values (read back with
-``weights_only=True``): the architecture is rebuilt with
-:func:`bnnbench.build_model` from ``model.bnn_config``.
+``weights_only=True``): the architecture is rebuilt from the model's
+:class:`~bnnbench.models.ModelSpec` (``model.spec``).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,12 +40,12 @@ from torch import Tensor, nn
 from .io import atomic_write, read_torch
 from .kernels import PackedWeights, binary_conv2d_packed, pack_weights, unpack_weights
 from .layers import BinaryConv2d, BinaryLinear, binary_layers
+from .errors import UnknownMethodError
 from .method import Method
-from .models import build_model
-from .registry import get_method
+from .models import ModelSpec
 
 FORMAT = "bnnbench-packed"
-VERSION = 1
+VERSION = 2
 BACKENDS = ("xnor", "float")
 
 
@@ -67,6 +66,7 @@ class PackedBinaryLayer(nn.Module):
         super().__init__()
         check_packable(layer)
         self.method: Method = layer.method
+        self.act_method: Method = layer.act_method
         self.linear = isinstance(layer, BinaryLinear)
         weight = layer.weight.detach()
         if self.linear:
@@ -89,7 +89,7 @@ class PackedBinaryLayer(nn.Module):
         )
         self.backend = "xnor"
         # the kernel's packing applies sign (sign(0) = +1) itself, unless the method binarizes otherwise
-        self._packing_binarizes = type(self.method).activation is Method.activation and not self.activation_params
+        self._packing_binarizes = type(self.act_method).activation is Method.activation and not self.activation_params
         self._packed: PackedWeights | None = packed
         self._float_weight: Tensor | None = None
         self._packed_version = self.bits._version
@@ -130,7 +130,7 @@ class PackedBinaryLayer(nn.Module):
             if self.backend == "xnor" and self._packing_binarizes:
                 a = x
             else:
-                a = self.method.activation(x, **self.activation_params)
+                a = self.act_method.activation(x, **self.activation_params)
             if self.linear:
                 if a.dim() != 2:
                     raise ValueError(f"a packed linear layer expects (batch, features) inputs, got shape {tuple(a.shape)}")
@@ -172,7 +172,7 @@ def check_packable(layer: nn.Module) -> None:
 def export_packed(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode, frozen) whose binary layers are :class:`PackedBinaryLayer`.
 
-    The copy keeps ``bnn_config`` and lists the replaced layers in
+    The copy keeps ``model.spec`` and lists the replaced layers in
     ``packed_layers``.  Raises ValueError when the model has no binary layer
     or one of them cannot be packed (stage 1, real weights or activations).
     """
@@ -190,8 +190,6 @@ def export_packed(model: nn.Module) -> nn.Module:
         setattr(packed.get_submodule(parent_name), child, replacement)
     packed.eval().requires_grad_(False)
     packed.packed_layers = names
-    if hasattr(model, "bnn_config"):
-        packed.bnn_config = copy.deepcopy(model.bnn_config)
     return packed
 
 
@@ -209,12 +207,12 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
 
 def save_packed(model: nn.Module, path: str | Path) -> Path:
     """Write a packed model (from :func:`export_packed`) atomically; returns the path."""
-    if not hasattr(model, "packed_layers") or not hasattr(model, "bnn_config"):
+    if not hasattr(model, "packed_layers") or not isinstance(getattr(model, "spec", None), ModelSpec):
         raise ValueError("save_packed expects a model from export_packed(model) built with bnnbench.build_model")
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "bnn_config": model.bnn_config,
+        "spec": model.spec.to_dict(),
         "packed_layers": list(model.packed_layers),
         "state_dict": model.state_dict(),
     }
@@ -223,34 +221,21 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_packed(path: str | Path) -> nn.Module:
-    """Read a file written by :func:`save_packed` and return the packed model in eval mode."""
+    """Read a file written by :func:`save_packed` and return the packed model in eval mode.
+
+    Version 1 files (written before model specs) record the network as ``bnn_config``."""
     payload = read_torch(path, "packed model", "write one with `bnnbench export RUN_DIR --packed`")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a bnnbench packed model (written by `bnnbench export --packed`)")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{str(path)!r} has packed-model format version {payload.get('version')}; this bnnbench reads version {VERSION}")
-    model = export_packed(model_from_config(payload["bnn_config"]))
+    version = payload.get("version")
+    if version not in (1, VERSION):
+        raise ValueError(f"{str(path)!r} has packed-model format version {version}; this bnnbench reads versions 1 and {VERSION}")
+    try:
+        spec = ModelSpec.from_legacy(payload["bnn_config"]) if version == 1 else ModelSpec.from_dict(payload["spec"])
+    except UnknownMethodError as exc:
+        raise ValueError(f"{exc}; a plugin method must be loaded first (bnnbench --plugin FILE.py ...)") from None
+    model = export_packed(spec.build(stage=2))
     if model.packed_layers != payload["packed_layers"]:
         raise ValueError(f"{str(path)!r}: the rebuilt network packs layers {model.packed_layers}, the file {payload['packed_layers']}")
     model.load_state_dict(payload["state_dict"])
     return model
-
-
-def model_from_config(bnn_config: dict[str, Any]) -> nn.Module:
-    """Rebuild an (untrained) model from its ``bnn_config`` record."""
-    method = bnn_config["method"]
-    try:
-        method_obj = get_method(method["name"], **method["hparams"])
-    except KeyError as exc:
-        raise ValueError(f"{exc}; a plugin method must be loaded first (bnnbench --plugin FILE.py ...)") from None
-    return build_model(
-        bnn_config["net"],
-        method_obj,
-        num_classes=bnn_config["num_classes"],
-        stage=bnn_config["stage"],
-        family=bnn_config["family"],
-        act_norm=bnn_config["act_norm"],
-        binary_activations=bnn_config["binary_activations"],
-        **bnn_config["options"],
-    )
-

@@ -135,17 +135,22 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], title: str = "") -
 def summarize_net(net: str, method: str, family: str = "cifar", resolution: int | None = None, stage: int = 2, **options: Any) -> ModelSummary:
     """Summary of backbone ``net`` built with ``method`` at ``resolution`` (32 for CIFAR, 224 for ImageNet)."""
     model = build_model(net, method, family=family, stage=stage, **options)
-    size = resolution or RESOLUTIONS[model.bnn_config["family"]]
-    title = f"{model.bnn_config['family']}/{model.bnn_config['net']} + {method} (stage {stage}), {size}x{size} input"
+    size = resolution or RESOLUTIONS[model.spec.family]
+    title = f"{model.spec.family}/{model.spec.net} + {method} (stage {stage}), {size}x{size} input"
     return summarize(model, (3, size, size), title=title)
 
 
+def _saved_buffers(module: nn.Module) -> list[Tensor]:
+    """The module's own buffers that its state_dict stores (not the training progress a binary layer holds)."""
+    return [b for name, b in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set]
+
+
 def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(t.is_floating_point() for t in module.buffers(recurse=False))
+    return any(True for _ in module.parameters(recurse=False)) or any(t.is_floating_point() for t in _saved_buffers(module))
 
 
 def _layer_summary(name: str, module: nn.Module, output_shape: tuple[int, ...]) -> LayerSummary:
-    own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.is_floating_point()]
+    own = [t for t in (*module.parameters(recurse=False), *_saved_buffers(module)) if t.is_floating_point()]
     binary = isinstance(module, (BinaryConv2d, BinaryLinear))
     binary_weights = binary and module.binary_weights  # type: ignore[union-attr]
     binary_inputs = binary and module.binary_activations  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.method import Method
+from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
 
@@ -41,7 +41,7 @@ class BiPer(Method):
     scale = "learned_alpha"
     default_act_norm = True
 
-    def pre_sign(self, w: Tensor, progress: float) -> Tensor:
+    def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:
         return torch.sin(self.w0 * w) if self.periodic else w
 
     def stage1_weight(self, w: Tensor) -> Tensor:

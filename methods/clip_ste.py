@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bnnbench.functional import clip_derivative
-from bnnbench.method import Method
+from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
 
@@ -27,8 +27,8 @@ class ClipSTE(Method):
     weight_backward = "1{|w| <= 1}"
     activation_backward = "1{|a| <= 1}"
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return clip_derivative(x)
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return clip_derivative(x)

@@ -24,13 +24,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.method import Method, mean_abs, per_output_dims
+from bnnbench.method import Method, Progress, as_progress, mean_abs, per_output_dims
 from bnnbench.registry import register_method
 
 
-def fourier_sign_derivative(x: Tensor, omega: float, n: int) -> Tensor:
-    """(4 omega / pi) sum_{i=0..n} cos((2i+1) omega x), zero for |x| > 1."""
-    series = sum(torch.cos((2 * i + 1) * omega * x) for i in range(n + 1))
+def fourier_sign_derivative(x: Tensor, omega: float, n: int | Tensor, max_n: int | None = None) -> Tensor:
+    """(4 omega / pi) sum_{i=0..n} cos((2i+1) omega x), zero for |x| > 1.
+
+    ``n`` may be a 0-dim tensor (a schedule of the training progress) that never exceeds
+    ``max_n``: the terms ``i <= max_n`` are evaluated and those beyond ``n`` multiplied by 0,
+    which leaves the sum bit for bit as with the integer ``n``.
+    """
+    last = int(n) if max_n is None else max_n
+    series = sum(torch.cos((2 * i + 1) * omega * x) * (i <= n) for i in range(last + 1))
     return (4.0 * omega / math.pi) * series * (x.abs() <= 1).to(x.dtype)
 
 
@@ -49,18 +55,22 @@ class FDA(Method):
     activation_backward = "same Fourier series as the weights"
     scale = "mean_abs_channel"
 
-    def n_terms(self, progress: float) -> int:
-        """n(p) = n_start + floor(n_growth p): the last index of the series."""
-        return self.n_start + math.floor(progress * self.n_growth)
+    def n_terms(self, progress: Progress) -> int | Tensor:
+        """n(p) = n_start + floor(n_growth p): the last index of the series (an int for a float progress)."""
+        n = self.n_start + torch.floor(as_progress(progress) * self.n_growth)
+        return n if isinstance(progress, Tensor) else int(n)
+
+    def derivative(self, x: Tensor, progress: Progress) -> Tensor:
+        return fourier_sign_derivative(x, self.omega, self.n_terms(progress), self.n_start + self.n_growth)
 
     def weight_scale(self, w: Tensor) -> Tensor:
         return mean_abs(w, per_output_dims(w)).detach()
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
-        return fourier_sign_derivative(x, self.omega, self.n_terms(progress))
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
+        return self.derivative(x, progress)
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
-        return fourier_sign_derivative(x, self.omega, self.n_terms(progress))
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
+        return self.derivative(x, progress)
 
-    def schedule(self, progress: float) -> dict[str, float]:
+    def schedule(self, progress: Progress) -> dict[str, float]:
         return {"n": float(self.n_terms(progress))}

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.method import Method, per_output_dims
+from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
 from bnnbench.registry import register_method
 
 
-def ede_derivative(x: Tensor, k: float, t: float) -> Tensor:
+def ede_derivative(x: Tensor, k: float | Tensor, t: float | Tensor) -> Tensor:
     """Error Decay Estimator: d/dx [k tanh(t x)] = k t (1 - tanh^2(t x))."""
     return k * t * (1.0 - torch.tanh(t * x).pow(2))
 
@@ -47,32 +47,32 @@ class IRNet(Method):
     activation_backward = "k t (1 - tanh^2(t a)) (EDE)"
     scale = "power_of_two"
 
-    def t(self, progress: float) -> float:
+    def t(self, progress: Progress) -> Progress:
         """t(p) = 10^(log10 T_min + (log10 T_max - log10 T_min) p)."""
         lo, hi = math.log10(self.t_min), math.log10(self.t_max)
-        return 10.0 ** (lo + (hi - lo) * progress)
+        return scheduled(progress, torch.pow(10.0, lo + (hi - lo) * as_progress(progress)))
 
-    def k(self, progress: float) -> float:
+    def k(self, progress: Progress) -> Progress:
         """k(p) = max(1/t(p), 1)."""
-        return max(1.0 / self.t(progress), 1.0)
+        return scheduled(progress, torch.clamp(1.0 / as_progress(self.t(progress)), min=1.0))
 
     def standardize(self, w: Tensor) -> Tensor:
         dims = per_output_dims(w)
         centered = w - w.mean(dim=dims, keepdim=True)
         return centered / centered.std(dim=dims, keepdim=True)
 
-    def pre_sign(self, w: Tensor, progress: float) -> Tensor:
+    def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:
         return self.standardize(w)
 
     def weight_scale(self, w: Tensor) -> Tensor:
         mean_abs_std = self.standardize(w).abs().mean(dim=per_output_dims(w), keepdim=True)
         return torch.pow(2.0, torch.round(torch.log2(mean_abs_std))).detach()
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return ede_derivative(x, self.k(progress), self.t(progress))
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return ede_derivative(x, self.k(progress), self.t(progress))
 
-    def schedule(self, progress: float) -> dict[str, float]:
-        return {"t": self.t(progress), "k": self.k(progress)}
+    def schedule(self, progress: Progress) -> dict[str, float]:
+        return {"t": float(self.t(progress)), "k": float(self.k(progress))}

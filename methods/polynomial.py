@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bnnbench.functional import approx_sign_derivative
-from bnnbench.method import Method
+from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
 
@@ -31,5 +31,5 @@ class Polynomial(Method):
     paper = "Liu et al., Bi-Real Net, ECCV 2018 (Eq. 6-7 of BiPer)"
     weight_backward = "max(0, 2 - 2|w|)"
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return approx_sign_derivative(x)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bnnbench.functional import approx_sign_derivative, clip_derivative, surrogate_sign
-from bnnbench.method import Method, mean_abs, per_output_dims
+from bnnbench.method import Method, Progress, mean_abs, per_output_dims
 from bnnbench.registry import register_method
 
 
@@ -45,13 +45,13 @@ class ReActNet(Method):
     def weight_scale(self, w: Tensor) -> Tensor:
         return mean_abs(w, per_output_dims(w)).detach()
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return clip_derivative(x)
 
     def activation_parameters(self, in_channels: int, spatial_dims: int) -> dict[str, Tensor]:
         return {"beta": torch.zeros(in_channels, *([1] * spatial_dims))}
 
-    def activation(self, a: Tensor, progress: float = 0.0, beta: Tensor | None = None) -> Tensor:
+    def activation(self, a: Tensor, progress: Progress = 0.0, beta: Tensor | None = None) -> Tensor:
         """sign(a + beta) with ApproxSign backward; ``beta=None`` means a zero threshold."""
         shifted = a if beta is None else a + beta
         return surrogate_sign(shifted, approx_sign_derivative)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.method import Method, per_output_dims
+from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
 from bnnbench.registry import register_method
 
 
@@ -43,24 +43,25 @@ class ReCU(Method):
     scale = "learned_alpha"
     default_act_norm = True
 
-    def tau(self, progress: float) -> float:
+    def tau(self, progress: Progress) -> Progress:
         """tau(p) = A e^p + B, tau(0) = tau_min, tau(1) = tau_max."""
         a = (self.tau_max - self.tau_min) / (math.e - 1.0)
-        return a * math.exp(progress) + (self.tau_min - a)
+        return scheduled(progress, a * torch.exp(as_progress(progress)) + (self.tau_min - a))
 
     def standardize(self, w: Tensor) -> Tensor:
         dims = per_output_dims(w)
         z = w - w.mean(dim=dims, keepdim=True)
         return z / (torch.sqrt(z.var(dim=dims, keepdim=True) + self.eps) / (2.0 * math.sqrt(2.0)))
 
-    def threshold(self, z1: Tensor, progress: float) -> Tensor:
-        """Q = -mean|z1| ln(2 - 2 tau), detached (a constant for the backward)."""
-        return (-z1.abs().mean() * math.log(2.0 - 2.0 * self.tau(progress))).detach()
+    def threshold(self, z1: Tensor, progress: Progress) -> Tensor:
+        """Q = -mean|z1| ln(2 - 2 tau), detached (a constant for the backward); ln(2 - 2 tau) is
+        rounded to z1's dtype first, as a Python scalar would be."""
+        return (-z1.abs().mean() * torch.log(2.0 - 2.0 * as_progress(self.tau(progress))).to(z1.dtype)).detach()
 
-    def pre_sign(self, w: Tensor, progress: float) -> Tensor:
+    def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:
         z1 = self.standardize(w)
         q = self.threshold(z1, progress)
         return torch.clamp(z1, -q, q)
 
-    def schedule(self, progress: float) -> dict[str, float]:
-        return {"tau": self.tau(progress)}
+    def schedule(self, progress: Progress) -> dict[str, float]:
+        return {"tau": float(self.tau(progress))}

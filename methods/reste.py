@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.method import Method, mean_abs
+from bnnbench.method import Method, Progress, as_progress, mean_abs, scheduled
 from bnnbench.registry import register_method
 
 
@@ -44,25 +44,25 @@ class ReSTE(Method):
     activation_backward = "same estimator as the weights"
     scale = "mean_abs_layer"
 
-    def o(self, progress: float) -> float:
+    def o(self, progress: Progress) -> Progress:
         """The power o(p) = 1 + (o_end - 1)(1 - cos(pi p / 2))."""
-        return 1.0 + (self.o_end - 1.0) * (1.0 - math.cos(math.pi * progress / 2.0))
+        return scheduled(progress, 1.0 + (self.o_end - 1.0) * (1.0 - torch.cos(math.pi * as_progress(progress) / 2.0)))
 
-    def derivative(self, x: Tensor, progress: float) -> Tensor:
+    def derivative(self, x: Tensor, progress: Progress) -> Tensor:
         o = self.o(progress)
         ax = x.abs()
-        inner = torch.full_like(x, self.interval ** (1.0 / o) / self.interval)
+        inner = torch.pow(torch.as_tensor(self.interval, dtype=torch.float64), 1.0 / o) / self.interval
         power = (1.0 / o) * ax.clamp(min=self.interval) ** ((1.0 - o) / o)
         return torch.where(ax <= self.interval, inner, torch.where(ax <= self.t, power, torch.zeros_like(x)))
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return self.derivative(x, progress)
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return self.derivative(x, progress)
 
     def weight_scale(self, w: Tensor) -> Tensor:
         return mean_abs(w, tuple(range(w.dim())))
 
-    def schedule(self, progress: float) -> dict[str, float]:
-        return {"o": self.o(progress)}
+    def schedule(self, progress: Progress) -> dict[str, float]:
+        return {"o": float(self.o(progress))}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bnnbench.functional import identity_derivative
-from bnnbench.method import Method
+from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
 
@@ -26,5 +26,5 @@ class SignSTE(Method):
     paper = "Bengio et al. 2013 (STE); Courbariaux et al., BinaryConnect, NeurIPS 2015"
     activation_backward = "1"
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return identity_derivative(x)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.method import Method
+from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
 
@@ -40,8 +40,8 @@ class SwishSign(Method):
     weight_backward = "beta (2 - beta w tanh(beta w / 2)) / (1 + cosh(beta w)), beta = 5"
     activation_backward = "beta (2 - beta a tanh(beta a / 2)) / (1 + cosh(beta a))"
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return swish_sign_derivative(x, self.beta)
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return swish_sign_derivative(x, self.beta)

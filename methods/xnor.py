@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bnnbench.functional import clip_derivative
-from bnnbench.method import Method, mean_abs, per_output_dims
+from bnnbench.method import Method, Progress, mean_abs, per_output_dims
 from bnnbench.registry import register_method
 
 WEIGHT_GRADS = ("paper", "upstream")
@@ -55,12 +55,12 @@ class XNOR(Method):
     def weight_scale(self, w: Tensor) -> Tensor:
         return mean_abs(w, per_output_dims(w))
 
-    def weight_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         n = x[0].numel()
         grad = clip_derivative(x) * mean_abs(x, per_output_dims(x)) + 1.0 / n
         if self.weight_grad == "upstream":
             grad = grad * (n * (1.0 - 1.0 / x.shape[1]))
         return grad
 
-    def activation_derivative(self, x: Tensor, progress: float) -> Tensor:
+    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return clip_derivative(x)

@@ -237,9 +237,9 @@ def training_step(net: str, family: str, method: str, stage: int, batch: int, se
     generator = torch.Generator().manual_seed(seed)
     model = bnnbench.build_model(net, method, family=family, stage=stage if method != "fp" else 2)
     model.train()
-    size = 224 if model.bnn_config["family"] == "imagenet" else 32
+    size = 224 if model.spec.family == "imagenet" else 32
     images = torch.randn(batch, 3, size, size, generator=generator)
-    labels = torch.randint(0, model.bnn_config["num_classes"], (batch,), generator=generator)
+    labels = torch.randint(0, model.spec.num_classes, (batch,), generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:

@@ -27,6 +27,7 @@ import pandas as pd
 from bnnbench.io import read_json
 
 from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS
+from .spec import Machine, RunSpec
 
 DIVERGED_ERROR = "TrainingDiverged"
 
@@ -36,7 +37,7 @@ class RunRecord:
     """One run directory, read lazily (the CSV logs only when asked for)."""
 
     path: Path
-    saved: dict[str, Any]  # config.json: {"run_id", "created", "config", "resolved", "model", "data", "machine", ...}
+    saved: dict[str, Any]  # config.json: {"run_id", "created", "spec", "settings", "resolved", "model", "data", "machine", ...}
     final: dict[str, Any] | None
     failure: dict[str, Any] | None
 
@@ -44,10 +45,19 @@ class RunRecord:
     def run_id(self) -> str:
         return self.path.name
 
+    @cached_property
+    def spec(self) -> RunSpec | None:
+        """The run's :class:`~.spec.RunSpec` (None when its config.json names something unknown
+        here, such as a plugin method that is not loaded)."""
+        try:
+            return RunSpec.from_saved(self.saved)
+        except (KeyError, TypeError, ValueError):
+            return None
+
     @property
-    def config(self) -> dict[str, Any]:
-        """The resolved :class:`~bnnbench.runners.train.TrainConfig` as saved (a dict)."""
-        return self.saved.get("config", {})
+    def machine(self) -> Machine:
+        """Where and how the run executed (:class:`~.spec.Machine`)."""
+        return Machine.from_saved(self.saved)
 
     @property
     def status(self) -> str:
@@ -89,7 +99,7 @@ class RunRecord:
         info = self.saved.get("data") or {}
         if info.get("note"):
             return str(info["note"])
-        name = str(info.get("description") or self.config.get("data", "?")).split(":")[0]
+        name = str(info.get("description") or (self.spec.data if self.spec else "?")).split(":")[0]
         return f"{name} ({info['root']})" if info.get("root") else name
 
     @property

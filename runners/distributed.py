@@ -102,6 +102,18 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Within the block this process is a rank of its torchrun job (if it belongs to one); the
+    group is left at the end when this block joined it."""
+    joined = join_from_env(device)
+    try:
+        yield
+    finally:
+        if joined:
+            leave()
+
+
 def rank_device(device: torch.device) -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` on CUDA under torchrun, ``device`` otherwise."""
     if device.type != "cuda" or not launched_by_torchrun():

@@ -4,8 +4,10 @@ One line per run directory (finished or not), with
 
 * identity and status: ``run_id``, ``path``, ``status`` (finished, unfinished,
   diverged, failed), ``created``, ``data_label``, ``machine``;
-* the configuration flattened with dots: ``config.method``, ``config.recipe.stage1.lr``,
-  ``config.hparams.w0``, ...; the model as built: ``model.act_norm``, ``model.method.hparams.w0``, ...;
+* the run's spec flattened with dots: ``spec.model.method``, ``spec.model.hparams.w0``,
+  ``spec.model.act_method``, ``spec.recipe.stage1.lr``, ``spec.seed``, ...; how it ran:
+  ``settings.device``, ``settings.amp``, ... and ``resolved.amp_bf16`` (runs from before specs
+  existed are read into the same columns);
 * the summary of ``final.json`` (``final_test_top1``, ``best_test_top1``, ``train_time_s``, ...);
 * per stage ``s``: ``stage{s}_epochs`` (epochs logged), ``stage{s}_best_top1`` and its
   epoch, and every numeric ``metrics.csv`` column at the stage's last epoch as
@@ -50,14 +52,17 @@ def run_row(record: RunRecord) -> dict[str, Any]:
         "data_label": record.data_label,
         "machine": record.machine_label,
     }
-    row.update(flatten(record.config, "config"))
-    row.update(flatten(record.saved.get("model") or {}, "model"))
+    spec = record.spec
+    if spec is not None:
+        row.update(flatten(spec.to_dict(), "spec"))
+    row.update(flatten(record.machine.to_dict(), "settings"))
+    row.update(flatten(record.saved.get("resolved") or {}, "resolved"))
     if record.final is not None:
         row.update({k: v for k, v in record.final.items() if k not in _FINAL_SKIPPED})
     if record.failure is not None:
         row["failure"] = record.failure.get("error")
     metrics = record.metrics
-    for stage in record.config.get("stages", []):
+    for stage in spec.stages if spec is not None else ():
         last = record.stage_end(stage)
         if last is None:
             continue

@@ -34,6 +34,7 @@ import torch
 from bnnbench.io import atomic_write, read_torch, write_text
 
 CONFIG, METRICS, LAYERS, FINAL, FAILURE = "config.json", "metrics.csv", "layers.csv", "final.json", "failure.json"
+PREDICTIONS = "predictions.npz"
 
 
 # ------------------------------------------------------------------ atomic files

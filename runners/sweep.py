@@ -20,36 +20,36 @@ from bnnbench.figures import SWEEP_COLUMNS
 from bnnbench.theory import qe_laplace
 
 from .catalog import RunRecord
-from .experiments import Experiment, Plan
+from .defaults import DEFAULT_SWEEP_NET, DEFAULT_W0
+from .experiments import Plan
+from .spec import RunSpec
 
-DEFAULT_W0 = (5.0, 10.0, 20.0, 30.0, 40.0)
-DEFAULT_NET = "resnet20"
 # Figure 4 column -> (stage, metrics.csv column at the stage's last epoch); w0 comes from the experiment
 _SOURCES = {"stage1_top1": (1, "test_top1"), "qe": (1, "qe"), "b": (1, "laplace_b"), "top1": (2, "test_top1")}
 
 
-def sweep_experiments(w0_values: Sequence[float], net: str = DEFAULT_NET, data: str = "cifar10") -> list[Experiment]:
+def sweep_runs(w0_values: Sequence[float], net: str = DEFAULT_SWEEP_NET, data: str = "cifar10") -> list[RunSpec]:
     """One BiPer two-stage experiment per frequency (other hyper-parameters at their defaults)."""
     if not w0_values:
         raise ValueError("the sweep needs at least one w0")
     if any(not w0 > 0 for w0 in w0_values):
         raise ValueError(f"every w0 must be positive, got {list(w0_values)}")
-    return [Experiment.make(data, net, "biper", {"w0": float(w0)}) for w0 in w0_values]
+    return [RunSpec.make(data, net=net, method="biper", hparams={"w0": float(w0)}) for w0 in w0_values]
 
 
-def sweep_frame(experiments: Sequence[Experiment], runs: Plan, seeds: Sequence[int]) -> pd.DataFrame:
+def sweep_frame(templates: Sequence[RunSpec], runs: Plan, seeds: Sequence[int]) -> pd.DataFrame:
     """One line per finished run: ``w0``, ``seed``, ``run_id`` and the Figure 4 columns.
 
     Runs that are not finished are left out; a finished run that logged no
     diagnostics (trained before they were recorded) has NaN QE and b.
     """
     lines = []
-    for exp in experiments:
+    for template in templates:
         for seed in seeds:
-            job = runs.job(exp, seed)
+            job = runs.job(template, seed)
             if job.status != "finished" or job.record is None:
                 continue
-            line = {"w0": dict(exp.hparams)["w0"], "seed": seed, "run_id": job.record.run_id}
+            line = {"w0": template.model.hparams["w0"], "seed": seed, "run_id": job.record.run_id}
             for column, (stage, value) in _SOURCES.items():
                 row = job.record.stage_end(stage)
                 line[column] = float(row[value]) if row is not None and value in row else math.nan
@@ -68,4 +68,4 @@ def _layer_mean_theory(record: RunRecord, w0: float) -> float:
     return float(np.mean(qe_laplace(w0 * last["laplace_b"].to_numpy(dtype=float)))) if len(last) else math.nan
 
 
-__all__ = ["DEFAULT_NET", "DEFAULT_W0", "sweep_experiments", "sweep_frame"]
+__all__ = ["DEFAULT_W0", "sweep_frame", "sweep_runs"]

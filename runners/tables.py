@@ -9,10 +9,11 @@ for every run of the table) and lists
   the last epoch of a stage (``stage = 1``, ``2`` or ``"final"``, the run's last
   stage), with a label and the decimals to print;
 * ``rows``: network, label, W/A, the paper's values (strings, as printed) and, when
-  bnnbench implements the method, the experiment: ``method``, ``hparams``,
-  ``binary_activations`` (false for 1W/32A) and optionally ``data``/``stages``
-  overriding the table's.  A row without ``method`` shows the paper's value and
-  "not in bnnbench".
+  bnnbench implements the method, the run: ``method`` (its weight half, and its activation
+  half unless ``act_method`` names another method's), ``hparams``, ``act_method``,
+  ``act_hparams``, ``act_norm``, ``binary_activations`` (false for 1W/32A, the same as
+  ``act_method = "fp"``) and optionally ``data``/``stages`` overriding the table's.  A row
+  without ``method`` shows the paper's value and "not in bnnbench".
 
 :func:`make_table` matches every row to finished runs (one per seed, see
 :mod:`runners.experiments`), trains the missing ones unless told not to, and
@@ -31,7 +32,6 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +39,25 @@ import pandas as pd
 
 from bnnbench.data import DATASETS
 from bnnbench.figures import save_figure, training_curves
-from bnnbench.registry import method_class
+
+from bnnbench.io import write_text
+from bnnbench.tables import PAPER_TABLES, named_specs, read_spec_text, shipped_specs
 
 from .catalog import RunRecord
-from .experiments import Experiment, Job, Plan, execute, plan
+from .experiments import Job, Plan, execute, plan
 from .recipes import Recipe
-from bnnbench.io import write_text
+from .spec import Machine, RunSpec
 
-TABLE_NUMBERS = (1, 2, 3, 4)
+TABLE_NUMBERS = PAPER_TABLES
 NOT_IMPLEMENTED = "not in bnnbench"
 MISSING = "missing"
 
 _TABLE_KEYS = {"number", "name", "title", "data", "stages", "source", "notes", "columns", "rows", "curves"}
 _COLUMN_KEYS = {"key", "label", "value", "stage", "digits"}
-_ROW_KEYS = {"net", "label", "wa", "method", "hparams", "binary_activations", "data", "stages", "paper", "note"}
+_ROW_KEYS = {
+    "net", "label", "wa", "method", "hparams", "act_method", "act_hparams", "act_norm", "binary_activations", "data", "stages", "paper", "note",
+}  # fmt: skip
+_RUN_KEYS = ("hparams", "act_method", "act_hparams", "act_norm", "binary_activations")
 
 
 # ------------------------------------------------------------------ spec
@@ -68,7 +73,7 @@ class Column:
 
     def read(self, record: RunRecord) -> float | None:
         """The value in a finished run, or None when that run did not log it."""
-        stage = record.config["stages"][-1] if self.stage == "final" else int(self.stage)
+        stage = record.spec.stages[-1] if self.stage == "final" else int(self.stage)
         row = record.stage_end(stage)
         if row is None or self.value not in row or pd.isna(row[self.value]):
             return None
@@ -77,13 +82,14 @@ class Column:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of a table: a method on a network, the paper's numbers, and our experiment if we have one."""
+    """One line of a table: a method on a network, the paper's numbers, and our run (a template:
+    the table's budget and seeds complete it) if we have one."""
 
     net: str
     label: str
     wa: str
     paper: dict[str, str]
-    experiment: Experiment | None
+    run: RunSpec | None
     note: str = ""
 
 
@@ -109,8 +115,9 @@ class TableSpec:
         return DATASETS[self.data].family
 
     @property
-    def experiments(self) -> list[Experiment]:
-        return [row.experiment for row in self.rows if row.experiment is not None]
+    def runs(self) -> list[RunSpec]:
+        """The run templates of the rows bnnbench implements."""
+        return [row.run for row in self.rows if row.run is not None]
 
 
 def _check_keys(where: str, given: dict[str, Any], allowed: set[str], required: set[str]) -> None:
@@ -119,13 +126,6 @@ def _check_keys(where: str, given: dict[str, Any], allowed: set[str], required: 
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(allowed))}")
     if missing:
         raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
-
-
-def _wa_of(method: str, binary_activations: bool) -> str:
-    cls = method_class(method)
-    weights = "1" if cls.binary_weights else "32"
-    acts = "1" if cls.binary_activations and binary_activations else "32"
-    return f"{weights}/{acts}"
 
 
 def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
@@ -156,26 +156,27 @@ def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
                 float(value)
             except ValueError:
                 raise ValueError(f"{here}: paper value {key} = {value!r} is not a number") from None
-        experiment = None
+        run = None
         if "method" in row:
-            binary_activations = row.get("binary_activations", True)
+            act_method = "fp" if not row.get("binary_activations", True) else row.get("act_method")
             try:
-                experiment = Experiment.make(
+                run = RunSpec.make(
                     row.get("data", data["data"]),
-                    row["net"],
-                    row["method"],
-                    row.get("hparams", {}),
-                    binary_activations=binary_activations,
-                    stages=row.get("stages", data.get("stages", [1, 2])),
+                    net=row["net"],
+                    method=row["method"],
+                    hparams=row.get("hparams", {}),
+                    act_method=act_method,
+                    act_hparams=row.get("act_hparams", {}),
+                    act_norm=row.get("act_norm"),
+                    stages=tuple(row.get("stages", data.get("stages", [1, 2]))),
                 )
             except (ValueError, TypeError, KeyError) as exc:
                 raise ValueError(f"{here}: {exc}") from None
-            wa = _wa_of(row["method"], binary_activations)
-            if wa != row["wa"]:
-                raise ValueError(f"{here}: wa = {row['wa']!r} but method {row['method']!r} with binary_activations={binary_activations} is {wa}")
-        elif "hparams" in row or "binary_activations" in row:
-            raise ValueError(f"{here}: hparams/binary_activations given without a method")
-        rows.append(Row(row["net"], row["label"], row["wa"], paper, experiment, row.get("note", "")))
+            if run.model.wa != row["wa"]:
+                raise ValueError(f"{here}: wa = {row['wa']!r} but method {run.model.label!r} is {run.model.wa}")
+        elif any(key in row for key in _RUN_KEYS):
+            raise ValueError(f"{here}: {', '.join(k for k in _RUN_KEYS if k in row)} given without a method")
+        rows.append(Row(row["net"], row["label"], row["wa"], paper, run, row.get("note", "")))
     curves = list(data.get("curves", []))
     if any(not isinstance(c, str) or not c for c in curves):
         raise ValueError(f"{where}: curves must be a list of metrics.csv column names, got {curves!r}")
@@ -187,29 +188,19 @@ def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
     )
 
 
-def _shipped_specs() -> list[str]:
-    """Names (file stems) of every spec in ``bnnbench.tables``, Tables 1-4 included."""
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("bnnbench.tables").iterdir() if p.name.endswith(".toml"))
-
-
-def bundled_specs() -> list[str]:
-    """Names of the specs shipped in ``bnnbench.tables`` besides Tables 1-4 (``bnnbench table NAME``)."""
-    return [n for n in _shipped_specs() if n not in {f"table{k}" for k in TABLE_NUMBERS}]
-
-
 def load_spec(table: int | str | Path) -> TableSpec:
     """Table 1-4 of the paper (a number), a spec shipped with bnnbench (its name) or a spec file (a path)."""
     if isinstance(table, int) or str(table).isdigit():
         if int(table) not in TABLE_NUMBERS:
             raise ValueError(f"the BiPer paper has tables {', '.join(map(str, TABLE_NUMBERS))}, not {int(table)}")
         table = f"table{int(table)}"
-    if str(table) in _shipped_specs():
-        text, where = resources.files("bnnbench.tables").joinpath(f"{table}.toml").read_text(), f"bnnbench.tables/{table}.toml"
+    if str(table) in shipped_specs():
+        text, where = read_spec_text(str(table)), f"bnnbench.tables/{table}.toml"
     else:
         path = Path(table)
         if not path.is_file():
             raise FileNotFoundError(
-                f"table spec {path} does not exist; pass 1, 2, 3, 4, a shipped spec ({', '.join(bundled_specs()) or 'none'}) "
+                f"table spec {path} does not exist; pass 1, 2, 3, 4, a shipped spec ({', '.join(named_specs()) or 'none'}) "
                 "or the path of a .toml spec"
             )
         text, where = path.read_text(), str(path)
@@ -225,10 +216,10 @@ def measurements(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
     """One line per (row, column, seed) of our rows: the value (NaN if none), the paper's, the run's status and id."""
     lines = []
     for index, row in enumerate(spec.rows):
-        if row.experiment is None:
+        if row.run is None:
             continue
         for seed in seeds:
-            job = runs.job(row.experiment, seed)
+            job = runs.job(row.run, seed)
             record = job.record if job.status == "finished" else None
             for column in spec.columns:
                 value = column.read(record) if record is not None else None
@@ -255,7 +246,7 @@ def curve_frame(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
     frames = []
     for row in spec.rows:
         for seed in seeds:
-            job = runs.job(row.experiment, seed) if row.experiment is not None else None
+            job = runs.job(row.run, seed) if row.run is not None else None
             if job is None or job.status != "finished":
                 continue
             metrics = job.record.metrics.copy()
@@ -291,7 +282,7 @@ def table_frame(spec: TableSpec, values: pd.DataFrame, seeds: int) -> pd.DataFra
     for index, row in enumerate(spec.rows):
         line = {"Net": _net_label(row.net), "Method": row.label, "W/A": row.wa}
         for column in spec.columns:
-            if row.experiment is None:
+            if row.run is None:
                 line[column.label] = NOT_IMPLEMENTED
             else:
                 mine = values[(values["row"] == index) & (values["column"] == column.key)]
@@ -427,25 +418,26 @@ class TableResult:
 def make_table(
     spec: TableSpec,
     recipe: Recipe,
+    machine: Machine,
     *,
     seeds: int = 1,
-    out: str | Path = "results",
     train: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] = print,
     parallel: int = 1,
-    **machine: Any,
 ) -> TableResult:
-    """Match, (train,) measure and write ``<out>/tables/<stem>.{md,tex,csv}`` (and the curves figure the spec asks for).
+    """Match, (train,) measure and write ``<machine.out>/tables/<stem>.{md,tex,csv}`` (and the curves
+    figure the spec asks for).
 
-    ``train=False`` only renders what is already in ``<out>/runs``; ``parallel``
-    trains that many runs at once (see :func:`execute`).  ``machine``
-    goes to every new run's config (``data_dir``, ``device``, ``workers``).
+    ``train=False`` only renders what is already in ``<machine.out>/runs``; ``parallel`` trains
+    that many runs at once (see :func:`execute`); ``machine`` is every new run's (data_dir,
+    device, workers, ...).
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     seed_list = list(range(seeds))
-    runs = plan(spec.experiments, seed_list, recipe, out, **machine)
+    out = Path(machine.out)
+    runs = plan(spec.runs, seed_list, recipe, machine)
     stopped = execute(runs.jobs, quiet=quiet, log=log, parallel=parallel).stopped if train else None
     values = measurements(spec, runs, seed_list)
     used = {job.record.run_id: job.record for job in runs.jobs if job.status == "finished"}
@@ -468,11 +460,11 @@ def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
     """One line per row and seed: the run that would be used, resumed or trained (``--dry-run``)."""
     lines = []
     for row in spec.rows:
-        if row.experiment is None:
+        if row.run is None:
             lines.append(f"{_net_label(row.net):10} {row.label:28} {NOT_IMPLEMENTED}")
             continue
         for seed in range(seeds):
-            job: Job = runs.job(row.experiment, seed)
+            job: Job = runs.job(row.run, seed)
             action = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}[job.status]
             where = f" {job.record.path}" if job.record is not None else ""
             lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}")

@@ -1,7 +1,9 @@
 """Two-stage training of a binary network (SPEC section 3, paper Sec. 5.1.3).
 
-Read top to bottom: configuration -> data -> model -> optimiser/schedule ->
-training loop -> results.
+Read top to bottom: one epoch (:func:`train_one_epoch`, :func:`evaluate`) -> one stage
+(:func:`train_stage`) -> one run (:func:`train`: data, model, run directory, the stages,
+``final.json``).  What a run is comes in as a :class:`~.spec.RunSpec`, where and how it runs
+as a :class:`~.spec.Machine`; its files go through a :class:`~.rundir.RunDirectory`.
 
 Protocol
 --------
@@ -22,13 +24,12 @@ to (E-1)/E and is constant within an epoch, as in the upstream ReCU/BiPer code
 
 Results
 -------
-Everything goes to ``<out>/runs/<run-id>/`` (see ``runners/results.py``).
-Each finished epoch appends a metrics row and then writes
-``stage{s}_last.pt`` (and ``stage{s}_best.pt`` on a new best test top-1), so an
-interrupted run loses at most the epoch in progress; ``resume`` continues from
-the latest checkpoint with model, optimiser, scheduler and RNG state restored
-and the data order re-derived from (seed, epoch), giving the same numbers as
-an uninterrupted run on CPU.
+Each finished epoch appends a metrics row and then writes ``stage{s}_last.pt``
+(and ``stage{s}_best.pt`` on a new best test top-1), so an interrupted run loses
+at most the epoch in progress; resuming continues from the latest checkpoint
+with model, optimiser, scheduler and RNG state restored and the data order
+re-derived from (seed, epoch), giving the same numbers as an uninterrupted run
+on CPU.  The final model's per-image test predictions go to ``predictions.npz``.
 
 Diagnostics hook
 ----------------
@@ -40,28 +41,32 @@ extra metrics.csv columns and whose ``layers`` rows go to layers.csv
 the per-layer diagnostics of :mod:`bnnbench.runners.diagnostics`; pass ``()``
 for none.
 
+Host synchronisation
+--------------------
+The per-step loss, regulariser and hit counts are summed on the device; the loop reads
+them (and checks that the loss is finite) every step on the CPU, where reading costs
+nothing, and every ``GPU_CHECK_EVERY`` (25) steps on a GPU, where each read waits for the
+device.  A non-finite loss stops the run at the next check with the last epoch's checkpoint
+intact (``config.json`` records ``check_every``).
+
 torch.compile
 -------------
-``compile=True`` wraps the model in ``torch.compile``.  It is off by default
-because it did not pay on CPU (torch 2.14, one thread, BiPer ResNet-20, batch
-32): a compiled training step took 176 ms against 318 ms eager, but compiling
-took 62 s, and each new epoch recompiled (37 s) because the binary layers keep
-the training progress ``p`` as a Python float attribute (past torch's recompile
-limit, 8 by default, dynamo falls back to eager); with ReCU, whose weights
-depend on ``p``, the second epoch fails inside dynamo (InternalTorchDynamoError).
+``Machine(compile=True)`` wraps the model in ``torch.compile``.  The training progress is
+a buffer of every binary layer (not a Python attribute), so moving it does not recompile;
+the stage switch recompiles once.  See the README's performance section for measurements.
 
 Several processes (DDP)
 -----------------------
 Under ``torchrun`` (or ``bnnbench run --nproc N``) every process runs this same
 loop on its shard of the data; ``runners/distributed.py`` has the mechanics.
 Per rank: the model is wrapped in DistributedDataParallel for each stage, the
-global ``batch_size`` is split evenly over the processes, the per-step loss,
-regulariser and hit counts are all-reduced before the non-finite check (so all
-ranks stop together, and the bar shows global numbers), rank 0's BatchNorm
-statistics are copied to every rank before the evaluation (so the reduced test
-accuracy is exactly that of the checkpoint rank 0 saves, over every test image
-once), and only rank 0 writes files or prints.  The regulariser, the callbacks
-and the checkpoints always get the unwrapped module (``StepContext.model``).
+global ``batch_size`` is split evenly over the processes, the step sums are
+all-reduced before the non-finite check (so all ranks stop together, and the bar
+shows global numbers), rank 0's BatchNorm statistics are copied to every rank
+before the evaluation (so the reduced test accuracy is exactly that of the
+checkpoint rank 0 saves, over every test image once), and only rank 0 writes
+files or prints.  The regulariser, the callbacks and the checkpoints always get
+the unwrapped module (``StepContext.model``).
 
 RNG on resume: a checkpoint stores rank 0's global RNG states (``rng``) and,
 with several processes, every rank's (``rng_ranks``, with ``world_size``).
@@ -75,17 +80,13 @@ epoch, rank).)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import random
-import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -95,87 +96,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnnbench
-from bnnbench.data import make_data
-from bnnbench.io import read_json, write_json
+from bnnbench.data import open_data
 
 from . import distributed
 from .callbacks import EpochCallback, EpochReport
 from .diagnostics import default_callbacks
-from .display import Display
+from .display import CostEstimate, Display
 from .optim import make_optimizer, make_scheduler
-from .recipes import Recipe, get_recipe
-from .results import (
-    CONFIG,
-    FAILURE,
-    FINAL,
-    LAYERS,
-    METRICS,
-    CsvLog,
-    checkpoint_name,
-    device_info,
-    git_commit,
-    load_checkpoint,
-    package_versions,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .results import checkpoint_name, device_info, git_commit, load_checkpoint, package_versions, rng_state, set_rng_state
+from .rundir import RunDirectory
+from .spec import Machine, RunSpec, data_request
+from .tensorboard import TensorBoardLog
 
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s")
-
-
-# ======================================================================== configuration
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved resolved in ``config.json``."""
-
-    method: str = "biper"
-    net: str = "resnet18"
-    data: str = "digits"
-    data_dir: str | None = None
-    recipe: Recipe = field(default_factory=lambda: get_recipe("quick"))
-    hparams: dict[str, Any] = field(default_factory=dict)
-    stages: list[int] = field(default_factory=lambda: [1, 2])
-    init: str | None = None  # stage 2 alone: stage-1 checkpoint, or "scratch"
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None  # bf16 autocast; None: on for CUDA
-    channels_last: bool | None = None  # None: on for CUDA
-    compile: bool = False
-    loader: str = "auto"
-    ffcv_dir: str | None = None
-    workers: int = 0
-    augment: bool = True
-    skip_bad_images: bool = False
-    download: bool = False  # fetch torchvision's CIFAR-10 into the cache when no local copy exists
-    net_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"skip": "single"}
-    act_norm: bool | None = None
-    real_activations: bool = False
-    sync_bn: bool = False  # SyncBatchNorm across the processes of a distributed run (CUDA)
-    out: str = "results"
-    name: str | None = None
-
-    def validate(self) -> None:
-        self.recipe.validate()
-        if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2}:
-            raise ValueError(f"stages must be [1], [2] or [1, 2], got {self.stages}")
-        if self.stages == [2] and self.init is None:
-            raise ValueError(
-                "stage 2 alone needs --init CKPT, a stage-1 checkpoint such as results/runs/<run-id>/stage1_best.pt "
-                "(or --init scratch to train stage 2 from random weights)"
-            )
-        if self.init is not None and self.stages != [2]:
-            raise ValueError("--init applies to --stage 2 only; with --stage both, stage 2 starts from this run's stage 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in fields}
-        values["recipe"] = Recipe.from_dict(values["recipe"])
-        return cls(**values)
+GPU_CHECK_EVERY = 25
 
 
 class TrainingDiverged(RuntimeError):
@@ -191,43 +125,10 @@ class RunInterrupted(Exception):
 
 
 # ======================================================================== helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; pass --device cpu")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def new_run_id(cfg: TrainConfig) -> str:
-    """net-method-data-seed-timestamp-hash; the short hash of the whole configuration keeps runs that
-    differ only in hyper-parameters or recipe apart when they start in the same second (parallel jobs)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:6]
-    return f"{cfg.net.replace('/', '_')}-{cfg.method}-{cfg.data}-s{cfg.seed}-{stamp}-{digest}"
-
-
-def choose_run_dir(cfg: TrainConfig) -> Path:
-    """``<out>/runs/<--name or net-method-data-seed-timestamp-hash>``; the directory is made when training starts."""
-    runs = Path(cfg.out) / "runs"
-    if cfg.name:
-        path = runs / cfg.name
-        if path.exists():
-            raise ValueError(f"run directory {str(path)!r} already exists; continue it with --resume {path} or choose another --name")
-        return path
-    base = runs / new_run_id(cfg)
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
 
 
 @contextmanager
@@ -254,6 +155,22 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> list[Tens
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
+def bf16_hardware() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16), as oneDNN uses it."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(machine: Machine, device: torch.device) -> bool:
+    """bf16 autocast: as asked, else on for CUDA and for CPUs with bf16 hardware."""
+    if machine.amp is not None:
+        return machine.amp
+    return device.type == "cuda" or (device.type == "cpu" and bf16_hardware())
+
+
 # ======================================================================== one epoch
 @dataclass
 class StepContext:
@@ -266,8 +183,10 @@ class StepContext:
     amp: bool
     channels_last: bool
     label_smoothing: float
+    check_every: int
     callbacks: Sequence[EpochCallback]
     display: Display
+    cost: CostEstimate
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
@@ -279,53 +198,72 @@ class StepContext:
 def train_one_epoch(ctx: StepContext, loader: Any, optimizer: torch.optim.Optimizer, stage: int, epoch: int, epochs: int, regularizer: bool) -> dict[str, float]:
     """One pass over the training set; raises :class:`TrainingDiverged` on a non-finite loss.
 
-    The loss is checked every step (one device sync per step, which the progress bar needs anyway),
-    before the backward pass, so a diverging step never reaches the weights.  With several
-    processes the step's sums (loss x images, regulariser x images, hits, images) are all-reduced
-    first: every rank sees the global batch's values and all of them stop on the same step.
-    Shards are padded to equal length, so ``train_images`` counts up to world_size - 1 repeats.
+    Per step the loss x images, regulariser x images, hits and images are added on the device;
+    every ``ctx.check_every`` steps (and at the end) the sums since the last check are
+    all-reduced over the processes, read, checked to be finite and shown on the bar.  With
+    ``check_every = 1`` a diverging step never reaches the weights.  Shards are padded to equal
+    length, so ``train_images`` counts up to world_size - 1 repeats.
     """
     ctx.model.train()
-    loss_sum = reg_sum = correct_sum = 0.0
-    count = 0
-    with ctx.display.epoch(stage, epoch, epochs, len(loader)) as bar:
+    totals = np.zeros(4)  # loss x n, regulariser x n, hits, images
+    pending = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    steps = len(loader)
+    with ctx.display.epoch(stage, epoch, epochs, steps) as bar:
         for step, (images, labels) in enumerate(loader, start=1):
             with ctx.autocast():
                 logits = ctx.forward(ctx.prepare(images))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=ctx.label_smoothing)
             reg = bnnbench.regularization_loss(ctx.model) if regularizer else None
             total = loss if reg is None else loss + reg
-            correct = (logits.detach().argmax(dim=1) == labels).sum()
-            reg_detached = reg.detach() if reg is not None else torch.zeros((), device=loss.device)
             n = labels.numel()
-            sums = torch.stack([loss.detach().double() * n, reg_detached.double() * n, correct.double(), loss.new_tensor(n, dtype=torch.float64)])
-            loss_sum_step, reg_sum_step, correct_value, n_value = distributed.all_reduce_sum(sums).tolist()
-            loss_value, reg_value, n = loss_sum_step / n_value, reg_sum_step / n_value, int(n_value)
-            if not (math.isfinite(loss_value) and math.isfinite(reg_value)):
-                where = f"stage {stage}, epoch {epoch}, step {step}/{len(loader)}"
-                raise TrainingDiverged(f"{where}: the training loss is {loss_value + reg_value} (cross-entropy {loss_value}, regulariser {reg_value})")
+            with torch.no_grad():
+                reg_value = reg.detach().double() if reg is not None else pending.new_zeros(())
+                hits = (logits.argmax(dim=1) == labels).sum().double()
+                pending += torch.stack([loss.detach().double() * n, reg_value * n, hits, pending.new_tensor(float(n))])
+            if step % ctx.check_every == 0 or step == steps:
+                read = np.array(distributed.all_reduce_sum(pending).tolist())  # a copy: pending is zeroed next
+                pending.zero_()
+                loss_value, reg_mean = read[0] / read[3], read[1] / read[3]
+                if not (math.isfinite(loss_value) and math.isfinite(reg_mean)):
+                    where = f"stage {stage}, epoch {epoch}, step {step}/{steps}"
+                    raise TrainingDiverged(f"{where}: the training loss is {loss_value + reg_mean} (cross-entropy {loss_value}, regulariser {reg_mean})")
+                totals += read
+                new_steps = step - bar.steps
+                bar.advance(int(read[3]), loss_value, int(read[2]), steps=new_steps)
+                ctx.cost.observe(new_steps)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             for cb in ctx.callbacks:
                 cb.on_after_backward(stage, epoch, step, ctx.model)
             optimizer.step()
-            loss_sum, reg_sum, correct_sum, count = loss_sum + loss_value * n, reg_sum + reg_value * n, correct_sum + correct_value, count + n
-            bar.advance(n, loss_value, int(correct_value))
-    return {"train_loss": loss_sum / count, "train_reg": reg_sum / count, "train_top1": 100.0 * correct_sum / count, "train_images": count}
+    loss, reg, hits, count = (float(v) for v in totals)
+    return {"train_loss": loss / count, "train_reg": reg / count, "train_top1": 100.0 * hits / count, "train_images": int(count)}
+
+
+@dataclass
+class Evaluation:
+    """Test metrics and the per-image predictions (test order, every image once; rank 0 holds them)."""
+
+    metrics: dict[str, float]
+    predictions: np.ndarray
+    labels: np.ndarray
 
 
 @torch.no_grad()
-def evaluate(ctx: StepContext, loader: Any) -> dict[str, float]:
+def evaluate(ctx: StepContext, loader: Any) -> Evaluation:
     """Test loss (cross-entropy, no regulariser), top-1 and top-5 in percent, over the whole test set.
 
     With several processes each rank evaluates its shard, leaves out the shard's padding (repeats
     at its end, see :func:`distributed.unpadded_share`) and the sums are all-reduced, so every
-    test image counts exactly once.  (With ``skip_bad_images`` on image folders, a rank that
-    skipped an unreadable image may count its padding repeat in its place.)
+    test image counts exactly once; the predictions are gathered by test position.  (With
+    ``skip_bad_images`` on image folders, a rank that skipped an unreadable image may count its
+    padding repeat in its place.)
     """
     ctx.model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top-1, top-5, images
     real = distributed.unpadded_share(loader.num_samples, loader.rank, loader.world_size)
+    positions = torch.cat(loader.position_batches())[:real] if loader.position_batches() else torch.zeros(0, dtype=torch.long)
+    predicted, truth = [], []
     seen = 0
     for images, labels in loader:
         with ctx.autocast():
@@ -337,391 +275,304 @@ def evaluate(ctx: StepContext, loader: Any) -> dict[str, float]:
         top1, top5 = topk_correct(logits, labels, (1, k5))
         loss = F.cross_entropy(logits, labels, reduction="sum")
         sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(float(labels.numel()))])
+        predicted.append(logits.argmax(dim=1))
+        truth.append(labels)
     loss_sum, top1, top5, count = distributed.all_reduce_sum(sums).tolist()
-    return {"test_loss": loss_sum / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}
+    mine = (positions.numpy(), torch.cat(predicted).cpu().numpy(), torch.cat(truth).cpu().numpy())
+    shards = distributed.all_gather(mine) if distributed.world_size() > 1 else [mine]
+    order = np.concatenate([s[0] for s in shards])
+    predictions, labels_all = np.empty(len(order), dtype=np.int64), np.empty(len(order), dtype=np.int64)
+    predictions[order], labels_all[order] = np.concatenate([s[1] for s in shards]), np.concatenate([s[2] for s in shards])
+    metrics = {"test_loss": loss_sum / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}
+    return Evaluation(metrics, predictions, labels_all)
 
 
-# ======================================================================== the run
-class Run:
-    """A run directory and its state: fresh (``path=None``: a new directory is made) or resumed."""
+# ======================================================================== one stage
+@dataclass
+class RunState:
+    """The pieces every stage of one run shares."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        path: Path | None = None,
-        *,
-        display: Display | None = None,
-        callbacks: Sequence[EpochCallback] | None = None,
-    ) -> None:
-        cfg.validate()
-        self.cfg, self.fresh = cfg, path is None
-        device = resolve_device(cfg.device)
-        self.joined = distributed.join_from_env(device)  # under torchrun: this process is one rank
-        try:
-            distributed.check_processes(cfg.recipe.batch_size, cfg.sync_bn, device, distributed.world_size())
-            # rank 0 names the directory (the timestamp) and tells the others
-            self.path = distributed.main_process_value(lambda: choose_run_dir(cfg)) if path is None else path
-        except BaseException:
-            self._leave()
-            raise
-        self.writes = distributed.is_main_process()
-        self.display = (display or Display()) if self.writes else distributed.SilentDisplay()
-        # None: the diagnostics every run records (per-layer QE, b, grad norms, flips, dead weights)
-        self.callbacks = default_callbacks() if callbacks is None else list(callbacks)
+    spec: RunSpec
+    directory: RunDirectory
+    ctx: StepContext
+    bundle: Any
+    tensorboard: TensorBoardLog
 
-    @classmethod
-    def resume(cls, path: str | Path, *, display: Display | None = None, callbacks: Sequence[EpochCallback] | None = None) -> Run:
-        path = Path(path)
-        if not (path / CONFIG).is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
-        saved = read_json(path / CONFIG)
-        return cls(TrainConfig.from_dict(saved["config"]), path, display=display, callbacks=callbacks)
 
-    # ------------------------------------------------------------------ main
-    def execute(self) -> dict[str, Any]:
-        """Train every remaining epoch of every stage and return final.json's content (on every rank)."""
-        try:
-            return self._execute()
-        finally:
-            self._leave()
+def train_stage(run: RunState, stage: int, latest: dict[str, Any] | None) -> None:
+    """Every remaining epoch of ``stage``: optimiser and schedule, then per epoch train, evaluate,
+    check, log and checkpoint."""
+    spec, ctx, model = run.spec, run.ctx, run.ctx.model
+    recipe = spec.recipe.stage(stage)
+    if latest is not None and latest["stage"] > stage:
+        return  # finished before the interruption
+    bnnbench.set_stage(model, stage)
 
-    def _execute(self) -> dict[str, Any]:
-        cfg = self.cfg
-        if not self.fresh and (self.path / FINAL).is_file():
-            self.display.log(f"run {self.path} already finished; nothing to resume")
-            return read_json(self.path / FINAL)
-        seed_everything(cfg.seed)
-        device = distributed.rank_device(resolve_device(cfg.device))
-        world = distributed.world_size()
-        amp = device.type == "cuda" if cfg.amp is None else cfg.amp
-        channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-        method = bnnbench.get_method(cfg.method, **cfg.hparams)
-        init_record = self._init_record() if self.fresh else None
+    optimizer = make_optimizer(model, recipe, spec.recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    if latest is not None and latest["stage"] == stage:
+        model.load_state_dict(latest["model"])
+        optimizer.load_state_dict(latest["optimizer"])
+        scheduler.load_state_dict(latest["scheduler"])
+        start, best = latest["epoch"], latest["best"]
+    else:
+        initialise_stage(run, stage)
+        start, best = 0, {"test_top1": -1.0, "epoch": 0}
+    # DDP per stage: wrapping broadcasts rank 0's weights after they were loaded
+    ctx = dataclasses.replace(ctx, forward=distributed.data_parallel(ctx.inference, ctx.device))
+    weights, activations = model.spec.weight_binarizer(), model.spec.activation_binarizer()
 
-        # ---- data
-        bundle = make_data(
-            cfg.data,
-            data_dir=cfg.data_dir,
-            batch_size=distributed.process_batch_size(cfg.recipe.batch_size, world),
-            eval_batch_size=None if cfg.recipe.eval_batch_size is None else -(-cfg.recipe.eval_batch_size // world),
-            train_subset=cfg.recipe.train_subset,
-            test_subset=cfg.recipe.test_subset,
-            seed=cfg.seed,
-            loader=cfg.loader,
-            ffcv_dir=cfg.ffcv_dir,
-            workers=cfg.workers,
-            device=str(device),
-            augment=cfg.augment,
-            distributed=distributed.is_distributed(),
-            skip_bad_images=cfg.skip_bad_images,
-            download=cfg.download,
+    for epoch in range(start + 1, recipe.epochs + 1):
+        progress = (epoch - 1) / recipe.epochs
+        bnnbench.set_progress(model, progress)
+        run.bundle.set_epoch(epoch - 1)
+        for cb in ctx.callbacks:
+            cb.on_epoch_start(stage, epoch, model)
+        lr = optimizer.param_groups[0]["lr"]
+
+        began = time.perf_counter()
+        train = train_one_epoch(ctx, run.bundle.train, optimizer, stage, epoch, recipe.epochs, recipe.regularizer)
+        synchronize(ctx.device)
+        trained = time.perf_counter()
+        distributed.broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
+        test = evaluate(ctx, run.bundle.test)
+        synchronize(ctx.device)
+        ended = time.perf_counter()
+        if not math.isfinite(test.metrics["test_loss"]):
+            raise TrainingDiverged(f"stage {stage}, epoch {epoch}, evaluation: the test loss is {test.metrics['test_loss']}")
+        # sign(NaN) is a valid -1: NaN latent weights can hide behind a finite loss
+        broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise TrainingDiverged(f"stage {stage}, epoch {epoch}: non-finite parameters ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
+        scheduler.step()
+
+        reports = [cb.on_epoch_end(stage, epoch, model) for cb in ctx.callbacks]
+        row: dict[str, Any] = {"stage": stage, "epoch": epoch, "epochs": recipe.epochs, "progress": progress, "lr": lr}
+        row.update(train)
+        row.update(test.metrics)
+        row.update(schedule_columns(weights, activations, progress))
+        row.update(
+            epoch_time_s=ended - began,
+            train_time_s=trained - began,
+            eval_time_s=ended - trained,
+            train_images_per_s=train["train_images"] / (trained - began),
         )
+        for report in reports:
+            row.update(report.columns)
+        if test.metrics["test_top1"] > best["test_top1"]:
+            best = {"test_top1": test.metrics["test_top1"], "epoch": epoch}
 
-        # ---- model
-        model = bnnbench.build_model(
-            cfg.net,
-            method,
-            num_classes=bundle.num_classes,
-            stage=cfg.stages[0],
-            family=bundle.family,
-            act_norm=cfg.act_norm,
-            binary_activations=not cfg.real_activations,
-            **cfg.net_options,
-        ).to(device)
-        sync_bn = cfg.sync_bn and world > 1
-        if sync_bn:
-            model = distributed.sync_batch_norm(model, device)
-        elif cfg.sync_bn:
-            self.display.log("--sync-bn has no effect with a single process")
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        inference = torch.compile(model) if cfg.compile else model
-        ctx = StepContext(model, inference, inference, device, amp, channels_last, cfg.recipe.label_smoothing, self.callbacks, self.display)
+        ctx.display.epoch_summary(row)
+        rng_ranks = distributed.all_gather(rng_state())
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_ranks[0],
+            **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
+            "world_size": len(rng_ranks),
+            "stage": stage,
+            "epoch": epoch,
+            "best": best,
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+            "spec": run.spec.to_dict(),
+        }
+        layer_rows = [{"stage": stage, "epoch": epoch, **r} for report in reports for r in report.layers]
+        run.directory.record_epoch(row, layer_rows, state, best=best["epoch"] == epoch)
+        if stage == spec.stages[-1]:
+            run.directory.save_predictions(test.predictions, test.labels, stage, epoch)
+        run.tensorboard.epoch(len(run.directory.metrics.rows), row, layer_rows, model)
+        distributed.barrier()  # the other ranks may read these files next (stage 2's start)
 
-        # ---- run directory and resume point
-        if self.fresh and self.writes:
-            self.path.mkdir(parents=True)
-            parallel = {
-                "world_size": world,
-                "distributed_backend": distributed.backend_name(),
-                "process_batch_size": bundle.train.batch_size,
-                "process_eval_batch_size": bundle.test.batch_size,
-                "sync_bn": sync_bn,
-            }
-            self._write_json(CONFIG, self._provenance(device, amp, channels_last, model, bundle, init_record, parallel))
-        latest = self._latest_checkpoint()
-        position = (latest["stage"], latest["epoch"]) if latest else (0, 0)
-        self.metrics = CsvLog.resume(self.path / METRICS, position)
-        self.layers = CsvLog.resume(self.path / LAYERS, position)
-        if latest is not None:
-            set_rng_state(self._rank_rng_state(latest, world))  # after everything above that draws random numbers
-        self.display.log(f"run directory: {self.path}" + (f" ({world} processes, {distributed.backend_name()})" if world > 1 else ""))
 
-        # ---- stages
-        try:
-            with sigterm_as_interrupt():
-                for stage in cfg.stages:
-                    self._train_stage(stage, ctx, bundle, method, latest)
-        except (KeyboardInterrupt, RunInterrupted):
-            self._remove_if_nothing_saved()
-            raise
-        except Exception as exc:
-            kept = not self._remove_if_nothing_saved()
-            where = self._last_checkpoint_note() if kept else "no epoch had finished, so the run directory was removed"
-            if kept:
-                self._write_json(FAILURE, {"error": str(exc), "type": type(exc).__name__, "time": datetime.now().isoformat(timespec="seconds")})
-            if isinstance(exc, TrainingDiverged):
-                raise TrainingDiverged(f"{exc}; {where}. Lower the learning rate (--lr) or check the method's hyper-parameters.") from None
-            raise
+def schedule_columns(weights: bnnbench.Method, activations: bnnbench.Method, progress: float) -> dict[str, float]:
+    """``schedule_<name>`` of the weight binarizer, and ``schedule_act_<name>`` of a different activation one."""
+    columns = {f"schedule_{k}": v for k, v in weights.schedule(progress).items()}
+    if activations is not weights and activations.name != weights.name:
+        columns.update({f"schedule_act_{k}": v for k, v in activations.schedule(progress).items()})
+    return columns
 
-        # ---- results (rank 0 holds the metrics; every rank returns the same summary)
-        final = distributed.main_process_value(self._final_summary)
-        skipped = distributed.all_gather(bundle.train.skipped_images | bundle.test.skipped_images)
-        final["skipped_bad_images"] = sorted(set().union(*skipped))
-        self._write_json(FINAL, final)
-        if self.writes:
-            (self.path / FAILURE).unlink(missing_ok=True)  # a resumed run that finished is no longer failed
-        self.display.log(f"finished: top-1 {final['final_test_top1']:.2f}% (best {final['best_test_top1']:.2f}%), results in {self.path}")
-        return final
 
-    # ------------------------------------------------------------------ one stage
-    def _train_stage(self, stage: int, ctx: StepContext, bundle: Any, method: bnnbench.Method, latest: dict[str, Any] | None) -> None:
-        cfg, model = self.cfg, ctx.model
-        recipe = cfg.recipe.stage(stage)
-        if latest is not None and latest["stage"] > stage:
-            return  # finished before the interruption
-        bnnbench.set_stage(model, stage)
+def initialise_stage(run: RunState, stage: int) -> None:
+    """Stage 2 starts from this run's stage-1 checkpoint, or from ``init``."""
+    spec = run.spec
+    if stage == 1:
+        return
+    if 1 in spec.stages:
+        source = run.directory.checkpoint_path(1, spec.recipe.stage2_init)
+    elif spec.init == "scratch":
+        return
+    else:
+        source = Path(spec.init)  # type: ignore[arg-type]
+    state = load_checkpoint(source)
+    try:
+        run.ctx.model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {str(source)!r} does not fit {spec.model.net} with method {spec.model.label}: {exc}") from None
+    run.ctx.display.log(f"stage 2 starts from {source} (stage {state.get('stage')}, epoch {state.get('epoch')})")
 
-        # ---- optimiser and schedule
-        optimizer = make_optimizer(model, recipe, cfg.recipe)
-        scheduler = make_scheduler(optimizer, recipe)
-        if latest is not None and latest["stage"] == stage:
-            model.load_state_dict(latest["model"])
-            optimizer.load_state_dict(latest["optimizer"])
-            scheduler.load_state_dict(latest["scheduler"])
-            start, best = latest["epoch"], latest["best"]
-        else:
-            self._initialise_stage(stage, model)
-            start, best = 0, {"test_top1": -1.0, "epoch": 0}
-        # DDP per stage: wrapping broadcasts rank 0's weights after they were loaded
-        ctx = dataclasses.replace(ctx, forward=distributed.data_parallel(ctx.inference, ctx.device))
 
-        # ---- loop
-        for epoch in range(start + 1, recipe.epochs + 1):
-            progress = (epoch - 1) / recipe.epochs
-            bnnbench.set_progress(model, progress)
-            bundle.set_epoch(epoch - 1)
-            for cb in self.callbacks:
-                cb.on_epoch_start(stage, epoch, model)
-            lr = optimizer.param_groups[0]["lr"]
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-            began = time.perf_counter()
-            train = train_one_epoch(ctx, bundle.train, optimizer, stage, epoch, recipe.epochs, recipe.regularizer)
-            self._synchronize(ctx.device)
-            trained = time.perf_counter()
-            distributed.broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
-            test = evaluate(ctx, bundle.test)
-            self._synchronize(ctx.device)
-            ended = time.perf_counter()
-            if not math.isfinite(test["test_loss"]):
-                raise TrainingDiverged(f"stage {stage}, epoch {epoch}, evaluation: the test loss is {test['test_loss']}")
-            # sign(NaN) is a valid -1: NaN latent weights can hide behind a finite loss
-            broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-            if broken:
-                raise TrainingDiverged(f"stage {stage}, epoch {epoch}: non-finite parameters ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
-            scheduler.step()
 
-            reports = [cb.on_epoch_end(stage, epoch, model) for cb in self.callbacks]
-            row: dict[str, Any] = {"stage": stage, "epoch": epoch, "epochs": recipe.epochs, "progress": progress, "lr": lr}
-            row.update(train)
-            row.update(test)
-            row.update({f"schedule_{k}": v for k, v in method.schedule(progress).items()})
-            row.update(
-                epoch_time_s=ended - began,
-                train_time_s=trained - began,
-                eval_time_s=ended - trained,
-                train_images_per_s=train["train_images"] / (trained - began),
-            )
-            for report in reports:
-                row.update(report.columns)
-            if test["test_top1"] > best["test_top1"]:
-                best = {"test_top1": test["test_top1"], "epoch": epoch}
+# ======================================================================== one run
+def train(directory: RunDirectory, *, display: Display | None = None, callbacks: Sequence[EpochCallback] | None = None) -> dict[str, Any]:
+    """Train every remaining epoch of every stage of ``directory``'s run; returns ``final.json``
+    (on every rank).  Call within :func:`distributed.process_group` (as :func:`run_training` does)."""
+    spec, machine = directory.spec, directory.machine
+    display = (display or Display()) if directory.writes else distributed.SilentDisplay()
+    if directory.finished:
+        display.log(f"run {directory.path} already finished; nothing to resume")
+        return directory.final()
+    if machine.threads:
+        torch.set_num_threads(machine.threads)
+    seed_everything(spec.seed)
+    device = distributed.rank_device(machine.resolve_device())
+    world = distributed.world_size()
+    distributed.check_processes(spec.recipe.batch_size, machine.sync_bn, device, world)
+    amp = resolve_amp(machine, device)
+    channels_last = device.type == "cuda" if machine.channels_last is None else machine.channels_last
+    init_record = stage2_source(spec) if directory.fresh else None
 
-            # ---- results: logs first, then the checkpoint that marks the epoch as done
-            self.display.epoch_summary(row)
-            if self.writes:
-                self.metrics.append([row])
-                layer_rows = [{"stage": stage, "epoch": epoch, **r} for report in reports for r in report.layers]
-                if layer_rows:
-                    self.layers.append(layer_rows)
-            rng_ranks = distributed.all_gather(rng_state())
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_ranks[0],
-                **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
-                "world_size": len(rng_ranks),
-                "stage": stage,
-                "epoch": epoch,
-                "best": best,
-                "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
-                "bnn_config": model.bnn_config,
-                "config": cfg.to_dict(),
-            }
-            if best["epoch"] == epoch:
-                self._save(checkpoint_name(stage, "best"), state)
-            self._save(checkpoint_name(stage, "last"), state)
-            distributed.barrier()  # the other ranks may read these files next (stage 2's start)
+    # ---- data (an image folder may hold fewer classes than the data set: the classifier follows it)
+    bundle = open_data(data_request(spec, machine, device, world, distributed.is_distributed()))
+    if bundle.num_classes != spec.model.num_classes:
+        if not directory.fresh:
+            raise ValueError(f"{spec.data} now has {bundle.num_classes} classes, but run {directory.path} was trained with {spec.model.num_classes}")
+        display.log(f"{spec.data} here has {bundle.num_classes} classes: the classifier has {bundle.num_classes} outputs")
+        spec = directory.spec = spec.replace(model=spec.model.replace(num_classes=bundle.num_classes))
 
-    def _initialise_stage(self, stage: int, model: nn.Module) -> None:
-        """Stage 2 starts from this run's stage-1 checkpoint, or from ``--init``."""
-        if stage == 1:
-            return
-        if 1 in self.cfg.stages:
-            source = self.path / checkpoint_name(1, self.cfg.recipe.stage2_init)
-        elif self.cfg.init == "scratch":
-            return
-        else:
-            source = Path(self.cfg.init)  # type: ignore[arg-type]
-        state = load_checkpoint(source)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ValueError(f"checkpoint {str(source)!r} does not fit {self.cfg.net} with method {self.cfg.method}: {exc}") from None
-        self.display.log(f"stage 2 starts from {source} (stage {state.get('stage')}, epoch {state.get('epoch')})")
+    # ---- model
+    model = spec.model.build(stage=spec.stages[0]).to(device)
+    sync_bn = machine.sync_bn and world > 1
+    if sync_bn:
+        model = distributed.sync_batch_norm(model, device)
+    elif machine.sync_bn:
+        display.log("--sync-bn has no effect with a single process")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    inference = torch.compile(model) if machine.compile else model
+    check_every = 1 if device.type == "cpu" else GPU_CHECK_EVERY
 
-    # ------------------------------------------------------------------ records
-    def _init_record(self) -> dict[str, Any] | None:
-        """Where stage 2 starts from (an ``--init`` checkpoint is read before anything is written)."""
-        cfg = self.cfg
-        if cfg.stages == [1, 2]:
-            return {"source": f"this run's {checkpoint_name(1, cfg.recipe.stage2_init)}"}
-        if cfg.init is None or cfg.init == "scratch":
-            return None if cfg.init is None else {"source": "scratch"}
-        state = load_checkpoint(Path(cfg.init))
-        return {"source": str(Path(cfg.init).resolve()), "stage": state.get("stage"), "epoch": state.get("epoch"), "bnn_config": state.get("bnn_config")}
-
-    def _provenance(
-        self, device: torch.device, amp: bool, channels_last: bool, model: nn.Module, bundle: Any, init: Any, parallel: dict[str, Any]
-    ) -> dict[str, Any]:
-        return {
-            "run_id": self.path.name,
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "config": self.cfg.to_dict(),
-            "resolved": {"device": str(device), "amp_bf16": amp, "channels_last": channels_last, "stage2_init": init, **parallel},
-            "model": model.bnn_config,
+    # ---- run directory and resume point
+    resolved = {
+        "device": str(device),
+        "amp_bf16": amp,
+        "channels_last": channels_last,
+        "compile": machine.compile,
+        "stage2_init": init_record,
+        "world_size": world,
+        "distributed_backend": distributed.backend_name(),
+        "process_batch_size": bundle.train.batch_size,
+        "process_eval_batch_size": bundle.test.batch_size,
+        "sync_bn": sync_bn,
+        "check_every": check_every,
+    }
+    latest = directory.start(
+        {
+            "spec": spec.to_dict(),
+            "settings": machine.to_dict(),
+            "resolved": resolved,
+            "model": spec.model.describe(),
             "data": bundle.info,
             "git": git_commit(),
             "versions": package_versions(),
             "machine": device_info(device),
         }
+    )
+    if latest is not None:
+        set_rng_state(rank_rng_state(latest, world, display))  # after everything above that draws random numbers
+    display.log(f"run directory: {directory.path}" + (f" ({world} processes, {distributed.backend_name()})" if world > 1 else ""))
+    cost = CostEstimate(spec, str(device), display, epochs_done=len(directory.metrics.rows), steps_per_epoch=len(bundle.train))
+    ctx = StepContext(
+        model,
+        inference,
+        inference,
+        device,
+        amp,
+        channels_last,
+        spec.recipe.label_smoothing,
+        check_every,
+        default_callbacks() if callbacks is None else list(callbacks),
+        display,
+        cost,
+    )
+    run = RunState(spec, directory, ctx, bundle, TensorBoardLog.open(directory.path, enabled=machine.tensorboard and directory.writes))
 
-    def _final_summary(self) -> dict[str, Any]:
-        rows = self.metrics.rows
-        stages: dict[str, Any] = {}
-        for stage in self.cfg.stages:
-            mine = [r for r in rows if int(r["stage"]) == stage]
-            last = mine[-1]
-            best = max(mine, key=lambda r: (float(r["test_top1"]), -int(r["epoch"])))
-            stages[str(stage)] = {
-                "epochs": int(last["epoch"]),
-                "last": {k: float(last[k]) for k in ("test_top1", "test_top5", "test_loss")},
-                "best": {"test_top1": float(best["test_top1"]), "epoch": int(best["epoch"])},
-            }
-        final_stage = stages[str(self.cfg.stages[-1])]
-        return {
-            "run_id": self.path.name,
-            "status": "finished",
-            "method": self.cfg.method,
-            "net": self.cfg.net,
-            "data": self.cfg.data,
-            "seed": self.cfg.seed,
-            "recipe": self.cfg.recipe.name,
-            "final_test_top1": final_stage["last"]["test_top1"],
-            "final_test_top5": final_stage["last"]["test_top5"],
-            "best_test_top1": final_stage["best"]["test_top1"],
-            "stages": stages,
-            "train_time_s": sum(float(r["epoch_time_s"]) for r in rows),
-            "note": "best = highest test top-1 over the stage's epochs (upstream practice: selected on the test set)",
-        }
+    # ---- stages
+    try:
+        with sigterm_as_interrupt(), run.tensorboard:
+            for stage in spec.stages:
+                train_stage(run, stage, latest)
+    except (KeyboardInterrupt, RunInterrupted):
+        directory.remove_if_empty()
+        raise
+    except Exception as exc:
+        where = directory.fail(exc)
+        if isinstance(exc, TrainingDiverged):
+            raise TrainingDiverged(f"{exc}; {where}. Lower the learning rate (--lr) or check the method's hyper-parameters.") from None
+        raise
 
-    # ------------------------------------------------------------------ processes
-
-    def _rank_rng_state(self, latest: dict[str, Any], world: int) -> dict[str, Any]:
-        """This rank's saved RNG state when the world size is unchanged, else rank 0's (see the module docstring)."""
-        saved_world = int(latest.get("world_size", 1))
-        if saved_world != world:
-            self.display.log(
-                f"resuming a run trained on {saved_world} process(es) with {world}: the data shards and per-rank RNG "
-                "differ, so the numbers will not match an uninterrupted run exactly"
-            )
-        if saved_world == world and "rng_ranks" in latest:
-            return latest["rng_ranks"][distributed.rank()]
-        return latest["rng"]
-
-    def _leave(self) -> None:
-        """Leave the process group if this run joined it."""
-        if self.joined:
-            distributed.leave()
-            self.joined = False
-
-    # ------------------------------------------------------------------ files
-    def _latest_checkpoint(self) -> dict[str, Any] | None:
-        for stage in (2, 1):
-            path = self.path / checkpoint_name(stage, "last")
-            if path.is_file():
-                return load_checkpoint(path)
-        return None
-
-    def _save(self, name: str, state: dict[str, Any]) -> None:
-        if self.writes:
-            save_checkpoint(self.path / name, state)
-
-    def _write_json(self, name: str, data: Any) -> None:
-        if self.writes:
-            write_json(self.path / name, data)
-
-    def _last_checkpoint_note(self) -> str:
-        latest = self._latest_checkpoint()
-        if latest is None:
-            return f"no epoch has finished yet in {self.path}"
-        name = checkpoint_name(latest["stage"], "last")
-        return f"the last good checkpoint is {self.path / name} (stage {latest['stage']}, epoch {latest['epoch']})"
-
-    def _remove_if_nothing_saved(self) -> bool:
-        """A fresh run that stops before its first checkpoint leaves nothing behind; True if removed."""
-        if self.fresh and self.writes and self.path.is_dir() and not any(self.path.glob("stage*_last.pt")):
-            shutil.rmtree(self.path)
-            return True
-        return False
-
-    @staticmethod
-    def _synchronize(device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    # ---- results (rank 0 holds the metrics; every rank returns the same summary)
+    final = distributed.main_process_value(directory.summary)
+    skipped = distributed.all_gather(bundle.train.skipped_images | bundle.test.skipped_images)
+    final["skipped_bad_images"] = sorted(set().union(*skipped))
+    directory.finish(final)
+    display.log(f"finished: top-1 {final['final_test_top1']:.2f}% (best {final['best_test_top1']:.2f}%), results in {directory.path}")
+    return final
 
 
-def run_training(cfg: TrainConfig, *, quiet: bool = False, callbacks: Sequence[EpochCallback] | None = None) -> dict[str, Any]:
+def stage2_source(spec: RunSpec) -> dict[str, Any] | None:
+    """Where stage 2 starts from (an ``init`` checkpoint is read before anything is written)."""
+    if spec.stages == (1, 2):
+        return {"source": f"this run's {checkpoint_name(1, spec.recipe.stage2_init)}"}
+    if spec.init is None or spec.init == "scratch":
+        return None if spec.init is None else {"source": "scratch"}
+    state = load_checkpoint(Path(spec.init))
+    return {"source": str(Path(spec.init).resolve()), "stage": state.get("stage"), "epoch": state.get("epoch"), "spec": state.get("spec")}
+
+
+def rank_rng_state(latest: dict[str, Any], world: int, display: Display) -> dict[str, Any]:
+    """This rank's saved RNG state when the world size is unchanged, else rank 0's (see the module docstring)."""
+    saved_world = int(latest.get("world_size", 1))
+    if saved_world != world:
+        display.log(
+            f"resuming a run trained on {saved_world} process(es) with {world}: the data shards and per-rank RNG "
+            "differ, so the numbers will not match an uninterrupted run exactly"
+        )
+    if saved_world == world and "rng_ranks" in latest:
+        return latest["rng_ranks"][distributed.rank()]
+    return latest["rng"]
+
+
+def run_training(
+    spec: RunSpec, machine: Machine | None = None, *, quiet: bool = False, callbacks: Sequence[EpochCallback] | None = None
+) -> dict[str, Any]:
     """Train a fresh run (library entry point; the CLI is ``bnnbench run``)."""
-    return Run(cfg, display=Display(quiet), callbacks=callbacks).execute()
+    machine = machine or Machine()
+    with distributed.process_group(machine.resolve_device()):
+        return train(RunDirectory.new(spec, machine), display=Display(quiet), callbacks=callbacks)
 
 
 def resume_training(path: str | Path, *, quiet: bool = False, callbacks: Sequence[EpochCallback] | None = None) -> dict[str, Any]:
     """Continue the run in ``path`` from its latest checkpoint."""
-    return Run.resume(path, display=Display(quiet), callbacks=callbacks).execute()
+    directory = RunDirectory.open(path)
+    with distributed.process_group(directory.machine.resolve_device()):
+        return train(directory, display=Display(quiet), callbacks=callbacks)
 
 
 __all__ = [
     "EpochCallback",
     "EpochReport",
-    "Run",
     "RunInterrupted",
     "TIMING_COLUMNS",
-    "TrainConfig",
     "TrainingDiverged",
     "resume_training",
     "run_training",
+    "train",
+    "train_stage",
 ]

@@ -17,7 +17,12 @@ from bnnbench.runners.train import TIMING_COLUMNS
 pytestmark = pytest.mark.usefixtures("private_cache")  # generated folders' decode caches stay out of ~/.cache
 
 SMALL = ["--net", "resnet20", "--recipe", "quick", "--batch-size", "16", "--quiet"]
-RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
+def run_files(path: Path) -> set[str]:
+    """The run directory's files, TensorBoard's event files (present where tensorboard is installed) left out."""
+    return {p.name for p in path.iterdir() if not p.name.startswith("events.out.tfevents")}
+
+
+RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 
 def run(out: Path, *args: str) -> int:
@@ -46,14 +51,15 @@ def test_cifar10_subset_both_stages_writes_a_complete_run_directory(tmp_path, ci
     assert run(out, *args, *SMALL, "--epochs", "1,1", "--seed", "5") == 0
     path = only_run(out)
     assert re.fullmatch(r"resnet20-biper-cifar10-s5-\d{8}-\d{6}-[0-9a-f]{6}", path.name)
-    assert {p.name for p in path.iterdir()} == RUN_FILES
+    assert run_files(path) == RUN_FILES
 
     config = json.loads((path / "config.json").read_text())
-    assert (config["config"]["method"], config["config"]["net"], config["config"]["data"], config["config"]["seed"]) == ("biper", "resnet20", "cifar10", 5)
-    assert config["config"]["recipe"]["name"] == "quick" and config["config"]["recipe"]["train_subset"] == 192
+    spec = config["spec"]
+    assert (spec["model"]["method"], spec["model"]["net"], spec["data"], spec["seed"]) == ("biper", "resnet20", "cifar10", 5)
+    assert spec["recipe"]["name"] == "quick" and spec["recipe"]["train_subset"] == 192
     assert re.fullmatch(r"[0-9a-f]{40}", config["git"]["commit"]) and config["versions"]["torch"] == torch.__version__
     assert config["resolved"]["device"] == "cpu" and config["machine"]["device"] == "cpu"
-    assert config["model"]["method"]["hparams"]["w0"] == 20.0 and config["model"]["options"]["skip"] == "double"
+    assert config["model"]["hparams"]["w0"] == 20.0 and config["model"]["options"]["skip"] == "double"
     assert config["data"]["dataset"] == "cifar10" and config["data"]["train_size"] == 192 and config["data"]["note"]
 
     metrics = rows(path)
@@ -65,7 +71,7 @@ def test_cifar10_subset_both_stages_writes_a_complete_run_directory(tmp_path, ci
         assert 0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100 and float(r["train_images_per_s"]) > 0
     final = json.loads((path / "final.json").read_text())
     assert final["status"] == "finished" and final["final_test_top1"] == float(metrics[-1]["test_top1"])
-    for name in RUN_FILES - {"config.json", "metrics.csv", "layers.csv", "final.json"}:
+    for name in RUN_FILES - {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz"}:
         assert torch.load(path / name, weights_only=True)["stage"] == int(name[5])
     printed = capsys.readouterr().out
     assert "stage 1 epoch 1/1" in printed and "stage 2 epoch 1/1" in printed and str(path) in printed
@@ -88,16 +94,16 @@ def test_stages_separately_with_overrides_saved_in_the_config(tmp_path, capsys):
     ]  # fmt: skip
     assert run(out, *common, *stage1) == 0
     s1 = out / "runs" / "s1"
-    assert {p.name for p in s1.iterdir()} == {"config.json", "metrics.csv", "layers.csv", "final.json", "stage1_last.pt", "stage1_best.pt"}
+    assert run_files(s1) == {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt"}
     config = json.loads((s1 / "config.json").read_text())
-    recipe = config["config"]["recipe"]
+    recipe = config["spec"]["recipe"]
     assert (recipe["stage1"], recipe["stage2"]) == (
         {"epochs": 1, "lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 1, "regularizer": False},
         {"epochs": 1, "lr": 0.003, "weight_decay": 1e-5, "warmup_epochs": 0, "regularizer": True},
     )
     assert (recipe["wd_groups"], recipe["label_smoothing"], recipe["stage2_init"], recipe["batch_size"]) == ("weights_only", 0.1, "best", 16)
-    assert config["model"]["method"]["hparams"]["w0"] == 10.0 and config["model"]["options"] == {"skip": "single"}
-    assert config["model"]["act_norm"] is False and config["config"]["stages"] == [1]
+    assert config["model"]["hparams"]["w0"] == 10.0 and config["model"]["options"] == {"skip": "single"}
+    assert config["model"]["act_norm"] is False and config["spec"]["stages"] == [1]
     (metrics,) = rows(s1)
     assert float(metrics["train_reg"]) == 0.0 and float(metrics["lr"]) == 0.03
 
@@ -123,7 +129,7 @@ def test_imagenet_folder_trains_the_imagenet_resnet18(tmp_path, make_image_folde
     path = only_run(out)
     config = json.loads((path / "config.json").read_text())
     assert config["model"]["family"] == "imagenet" and config["model"]["num_classes"] == 2
-    assert config["config"]["recipe"]["name"] == "upstream-imagenet" and config["config"]["recipe"]["wd_groups"] == "conv_fc"
+    assert config["spec"]["recipe"]["name"] == "upstream-imagenet" and config["spec"]["recipe"]["wd_groups"] == "conv_fc"
     assert config["data"]["image_size"] == 224
     assert [(r["stage"], r["epoch"], r["train_images"]) for r in rows(path)] == [("1", "1", "6"), ("2", "1", "6")]
 

@@ -285,7 +285,7 @@ def test_cifar10_from_tar_subsets_labels_and_provenance(cifar10_tar):
 
 
 def test_cifar10_pixels_and_labels_come_from_the_named_files(cifar10_tar):
-    loaded = load_cifar10(cifar10_tar, train_subset=40, test_subset=30, skip_bad=False, download=False)
+    loaded = load_cifar10(cifar10_tar, train_subset=40, test_subset=30, skip_bad_images=False, download=False)
     source = TarSource(cifar10_tar)
     index = source.split_index("test", CIFAR_CLASSES)
     chosen = balanced_subset(index.labels, 30)
@@ -340,9 +340,9 @@ def test_decode_cache_is_built_once_and_keyed_by_the_files(tmp_path, monkeypatch
     assert third.info["decode_cache"]["train"] != first.info["decode_cache"]["train"]
     assert third.info["decode_cache"]["test"] == first.info["decode_cache"]["test"]
     # a subset read from the cache is the subset decoded directly from the files
-    cached = load_cifar10(root, train_subset=6, test_subset=2, skip_bad=False, download=False)
+    cached = load_cifar10(root, train_subset=6, test_subset=2, skip_bad_images=False, download=False)
     monkeypatch.setenv("BNNBENCH_CACHE", str(tmp_path / "fresh-cache"))
-    direct = load_cifar10(root, train_subset=6, test_subset=2, skip_bad=False, download=False)
+    direct = load_cifar10(root, train_subset=6, test_subset=2, skip_bad_images=False, download=False)
     assert cached.train.cache is not None and direct.train.cache is None
     assert np.array_equal(cached.train.images, direct.train.images) and np.array_equal(cached.train.labels, direct.train.labels)
 

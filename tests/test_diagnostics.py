@@ -15,15 +15,16 @@ from bnnbench.metrics import model_diagnostics
 from bnnbench.runners.diagnostics import LAYER_COLUMNS, MODEL_COLUMNS, DiagnosticsCallback, GradNormAccumulator, default_callbacks
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.results import load_checkpoint
-from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, run_training
+from bnnbench.runners.train import TIMING_COLUMNS, run_training
+from tiny import TinyRun, tiny_run
 
 
-def tiny_config(out: Path, method: str = "recu") -> TrainConfig:
+def tiny_config(out: Path, method: str = "recu") -> TinyRun:
     """resnet20 on 48 digits, 1 + 1 epochs of 3 steps."""
     recipe = get_recipe("quick")
     recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
     recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-    return TrainConfig(method=method, net="resnet20", data="digits", recipe=recipe, out=str(out))
+    return tiny_run(recipe, out, method=method)
 
 
 def only_run(out: Path) -> Path:
@@ -37,7 +38,7 @@ def logged_run(tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(tiny_config(out), quiet=True, callbacks=default_callbacks())
+        run_training(*tiny_config(out), quiet=True, callbacks=default_callbacks())
     finally:
         torch.set_num_threads(before)
     return only_run(out)
@@ -91,7 +92,7 @@ def test_logged_values_equal_metrics_on_the_saved_weights(logged_run):
 
 def test_callback_does_not_change_training(logged_run, tmp_path):
     """Same seed without the callback: every training and test number is identical."""
-    run_training(tiny_config(tmp_path / "results"), quiet=True, callbacks=())
+    run_training(*tiny_config(tmp_path / "results"), quiet=True, callbacks=())
     plain = pd.read_csv(only_run(tmp_path / "results") / "metrics.csv")
     logged = pd.read_csv(logged_run / "metrics.csv")
     assert not (only_run(tmp_path / "results") / "layers.csv").exists()

@@ -34,14 +34,16 @@ from bnnbench.runners.distributed import TORCHRUN_ENV, unpadded_share
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.callbacks import EpochCallback, EpochReport
-from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, run_training
+from bnnbench.runners.rundir import RunDirectory
+from bnnbench.runners.train import TIMING_COLUMNS, run_training
+from tiny import TinyRun, tiny_run
 
 TEST_IMAGES = 51  # odd: each rank's shard holds 26 positions, rank 1's last one a repeat
 ARGS = [
     "--device", "cpu", "--net", "resnet20", "--recipe", "quick", "--train-subset", "64", "--test-subset", str(TEST_IMAGES),
-    "--batch-size", "16", "--eval-batch-size", "50", "--epochs", "2,1", "--quiet",
-]  # fmt: skip
-RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
+    "--batch-size", "16", "--eval-batch-size", "50", "--epochs", "2,1", "--quiet", "--no-amp",
+]  # fmt: skip  (fp32: the single-process evaluation below compares losses to 1e-5)
+RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 # Test-side only: a plugin module, imported by every worker (--plugin), that makes rank 1 kill itself
 # with SIGKILL when stage 1's second epoch starts (progress (2 - 1) / 2), after epoch 1's checkpoint.
@@ -96,18 +98,10 @@ def reference(private_cache, cifar10_dir, tmp_path_factory) -> tuple[Path, subpr
 def single_process_evaluation(checkpoint: Path) -> tuple[int, float, int]:
     """(hits, summed cross-entropy, images) of the checkpoint's model on its run's test images, one process."""
     state = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(state["config"])
-    bundle = make_data(cfg.data, data_dir=cfg.data_dir, batch_size=64, train_subset=cfg.recipe.train_subset, test_subset=cfg.recipe.test_subset, seed=cfg.seed, loader="torch")
-    model = bnnbench.build_model(
-        cfg.net,
-        bnnbench.get_method(cfg.method, **cfg.hparams),
-        num_classes=bundle.num_classes,
-        stage=state["stage"],
-        family=bundle.family,
-        act_norm=cfg.act_norm,
-        binary_activations=not cfg.real_activations,
-        **cfg.net_options,
-    )
+    run = RunDirectory.open(checkpoint.parent)
+    spec, recipe = run.spec, run.spec.recipe
+    bundle = make_data(spec.data, data_dir=run.machine.data_dir, batch_size=64, train_subset=recipe.train_subset, test_subset=recipe.test_subset, seed=spec.seed, loader="torch")
+    model = spec.model.build(stage=state["stage"])
     model.load_state_dict(state["model"])
     bnnbench.set_progress(model, state["metrics"]["progress"])
     model.eval()
@@ -126,7 +120,7 @@ def test_two_processes_write_one_run_whose_accuracy_counts_every_test_image_once
     out, proc = reference
     assert proc.returncode == 0, proc.stderr
     (path,) = (out / "runs").iterdir()
-    assert {p.name for p in path.iterdir()} == RUN_FILES
+    assert {p.name for p in path.iterdir() if not p.name.startswith("events.out.tfevents")} == RUN_FILES
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints
     assert proc.stdout.count("stage 1 epoch 1/2") == 1
 
@@ -227,20 +221,20 @@ def test_a_one_rank_process_group_trains_exactly_like_a_plain_run(monkeypatch, t
     """Under a torchrun environment of one rank the run goes through DDP, the reductions and the
     buffer broadcast; the numbers, callbacks included, are those of a plain run."""
 
-    def config(name: str) -> TrainConfig:
+    def config(name: str) -> TinyRun:
         recipe = get_recipe("quick")
         recipe.train_subset, recipe.test_subset, recipe.batch_size = 64, 30, 16
         recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-        return TrainConfig(method="biper", net="resnet20", data="digits", device="cpu", recipe=recipe, out=str(tmp_path), name=name)
+        return tiny_run(recipe, tmp_path, device="cpu", name=name)
 
     plain_callback, ddp_callback = WhatCallbacksGet(), WhatCallbacksGet()
-    run_training(config("plain"), quiet=True, callbacks=[plain_callback])
+    run_training(*config("plain"), quiet=True, callbacks=[plain_callback])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
-    run_training(config("ddp"), quiet=True, callbacks=[ddp_callback])
+    run_training(*config("ddp"), quiet=True, callbacks=[ddp_callback])
     assert not dist.is_initialized()  # the run left the process group it joined
 
     resolved = json.loads((tmp_path / "runs" / "ddp" / "config.json").read_text())["resolved"]

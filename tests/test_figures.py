@@ -47,7 +47,7 @@ def test_figure3_points_are_biper_quantization_errors():
 
 
 def test_cli_writes_figure2(tmp_path, capsys):
-    assert run_cli("2", "--out", str(tmp_path), "--samples", "2000", "--dpi", "60") == 0
+    assert run_cli("2", "--figures-dir", str(tmp_path), "--samples", "2000", "--dpi", "60") == 0
     assert (tmp_path / "fig2_pdf_w_hat.png").read_bytes()[:8] == PNG_MAGIC
     assert "fig2_pdf_w_hat.pdf" in capsys.readouterr().out
 
@@ -71,7 +71,7 @@ def test_figure4_from_a_sweep_csv(tmp_path):
     csv = tmp_path / "sweep.csv"
     sweep_table().to_csv(csv, index=False)
     out = tmp_path / "figs"
-    assert run_cli("4", "--sweep", str(csv), "--out", str(out), "--dpi", "60") == 0
+    assert run_cli("4", "--sweep", str(csv), "--figures-dir", str(out), "--dpi", "60") == 0
     assert_written([out / "fig4_frequency_sweep.png", out / "fig4_frequency_sweep.pdf"], out, "fig4_frequency_sweep")
     assert len(figures.figure4(sweep_table()).axes) == 4
 

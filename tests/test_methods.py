@@ -510,7 +510,7 @@ def write_plugin(tmp_path: Path) -> Path:
 def test_cli_plugin_registers_method_in_process(tmp_path: Path, isolated_registry, capsys) -> None:
     path = write_plugin(tmp_path)
     assert PLUGIN_NAME not in list_methods()
-    assert cli_main(["--plugin", str(path), "list"]) == 0
+    assert cli_main(["--plugin", str(path), "list", "--formulas"]) == 0
     out = capsys.readouterr().out
     assert PLUGIN_NAME in out and "beta=2.0" in out
     assert PLUGIN_NAME in list_methods()
@@ -522,7 +522,7 @@ def test_cli_plugin_registers_method_in_process(tmp_path: Path, isolated_registr
     # and it builds a model that trains
     torch.manual_seed(0)
     model = build_model("resnet20", PLUGIN_NAME)
-    assert model.bnn_config["method"]["name"] == PLUGIN_NAME
+    assert model.spec.method == PLUGIN_NAME
     loss = F.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([1, 7]))  # small images: fast
     loss.backward()
     conv = model.stages[0][0].conv1

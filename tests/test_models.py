@@ -42,7 +42,7 @@ def test_resnet18_single_skip_same_params_different_graph():
     torch.manual_seed(0)
     single = build_model("resnet18", "biper", skip="single")
     assert n_params(double) == n_params(single) == 11_005_002
-    assert single.bnn_config["options"]["skip"] == "single"
+    assert single.spec.options["skip"] == "single"
     x = torch.randn(2, 3, 32, 32)
     double.eval(), single.eval()
     assert not torch.allclose(double(x), single(x))
@@ -80,7 +80,7 @@ def test_fp_model_has_no_binary_behaviour():
     model = build_model("resnet20", "fp")
     layers = [layer for _, layer in binary_layers(model)]
     assert all(not layer.binary_weights and not layer.binary_activations and layer.alpha is None for layer in layers)
-    assert model.bnn_config["nonlinearity"] == "relu"
+    assert model.spec.nonlinearity == "relu"
     assert not any(isinstance(m, nn.Hardtanh) for m in model.modules())
 
 
@@ -92,7 +92,7 @@ def test_stage_switch_changes_weights_only():
     bnnbench.set_stage(model, 2)
     w2 = layer.forward_weight().detach()
     assert set(w2.unique().tolist()) <= {-1.0, 1.0}
-    assert model.bnn_config["stage"] == 2
+    assert {layer.stage for _, layer in binary_layers(model)} == {2}
     with pytest.raises(ValueError, match="stage"):
         bnnbench.set_stage(model, 3)
 
@@ -100,7 +100,7 @@ def test_stage_switch_changes_weights_only():
 def test_real_activations_option_table2():
     model = build_model("resnet20", "biper", binary_activations=False)
     assert all(not layer.binary_activations for _, layer in binary_layers(model))
-    assert model.bnn_config["binary_activations"] is False and model.bnn_config["nonlinearity"] == "relu"
+    assert model.spec.binary_activations is False and model.spec.nonlinearity == "relu"
 
 
 def test_unknown_net_and_option_errors():

@@ -55,4 +55,4 @@ def test_act_norm_is_refused_for_a_method_with_a_learned_threshold():
     """sign(a / s + beta) != sign(a + beta): ReActNet with act_norm would train and evaluate different nets."""
     with pytest.raises(ConfigError, match="reactnet.*--no-act-norm"):
         bnnbench.build_model("resnet20", "reactnet", act_norm=True)
-    assert bnnbench.build_model("resnet20", "reactnet").bnn_config["act_norm"] is False
+    assert bnnbench.build_model("resnet20", "reactnet").spec.act_norm is False

@@ -15,7 +15,8 @@ from bnnbench.cli import main as cli_main
 from bnnbench.runners.diagnostics import default_callbacks
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.report import export, runs_frame
-from bnnbench.runners.train import TrainConfig, run_training
+from bnnbench.runners.train import run_training
+from tiny import tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,8 @@ def runs(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         for method, name in (("biper", "a-biper"), ("sign-ste", "b-sign")):
-            cfg = TrainConfig(
-                method=method, net="resnet20", data="digits", recipe=recipe, out=str(out), name=name, hparams={"w0": 10.0} if method == "biper" else {}
-            )
-            run_training(cfg, quiet=True, callbacks=default_callbacks())
+            cfg = tiny_run(recipe, out, method=method, name=name, hparams={"w0": 10.0} if method == "biper" else {})
+            run_training(*cfg, quiet=True, callbacks=default_callbacks())
     finally:
         torch.set_num_threads(before)
     root = out / "runs"
@@ -49,8 +48,8 @@ def test_one_line_per_run_with_config_final_and_stage_metrics(runs):
     frame = runs_frame(runs).set_index("run_id")
     assert sorted(frame.index) == ["a-biper", "b-sign", "c-unfinished", "d-diverged"]
     assert frame["status"].to_dict() == {"a-biper": "finished", "b-sign": "finished", "c-unfinished": "unfinished", "d-diverged": "diverged"}
-    assert frame.loc["a-biper", "config.method"] == "biper" and frame.loc["a-biper", "config.hparams.w0"] == 10.0
-    assert frame.loc["a-biper", "model.method.hparams.w0"] == 10.0 and frame.loc["b-sign", "config.recipe.stage1.epochs"] == 2
+    assert frame.loc["a-biper", "spec.model.method"] == "biper" and frame.loc["a-biper", "spec.model.hparams.w0"] == 10.0
+    assert frame.loc["a-biper", "spec.model.act_hparams.w0"] == 10.0 and frame.loc["b-sign", "spec.recipe.stage1.epochs"] == 2
     assert frame.loc["d-diverged", "failure"] == "the training loss is nan"
     for run_id in ("a-biper", "b-sign"):
         final = json.loads((runs / run_id / "final.json").read_text())

@@ -21,17 +21,18 @@ from bnnbench.cli import main as cli_main
 from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.callbacks import EpochCallback
 from bnnbench.runners.diagnostics import default_callbacks
-from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, resume_training, run_training
+from bnnbench.runners.train import TIMING_COLUMNS, resume_training, run_training
+from tiny import TinyRun, tiny_run
 
 ARGS = ["--net", "resnet20", "--data", "digits", "--recipe", "quick", "--train-subset", "96", "--test-subset", "40", "--batch-size", "16", "--epochs", "2,1"]
 
 
-def config(out: Path, name: str) -> TrainConfig:
+def config(out: Path, name: str) -> TinyRun:
     """The library twin of ARGS."""
     recipe = get_recipe("quick")
     recipe.train_subset, recipe.test_subset, recipe.batch_size = 96, 40, 16
     recipe.stage1.epochs, recipe.stage2.epochs = 2, 1
-    return TrainConfig(method="biper", net="resnet20", data="digits", recipe=recipe, out=str(out), name=name)
+    return tiny_run(recipe, out, name=name)
 
 
 def outcome(path: Path) -> tuple[list[dict[str, str]], dict, dict[str, torch.Tensor]]:
@@ -58,7 +59,7 @@ def reference(tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(config(out, "reference"), quiet=True)
+        run_training(*config(out, "reference"), quiet=True)
     finally:
         torch.set_num_threads(before)
     return out / "runs" / "reference"
@@ -109,7 +110,7 @@ class Snapshot(EpochCallback):
 def test_resume_from_every_epoch_boundary_and_with_a_metrics_row_ahead_of_its_checkpoint(tmp_path, reference):
     out = tmp_path / "results"
     snapshot = Snapshot(out, at=[(1, 1), (1, 2), (2, 1)])
-    run_training(config(out, "full"), quiet=True, callbacks=[*default_callbacks(), snapshot])
+    run_training(*config(out, "full"), quiet=True, callbacks=[*default_callbacks(), snapshot])
     same_outcome(out / "runs" / "full", reference)  # a callback that reports nothing changes nothing
 
     # killed after metrics.csv got the row of an epoch but before that epoch's checkpoint was written

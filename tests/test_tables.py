@@ -17,9 +17,10 @@ import torch
 import bnnbench
 from bnnbench import figures
 from bnnbench.cli import main as cli_main
-from bnnbench.runners.experiments import Experiment, execute, plan
+from bnnbench.runners.experiments import execute, plan
+from bnnbench.runners.spec import Machine, RunSpec
 from bnnbench.runners.recipes import get_recipe
-from bnnbench.runners.sweep import sweep_experiments, sweep_frame
+from bnnbench.runners.sweep import sweep_frame, sweep_runs
 from bnnbench.runners.tables import NOT_IMPLEMENTED, curve_frame, load_spec, make_table, parse_spec
 from bnnbench.theory import qe_laplace
 
@@ -92,11 +93,11 @@ def demo(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        empty = make_table(load_spec(spec_path), tiny_recipe(), seeds=2, out=out, train=False, log=quiet_log)
+        empty = make_table(load_spec(spec_path), tiny_recipe(), Machine(out=str(out)), seeds=2, train=False, log=quiet_log)
         empty_md = empty.paths[0].read_text()
         empty_csv = pd.read_csv(empty.paths[2])
         runs_after_empty = run_dirs(out)
-        trained = make_table(load_spec(spec_path), tiny_recipe(), seeds=2, out=out, quiet=True, log=quiet_log)
+        trained = make_table(load_spec(spec_path), tiny_recipe(), Machine(out=str(out)), seeds=2, quiet=True, log=quiet_log)
     finally:
         torch.set_num_threads(before)
     return {"spec": spec_path, "out": out, "empty_md": empty_md, "empty_csv": empty_csv, "runs_after_empty": runs_after_empty, "trained": trained}
@@ -133,7 +134,7 @@ def test_markdown_and_latex_have_every_row_the_paper_column_and_the_measured_val
     finals = {}
     for path in (demo["out"] / "runs").iterdir():
         final, config = json.loads((path / "final.json").read_text()), json.loads((path / "config.json").read_text())
-        finals.setdefault(config["config"]["method"], []).append(final["final_test_top1"])
+        finals.setdefault(config["spec"]["model"]["method"], []).append(final["final_test_top1"])
     top1 = finals["biper"]
     assert rows["BiPer"][3] == f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
     assert rows["BiPer"][4] == "87.5" and rows["BiPer"][6] == "0.0584"
@@ -164,7 +165,7 @@ def test_csv_names_the_run_of_every_number(demo):
 def test_matching_runs_are_reused_not_retrained(demo):
     before = run_dirs(demo["out"])
     assert len(before) == 4 and all(before.values())
-    again = make_table(load_spec(demo["spec"]), tiny_recipe(), seeds=2, out=demo["out"], log=quiet_log)
+    again = make_table(load_spec(demo["spec"]), tiny_recipe(), Machine(out=str(demo["out"])), seeds=2, log=quiet_log)
     assert run_dirs(demo["out"]) == before  # no new directory, no final.json rewritten
     assert {job.status for job in again.runs.jobs} == {"finished"}
     assert again.paths[0].read_text() == demo["trained"].paths[0].read_text().replace(demo["trained"].caption, again.caption)
@@ -174,10 +175,10 @@ def test_another_budget_or_hyper_parameter_does_not_match(demo):
     recipe = tiny_recipe()
     recipe.stage1.lr = 0.05
     spec = load_spec(demo["spec"])
-    assert {job.status for job in plan(spec.experiments, [0], recipe, demo["out"]).jobs} == {"missing"}
-    other = Experiment.make("digits", "resnet20", "biper", {"w0": 10.0})
-    default = Experiment.make("digits", "resnet20", "biper", {"w0": "20"})  # the default, as text: same model
-    runs = plan([other, default], [0], tiny_recipe(), demo["out"])
+    assert {job.status for job in plan(spec.runs, [0], recipe, Machine(out=str(demo["out"]))).jobs} == {"missing"}
+    other = RunSpec.make("digits", net="resnet20", method="biper", hparams={"w0": 10.0})
+    default = RunSpec.make("digits", net="resnet20", method="biper", hparams={"w0": "20"})  # the default, as text: same model
+    runs = plan([other, default], [0], tiny_recipe(), Machine(out=str(demo["out"])))
     assert runs.job(other, 0).status == "missing" and runs.job(default, 0).status == "finished"
 
 
@@ -193,9 +194,9 @@ def test_unfinished_run_is_missing_then_resumed_in_place(demo, tmp_path):
     copy = copy_biper_run(demo, out)
     (copy / "final.json").unlink()
     spec = load_spec(demo["spec"])
-    rendered = make_table(spec, tiny_recipe(), out=out, train=False, log=quiet_log)
+    rendered = make_table(spec, tiny_recipe(), Machine(out=str(out)), train=False, log=quiet_log)
     assert markdown_rows(rendered.paths[0].read_text())["BiPer"][3] == "missing"
-    resumed = make_table(spec, tiny_recipe(), out=out, quiet=True, log=quiet_log)
+    resumed = make_table(spec, tiny_recipe(), Machine(out=str(out)), quiet=True, log=quiet_log)
     assert (copy / "final.json").is_file()  # finished in its own directory ...
     assert sum("biper" in name for name in run_dirs(out)) == 1  # ... not trained again elsewhere
     assert markdown_rows(resumed.paths[0].read_text())["BiPer"][3] != "missing"
@@ -208,7 +209,7 @@ def test_diverged_run_is_shown_as_diverged_and_not_retrained(demo, tmp_path):
     (copy / "failure.json").write_text(json.dumps({"error": "the training loss is nan", "type": "TrainingDiverged"}))
     data = tomllib.loads(SPEC)
     spec = parse_spec({**data, "rows": data["rows"][:1]})  # the BiPer row alone
-    result = make_table(spec, tiny_recipe(), out=out, log=quiet_log)
+    result = make_table(spec, tiny_recipe(), Machine(out=str(out)), log=quiet_log)
     assert markdown_rows(result.paths[0].read_text())["BiPer"][3] == "diverged"
     assert list(run_dirs(out)) == [copy.name] and not (copy / "final.json").exists()
 
@@ -236,15 +237,15 @@ def paper_rows(spec) -> dict[tuple[str, str], dict[str, str]]:
 def test_the_four_specs_hold_the_papers_numbers_and_every_method():
     t1, t2, t3, t4 = (load_spec(n) for n in (1, 2, 3, 4))
     row = t1.rows[0]
-    assert (row.net, row.experiment.method, dict(row.experiment.hparams)) == ("resnet18", "biper", {"periodic": False})
+    assert (row.net, row.run.model.method, row.run.model.hparams["periodic"]) == ("resnet18", "biper", False)
     assert row.paper == {"stage1_top1": "93.93", "stage1_qe": "0.2351", "stage2_top1": "93.01", "stage2_qe": "0.0584"}
     assert [c.stage for c in t1.columns] == [1, 1, 1, 2, 2, 2]
 
-    assert [(r.label, r.paper["top1"], r.experiment is not None) for r in t2.rows] == [
+    assert [(r.label, r.paper["top1"], r.run is not None) for r in t2.rows] == [
         ("FP", "91.7", True), ("DoReFa", "90.0", True), ("LQ-Net", "90.1", False), ("DSQ", "90.2", False),
         ("IR-Net", "90.8", True), ("LCR-BNN", "91.20", False), ("BiPer", "91.20", True),
     ]  # fmt: skip
-    assert all(not r.experiment.binary_activations for r in t2.rows if r.experiment and r.label != "FP")
+    assert all(not r.run.model.binary_activations for r in t2.rows if r.run and r.label != "FP")
 
     p3 = paper_rows(t3)
     assert len(p3) == 10 + 7 + 10
@@ -254,11 +255,11 @@ def test_the_four_specs_hold_the_papers_numbers_and_every_method():
     assert len(p4) == 8 + 6
     assert p4[("resnet18", "BiPer")] == {"top1": "61.4", "top5": "83.14"}
     assert p4[("resnet34", "ReSTE")] == {"top1": "65.05", "top5": "85.78"}
-    mapped = {(r.net, r.label): r.experiment.method for r in t3.rows if r.experiment and r.paper}
+    mapped = {(r.net, r.label): r.run.model.method for r in t3.rows if r.run and r.paper}
     assert mapped[("vgg_small", "BNN")] == "clip-ste" and mapped[("vgg_small", "XNOR-Net")] == "xnor"
     for spec, nets in ((t3, ("resnet18", "resnet20", "vgg_small")), (t4, ("resnet18", "resnet34"))):
         for net in nets:
-            methods = [r.experiment.method for r in spec.rows if r.net == net and r.experiment]
+            methods = [r.run.model.method for r in spec.rows if r.net == net and r.run]
             assert sorted(methods) == bnnbench.list_methods(), (spec.number, net)  # each once, all of them
 
 
@@ -286,7 +287,7 @@ def test_dry_run_lists_the_plan_and_writes_nothing(demo, tmp_path, capsys):
 def test_table2_on_the_cifar10_jpeg_copy(cifar10_dir, tmp_path):
     recipe = tiny_recipe()
     recipe.train_subset, recipe.test_subset = 40, 30
-    result = make_table(load_spec(2), recipe, out=tmp_path, data_dir=str(cifar10_dir), quiet=True, log=quiet_log)
+    result = make_table(load_spec(2), recipe, Machine(out=str(tmp_path), data_dir=str(cifar10_dir)), quiet=True, log=quiet_log)
     assert "Data: CIFAR-10 (JPEG q75 copy)." in result.caption
     rows = markdown_rows(result.paths[0].read_text())
     assert list(rows) == ["FP", "DoReFa", "LQ-Net", "DSQ", "IR-Net", "LCR-BNN", "BiPer"]
@@ -295,14 +296,14 @@ def test_table2_on_the_cifar10_jpeg_copy(cifar10_dir, tmp_path):
     for label in ("LQ-Net", "DSQ", "LCR-BNN"):
         assert rows[label][3] == NOT_IMPLEMENTED
     configs = [json.loads((p / "config.json").read_text()) for p in (tmp_path / "runs").iterdir()]
-    acts = {c["config"]["method"]: c["model"]["binary_activations"] for c in configs}
+    acts = {c["spec"]["model"]["method"]: c["model"]["binary_activations"] for c in configs}
     assert acts == {"fp": False, "dorefa": False, "irnet": False, "biper": False}
 
 
 # ---------------------------------------------------------------- Figure 4 sweep
 def test_frequency_sweep_reuses_runs_and_feeds_figure4(demo):
-    experiments = sweep_experiments([20.0, 5.0], data="digits")
-    runs = plan(experiments, [0], tiny_recipe(), demo["out"])
+    experiments = sweep_runs([20.0, 5.0], data="digits")
+    runs = plan(experiments, [0], tiny_recipe(), Machine(out=str(demo["out"])))
     assert [runs.job(e, 0).status for e in experiments] == ["finished", "missing"]  # w0 = 20 is the table's BiPer run
     execute(runs.jobs, quiet=True, log=quiet_log)
     sweep = sweep_frame(experiments, runs, [0])
@@ -335,7 +336,7 @@ def cli_main_raising(argv: list[str]) -> int:
 def test_parallel_workers_reproduce_the_sequential_runs(demo, tmp_path):
     """Two worker processes train the demo table's runs; every number equals the sequential runs'."""
     out = tmp_path / "results"
-    parallel = make_table(load_spec(demo["spec"]), tiny_recipe(), seeds=2, out=out, quiet=True, log=quiet_log, parallel=2)
+    parallel = make_table(load_spec(demo["spec"]), tiny_recipe(), Machine(out=str(out)), seeds=2, quiet=True, log=quiet_log, parallel=2)
     assert len(run_dirs(out)) == 4 and all(mtime > 0 for mtime in run_dirs(out).values())
     sequential = pd.read_csv(demo["trained"].paths[2]).drop(columns=["run_id"], errors="ignore")
     in_workers = pd.read_csv(parallel.paths[2]).drop(columns=["run_id"], errors="ignore")
@@ -372,8 +373,8 @@ def test_parallel_workers_load_plugins_and_a_failing_run_does_not_block_the_othe
     plugin = tmp_path / "plugin_methods.py"
     plugin.write_text(PLUGIN)
     bnnbench.load_plugin(plugin)
-    experiments = [Experiment.make("digits", "resnet20", m) for m in ("test-plugin-ste", "test-plugin-boom")]
-    runs = plan(experiments, [0], tiny_recipe(), tmp_path / "results")
+    experiments = [RunSpec.make("digits", net="resnet20", method=m) for m in ("test-plugin-ste", "test-plugin-boom")]
+    runs = plan(experiments, [0], tiny_recipe(), Machine(out=str(tmp_path / "results")))
     logged: list[str] = []
     outcome = execute(runs.jobs, log=logged.append, parallel=2)
     ok, boom = (runs.job(exp, 0) for exp in experiments)
@@ -386,7 +387,7 @@ def test_parallel_workers_load_plugins_and_a_failing_run_does_not_block_the_othe
 def test_a_named_spec_with_curves_writes_its_stem_and_the_curves_of_every_finished_run(demo):
     text = SPEC.replace('number = "demo"', 'number = "D"\nname = "demo-curves"\ncurves = ["test_top1", "qe"]')
     spec = parse_spec(tomllib.loads(text))
-    result = make_table(spec, tiny_recipe(), seeds=2, out=demo["out"], train=False, log=quiet_log)
+    result = make_table(spec, tiny_recipe(), Machine(out=str(demo["out"])), seeds=2, train=False, log=quiet_log)
     names = [p.name for p in result.paths]
     assert names == ["demo-curves.md", "demo-curves.tex", "demo-curves.csv", "demo-curves_curves.png", "demo-curves_curves.pdf"]
     assert result.paths[3].parent == demo["out"] / "figures" and result.paths[3].stat().st_size > 10_000
@@ -415,8 +416,8 @@ def test_the_comparison_spec_runs_every_method_on_resnet20_with_the_papers_numbe
     spec, t3 = load_spec("comparison-resnet20"), load_spec(3)
     assert spec.stem == "comparison-resnet20" and spec.curves == ["test_top1", "qe_relative", "flip_rate", "grad_norm_mean"]
     assert {r.net for r in spec.rows} == {"resnet20"}
-    assert sorted(r.experiment.method for r in spec.rows) == bnnbench.list_methods()
-    biper = next(r for r in spec.rows if r.experiment.method == "biper")
-    assert dict(biper.experiment.hparams) == {"w0": 20.0}
-    paper3 = {r.experiment.method: r.paper["top1"] for r in t3.rows if r.net == "resnet20" and r.experiment and r.paper}
-    assert {r.experiment.method: r.paper["top1"] for r in spec.rows if r.paper} == paper3
+    assert sorted(r.run.model.method for r in spec.rows) == bnnbench.list_methods()
+    biper = next(r for r in spec.rows if r.run.model.method == "biper")
+    assert biper.run.model.hparams["w0"] == 20.0
+    paper3 = {r.run.model.method: r.paper["top1"] for r in t3.rows if r.net == "resnet20" and r.run and r.paper}
+    assert {r.run.model.method: r.paper["top1"] for r in spec.rows if r.paper} == paper3

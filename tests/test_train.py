@@ -18,18 +18,16 @@ from bnnbench.runners.optim import WarmupCosine, decayed_parameters, make_optimi
 from bnnbench.runners.recipes import Recipe, get_recipe, list_recipes
 from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.callbacks import EpochCallback, EpochReport
-from bnnbench.runners.train import TIMING_COLUMNS, TrainConfig, TrainingDiverged, run_training
+from bnnbench.runners.train import TIMING_COLUMNS, TrainingDiverged, run_training
+from tiny import TinyRun, tiny_run
 
 
-def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
+def tiny_config(tmp_path: Path, **changes) -> TinyRun:
     """resnet20 on 64 digits, batches of 16, 1 + 1 epochs: about a second per epoch."""
     recipe = get_recipe("quick")
     recipe.train_subset, recipe.test_subset, recipe.batch_size = 64, 40, 16
     recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-    cfg = TrainConfig(method="biper", net="resnet20", data="digits", recipe=recipe, out=str(tmp_path / "results"))
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
+    return tiny_run(recipe, tmp_path / "results", **changes)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -41,9 +39,8 @@ def without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
-def run_dir(cfg: TrainConfig) -> Path:
-    (path,) = (Path(cfg.out) / "runs").iterdir()
-    return path
+def run_dir(cfg: TinyRun) -> Path:
+    return cfg.run_dir()
 
 
 # ---------------------------------------------------------------- schedule and optimiser
@@ -144,7 +141,7 @@ class Recorder(EpochCallback):
     def on_epoch_start(self, stage: int, epoch: int, model: nn.Module) -> None:
         layers = [layer for _, layer in bnnbench.binary_layers(model)]
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        self.starts.append((stage, epoch, state, [layer.progress for layer in layers], [layer.stage for layer in layers]))
+        self.starts.append((stage, epoch, state, [float(layer.progress) for layer in layers], [layer.stage for layer in layers]))
 
     def on_after_backward(self, stage: int, epoch: int, step: int, model: nn.Module) -> None:
         self.backward_steps += 1
@@ -163,7 +160,7 @@ def test_two_stages_hand_over_schedule_and_callbacks(tmp_path):
     cfg = tiny_config(tmp_path, method="recu")
     cfg.recipe.stage1.epochs, cfg.recipe.stage2_init = 2, "best"
     recorder = Recorder()
-    final = run_training(cfg, quiet=True, callbacks=[recorder])
+    final = run_training(cfg.spec, cfg.machine, quiet=True, callbacks=[recorder])
     path = run_dir(cfg)
     rows = read_rows(path / "metrics.csv")
     assert [(r["stage"], r["epoch"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1")]
@@ -172,7 +169,7 @@ def test_two_stages_hand_over_schedule_and_callbacks(tmp_path):
     assert [(s, e, set(p)) for s, e, _, p, _ in recorder.starts] == [(1, 1, {0.0}), (1, 2, {0.5}), (2, 1, {0.0})]
     assert [set(stages) for *_, stages in recorder.starts] == [{1}, {1}, {2}]
     method = bnnbench.get_method("recu")
-    assert [float(r["schedule_tau"]) for r in rows] == [method.tau(0.0), method.tau(0.5), method.tau(0.0)]
+    assert [float(r["schedule_tau"]) for r in rows] == [float(method.tau(p)) for p in (0.0, 0.5, 0.0)]
 
     # stage 2 starts from the stage-1 checkpoint the recipe names (best test top-1 here)
     best = load_checkpoint(path / "stage1_best.pt")
@@ -191,10 +188,10 @@ def test_two_stages_hand_over_schedule_and_callbacks(tmp_path):
 
 def test_regulariser_is_added_only_when_the_recipe_says_so(tmp_path):
     on = tiny_config(tmp_path / "on")
-    run_training(on, quiet=True)
+    run_training(on.spec, on.machine, quiet=True)
     off = tiny_config(tmp_path / "off")
     off.recipe.stage1.regularizer = off.recipe.stage2.regularizer = False
-    run_training(off, quiet=True)
+    run_training(off.spec, off.machine, quiet=True)
     on_rows, off_rows = read_rows(run_dir(on) / "metrics.csv"), read_rows(run_dir(off) / "metrics.csv")
     # BiPer: tau * mean(sin^2(w0 w)) per layer; tau 0.037 / 0.0468 and mean sin^2 below 1
     n_layers = len(list(bnnbench.binary_layers(bnnbench.build_model("resnet20", "biper"))))
@@ -206,12 +203,12 @@ def test_regulariser_is_added_only_when_the_recipe_says_so(tmp_path):
 
 def test_checkpoints_load_weights_only_and_hold_the_resume_state(tmp_path):
     cfg = tiny_config(tmp_path)
-    run_training(cfg, quiet=True)
+    run_training(cfg.spec, cfg.machine, quiet=True)
     path = run_dir(cfg)
     for stage in (1, 2):
         state = torch.load(path / f"stage{stage}_last.pt", weights_only=True)
-        assert {"model", "optimizer", "scheduler", "rng", "stage", "epoch", "best", "config", "bnn_config"} <= set(state)
-        assert (state["stage"], state["epoch"], state["bnn_config"]["stage"]) == (stage, 1, stage)
+        assert {"model", "optimizer", "scheduler", "rng", "stage", "epoch", "best", "spec"} <= set(state)
+        assert (state["stage"], state["epoch"], state["spec"]["stages"]) == (stage, 1, [1, 2])
         assert isinstance(state["rng"]["torch"], Tensor) and state["optimizer"]["state"]
         assert state["scheduler"]["last_epoch"] == 1
     model = bnnbench.build_model("resnet20", "biper", stage=2)
@@ -222,7 +219,7 @@ def test_same_seed_gives_bit_identical_metrics_and_weights(tmp_path):
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         cfg = tiny_config(tmp_path / name, seed=seed)
-        run_training(cfg, quiet=True)
+        run_training(cfg.spec, cfg.machine, quiet=True)
         path = run_dir(cfg)
         runs.append((without_timing(read_rows(path / "metrics.csv")), torch.load(path / "stage2_last.pt", weights_only=True)["model"]))
     (rows_a, model_a), (rows_b, model_b), (rows_c, model_c) = runs
@@ -253,7 +250,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     cfg = tiny_config(tmp_path, method=nan_method)
     cfg.recipe.stage2.epochs = 2
     with pytest.raises(TrainingDiverged, match=r"stage 2, epoch 2, step 1/4: the training loss is nan.*stage2_last\.pt \(stage 2, epoch 1\)"):
-        run_training(cfg, quiet=True)
+        run_training(cfg.spec, cfg.machine, quiet=True)
     path = run_dir(cfg)
     assert not (path / "final.json").exists()
     last = load_checkpoint(path / "stage2_last.pt")
@@ -267,7 +264,7 @@ def test_divergence_in_the_first_epoch_leaves_no_run_directory(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.recipe.stage1.lr = 1e30
     with pytest.raises(TrainingDiverged, match=r"stage 1, epoch 1, step [234]/4: the training loss is (nan|inf).*run directory was removed"):
-        run_training(cfg, quiet=True)
+        run_training(cfg.spec, cfg.machine, quiet=True)
     assert list((Path(cfg.out) / "runs").iterdir()) == []
 
 
@@ -284,7 +281,7 @@ def test_bf16_autocast_and_channels_last_paths_run_on_cpu(tmp_path):
         cfg = tiny_config(tmp_path / str(amp), amp=amp, channels_last=amp, stages=[1])
         cfg.recipe.train_subset, cfg.recipe.test_subset = 32, 20
         probe = MemoryFormatProbe()
-        run_training(cfg, quiet=True, callbacks=[probe])
+        run_training(cfg.spec, cfg.machine, quiet=True, callbacks=[probe])
         (row,) = read_rows(run_dir(cfg) / "metrics.csv")
         runs[amp] = row
         assert probe.channels_last == amp
@@ -305,7 +302,7 @@ class NanIntoOneLatentWeight(EpochCallback):
 def test_non_finite_latent_weights_behind_a_finite_loss_stop_the_run(tmp_path):
     cfg = tiny_config(tmp_path, method="sign-ste")
     with pytest.raises(TrainingDiverged, match=r"stage 2, epoch 1: non-finite parameters \(stages\.0\.0\.conv1\.weight\)"):
-        run_training(cfg, quiet=True, callbacks=[NanIntoOneLatentWeight()])
+        run_training(cfg.spec, cfg.machine, quiet=True, callbacks=[NanIntoOneLatentWeight()])
     path = run_dir(cfg)
     assert [p.name for p in sorted(path.glob("stage2_*"))] == []  # the NaN model was not checkpointed
     assert load_checkpoint(path / "stage1_last.pt")["stage"] == 1

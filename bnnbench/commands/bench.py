@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.table import Table
 
 HELP = "benchmarks: `bench conv` (packed binary conv vs F.conv2d), `bench train` (training images/s per method vs fp)"
 
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from ..runners.bench import conv_benchmark, train_benchmark, write_csv  # heavy imports only when run
 
     console = Console()
@@ -61,6 +63,8 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 
 def conv_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(title="binary 3x3 conv: packed XNOR-popcount vs float32 F.conv2d (best call of alternating blocks; median in brackets)")
     for header in ("layer", "batch", "F.conv2d ms", "F.conv2d GFLOP/s", "packed ms", "speed-up", "GEMM GOPS", "% of popcount peak"):
         table.add_column(header, justify="left" if header == "layer" else "right", no_wrap=True)
@@ -79,6 +83,8 @@ def conv_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def train_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     first = rows[0]
     table = Table(title=f"training step, {first['net']} stage {first['stage']}, batch {first['batch']} (best; median in brackets)")
     for header in ("method", "images/s", "step ms", "vs fp"):

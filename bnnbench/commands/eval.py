@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import numba
-import torch
-from rich.console import Console
-from rich.table import Table
 
-from ..data import make_data
-from ..packed import load_packed, set_backend
 
 HELP = "evaluate a packed model (from `bnnbench export --packed`) on a test set: accuracy, agreement with the float path, images/s"
 
@@ -27,12 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numba
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+    from ..data import make_data
+    from ..packed import load_packed, set_backend
+
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     model = load_packed(args.packed)
     reference = None if args.no_compare else set_backend(load_packed(args.packed), "float")
     data = make_data(args.data, data_dir=args.data_dir, batch_size=args.batch_size, test_subset=args.test_subset, augment=False, loader="torch")
-    classes = model.bnn_config["num_classes"]
+    classes = model.spec.num_classes
     if data.num_classes != classes:
         raise ValueError(f"the model has {classes} classes but {args.data} has {data.num_classes}")
     seen = top1 = top5 = agree = 0

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from rich.console import Console
-
-from ..packed import export_packed, model_from_config, save_packed
-from ..runners.results import load_checkpoint
-from ..summary import RESOLUTIONS
+if TYPE_CHECKING:
+    from ..models import ModelSpec
 
 HELP = "export a trained run bit-packed for XNOR-popcount inference (bnnbench export RUN_DIR --packed)"
 
@@ -28,12 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from ..packed import export_packed, save_packed
+    from ..runners.results import load_checkpoint
+    from ..summary import RESOLUTIONS
+
     if not args.packed:
         raise ValueError("the only export format is the bit-packed one: add --packed")
     source = find_checkpoint(Path(args.run), args.checkpoint)
     state = load_checkpoint(source)
-    config = state.get("bnn_config") or _run_config(source)
-    model = model_from_config(config)
+    spec = checkpoint_model(state, source)
+    model = spec.build(stage=2)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -42,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     packed = export_packed(model)
     console = Console()
     if args.verify > 0:
-        size = RESOLUTIONS[config["family"]]
+        size = RESOLUTIONS[spec.family]
         images = torch.randn(args.verify, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected, got = model(images), packed(images)
@@ -54,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     save_packed(packed, out)
     float_bytes = sum(t.numel() * t.element_size() for t in state["model"].values() if torch.is_tensor(t))
     console.print(
-        f"{config['family']}/{config['net']} + {config['method']['name']}: {len(packed.packed_layers)} binary layers packed; "
+        f"{spec.family}/{spec.net} + {spec.label}: {len(packed.packed_layers)} binary layers packed; "
         f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB; float32 state {float_bytes / 2**20:.2f} MiB)"
     )
     return 0
@@ -76,12 +78,18 @@ def find_checkpoint(run: Path, kind: str) -> Path:
     )
 
 
-def _run_config(checkpoint: Path) -> dict[str, Any]:
-    """The network record ("model" of config.json) of the run holding ``checkpoint``."""
+def checkpoint_model(state: dict[str, Any], checkpoint: Path) -> ModelSpec:
+    """The network of a checkpoint: its ``spec`` (or, written before specs, ``bnn_config``), else the
+    ``config.json`` of the run directory holding it."""
+    from ..io import read_json
+    from ..models import ModelSpec
+    from ..runners.spec import RunSpec
+
+    if "spec" in state:
+        return RunSpec.from_dict(state["spec"]).model
+    if "bnn_config" in state:
+        return ModelSpec.from_legacy(state["bnn_config"])
     config = checkpoint.parent / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{str(checkpoint)!r} records no bnn_config and there is no config.json next to it")
-    record = json.loads(config.read_text())
-    if "model" not in record:
-        raise ValueError(f"{config} has no 'model' entry (the network's bnn_config)")
-    return record["model"]
+        raise FileNotFoundError(f"{str(checkpoint)!r} records no model spec and there is no config.json next to it")
+    return RunSpec.from_saved(read_json(config)).model

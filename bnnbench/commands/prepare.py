@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.ffcv_prepare import PREPARABLE, prepare_betons
-from ..data.ffcv_store import DEFAULT_PAGE_SIZE, IMAGENET_FIELD, ImageFieldSettings
+from ..data.ffcv_store import DEFAULT_PAGE_SIZE, FFCV_DATASETS, IMAGENET_FIELD, ImageFieldSettings
 
 HELP = "write a data set's train/test splits as FFCV .beton files (for --loader ffcv)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, choices=PREPARABLE, help="data set to write")
+    parser.add_argument("--data", required=True, choices=FFCV_DATASETS, help="data set to write")
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -20,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cifar10: folder with cifar-10-batches-py/ or train/ test/ image folders, or a .tar of them "
         "(default: the bnnbench cache); imagenet: folder with train/ and val/ class folders",
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder for train.beton, test.beton, labels and the manifest")
+    parser.add_argument(
+        "--ffcv-dir", "--out", dest="ffcv_dir", type=Path, required=True, help="folder for train.beton, test.beton, labels and the manifest (bnnbench run --ffcv-dir reads it)"
+    )
     parser.add_argument(
         "--train-subset", type=int, default=None, metavar="N", help="write only the first N of the class-balanced training order"
     )
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..data.ffcv_prepare import prepare_betons
+
     image_field = None
     if args.data == "imagenet":
         image_field = ImageFieldSettings(
@@ -64,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = prepare_betons(
         args.data,
         args.data_dir,
-        args.out,
+        args.ffcv_dir,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         page_size=args.page_size,
@@ -74,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     )
     for split, record in manifest["splits"].items():
         skipped = f", {len(record['skipped'])} unreadable images skipped" if record["skipped"] else ""
-        print(f"{args.out / (split + '.beton')}: {record['samples']} images{skipped}")
+        print(f"{args.ffcv_dir / (split + '.beton')}: {record['samples']} images{skipped}")
     if manifest["source"].get("note"):
         print(f"note: {manifest['source']['note']}")
     return 0

@@ -18,34 +18,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from ..errors import USER_ERRORS
-from ..registry import load_plugin
-from ..runners import distributed
-from ..runners.display import Display
-from ..runners.recipes import STAGE2_INIT, WD_GROUPS, Recipe, get_recipe, list_recipes
-from ..io import read_json
-from ..runners.results import CONFIG
-from ..runners.train import Run, RunInterrupted, TrainConfig, TrainingDiverged, resolve_device
+if TYPE_CHECKING:  # the heavy modules are imported when the command runs, not for --help
+    from ..runners.recipes import Recipe
+    from ..runners.spec import Machine, RunSpec
 
 HELP = "train a method with the two-stage protocol (bnnbench run --method biper --net resnet18 --data cifar10)"
 
-DEFAULT_DATA = "digits"
 EXIT_WORKER_FAILED = 1
 EXIT_DIVERGED = 3
 
 # options that define a run: rejected together with --resume (the saved config rules)
-CONFIG_OPTIONS = (
-    "method", "net", "data", "data_dir", "recipe", "epochs", "lr", "wd", "warmup", "regularizer", "batch_size",
-    "eval_batch_size", "wd_groups", "label_smoothing", "train_subset", "test_subset", "stage2_init", "hp", "skip",
-    "act_norm", "real_activations", "stage", "init", "seed", "device", "amp", "channels_last", "compile", "loader",
-    "ffcv_dir", "workers", "augment", "skip_bad_images", "download", "sync_bn", "name",
+SPEC_OPTIONS = (
+    "method", "net", "data", "recipe", "epochs", "lr", "wd", "warmup", "regularizer", "batch_size", "eval_batch_size",
+    "wd_groups", "label_smoothing", "train_subset", "test_subset", "stage2_init", "hp", "act_method",
+    "act_hp", "skip", "act_norm", "real_activations", "stage", "init", "seed", "augment",
+)  # fmt: skip
+MACHINE_OPTIONS = (
+    "data_dir", "device", "amp", "channels_last", "compile", "threads", "loader", "ffcv_dir", "workers", "skip_bad_images",
+    "download", "sync_bn", "name", "tensorboard", "out",
 )  # fmt: skip
 
 
@@ -87,21 +81,25 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to train")
-    what.add_argument("--method", help="binarizer (bnnbench list); default biper")
-    what.add_argument(
-        "--net", help="backbone: resnet20, resnet18, vgg_small (CIFAR), resnet18, resnet34 (ImageNet); default resnet18 (resnet20 for the digits demo)"
-    )
+    from ..runners.recipes import STAGE2_INIT, WD_GROUPS, list_recipes
+    from ..runners.defaults import DEFAULT_DATA, DEFAULT_NETS
+
+    what = parser.add_argument_group("what to train (the run's identity)")
+    what.add_argument("--method", help="binarizer (bnnbench list): its weight half, and its activation half unless --act-method; default biper")
+    what.add_argument("--act-method", metavar="NAME", help="binarize the activations with this method's activation half (fp: real activations)")
+    nets = ", ".join(f"{net} for {data}" for data, net in DEFAULT_NETS.items())
+    what.add_argument("--net", help=f"backbone: resnet20, resnet18, vgg_small (CIFAR), resnet18, resnet34 (ImageNet); default {nets}")
     what.add_argument("--data", help=f"cifar10, imagenet or digits (bundled offline demo, the default: {DEFAULT_DATA})")
-    what.add_argument("--data-dir", help="local copy of the data set (image folder, torchvision cifar-10-batches-py or .tar)")
-    what.add_argument("--download", action="store_true", default=None, help="cifar10: download torchvision's copy into the cache if none is found")
-    what.add_argument("--hp", type=_key_value, action="append", metavar="KEY=VALUE", help="method hyper-parameter, e.g. --hp w0=10 (repeatable)")
+    what.add_argument("--hp", type=_key_value, action="append", metavar="KEY=VALUE", help="hyper-parameter of --method, e.g. --hp w0=10 (repeatable)")
+    what.add_argument("--act-hp", type=_key_value, action="append", metavar="KEY=VALUE", help="hyper-parameter of --act-method (repeatable)")
     what.add_argument("--skip", choices=("double", "single"), help="CIFAR ResNet skip connections (paper: double, upstream BiPer code: single)")
-    what.add_argument("--act-norm", action=argparse.BooleanOptionalAction, default=None, help="activation surrogate on variance-normalised input (default: the method's)")
-    what.add_argument("--real-activations", action="store_true", default=None, help="1W/32A: binary weights, real activations (Table 2)")
+    what.add_argument("--act-norm", action=argparse.BooleanOptionalAction, default=None, help="activation surrogate on variance-normalised input (default: the activation method's)")
+    what.add_argument("--real-activations", action="store_true", default=None, help="1W/32A: binary weights, real activations (Table 2); same as --act-method fp")
+    what.add_argument("--seed", type=int, help="random seed (default 0): initial weights, data order and augmentation")
+    what.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="training augmentation (default on; digits never augments)")
 
     protocol = parser.add_argument_group("protocol and recipe (bnnbench recipes)")
-    protocol.add_argument("--recipe", help=f"preset: {', '.join(list_recipes())}; default quick for digits, upstream otherwise")
+    protocol.add_argument("--recipe", "--budget", dest="recipe", help=f"preset: {', '.join(list_recipes())}; default quick for digits, upstream otherwise")
     protocol.add_argument("--stage", choices=("1", "2", "both"), help="which stages to train (default both)")
     protocol.add_argument("--init", metavar="CKPT", help="stage-1 checkpoint that --stage 2 starts from ('scratch': random weights)")
     protocol.add_argument("--epochs", type=_per_stage(int), metavar="E1,E2", help="epochs of stage 1,2 (one value: both)")
@@ -109,29 +107,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     protocol.add_argument("--wd", type=_per_stage(float), metavar="W1,W2", help="weight decay of stage 1,2")
     protocol.add_argument("--warmup", type=_per_stage(int), metavar="N1,N2", help="linear warm-up epochs of stage 1,2")
     protocol.add_argument("--regularizer", type=_per_stage(_on_off), metavar="on|off[,on|off]", help="add the method's extra loss term in stage 1,2")
-    protocol.add_argument("--batch-size", type=int, help="training batch size")
-    protocol.add_argument("--eval-batch-size", type=int, help="evaluation batch size")
+    protocol.add_argument("--batch-size", type=int, help="training batch size (global)")
+    protocol.add_argument("--eval-batch-size", type=int, help="evaluation batch size (global)")
     protocol.add_argument("--wd-groups", choices=tuple(WD_GROUPS), help="which parameters get weight decay")
     protocol.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy (default 0)")
     protocol.add_argument("--train-subset", type=_subset, metavar="N|all", help="train on the first N images of a fixed, seeded, class-balanced subset")
     protocol.add_argument("--test-subset", type=_subset, metavar="M|all", help="evaluate on the first M images of such a subset")
     protocol.add_argument("--stage2-init", choices=STAGE2_INIT, help="stage-1 checkpoint stage 2 starts from (best test top-1 or last epoch)")
 
-    machine = parser.add_argument_group("machine")
-    machine.add_argument("--seed", type=int, help="random seed (default 0); same seed on CPU -> identical metrics")
+    machine = parser.add_argument_group("machine (never part of a run's identity)")
+    machine.add_argument("--data-dir", help="local copy of the data set (image folder, torchvision cifar-10-batches-py or .tar)")
+    machine.add_argument("--download", action="store_true", default=None, help="cifar10: download torchvision's copy into the cache if none is found")
     machine.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
-    machine.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    machine.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA and for CPUs with AVX512-BF16/AMX)")
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
-    machine.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="run the model through torch.compile (off by default: it does not pay on CPU, since every epoch recompiles; see bnnbench.runners.train)",
-    )
+    machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")
+    machine.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     machine.add_argument("--loader", choices=("auto", "torch", "ffcv"), help="data loader (auto: FFCV when .beton files exist)")
     machine.add_argument("--ffcv-dir", help="folder with the .beton files written by bnnbench prepare")
     machine.add_argument("--workers", type=int, help="data loading worker processes (default 0)")
-    machine.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="training augmentation (default on; digits never augments)")
     machine.add_argument("--skip-bad-images", action="store_true", default=None, help="skip undecodable images (counted in config.json) instead of stopping")
     machine.add_argument(
         "--nproc",
@@ -141,18 +135,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size stays the global batch. Several nodes: torchrun ... -m bnnbench run (README)",
     )
     machine.add_argument("--sync-bn", action="store_true", default=None, help="with several processes: SyncBatchNorm (batch statistics over the global batch; CUDA only)")
+    machine.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard event files in the run directory (default on where tensorboard is installed)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--out", default="results", help="results root; runs go to OUT/runs/<run-id>/ (default results)")
+    output.add_argument("--out", help="results root; runs go to OUT/runs/<run-id>/ (default results)")
     output.add_argument("--name", help="run id instead of net-method-data-seed-timestamp-hash")
     output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     output.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress bars")
 
 
-def resolve_recipe(args: argparse.Namespace, family: str) -> Recipe:
-    """The preset named by ``--recipe`` (or the default) with the command line's overrides applied."""
-    data = args.data or DEFAULT_DATA
-    recipe = get_recipe(args.recipe or ("quick" if data == "digits" else "upstream"), family)
+def resolve_recipe(args: argparse.Namespace, data: str, family: str) -> Recipe:
+    """The preset named by ``--recipe`` (or the data set's default) with the command line's overrides applied."""
+    from ..runners.defaults import default_recipe
+    from ..runners.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe or default_recipe(data), family)
     per_stage = {"epochs": "epochs", "lr": "lr", "wd": "weight_decay", "warmup": "warmup_epochs", "regularizer": "regularizer"}
     for option, field in per_stage.items():
         values = getattr(args, option)
@@ -171,41 +168,51 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_spec(args: argparse.Namespace) -> RunSpec:
+    """The run the command line describes; what it leaves out takes the dataclasses' defaults."""
+    from ..data import DATASETS
+    from ..runners.defaults import DEFAULT_DATA
+    from ..runners.spec import RunSpec
+
     data = args.data or DEFAULT_DATA
-    family = "imagenet" if data == "imagenet" else "cifar"
-    stages = {"1": [1], "2": [2], "both": [1, 2], None: [1, 2]}[args.stage]
-    return TrainConfig(
-        method=args.method or "biper",
-        net=args.net or ("resnet20" if data == "digits" else "resnet18"),
-        data=data,
-        data_dir=_absolute(args.data_dir),
-        recipe=resolve_recipe(args, family),
-        hparams=dict(args.hp or []),
-        stages=stages,
-        init=args.init if args.init in (None, "scratch") else _absolute(args.init),
-        seed=0 if args.seed is None else args.seed,
-        device=args.device or "auto",
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=bool(args.compile),
-        loader=args.loader or "auto",
-        ffcv_dir=_absolute(args.ffcv_dir),
-        workers=args.workers or 0,
-        augment=True if args.augment is None else args.augment,
-        skip_bad_images=bool(args.skip_bad_images),
-        download=bool(args.download),
-        net_options={"skip": args.skip} if args.skip else {},
-        act_norm=args.act_norm,
-        real_activations=bool(args.real_activations),
-        sync_bn=bool(args.sync_bn),
-        out=args.out,
-        name=args.name,
-    )
+    if data not in DATASETS:
+        raise ValueError(f"unknown data set {data!r}; valid: {', '.join(DATASETS)}")
+    model: dict[str, Any] = {"hparams": dict(args.hp or []), "act_hparams": dict(args.act_hp or []), "act_norm": args.act_norm}
+    if args.method:
+        model["method"] = args.method
+    if args.net:
+        model["net"] = args.net
+    if args.real_activations:
+        if args.act_method not in (None, "fp"):
+            raise ValueError(f"--real-activations means --act-method fp; drop one of --real-activations and --act-method {args.act_method}")
+        model["act_method"] = "fp"
+    elif args.act_method:
+        model["act_method"] = args.act_method
+    if args.skip:
+        model["options"] = {"skip": args.skip}
+    run: dict[str, Any] = {"stages": {"1": (1,), "2": (2,), "both": (1, 2), None: (1, 2)}[args.stage]}
+    if args.init is not None:
+        run["init"] = args.init if args.init == "scratch" else _absolute(args.init)
+    if args.seed is not None:
+        run["seed"] = args.seed
+    if args.augment is not None:
+        run["augment"] = args.augment
+    return RunSpec.make(data, recipe=resolve_recipe(args, data, DATASETS[data].family), **run, **model)
+
+
+def build_machine(args: argparse.Namespace) -> Machine:
+    """Where and how to run; options not given keep :class:`Machine`'s defaults."""
+    from ..runners.spec import Machine
+
+    given = {name: getattr(args, name) for name in MACHINE_OPTIONS if getattr(args, name) is not None}
+    for path in ("data_dir", "ffcv_dir"):
+        if path in given:
+            given[path] = _absolute(given[path])
+    return Machine(**given)
 
 
 def check_resume_options(args: argparse.Namespace) -> None:
-    given = [f"--{o.replace('_', '-')}" for o in CONFIG_OPTIONS if getattr(args, o) is not None]
+    given = [f"--{o.replace('_', '-')}" for o in (*SPEC_OPTIONS, *MACHINE_OPTIONS) if getattr(args, o) is not None]
     if given:
         raise ValueError(f"--resume continues a run with its saved config.json; drop {', '.join(given)}")
 
@@ -217,26 +224,35 @@ def resume_command(path: Path, processes: int) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc != 1:
         return launch(args)
+    import signal
+
+    from ..runners import distributed
+    from ..runners.display import Display
+    from ..runners.rundir import RunDirectory
+    from ..runners.train import RunInterrupted, TrainingDiverged, train
+
     display = Display(quiet=args.quiet)
     if args.resume:
         check_resume_options(args)
-        run = Run.resume(args.resume, display=display)
+        machine = RunDirectory.open(args.resume).machine
     else:
-        run = Run(build_config(args), display=display)
-    processes = distributed.world_size()  # read before execute() leaves the process group
-    try:
-        run.execute()
-    except TrainingDiverged as exc:
-        if run.writes:  # every rank stops on the same step; rank 0 speaks for them
-            print(f"bnnbench: training diverged: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except (KeyboardInterrupt, RunInterrupted) as exc:
-        signum = exc.signum if isinstance(exc, RunInterrupted) else signal.SIGINT
-        if run.writes:
-            saved = any(run.path.glob("stage*_last.pt"))
-            where = f"finished epochs are saved; continue with: {resume_command(run.path, processes)}" if saved else "no epoch had finished, nothing was kept"
-            print(f"bnnbench: interrupted ({signal.Signals(signum).name}); {where}", file=sys.stderr)
-        return 128 + int(signum)
+        spec, machine = build_spec(args), build_machine(args)
+    with distributed.process_group(machine.resolve_device()):
+        directory = RunDirectory.open(args.resume) if args.resume else RunDirectory.new(spec, machine)
+        processes = distributed.world_size()
+        try:
+            train(directory, display=display)
+        except TrainingDiverged as exc:
+            if directory.writes:  # every rank stops on the same step; rank 0 speaks for them
+                print(f"bnnbench: training diverged: {exc}", file=sys.stderr)
+            return EXIT_DIVERGED
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            signum = exc.signum if isinstance(exc, RunInterrupted) else signal.SIGINT
+            if directory.writes:
+                saved = directory.has_checkpoint()
+                where = f"finished epochs are saved; continue with: {resume_command(directory.path, processes)}" if saved else "no epoch had finished, nothing was kept"
+                print(f"bnnbench: interrupted ({signal.Signals(signum).name}); {where}", file=sys.stderr)
+            return 128 + int(signum)
     return 0
 
 
@@ -245,20 +261,23 @@ def launch(args: argparse.Namespace) -> int:
     """``--nproc N``: N local processes started by torch's elastic agent (torchrun's engine), each
     running this command as a rank of one DistributedDataParallel job; returns the first non-zero
     worker status, or 1 with the reason when a worker died or raised."""
+    import torch
+
+    from ..runners import distributed
+    from ..runners.rundir import RunDirectory
+
     nproc = args.nproc
     if distributed.launched_by_torchrun():
         raise ValueError("--nproc starts its own processes; under torchrun drop --nproc (torchrun's --nproc_per_node sets the count)")
     # the errors every worker would hit, once and before anything starts
     if args.resume:
         check_resume_options(args)
-        if not (Path(args.resume) / CONFIG).is_file():
-            raise FileNotFoundError(f"{args.resume!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
-        cfg = TrainConfig.from_dict(read_json(Path(args.resume) / CONFIG)["config"])
+        opened = RunDirectory.open(args.resume)
+        spec, machine = opened.spec, opened.machine
     else:
-        cfg = build_config(args)
-        cfg.validate()
-    device = resolve_device(cfg.device)
-    distributed.check_processes(cfg.recipe.batch_size, cfg.sync_bn, device, nproc)
+        spec, machine = build_spec(args), build_machine(args)
+    device = machine.resolve_device()
+    distributed.check_processes(spec.recipe.batch_size, machine.sync_bn, device, nproc)
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc} needs one GPU per process, but {torch.cuda.device_count()} are visible")
 
@@ -267,8 +286,8 @@ def launch(args: argparse.Namespace) -> int:
     except distributed.WorkersFailed as exc:
         if args.resume:
             run_dir = str(args.resume)
-        elif args.name:
-            run_dir = str(Path(args.out) / "runs" / args.name)
+        elif machine.name:
+            run_dir = str(machine.run_root() / machine.name)
         else:
             run_dir = "RUN_DIR"
         where = "" if run_dir != "RUN_DIR" else " (RUN_DIR: the 'run directory' rank 0 printed above)"
@@ -285,6 +304,9 @@ def launch(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     """One process of ``--nproc``: this command under the torchrun environment the agent set."""
+    from ..errors import USER_ERRORS
+    from ..registry import load_plugin
+
     for path in getattr(args, "plugin", []):  # methods registered by plugins, in this process too
         load_plugin(path)
     try:

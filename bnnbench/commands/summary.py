@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.table import Table
 
-from ..summary import LayerSummary, ModelSummary, summarize_net
+if TYPE_CHECKING:
+    from ..summary import LayerSummary, ModelSummary
+
 
 TABLE_WIDTH = 150
 HELP = "per-layer parameters by precision, memory, binary and 32-bit MACs, model size float32 vs packed"
@@ -22,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from ..summary import summarize_net
+
     summary = summarize_net(args.net, args.method, family=args.family, resolution=args.resolution, stage=args.stage)
     console = Console(width=max(Console().width, TABLE_WIDTH))  # never truncate the numbers
     console.print(layer_table(summary))

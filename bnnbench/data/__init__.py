@@ -21,21 +21,32 @@ every run seed.  Training order and augmentation are pure functions of (seed, ep
 files written by ``bnnbench prepare``) FFCV decodes the images.
 """
 
-from .bundle import DataBundle, make_data
-from .errors import BadImageError, DataError, DataNotFoundError
-from .sampling import balanced_order, balanced_subset
-from .sources import extract_archive
-from .specs import DATASETS, DatasetSpec
+from __future__ import annotations
 
-__all__ = [
-    "DATASETS",
-    "BadImageError",
-    "DataBundle",
-    "DataError",
-    "DataNotFoundError",
-    "DatasetSpec",
-    "balanced_order",
-    "balanced_subset",
-    "extract_archive",
-    "make_data",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataBundle": "bundle",
+    "DataRequest": "bundle",
+    "make_data": "bundle",
+    "open_data": "bundle",
+    "BadImageError": "errors",
+    "DataError": "errors",
+    "DataNotFoundError": "errors",
+    "balanced_order": "sampling",
+    "balanced_subset": "sampling",
+    "extract_archive": "sources",
+    "DATASETS": "specs",
+    "DatasetSpec": "specs",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (the loaders need torch; the data set table does not)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from .decoded import LoadedSplits
 from .digits import load_digits
 from .errors import DataError, DataNotFoundError
 from .ffcv_store import (
+    FFCV_DATASETS,
     beton_path,
     betons_present,
     ffcv_missing_reason,
@@ -27,7 +29,6 @@ from .sources import FolderSource, archive_note
 from .specs import DatasetSpec, get_spec
 
 LOADERS = ("auto", "torch", "ffcv")
-FFCV_DATASETS = ("cifar10", "imagenet")
 
 
 @dataclass
@@ -77,21 +78,21 @@ def _choose_backend(name: str, loader: str, ffcv_dir: Path | None) -> str:
 
 
 def _array_bundle(
-    spec: DatasetSpec, loaded: LoadedSplits, opts: dict[str, Any]
+    spec: DatasetSpec, loaded: LoadedSplits, request: DataRequest
 ) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
     mean, std = loaded.mean or spec.mean, loaded.std or spec.std
     common = {
-        "seed": opts["seed"],
+        "seed": request.seed,
         "mean": mean,
         "std": std,
-        "device": opts["device"],
-        "rank": opts["rank"],
-        "world_size": opts["world_size"],
+        "device": request.device,
+        "rank": request.rank,
+        "world_size": request.world_size,
     }
     train = ArrayLoader(
-        loaded.train.images, loaded.train.labels, opts["batch_size"], train=True, augment=opts["augment"], **common
+        loaded.train.images, loaded.train.labels, request.batch_size, train=True, augment=request.augment, **common
     )
-    test = ArrayLoader(loaded.test.images, loaded.test.labels, opts["eval_batch_size"], train=False, augment=False, **common)
+    test = ArrayLoader(loaded.test.images, loaded.test.labels, request.eval_batch_size, train=False, augment=False, **common)
     train.skipped_images.update(loaded.train.skipped)
     test.skipped_images.update(loaded.test.skipped)
     skipped = loaded.train.skipped + loaded.test.skipped
@@ -122,30 +123,30 @@ def _imagenet_root(data_dir: Path | None) -> Path:
 
 
 def _imagenet_bundle(
-    spec: DatasetSpec, data_dir: Path | None, opts: dict[str, Any]
+    spec: DatasetSpec, request: DataRequest
 ) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
-    source = FolderSource(_imagenet_root(data_dir))
+    source = FolderSource(_imagenet_root(request.data_dir))
     train_index = source.split_index("train")
     val_index = source.split_index("val", train_index.classes)
     loaders = []
-    for index, subset, train in ((train_index, opts["train_subset"], True), (val_index, opts["test_subset"], False)):
+    for index, subset, train in ((train_index, request.train_subset, True), (val_index, request.test_subset, False)):
         dataset = FolderDataset(
-            source, index, augment=train and opts["augment"], seed=opts["seed"], size=spec.image_size, resize=spec.eval_resize
+            source, index, augment=train and request.augment, seed=request.seed, size=spec.image_size, resize=spec.eval_resize
         )
         loaders.append(
             FolderLoader(
                 dataset,
                 balanced_subset(index.labels, subset),
-                opts["batch_size"] if train else opts["eval_batch_size"],
+                request.batch_size if train else request.eval_batch_size,
                 train=train,
-                seed=opts["seed"],
-                workers=opts["workers"],
+                seed=request.seed,
+                workers=request.workers,
                 mean=spec.mean,
                 std=spec.std,
-                device=opts["device"],
-                skip_bad=opts["skip_bad_images"],
-                rank=opts["rank"],
-                world_size=opts["world_size"],
+                device=request.device,
+                skip_bad_images=request.skip_bad_images,
+                rank=request.rank,
+                world_size=request.world_size,
             )
         )
     info = {
@@ -153,7 +154,7 @@ def _imagenet_bundle(
         "layout": source.kind,
         "md5": source.md5,
         "note": archive_note(source.md5),
-        "loader": f"torch DataLoader ({opts['workers']} workers)",
+        "loader": f"torch DataLoader ({request.workers} workers)",
         "classes": train_index.classes,
         "full_train_size": len(train_index.names),
         "full_test_size": len(val_index.names),
@@ -164,18 +165,19 @@ def _imagenet_bundle(
     return loaders[0], loaders[1], info
 
 
-def _ffcv_bundle(spec: DatasetSpec, ffcv_dir: Path, opts: dict[str, Any]) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
+def _ffcv_bundle(spec: DatasetSpec, request: DataRequest) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
     from .ffcv_loader import FFCVLoader
 
+    ffcv_dir = request.ffcv_dir
     manifest = read_manifest(ffcv_dir, spec.name)
     skipped = manifest["splits"]["train"]["skipped"] + manifest["splits"]["test"]["skipped"]
-    if skipped and not opts["skip_bad_images"]:
+    if skipped and not request.skip_bad_images:
         raise DataError(
             f"{ffcv_dir} was written with --skip-bad-images and leaves out {len(skipped)} unreadable images "
             f"(first: {skipped[0]}); pass skip_bad_images=True (--skip-bad-images) to use it"
         )
     loaders = []
-    for split, subset, train in (("train", opts["train_subset"], True), ("test", opts["test_subset"], False)):
+    for split, subset, train in (("train", request.train_subset, True), ("test", request.test_subset, False)):
         labels = np.load(labels_path(ffcv_dir, split))
         usable = np.setdiff1d(np.arange(len(labels)), np.asarray(manifest["splits"][split]["excluded"], dtype=np.int64))
         sample_ids = usable[balanced_subset(labels[usable], subset)]
@@ -183,20 +185,20 @@ def _ffcv_bundle(spec: DatasetSpec, ffcv_dir: Path, opts: dict[str, Any]) -> tup
             FFCVLoader(
                 beton_path(ffcv_dir, split),
                 sample_ids,
-                opts["batch_size"] if train else opts["eval_batch_size"],
+                request.batch_size if train else request.eval_batch_size,
                 family=spec.family,
                 train=train,
-                augment=opts["augment"],
-                seed=opts["seed"],
-                workers=opts["workers"],
+                augment=request.augment,
+                seed=request.seed,
+                workers=request.workers,
                 mean=spec.mean,
                 std=spec.std,
-                device=opts["device"],
+                device=request.device,
                 image_size=spec.image_size,
                 eval_resize=spec.eval_resize,
-                distributed=opts["world_size"] > 1,
-                rank=opts["rank"],
-                world_size=opts["world_size"],
+                distributed=request.world_size > 1,
+                rank=request.rank,
+                world_size=request.world_size,
             )
         )
         loaders[-1].skipped_images.update(manifest["splits"][split]["skipped"])
@@ -216,27 +218,50 @@ def _ffcv_bundle(spec: DatasetSpec, ffcv_dir: Path, opts: dict[str, Any]) -> tup
     return loaders[0], loaders[1], info
 
 
-def make_data(
-    name: str,
-    data_dir: str | Path | None = None,
-    batch_size: int = 128,
-    eval_batch_size: int | None = None,
-    train_subset: int | None = None,
-    test_subset: int | None = None,
-    seed: int = 0,
-    loader: str = "auto",
-    ffcv_dir: str | Path | None = None,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    augment: bool = True,
-    distributed: bool = False,
-    skip_bad_images: bool = False,
-    download: bool = False,
-) -> DataBundle:
+@dataclass(frozen=True)
+class DataRequest:
+    """Everything :func:`open_data` needs, typed (see :func:`make_data` for the meaning of each field)."""
+
+    name: str
+    data_dir: Path | None = None
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    seed: int = 0
+    loader: str = "auto"
+    ffcv_dir: Path | None = None
+    workers: int = 0
+    device: torch.device = torch.device("cpu")
+    augment: bool = True
+    skip_bad_images: bool = False
+    download: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def make(cls, name: str, *, data_dir: str | Path | None = None, ffcv_dir: str | Path | None = None, device: str | torch.device = "cpu", distributed: bool = False, **fields: Any) -> DataRequest:
+        """A request with paths expanded, the device parsed and, when ``distributed``, this process's rank."""
+        rank, world_size = distributed_rank(distributed)
+        return cls(
+            name,
+            data_dir=None if data_dir is None else Path(data_dir).expanduser(),
+            ffcv_dir=None if ffcv_dir is None else Path(ffcv_dir).expanduser(),
+            device=torch.device(device),
+            rank=rank,
+            world_size=world_size,
+            **fields,
+        )
+
+
+def make_data(name: str, **options: Any) -> DataBundle:
     """Train/test loaders for ``name`` ("cifar10", "imagenet" or "digits") and their provenance.
+
+    Options (the fields of :class:`DataRequest`):
 
     - ``data_dir``: the local copy (see :mod:`bnnbench.data`); None searches the cache, and for
       cifar10 downloads torchvision's copy there only when ``download`` is True.
+    - ``batch_size``/``eval_batch_size`` (default: the training batch).
     - ``train_subset``/``test_subset``: the first N of the fixed class-balanced order of the split.
     - ``seed``: with the epoch set by ``set_epoch``, fixes the training order and augmentation.
     - ``loader``: "torch", "ffcv" (``ffcv_dir`` from ``bnnbench prepare``), or "auto" (FFCV when
@@ -248,53 +273,50 @@ def make_data(
     - ``skip_bad_images``: leave unreadable images out (counted in ``info`` and the loaders'
       ``skipped_images``) instead of raising :class:`BadImageError` naming the first one.
     """
-    spec = get_spec(name)
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else None
-    ffcv_dir = Path(ffcv_dir).expanduser() if ffcv_dir is not None else None
-    backend = _choose_backend(name, loader, ffcv_dir)
-    rank, world_size = distributed_rank(distributed)
-    opts = {
-        "batch_size": batch_size,
-        "eval_batch_size": eval_batch_size or batch_size,
-        "train_subset": train_subset,
-        "test_subset": test_subset,
-        "seed": seed,
-        "workers": workers,
-        "device": torch.device(device),
-        "augment": augment and spec.augmentable,
-        "skip_bad_images": skip_bad_images,
-        "rank": rank,
-        "world_size": world_size,
-    }
+    return open_data(DataRequest.make(name, **options))
+
+
+def open_data(request: DataRequest) -> DataBundle:
+    """The loaders and provenance of one :class:`DataRequest`."""
+    spec = get_spec(request.name)
+    if request.eval_batch_size is None:
+        request = dataclasses.replace(request, eval_batch_size=request.batch_size)
+    if not spec.augmentable:
+        request = dataclasses.replace(request, augment=False)
+    backend = _choose_backend(request.name, request.loader, request.ffcv_dir)
     if backend == "ffcv":
-        train, test, info = _ffcv_bundle(spec, ffcv_dir, opts)
-    elif name == "imagenet":
-        train, test, info = _imagenet_bundle(spec, data_dir, opts)
-    elif name == "cifar10":
+        train, test, info = _ffcv_bundle(spec, request)
+    elif request.name == "imagenet":
+        train, test, info = _imagenet_bundle(spec, request)
+    elif request.name == "cifar10":
         loaded = load_cifar10(
-            data_dir, train_subset=train_subset, test_subset=test_subset, skip_bad=skip_bad_images, download=download
+            request.data_dir,
+            train_subset=request.train_subset,
+            test_subset=request.test_subset,
+            skip_bad_images=request.skip_bad_images,
+            download=request.download,
         )
-        train, test, info = _array_bundle(spec, loaded, opts)
+        train, test, info = _array_bundle(spec, loaded, request)
     else:
-        train, test, info = _array_bundle(spec, load_digits(train_subset=train_subset, test_subset=test_subset), opts)
+        train, test, info = _array_bundle(spec, load_digits(train_subset=request.train_subset, test_subset=request.test_subset), request)
     classes = info.pop("classes")
     info = {
-        "dataset": name,
+        "dataset": request.name,
         "description": spec.description,
         **info,
         "family": spec.family,
         "num_classes": len(classes),
         "classes": classes,
         "image_size": spec.image_size,
-        "augment": opts["augment"],
-        "train_subset": train_subset,
-        "test_subset": test_subset,
+        "augment": request.augment,
+        "train_subset": request.train_subset,
+        "test_subset": request.test_subset,
         "train_size": train.num_samples,
         "test_size": test.num_samples,
         "subset_seed": SUBSET_SEED,
-        "seed": seed,
-        "batch_size": batch_size,
-        "eval_batch_size": opts["eval_batch_size"],
-        "distributed": {"rank": rank, "world_size": world_size},
+        "seed": request.seed,
+        "batch_size": request.batch_size,
+        "eval_batch_size": request.eval_batch_size,
+        "distributed": {"rank": request.rank, "world_size": request.world_size},
     }
     return DataBundle(train, test, len(classes), spec.family, train.num_samples, test.num_samples, info, classes)

@@ -49,9 +49,9 @@ def _load_pickles(folder: Path, train_subset: int | None, test_subset: int | Non
 
 
 def _load_images(
-    source: FolderSource | TarSource, train_subset: int | None, test_subset: int | None, skip_bad: bool
+    source: FolderSource | TarSource, train_subset: int | None, test_subset: int | None, skip_bad_images: bool
 ) -> LoadedSplits:
-    common = {"size": IMAGE_SIZE, "skip_bad": skip_bad}
+    common = {"size": IMAGE_SIZE, "skip_bad_images": skip_bad_images}
     train = load_split("cifar10", source, "train", classes=None, subset=train_subset, **common)
     test = load_split("cifar10", source, "test", classes=train.classes, subset=test_subset, **common)
     root = source.path if isinstance(source, TarSource) else source.root
@@ -95,18 +95,18 @@ def locate(data_dir: Path | None, download: bool) -> Path:
 
 
 def load_cifar10(
-    data_dir: Path | None, *, train_subset: int | None, test_subset: int | None, skip_bad: bool, download: bool
+    data_dir: Path | None, *, train_subset: int | None, test_subset: int | None, skip_bad_images: bool, download: bool
 ) -> LoadedSplits:
     """Both CIFAR-10 splits as uint8 arrays, from whichever local layout ``data_dir`` has."""
     path = locate(data_dir, download)
     if path.is_file():
-        return _load_images(open_source(path), train_subset, test_subset, skip_bad)
+        return _load_images(open_source(path), train_subset, test_subset, skip_bad_images)
     if (path / PICKLE_FOLDER).is_dir():
         return _load_pickles(path / PICKLE_FOLDER, train_subset, test_subset)
     if (path / "data_batch_1").is_file():
         return _load_pickles(path, train_subset, test_subset)
     if (path / "train").is_dir():
-        return _load_images(FolderSource(path), train_subset, test_subset, skip_bad)
+        return _load_images(FolderSource(path), train_subset, test_subset, skip_bad_images)
     raise DataError(
         f"{path} is not a CIFAR-10 copy: expected {path}/{PICKLE_FOLDER}/ (torchvision) or "
         f"{path}/train/<class>/ and {path}/test/<class>/ image folders"

@@ -79,14 +79,14 @@ def cache_folder(dataset: str, key: str, split: str) -> Path:
     return cache_root() / "decoded" / f"{dataset}-{key}" / split
 
 
-def build_cache(dataset: str, source: FolderSource | TarSource, index: SplitIndex, size: int, skip_bad: bool) -> Path:
-    """Decode every image of ``index`` into the cache; unreadable images raise unless ``skip_bad``."""
+def build_cache(dataset: str, source: FolderSource | TarSource, index: SplitIndex, size: int, skip_bad_images: bool) -> Path:
+    """Decode every image of ``index`` into the cache; unreadable images raise unless ``skip_bad_images``."""
     target = cache_folder(dataset, source.fingerprint(index), index.split)
     if target.is_dir():
         return target
     start = time.perf_counter()
     images, kept, bad = _decode_many(source, index.names, size)
-    if bad and not skip_bad:
+    if bad and not skip_bad_images:
         _raise_for_bad([e.path for e in bad], [e.reason for e in bad])
     with atomic_directory(target) as tmp:
         save_array(tmp / "images.npy", images)
@@ -113,25 +113,25 @@ def load_split(
     classes: list[str] | None,
     subset: int | None,
     size: int,
-    skip_bad: bool,
+    skip_bad_images: bool,
 ) -> SplitArrays:
     """Images of ``split``: the first ``subset`` of the class-balanced order (all when None), sorted.
 
     Uses the decode cache when it exists (or builds it when the whole split is asked for);
     otherwise decodes only the subset.  Unreadable images raise :class:`BadImageError` naming the
-    file, or with ``skip_bad`` are left out and listed in ``skipped``.
+    file, or with ``skip_bad_images`` are left out and listed in ``skipped``.
     """
     index = source.split_index(split, classes)
     folder = cache_folder(dataset, source.fingerprint(index), split)
     if subset is None and not folder.is_dir():
-        folder = build_cache(dataset, source, index, size, skip_bad)
+        folder = build_cache(dataset, source, index, size, skip_bad_images)
     if folder.is_dir():
         meta = read_json(folder / "meta.json")
         if meta["classes"] != index.classes:
             raise DataError(
                 f"decode cache {folder} has classes {meta['classes']}, the source has {index.classes}; delete the cache folder"
             )
-        if meta["skipped"] and not skip_bad:
+        if meta["skipped"] and not skip_bad_images:
             _raise_for_bad(meta["skipped"], meta["skipped_reasons"])
         labels = np.load(folder / "labels.npy")
         chosen = balanced_subset(labels, subset)
@@ -141,6 +141,6 @@ def load_split(
         )
     chosen = balanced_subset(index.labels, subset)
     images, kept, bad = _decode_many(source, [index.names[i] for i in chosen], size)
-    if bad and not skip_bad:
+    if bad and not skip_bad_images:
         _raise_for_bad([e.path for e in bad], [e.reason for e in bad])
     return SplitArrays(images, index.labels[chosen][kept], index.classes, len(index.names), [e.path for e in bad])

@@ -11,6 +11,7 @@ from typing import Any
 from .cifar import load_cifar10
 from .errors import DataError, DataNotFoundError
 from .ffcv_store import (
+    FFCV_DATASETS,
     CIFAR_FIELD,
     DEFAULT_PAGE_SIZE,
     IMAGENET_FIELD,
@@ -28,7 +29,6 @@ from .sampling import balanced_subset
 from .sources import FolderSource, archive_note
 from .specs import get_spec
 
-PREPARABLE = ("cifar10", "imagenet")
 
 
 def prepare_betons(
@@ -48,20 +48,20 @@ def prepare_betons(
     Subsets are the same class-balanced subsets ``make_data`` picks, stored in the same order, so
     ``make_data(..., loader="ffcv")`` on them yields the batches the torch loader yields.
     """
-    if name not in PREPARABLE:
-        raise DataError(f"bnnbench prepare writes {' or '.join(PREPARABLE)}, not {name!r}")
+    if name not in FFCV_DATASETS:
+        raise DataError(f"bnnbench prepare writes {' or '.join(FFCV_DATASETS)}, not {name!r}")
     reason = ffcv_missing_reason()
     if reason:
         raise DataError(reason)
     check_page_size(page_size)
     spec = get_spec(name)
-    common = {"page_size": page_size, "workers": workers, "skip_bad": skip_bad_images}
+    common = {"page_size": page_size, "workers": workers, "skip_bad_images": skip_bad_images}
     records: dict[str, SplitRecord] = {}
     with staged_output(Path(out)) as stage:
         if name == "cifar10":
             field = image_field or CIFAR_FIELD
             loaded = load_cifar10(
-                data_dir, train_subset=train_subset, test_subset=test_subset, skip_bad=skip_bad_images, download=False
+                data_dir, train_subset=train_subset, test_subset=test_subset, skip_bad_images=skip_bad_images, download=False
             )
             classes, provenance = loaded.train.classes, loaded.provenance
             for split, arrays, subset in (("train", loaded.train, train_subset), ("test", loaded.test, test_subset)):

@@ -38,6 +38,8 @@ from .errors import BadImageError, DataError, DataNotFoundError
 from .images import decode_rgb
 from .sources import FolderSource
 
+FFCV_DATASETS = ("cifar10", "imagenet")  # what bnnbench prepare writes and the FFCV loader reads
+
 MANIFEST = "bnnbench-ffcv.json"
 SPLITS = ("train", "test")
 MIN_PAGE_SIZE = 1 << 21  # FFCV's smallest page (2 MiB)
@@ -262,18 +264,18 @@ def write_split(
     full_size: int,
     subset: int | None,
     skipped: list[str],
-    skip_bad: bool,
+    skip_bad_images: bool,
     page_size: int,
     workers: int,
 ) -> SplitRecord:
-    """Write one split's .beton and labels into ``stage``; unreadable files raise unless ``skip_bad``."""
+    """Write one split's .beton and labels into ``stage``; unreadable files raise unless ``skip_bad_images``."""
     write_beton(beton_path(stage, split), samples, settings, page_size=page_size, workers=workers)
     failures = samples.failures() if isinstance(samples, FileSamples) else []
     errors = [r for r in failures if not r["unreadable"]]
     if errors:
         raise DataError(f"reading {errors[0]['path']} failed with {errors[0]['reason']} ({len(errors)} such failures)")
     bad = [r for r in failures if r["unreadable"]]
-    if bad and not skip_bad:
+    if bad and not skip_bad_images:
         more = f" (and {len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
         raise BadImageError(bad[0]["path"], bad[0]["reason"] + more)
     save_array(labels_path(stage, split), labels)

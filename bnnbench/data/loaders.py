@@ -155,7 +155,7 @@ def collate_views(
 class FolderLoader(EpochLoader):
     """Batches decoded from image files by a torch ``DataLoader`` with ``workers`` processes.
 
-    ``positions`` selects the split's images (a subset); with ``skip_bad`` unreadable images are
+    ``positions`` selects the split's images (a subset); with ``skip_bad_images`` unreadable images are
     dropped from their batch and listed in ``skipped_images``, else :class:`BadImageError` names
     the first one.  A batch whose images are all unreadable is not yielded.
     """
@@ -172,7 +172,7 @@ class FolderLoader(EpochLoader):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         device: torch.device,
-        skip_bad: bool,
+        skip_bad_images: bool,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -181,7 +181,7 @@ class FolderLoader(EpochLoader):
         self.positions = torch.from_numpy(np.asarray(positions, dtype=np.int64))
         self.workers = workers
         self.device = device
-        self.skip_bad = skip_bad
+        self.skip_bad_images = skip_bad_images
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
 
@@ -197,7 +197,7 @@ class FolderLoader(EpochLoader):
         )
         for views, labels, bad in loader:
             if bad:
-                if not self.skip_bad:
+                if not self.skip_bad_images:
                     raise BadImageError(*bad[0])
                 self.skipped_images.update(path for path, _ in bad)
             if len(labels):

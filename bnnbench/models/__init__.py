@@ -1,7 +1,8 @@
 """Backbones; importing this package registers them."""
 
 from . import resnet, vgg
-from .blocks import BinarySpec
-from .registry import build_model, list_nets, register_net
+from .blocks import BinaryLayers
+from .registry import list_nets, register_net
+from .spec import ModelSpec, build_model
 
-__all__ = ["BinarySpec", "build_model", "list_nets", "register_net", "resnet", "vgg"]
+__all__ = ["BinaryLayers", "ModelSpec", "build_model", "list_nets", "register_net", "resnet", "vgg"]

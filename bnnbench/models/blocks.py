@@ -1,4 +1,4 @@
-"""Building blocks shared by the backbones: binary layer spec, shortcuts, basic block."""
+"""Building blocks shared by the backbones: the binary layer factory, shortcuts, basic block."""
 
 from __future__ import annotations
 
@@ -12,17 +12,21 @@ from ..method import Method
 
 
 @dataclass
-class BinarySpec:
-    """How a backbone builds its binary layers (recorded with every run)."""
+class BinaryLayers:
+    """How a backbone builds its binary layers: the two binarizers, the stage, act_norm.
 
-    method: Method
+    Made by :meth:`bnnbench.models.spec.ModelSpec.build`; backbones call :meth:`conv` and
+    :meth:`nonlinearity` and need nothing else.
+    """
+
+    weights: Method
+    activations: Method
     stage: int = 2
-    act_norm: bool | None = None
-    binary_activations: bool = True
+    act_norm: bool = False
 
     @property
     def real_activations(self) -> bool:
-        return not (self.binary_activations and self.method.binary_activations)
+        return not self.activations.binary_activations
 
     def conv(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> BinaryConv2d:
         return BinaryConv2d(
@@ -31,10 +35,10 @@ class BinarySpec:
             kernel_size,
             stride=stride,
             padding=kernel_size // 2,
-            method=self.method,
+            method=self.weights,
+            act_method=self.activations,
             stage=self.stage,
             act_norm=self.act_norm,
-            binary_activations=self.binary_activations,
         )
 
     def nonlinearity(self) -> nn.Module:
@@ -72,15 +76,15 @@ class BasicBlock(nn.Module):
     Single skip:  out = act(BN(conv2(act(BN(conv1(x))))) + shortcut(x))
     """
 
-    def __init__(self, spec: BinarySpec, in_channels: int, out_channels: int, stride: int, shortcut: nn.Module, double_skip: bool) -> None:
+    def __init__(self, layers: BinaryLayers, in_channels: int, out_channels: int, stride: int, shortcut: nn.Module, double_skip: bool) -> None:
         super().__init__()
         self.double_skip = double_skip
-        self.conv1 = spec.conv(in_channels, out_channels, 3, stride)
+        self.conv1 = layers.conv(in_channels, out_channels, 3, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.act1 = spec.nonlinearity()
-        self.conv2 = spec.conv(out_channels, out_channels, 3, 1)
+        self.act1 = layers.nonlinearity()
+        self.conv2 = layers.conv(out_channels, out_channels, 3, 1)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.act2 = spec.nonlinearity()
+        self.act2 = layers.nonlinearity()
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:

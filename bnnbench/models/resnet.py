@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .blocks import BasicBlock, BinarySpec, PadShortcut, conv_shortcut
+from .blocks import BasicBlock, BinaryLayers, PadShortcut, conv_shortcut
 from .registry import register_net
 
 Shortcut = Callable[[int, int, int], nn.Module]
@@ -28,7 +28,7 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        spec: BinarySpec,
+        layers: BinaryLayers,
         stem: nn.Sequential,
         widths: list[int],
         depths: list[int],
@@ -45,7 +45,7 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 needs_shortcut = stride != 1 or in_channels != width
                 sc = shortcut(in_channels, width, stride) if needs_shortcut else nn.Identity()
-                blocks.append(BasicBlock(spec, in_channels, width, stride, sc, double_skip))
+                blocks.append(BasicBlock(layers, in_channels, width, stride, sc, double_skip))
                 in_channels = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -61,38 +61,38 @@ class ResNet(nn.Module):
         return self.fc(self.head_bn(self.pool(x).flatten(1)))
 
 
-def _cifar_resnet(spec: BinarySpec, widths: list[int], depths: list[int], num_classes: int, stem_act: bool, skip: str) -> ResNet:
+def _cifar_resnet(layers: BinaryLayers, widths: list[int], depths: list[int], num_classes: int, stem_act: bool, skip: str) -> ResNet:
     if skip not in ("double", "single"):
         raise ValueError(f"skip must be 'double' or 'single', got {skip!r}")
     stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]))
     if stem_act:
-        stem.append(spec.nonlinearity())
-    return ResNet(spec, stem, widths, depths, num_classes, pad_shortcut, double_skip=skip == "double")
+        stem.append(layers.nonlinearity())
+    return ResNet(layers, stem, widths, depths, num_classes, pad_shortcut, double_skip=skip == "double")
 
 
 @register_net("cifar", "resnet20")
-def resnet20(spec: BinarySpec, num_classes: int = 10, skip: str = "double") -> ResNet:
+def resnet20(layers: BinaryLayers, num_classes: int = 10, skip: str = "double") -> ResNet:
     """CIFAR ResNet-20: widths 16/32/64, [3, 3, 3]; stem conv -> BN -> hardtanh (upstream)."""
-    return _cifar_resnet(spec, [16, 32, 64], [3, 3, 3], num_classes, stem_act=True, skip=skip)
+    return _cifar_resnet(layers, [16, 32, 64], [3, 3, 3], num_classes, stem_act=True, skip=skip)
 
 
 @register_net("cifar", "resnet18")
-def resnet18_cifar(spec: BinarySpec, num_classes: int = 10, skip: str = "double") -> ResNet:
+def resnet18_cifar(layers: BinaryLayers, num_classes: int = 10, skip: str = "double") -> ResNet:
     """CIFAR ResNet-18: widths 64/128/256/512, [2, 2, 2, 2]; stem conv -> BN (upstream).
 
     ``skip="double"`` (the paper, Sec. 5.1.2) or ``"single"`` (upstream BiPer code).
     """
-    return _cifar_resnet(spec, [64, 128, 256, 512], [2, 2, 2, 2], num_classes, stem_act=False, skip=skip)
+    return _cifar_resnet(layers, [64, 128, 256, 512], [2, 2, 2, 2], num_classes, stem_act=False, skip=skip)
 
 
-def _imagenet_resnet(spec: BinarySpec, depths: list[int], num_classes: int, bn_weight_init: float) -> ResNet:
+def _imagenet_resnet(layers: BinaryLayers, depths: list[int], num_classes: int, bn_weight_init: float) -> ResNet:
     stem = nn.Sequential(
         nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
         nn.BatchNorm2d(64),
-        spec.nonlinearity(),
+        layers.nonlinearity(),
         nn.MaxPool2d(3, stride=2, padding=1),
     )
-    model = ResNet(spec, stem, [64, 128, 256, 512], depths, num_classes, conv_shortcut, double_skip=True)
+    model = ResNet(layers, stem, [64, 128, 256, 512], depths, num_classes, conv_shortcut, double_skip=True)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             nn.init.constant_(m.weight, bn_weight_init)
@@ -101,12 +101,12 @@ def _imagenet_resnet(spec: BinarySpec, depths: list[int], num_classes: int, bn_w
 
 
 @register_net("imagenet", "resnet18")
-def resnet18_imagenet(spec: BinarySpec, num_classes: int = 1000, bn_weight_init: float = 1e-8) -> ResNet:
+def resnet18_imagenet(layers: BinaryLayers, num_classes: int = 1000, bn_weight_init: float = 1e-8) -> ResNet:
     """ImageNet ResNet-18, double skip, real 1x1 downsample."""
-    return _imagenet_resnet(spec, [2, 2, 2, 2], num_classes, bn_weight_init)
+    return _imagenet_resnet(layers, [2, 2, 2, 2], num_classes, bn_weight_init)
 
 
 @register_net("imagenet", "resnet34")
-def resnet34_imagenet(spec: BinarySpec, num_classes: int = 1000, bn_weight_init: float = 1e-8) -> ResNet:
+def resnet34_imagenet(layers: BinaryLayers, num_classes: int = 1000, bn_weight_init: float = 1e-8) -> ResNet:
     """ImageNet ResNet-34, double skip, real 1x1 downsample."""
-    return _imagenet_resnet(spec, [3, 4, 6, 3], num_classes, bn_weight_init)
+    return _imagenet_resnet(layers, [3, 4, 6, 3], num_classes, bn_weight_init)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .blocks import BinarySpec
+from .blocks import BinaryLayers
 from .registry import register_net
 
 # (in, out, pool after) of the five binary convs
@@ -18,15 +18,15 @@ _BINARY_CONVS = [(128, 128, True), (128, 256, False), (256, 256, True), (256, 51
 
 
 class VGGSmall(nn.Module):
-    def __init__(self, spec: BinarySpec, num_classes: int = 10) -> None:
+    def __init__(self, layers: BinaryLayers, num_classes: int = 10) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), spec.nonlinearity()]
+        modules: list[nn.Module] = [nn.Conv2d(3, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), layers.nonlinearity()]
         for c_in, c_out, pool in _BINARY_CONVS:
-            layers.append(spec.conv(c_in, c_out, 3))
+            modules.append(layers.conv(c_in, c_out, 3))
             if pool:
-                layers.append(nn.MaxPool2d(2))
-            layers += [nn.BatchNorm2d(c_out), spec.nonlinearity()]
-        self.features = nn.Sequential(*layers)
+                modules.append(nn.MaxPool2d(2))
+            modules += [nn.BatchNorm2d(c_out), layers.nonlinearity()]
+        self.features = nn.Sequential(*modules)
         self.fc = nn.Linear(512 * 4 * 4, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -40,6 +40,6 @@ class VGGSmall(nn.Module):
 
 
 @register_net("cifar", "vgg_small")
-def vgg_small(spec: BinarySpec, num_classes: int = 10) -> VGGSmall:
+def vgg_small(layers: BinaryLayers, num_classes: int = 10) -> VGGSmall:
     """VGG-Small for 32x32 inputs."""
-    return VGGSmall(spec, num_classes)
+    return VGGSmall(layers, num_classes)

@@ -1,0 +1,224 @@
+"""What a run *is* (:class:`RunSpec`) and where and how it runs (:class:`Machine`).
+
+``RunSpec`` = the model (:class:`~bnnbench.models.ModelSpec`: network, weight and activation
+binarizers with their hyper-parameters, act_norm, backbone options) + the data set + the
+recipe + seed, stages, the stage-2 initialisation and augmentation.  Everything in it can
+change a run's numbers, and nothing else does: its canonical JSON (:meth:`RunSpec.key`) is the
+signature on which ``bnnbench table`` and ``bnnbench figure`` match finished runs.
+
+``Machine`` holds what must not change a run's identity: device, bf16 autocast,
+channels_last, torch.compile, threads, loader and workers, where the data and results live,
+and the run's directory name.  (bf16 changes the arithmetic, so its numbers differ slightly
+from fp32's; it is recorded in every ``config.json`` and in the tables' captions, but a run
+trained in bf16 answers for the same experiment.)
+
+Defaults live here, once; ``bnnbench run`` reads them.  ``RunSpec.from_saved`` reads every
+``config.json`` this project has written, including those from before specs existed
+(``{"config": TrainConfig, "model": bnn_config}``), so committed runs keep matching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bnnbench.data import DATASETS, DataRequest
+from bnnbench.errors import ConfigError
+from bnnbench.models import ModelSpec
+
+from .defaults import DEFAULT_DATA, DEFAULT_NETS, default_recipe
+from .distributed import process_batch_size
+from .recipes import Recipe, get_recipe
+
+RECIPE_COSMETIC = ("description", "source")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The identity of a run (see the module docstring); validated when made."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: str = DEFAULT_DATA
+    recipe: Recipe = field(default_factory=lambda: get_recipe("quick"))
+    seed: int = 0
+    stages: tuple[int, ...] = (1, 2)
+    init: str | None = None  # stage 2 alone: a stage-1 checkpoint, or "scratch"
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if self.data not in DATASETS:
+            raise ConfigError(f"unknown data set {self.data!r}; valid: {', '.join(DATASETS)}")
+        dataset = DATASETS[self.data]
+        if self.model.family != dataset.family:
+            raise ConfigError(f"{self.data} needs a {dataset.family} network, got {self.model.family}/{self.model.net}")
+        self.recipe.validate()
+        if not self.stages or sorted(set(self.stages)) != list(self.stages) or not set(self.stages) <= {1, 2}:
+            raise ConfigError(f"stages must be [1], [2] or [1, 2], got {list(self.stages)}")
+        if self.stages == (2,) and self.init is None:
+            raise ConfigError(
+                "stage 2 alone needs --init CKPT, a stage-1 checkpoint such as results/runs/<run-id>/stage1_best.pt "
+                "(or --init scratch to train stage 2 from random weights)"
+            )
+        if self.init is not None and self.stages != (2,):
+            raise ConfigError("--init applies to --stage 2 only; with --stage both, stage 2 starts from this run's stage 1")
+
+    @classmethod
+    def make(cls, data: str = DEFAULT_DATA, *, recipe: Recipe | str | None = None, **model: Any) -> RunSpec:
+        """A spec for ``data`` whose model takes its family and classes from the data set (and its
+        network, unless given, from ``DEFAULT_NETS``); ``recipe`` defaults to the data set's
+        (:func:`default_recipe`); the ModelSpec fields and the other RunSpec fields (seed, stages,
+        init, augment) are keyword arguments."""
+        run_fields = {f.name for f in dataclasses.fields(cls)} - {"model", "data", "recipe"}
+        own = {k: model.pop(k) for k in list(model) if k in run_fields}
+        dataset = DATASETS.get(data)
+        if dataset is None:
+            raise ConfigError(f"unknown data set {data!r}; valid: {', '.join(DATASETS)}")
+        model.setdefault("net", DEFAULT_NETS[data])
+        model.setdefault("family", dataset.family)
+        model.setdefault("num_classes", dataset.num_classes)
+        if recipe is None or isinstance(recipe, str):
+            recipe = get_recipe(recipe or default_recipe(data), dataset.family)
+        return cls(ModelSpec(**model), data, recipe, **own)
+
+    # ------------------------------------------------------------------ identity
+    def to_dict(self) -> dict[str, Any]:
+        """The full record (config.json's ``spec``), recipe description included."""
+        return {
+            "model": self.model.to_dict(),
+            "data": self.data,
+            "recipe": self.recipe.to_dict(),
+            "seed": self.seed,
+            "stages": list(self.stages),
+            "init": self.init,
+            "augment": self.augment,
+        }
+
+    def key(self) -> str:
+        """Canonical JSON of everything that decides the run's numbers: the run signature."""
+        identity = self.to_dict()
+        identity["recipe"] = {k: v for k, v in identity["recipe"].items() if k not in RECIPE_COSMETIC}
+        return json.dumps(identity, sort_keys=True, default=str)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunSpec) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
+        values = dict(data)
+        values["model"] = ModelSpec.from_dict(values["model"])
+        values["recipe"] = Recipe.from_dict(values["recipe"])
+        return cls(**values)
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> RunSpec:
+        """The spec of a run from its ``config.json``, current or from before specs existed."""
+        if "spec" in saved:
+            return cls.from_dict(saved["spec"])
+        config = saved["config"]
+        return cls(
+            ModelSpec.from_legacy(saved["model"]),
+            config["data"],
+            Recipe.from_dict(config["recipe"]),
+            config["seed"],
+            tuple(config["stages"]),
+            config.get("init"),
+            config.get("augment", True),
+        )
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    def describe(self) -> str:
+        """E.g. ``resnet20 biper (w0=10) on cifar10, seed 0, recipe short``."""
+        defaults = ModelSpec(net=self.model.net, method=self.model.method, family=self.family).hparams
+        changed = {k: v for k, v in self.model.hparams.items() if defaults.get(k) != v}
+        hp = f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else ""
+        return f"{self.model.net} {self.model.label}{hp} on {self.data}, seed {self.seed}, recipe {self.recipe.name}"
+
+
+@dataclass
+class Machine:
+    """Where and how a run executes; never part of its identity (see the module docstring)."""
+
+    device: str = "auto"
+    amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with bf16 hardware
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    threads: int | None = None  # torch threads (None: torch's default)
+    loader: str = "auto"
+    workers: int = 0
+    data_dir: str | None = None
+    ffcv_dir: str | None = None
+    download: bool = False  # fetch torchvision's CIFAR-10 into the cache when no local copy exists
+    skip_bad_images: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across the processes of a distributed run (CUDA)
+    out: str = "results"
+    name: str | None = None  # run directory name instead of net-method-data-seed-timestamp-hash
+    tensorboard: bool = True  # TensorBoard event files beside metrics.csv, where the package is installed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Machine:
+        """Known fields only: a legacy TrainConfig dict carries the machine fields under the same names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> Machine:
+        return cls.from_dict(saved["settings"] if "settings" in saved else saved["config"])
+
+    def replace(self, **changes: Any) -> Machine:
+        return dataclasses.replace(self, **changes)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available; pass --device cpu")
+        return device
+
+    def run_root(self) -> Path:
+        return Path(self.out) / "runs"
+
+
+def data_request(spec: RunSpec, machine: Machine, device: torch.device, world_size: int, distributed: bool) -> DataRequest:
+    """The data of ``spec`` as ``machine`` reads it, for one of ``world_size`` processes
+    (the recipe's batches are global: each process gets its share)."""
+    recipe = spec.recipe
+    per_process = process_batch_size(recipe.batch_size, world_size)
+    return DataRequest.make(
+        spec.data,
+        data_dir=machine.data_dir,
+        ffcv_dir=machine.ffcv_dir,
+        device=device,
+        distributed=distributed,
+        batch_size=per_process,
+        eval_batch_size=None if recipe.eval_batch_size is None else -(-recipe.eval_batch_size // world_size),
+        train_subset=recipe.train_subset,
+        test_subset=recipe.test_subset,
+        seed=spec.seed,
+        loader=machine.loader,
+        workers=machine.workers,
+        augment=spec.augment,
+        skip_bad_images=machine.skip_bad_images,
+        download=machine.download,
+    )
+
+
+__all__ = ["Machine", "RunSpec", "data_request"]
