@@ -1,4 +1,4 @@
-"""Throughput benchmarks: the packed XNOR-popcount conv against ``F.conv2d``, and binarizer training steps.
+"""Throughput benchmarks: the packed XNOR-popcount conv against ``F.conv2d`` (training steps: ``bench_train.py``).
 
 Every speed is a ratio against a baseline timed in the same process, at the
 same thread count, in blocks of calls that alternate with the baseline's
@@ -13,9 +13,6 @@ float side is ``F.conv2d`` of the +-1 tensors, the faster of NCHW and
 channels-last memory.  The GEMM alone (from the packed input) is reported in
 binary GOPS (2 M N K, K in bits) against the machine's measured popcount peak.
 
-``train_benchmark``: images/s of one SGD step (forward, backward, update,
-the method's regulariser included) for each method against the
-full-precision model on the same backbone.
 """
 
 from __future__ import annotations
@@ -195,63 +192,6 @@ def conv_benchmark(
     machine = machine_info(threads)
     machine["popcount_peak_gops_1thread"] = peak
     return rows, machine
-
-
-def train_benchmark(
-    net: str = "resnet20",
-    family: str = "cifar",
-    batch: int = 64,
-    methods: Sequence[str] | None = None,
-    stage: int = 2,
-    threads: int = 1,
-    budget_s: float = 3.0,
-    seed: int = 0,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Images/s of one training step per method and its ratio to the full-precision model ("fp")."""
-    set_threads(threads)
-    names = ["fp"] + [name for name in (methods or bnnbench.list_methods()) if name != "fp"]
-    torch.manual_seed(seed)
-    steps = {name: training_step(net, family, name, stage, batch, seed) for name in names}
-    times = time_interleaved(steps, budget_s * len(names), min_runs=3)
-    reference = times["fp"]
-    rows = [
-        {
-            "method": name,
-            "net": f"{family}/{net}",
-            "stage": stage,
-            "batch": batch,
-            "images_per_s": batch / times[name].best,
-            "images_per_s_median": batch / times[name].median,
-            "step_ms": 1e3 * times[name].best,
-            "relative_to_fp": reference.best / times[name].best,
-            "relative_to_fp_median": reference.median / times[name].median,
-            "runs": times[name].runs,
-        }
-        for name in names
-    ]
-    return rows, machine_info(threads)
-
-
-def training_step(net: str, family: str, method: str, stage: int, batch: int, seed: int) -> Callable[[], None]:
-    """A closure running one SGD step (forward, loss + regulariser, backward, update) on a fixed random batch."""
-    generator = torch.Generator().manual_seed(seed)
-    model = bnnbench.build_model(net, method, family=family, stage=stage if method != "fp" else 2)
-    model.train()
-    size = 224 if model.spec.family == "imagenet" else 32
-    images = torch.randn(batch, 3, size, size, generator=generator)
-    labels = torch.randint(0, model.spec.num_classes, (batch,), generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
-        extra = bnnbench.regularization_loss(model)
-        if extra is not None:
-            loss = loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]], machine: dict[str, Any]) -> Path:

@@ -1,0 +1,108 @@
+"""RunSpec / ModelSpec / Machine: one canonical identity per run, defaults in one place, committed runs still matched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnnbench
+from bnnbench.cli import main as cli_main
+from bnnbench.errors import ConfigError
+from bnnbench.models import ModelSpec
+from bnnbench.runners.catalog import scan_runs
+from bnnbench.runners.experiments import plan
+from bnnbench.runners.recipes import get_recipe
+from bnnbench.runners.spec import Machine, RunSpec
+from bnnbench.runners.tables import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "results"
+
+
+def test_spellings_of_one_model_are_one_spec():
+    a = ModelSpec(net="resnet20", method="biper")
+    b = ModelSpec(net="cifar/resnet20", method="biper", hparams={"w0": "20"}, act_method="biper", act_norm=True, options={"skip": "double"})
+    assert a == b and a.key() == b.key() and hash(a) == hash(b)
+    assert a.to_dict()["hparams"]["w0"] == 20.0 and a.act_norm is True and a.num_classes == 10
+    assert ModelSpec(method="biper", hparams={"w0": 10}) != a
+
+
+def test_activation_half_is_a_factor_of_its_own():
+    paired = ModelSpec(method="xnor")
+    mixed = ModelSpec(method="xnor", act_method="polynomial")
+    assert paired.paired and not mixed.paired and paired != mixed
+    assert (mixed.wa, mixed.label) == ("1/1", "xnor + polynomial activations")
+    layer = next(layer for _, layer in bnnbench.binary_layers(mixed.build()))
+    assert (layer.method.name, layer.act_method.name) == ("xnor", "polynomial")
+    w1a32 = ModelSpec(method="biper", act_method="fp")
+    assert (w1a32.wa, w1a32.nonlinearity, w1a32.act_norm) == ("1/32", "relu", False)  # act_norm has no effect on real inputs
+    w32a1 = ModelSpec(method="fp", act_method="polynomial")
+    assert (w32a1.wa, w32a1.nonlinearity) == ("32/1", "hardtanh")
+    with pytest.raises(ConfigError, match="act_norm"):
+        ModelSpec(method="sign-ste", act_method="reactnet", act_norm=True)
+
+
+def test_model_spec_round_trips_and_builds_what_build_model_builds():
+    spec = ModelSpec(net="resnet18", method="recu", act_method="reste", act_hparams={"t": 1.2}, family="cifar", options={"skip": "single"})
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    torch.manual_seed(0)
+    built = spec.build(stage=1)
+    torch.manual_seed(0)
+    same = bnnbench.build_model("resnet18", "recu", act_method=bnnbench.get_method("reste", t=1.2), stage=1, skip="single")
+    assert built.spec == same.spec
+    assert all(torch.equal(x, y) for x, y in zip(built.state_dict().values(), same.state_dict().values()))
+    with pytest.raises(ConfigError, match="has no option"):
+        ModelSpec(net="resnet20", options={"depth": 3})
+
+
+def test_run_key_ignores_the_machine_and_cosmetics_but_not_the_recipe():
+    spec = RunSpec.make("cifar10", net="resnet20", method="biper", recipe="short")
+    assert spec.model.family == "cifar" and spec.stages == (1, 2)
+    renamed = spec.recipe.__class__.from_dict({**spec.recipe.to_dict(), "description": "another text"})
+    assert spec.replace(recipe=renamed).key() == spec.key()
+    longer = get_recipe("short")
+    longer.stage1.epochs = 7
+    assert spec.replace(recipe=longer).key() != spec.key() and spec.replace(seed=1).key() != spec.key()
+    assert "device" not in spec.key() and "amp" not in spec.key()
+    assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ConfigError, match="needs a imagenet network"):
+        RunSpec(ModelSpec(net="resnet20"), "imagenet")
+    with pytest.raises(ConfigError, match="--init"):
+        RunSpec.make("digits", stages=(2,))
+
+
+def test_legacy_config_json_reads_as_the_same_spec():
+    """A config.json written before specs existed ({"config": TrainConfig, "model": bnn_config}) gives the spec a new run would have."""
+    (record,) = [r for r in scan_runs(COMMITTED / "runs") if r.run_id == "resnet20-biper-cifar10-s0-20261125-235844-d8f07b"]
+    assert "spec" not in record.saved and "config" in record.saved
+    fresh = RunSpec.make("cifar10", net="resnet20", method="biper", hparams={"w0": 20.0}, recipe="short")
+    assert record.spec == fresh
+    assert Machine.from_saved(record.saved).device in ("auto", "cpu")
+
+
+@pytest.mark.parametrize(("table", "recipe", "seeds"), [("comparison-resnet20", "short", 1), ("comparison-resnet20-seeds", "short", 2), ("3", "quick", 1)])
+def test_committed_runs_are_reused(table, recipe, seeds):
+    """`bnnbench table ... --dry-run` finds every committed run of the shipped tables (read from their old config.json)."""
+    spec = load_spec(table)
+    runs = plan(spec.runs, range(seeds), get_recipe(recipe, spec.family), Machine(out=str(COMMITTED)))
+    assert {job.status for job in runs.jobs} == {"finished"}, [job.spec.describe() for job in runs.jobs if job.status != "finished"]
+
+
+def test_dry_run_cli_reports_committed_runs_as_reused(capsys):
+    assert cli_main(["table", "comparison-resnet20", "--budget", "short", "--dry-run", "--out", str(COMMITTED)]) == 0
+    assert "13 of 13 runs available; 0 to train or resume" in capsys.readouterr().out
+
+
+def test_list_is_compact_greppable_and_scriptable(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli_main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any(line.split()[:2] == ["polynomial", "none"] for line in lines)
+    assert cli_main(["list", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["biper"]["weights"]["backward"] == "w0 cos(w0 w) (Eq. 9)" and records["fp"]["weights"] == "real"
+    assert records["reste"]["schedule"] == "o" and records["biper"]["hparams"]["w0"] == 20.0
