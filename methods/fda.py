@@ -1,19 +1,22 @@
 """FDA: frequency-domain approximation of the sign's gradient by a Fourier series.
 
-Forward:  w_b = alpha_c sign(w),  alpha_c = mean|w_c| per output channel (detached,
-          as upstream);  a_b = sign(a)   (sign(0) = +1)
+Forward:  w_b = alpha_c sign(w),  alpha_c = mean|w_c| per output channel (detached);
+          a_b = sign(a)   (sign(0) = +1)
 Backward, on weights (times alpha_c) and activations alike (paper Sec. 3):
           sign(x) = (4/pi) sum_i sin((2i+1) omega x) / (2i+1)  over i >= 0, so
           d sign(x) / dx ~ (4 omega / pi) sum_{i=0..n} cos((2i+1) omega x) 1{|x| <= 1}
-          omega = 0.1,  n(p) = 9 + floor(9 p)   (upstream ``model_params_update``)
+          omega = 0.1,  n(p) = 9 + floor(9 p)   (SPEC section 1)
 
 Not modelled: the noise-adaptation module (a small per-layer MLP whose output,
 weighted by 0.05 (1 + cos(pi (epoch+1)/E)), is added to the binary weights and
 activations during training, which makes the training forward non-binary).
 
 Paper: Xu, Han, Wang, Zhao, Xu, Tao & Xu, "Learning Frequency Domain
-Approximation for Binary Neural Networks", NeurIPS 2021; upstream:
-huawei-noah/Efficient-Computing ``BinaryNetworks/FDA``.
+Approximation for Binary Neural Networks", NeurIPS 2021.  The authors' public
+release (huawei-noah/Efficient-Computing, ``BinaryNetworks``) holds evaluation code and
+checkpoints only, no training code: the backward here follows the paper's truncated
+Fourier series of sign (Sec. 3) with the constants of this project's specification
+(SPEC section 1: omega = 0.1, n = 9 + floor(9 p)), not an official training script.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ Activations (RSign, paper Eq. 3): a_b = sign(a + beta_c), beta a learnable
           backward Bi-Real ApproxSign max(0, 2 - 2|a + beta_c|), to a and to beta.
 Weights:  w_b = alpha_c sign(w), alpha_c = mean|w_c| per output channel (detached);
           backward 1{|w| <= 1}, not multiplied by alpha (upstream ``HardBinaryConv``
-          takes the gradient of clamp(w, -1, 1)).
+          takes the gradient of clamp(w, -1, 1)).  Convention at exactly |w| = 1: 1 here
+          (SPEC's clipped STE), 0 upstream (torch.clamp passes no gradient at its bounds);
+          a set of measure zero.  ``bireal`` follows torch.clamp there.
 sign(0) = +1 throughout.
 
 Not modelled: RPReLU (a learned shift, PReLU and shift after each block's

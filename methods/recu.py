@@ -6,7 +6,10 @@ Forward, per output channel c of the latent weights w:
     Q  = -mean|z1| * ln(2 - 2 tau)                      (mean over the whole layer, detached)
     w_b = sign(clamp(z1, -Q, Q)),  output scaled by a learned alpha per channel
 Backward: identity through the sign; through the clamp (zero where clamped) and
-    the standardisation by autograd.
+    the standardisation by autograd.  Convention at exactly |z1| = Q: 1/2 here, because
+    torch.clamp with tensor bounds splits the gradient between the input and the bound
+    (Q stays a device tensor: no host synchronisation per forward); 0 upstream, whose
+    ``.item()`` makes Q a Python float.  A set of measure zero.
 Schedule: tau(p) = A e^p + B rising from tau_min = 0.85 to tau_max = 0.99,
     A = (tau_max - tau_min)/(e - 1), B = tau_min - A.
 Activations: ApproxSign, evaluated on a per-sample variance-normalised input in

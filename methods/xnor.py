@@ -10,8 +10,8 @@ Backward (paper, Sec. 3.1):
           d a_b / d a = 1{|a| <= 1}   (upstream ``BinActiveZ``; clipped STE)
 The scale is a forward factor whose contribution to the backward is the 1/n
 term above, not autograd's sign(W)/n sum over the filter.  Upstream zeroes the
-gradients at |W| >= 1 and |a| >= 1; SPEC's clipped STE keeps |x| = 1 (a
-measure-zero difference).
+gradients at |W| >= 1 and |a| >= 1; SPEC's clipped STE keeps |x| = 1: at exactly
+|W| = 1 (or |a| = 1) the surrogate is 1 here and 0 upstream, a set of measure zero.
 
 Not modelled: the activation scale K (the upstream code does not use it) and
 the upstream training loop's in-place mean-centering and clamping of the latent

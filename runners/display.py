@@ -100,7 +100,7 @@ class CostEstimate:
 
     def __init__(self, spec: RunSpec, device: str, display: Display, *, epochs_done: int, steps_per_epoch: int) -> None:
         self.display, self.device = display, device
-        total_epochs = sum(spec.recipe.stage(s).epochs for s in spec.stages)
+        total_epochs = sum(spec.recipe.stage(s).trained_epochs for s in spec.stages)
         self.steps_left = max(total_epochs - epochs_done, 0) * steps_per_epoch
         self.after = min(ESTIMATE_AFTER_STEPS, steps_per_epoch)
         self.batch = spec.recipe.batch_size

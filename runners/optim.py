@@ -14,6 +14,7 @@ five warm-up epochs; ``T_max=E`` without warm-up).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,5 +69,38 @@ def make_optimizer(model: nn.Module, stage: StageRecipe, recipe: Recipe) -> torc
     return torch.optim.SGD([g for g in groups if g["params"]], lr=stage.lr, momentum=recipe.momentum)
 
 
+@dataclass
+class Multipliers:
+    """A per-epoch multiplier list (LambdaLR stores its fields in the checkpoint)."""
+
+    values: list[float]
+
+    def __call__(self, epoch: int) -> float:
+        return self.values[min(epoch, len(self.values) - 1)]
+
+
+def official_biper_stage2(epochs: int, warmup: bool) -> Multipliers:
+    """The multipliers the official BiPer stage-2 loop uses for its epochs e = 1..E-1 (``main_stage2.py``):
+    warm-up lr (e+1)/5 for e < 5, and torch's ``CosineAnnealingLR(T_max = E - 4 warm_up, eta_min=0,
+    last_epoch=0)``, stepped after every epoch from epoch 4 on, whose recursive update runs from the
+    rate the warm-up left.  Computed by running that scheduler on a dummy parameter."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [param], "initial_lr": 1.0}], lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about stepping the scheduler without optimizer.step()
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs - 4 * warmup, eta_min=0.0, last_epoch=0)
+        values = []
+        for epoch in range(1, epochs):
+            if warmup and epoch < 5:
+                optimizer.param_groups[0]["lr"] = (epoch + 1) / 5
+            values.append(optimizer.param_groups[0]["lr"])
+            if epoch >= 4 * warmup:
+                scheduler.step()
+    return Multipliers(values)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, stage: StageRecipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage's per-epoch schedule (``StageRecipe.schedule``): bnnbench's warm-up + cosine or the official BiPer loop's."""
+    if stage.schedule == "biper-official":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, official_biper_stage2(stage.epochs, stage.warmup_epochs > 0))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(stage.epochs, stage.warmup_epochs))

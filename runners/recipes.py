@@ -28,6 +28,10 @@ Presets
     A CPU budget for demos and tests: 3 + 2 epochs on 1,024 training images
     (``bnnbench run``: BiPer ResNet-20 reached 90.7% on 300 test digits on 2026-11-25, 2 min on 2 shared
     CPU cores, seed 0).
+``upstream-cifar-official``
+    ``upstream-cifar`` with stage 2 on the official script's loop (``SCHEDULES["biper-official"]``):
+    299 epochs, warm-up from 2/5 of the rate, the last epoch at lr 0.  ``upstream-cifar`` itself
+    trains 300 epochs with bnnbench's warm-up + cosine; each run's config.json records which.
 ``short``
     A CPU budget for the real CIFAR-10 comparison across methods: upstream CIFAR lr,
     weight decay and regulariser, batch 128, one warm-up epoch per stage, stage 2 from
@@ -53,6 +57,11 @@ WD_GROUPS: dict[str, str] = {
     "weights_only": "weight tensors of conv and linear layers; no decay on norms, biases or alpha",
 }
 STAGE2_INIT = ("best", "last")
+SCHEDULES: dict[str, str] = {
+    "warmup-cosine": "E epochs e = 0..E-1: lr (e+1)/W during W warm-up epochs, then a cosine from the full rate (bnnbench)",
+    "biper-official": "the official BiPer stage-2 loop: E-1 epochs e = 1..E-1, warm-up lr (e+1)/5 from 2/5 of the rate, then "
+    "torch's CosineAnnealingLR(T_max = E - 4) stepped from epoch 4, so the last epoch runs at lr 0",
+}
 
 
 @dataclass
@@ -64,6 +73,17 @@ class StageRecipe:
     weight_decay: float
     warmup_epochs: int = 0
     regularizer: bool = True
+    schedule: str = "warmup-cosine"  # see SCHEDULES
+
+    @property
+    def trained_epochs(self) -> int:
+        """Epochs the stage trains: ``epochs``, or ``epochs - 1`` under the official BiPer loop."""
+        return self.epochs - 1 if self.schedule == "biper-official" else self.epochs
+
+    def progress(self, epoch: int) -> float:
+        """Training progress p of the stage's ``epoch`` (1-based): (epoch - 1) / E, or epoch / E under the
+        official BiPer loop, whose epoch index e = 1..E-1 is what its schedules see."""
+        return (epoch if self.schedule == "biper-official" else epoch - 1) / self.epochs
 
     def validate(self, stage: int) -> None:
         if self.epochs < 1:
@@ -76,6 +96,13 @@ class StageRecipe:
             raise ValueError(
                 f"stage {stage}: warm-up must be between 0 and the stage's {self.epochs} epochs, got {self.warmup_epochs} "
                 "(override it with --warmup N1,N2)"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"stage {stage}: unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.schedule == "biper-official" and (self.epochs < 2 or self.warmup_epochs not in (0, 5) or (self.warmup_epochs and self.epochs < 6)):
+            raise ValueError(
+                f"stage {stage}: the official BiPer schedule trains epochs - 1 epochs with a warm-up of 0 or 5 "
+                f"(upstream's fixed --warm_up), so it needs at least 2 epochs (6 with warm-up); got {self.epochs} epochs, warm-up {self.warmup_epochs}"
             )
 
 
@@ -147,6 +174,17 @@ _RECIPES: dict[str, Recipe] = {
         wd_groups="all",
         stage2_init="best",
         source="edmav4/BiPer cifar10/run_stg1.sh, run_stg2.sh",
+    ),
+    "upstream-cifar-official": Recipe(
+        name="upstream-cifar-official",
+        description="official BiPer CIFAR-10 ResNet-18 scripts, stage 2 on the official script's epoch loop and learning rates",
+        stage1=StageRecipe(epochs=600, lr=0.021, weight_decay=1.6e-3, warmup_epochs=5, regularizer=True),
+        stage2=StageRecipe(epochs=300, lr=0.0037, weight_decay=1.6e-4, warmup_epochs=5, regularizer=True, schedule="biper-official"),
+        batch_size=256,
+        eval_batch_size=128,
+        wd_groups="all",
+        stage2_init="best",
+        source="edmav4/BiPer cifar10/run_stg1.sh, run_stg2.sh, main_stage2.py",
     ),
     "upstream-imagenet": Recipe(
         name="upstream-imagenet",

@@ -43,6 +43,9 @@ from bnnbench.figures import save_figure, training_curves
 from bnnbench.io import write_text
 from bnnbench.tables import PAPER_TABLES, named_specs, read_spec_text, shipped_specs
 
+from bnnbench import stats
+
+from . import significance
 from .catalog import RunRecord
 from .experiments import Job, Plan, execute, plan
 from .recipes import Recipe
@@ -52,7 +55,7 @@ TABLE_NUMBERS = PAPER_TABLES
 NOT_IMPLEMENTED = "not in bnnbench"
 MISSING = "missing"
 
-_TABLE_KEYS = {"number", "name", "title", "data", "stages", "source", "notes", "columns", "rows", "curves"}
+_TABLE_KEYS = {"number", "name", "title", "data", "stages", "source", "notes", "columns", "rows", "curves", "reference", "compare"}
 _COLUMN_KEYS = {"key", "label", "value", "stage", "digits"}
 _ROW_KEYS = {
     "net", "label", "wa", "method", "hparams", "act_method", "act_hparams", "act_norm", "binary_activations", "data", "stages", "paper", "note",
@@ -104,6 +107,8 @@ class TableSpec:
     notes: list[str] = field(default_factory=list)
     name: str = ""
     curves: list[str] = field(default_factory=list)
+    reference: str | None = None  # label of the row every other row is compared with (runners/significance.py)
+    compare: str = "top1"  # the column those comparisons are about
 
     @property
     def stem(self) -> str:
@@ -183,8 +188,17 @@ def parse_spec(data: dict[str, Any], where: str = "table spec") -> TableSpec:
     name = data.get("name", "")
     if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"{where}: name {name!r} is a file stem: letters, digits, '_', '.', '-' only")
+    reference, compare = data.get("reference"), data.get("compare", "top1")
+    if reference is not None:
+        labels = [row.label for row in rows if row.run is not None]
+        if reference not in labels:
+            raise ValueError(f"{where}: reference {reference!r} is not the label of a row bnnbench trains; labels: {', '.join(labels)}")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{where}: row labels repeat; a table with a reference needs one label per row")
+        if compare not in keys:
+            raise ValueError(f"{where}: compare = {compare!r} is not a column key; columns: {', '.join(keys)}")
     return TableSpec(
-        data["number"], data["title"], data["data"], data.get("source", ""), columns, rows, list(data.get("notes", [])), name, curves
+        data["number"], data["title"], data["data"], data.get("source", ""), columns, rows, list(data.get("notes", [])), name, curves, reference, compare
     )
 
 
@@ -258,7 +272,8 @@ def curve_frame(spec: TableSpec, runs: Plan, seeds: list[int]) -> pd.DataFrame:
 
 
 def _cell(values: pd.DataFrame, digits: int, seeds: int) -> str:
-    """``mean ± sd`` (or one value) of the finished seeds; "missing"/"diverged" when there are none."""
+    """``mean ± half-width of the 95% Student-t interval`` (or one value) of the finished seeds;
+    "missing"/"diverged" when there are none."""
     got = values["value"].dropna()
     if got.empty:
         statuses = set(values["status"])
@@ -267,16 +282,16 @@ def _cell(values: pd.DataFrame, digits: int, seeds: int) -> str:
                 return reason
         notes = {n for n in values["note"] if n}
         return MISSING + (f" ({', '.join(sorted(notes))})" if notes else "")
-    text = f"{got.mean():.{digits}f}"
-    if len(got) > 1:
-        text += f" ± {got.std(ddof=1):.{digits}f}"
+    ci = stats.mean_ci(got.to_numpy())
+    text = stats.format_mean_ci(ci.mean, ci.half_width, ci.n, digits)
     if len(got) < seeds:
         text += f" ({len(got)}/{seeds} seeds)"
     return text
 
 
-def table_frame(spec: TableSpec, values: pd.DataFrame, seeds: int) -> pd.DataFrame:
-    """The table as strings: Net, Method, W/A, then per column the measured cell and (if any) the paper's."""
+def table_frame(spec: TableSpec, values: pd.DataFrame, seeds: int, comparison: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The table as strings: Net, Method, W/A, then per column the measured cell and (if any) the paper's,
+    then, with a ``comparison`` (:func:`runners.significance.comparison`), its statistics columns."""
     paper_columns = [c for c in spec.columns if any(c.key in r.paper for r in spec.rows)]
     lines = []
     for index, row in enumerate(spec.rows):
@@ -289,6 +304,9 @@ def table_frame(spec: TableSpec, values: pd.DataFrame, seeds: int) -> pd.DataFra
                 line[column.label] = _cell(mine, column.digits, seeds)
             if column in paper_columns:
                 line[f"{column.label} paper"] = row.paper.get(column.key, "")
+        if comparison is not None:
+            digits = next(c.digits for c in spec.columns if c.key == spec.compare)
+            line.update(significance.columns(comparison, row.label, digits))
         lines.append(line)
     return pd.DataFrame(lines)
 
@@ -315,8 +333,22 @@ def _recipe_summary(recipe: Recipe) -> str:
     )
 
 
-def caption(spec: TableSpec, recipe: Recipe, seeds: int, records: list[RunRecord], stopped: str | None = None) -> str:
-    """What was measured and how: budget, seeds, data, machines and dates of the runs, the paper's source."""
+def _arithmetic(records: list[RunRecord]) -> str:
+    """How the runs computed: fp32 or bf16 autocast, eager or torch.compile, with counts when they differ."""
+    kinds: dict[str, int] = {}
+    for r in records:
+        resolved = r.saved.get("resolved") or {}
+        kind = ("bf16 autocast" if resolved.get("amp_bf16") else "fp32") + (", torch.compile" if resolved.get("compile") else "")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return "; ".join(f"{kind} ({n} runs)" for kind, n in sorted(kinds.items()))
+
+
+def caption(
+    spec: TableSpec, recipe: Recipe, seeds: int, records: list[RunRecord], stopped: str | None = None, compared: bool = False
+) -> str:
+    """What was measured and how: budget, seeds, data, arithmetic, machines and dates of the runs, the paper's source."""
     data = sorted({r.data_label for r in records}) or [f"{DATASETS[spec.data].name} (no finished runs)"]
     machines = sorted({r.machine_label for r in records})
     dates = sorted(r.created[:10] for r in records if r.created)
@@ -324,8 +356,9 @@ def caption(spec: TableSpec, recipe: Recipe, seeds: int, records: list[RunRecord
     parts = [
         f"Table {spec.number}: {spec.title}.",
         (
-            f"Measured by bnnbench with budget {_recipe_summary(recipe)}, {seeds} seed{'s' if seeds > 1 else ''} "
-            "(mean ± sample sd when more than one), values at the last epoch of each stage"
+            f"Measured by bnnbench with budget {_recipe_summary(recipe)}, n = {seeds} seed{'s' if seeds > 1 else ''} per row "
+            "(seed s: the same initial weights and data order in every row; with n > 1 a cell is the mean ± the half-width of "
+            "its 95% Student-t interval), values at the last epoch of each stage"
             + (
                 "; stage 2 starts from the stage-1 epoch with the best test top-1 (selection on the test set, as upstream)."
                 if recipe.stage2_init == "best"
@@ -333,7 +366,9 @@ def caption(spec: TableSpec, recipe: Recipe, seeds: int, records: list[RunRecord
             )
         ),
         f"Data: {'; '.join(data)}.",
+        f"Arithmetic: {_arithmetic(records)}." if records else "",
         f"Runs made on {', '.join(machines) or 'no machine yet'}, {when}.",
+        f"Reference row: {spec.reference}. {significance.LEGEND}" if compared else "",
         f"Paper: {spec.source}." if spec.source else "",
         *spec.notes,
         *(f"{_net_label(row.net)}, {row.label}: {row.note}." for row in spec.rows if row.note),
@@ -375,9 +410,15 @@ _LATEX_SPECIAL = {
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
 
 
+_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "†": r"$^{\dagger}$", "*": r"$^{*}$"}
+
+
 def latex_escape(text: str) -> str:
-    """Text safe in LaTeX; ``±`` becomes ``$\\pm$``."""
-    return _LATEX_RE.sub(lambda m: _LATEX_SPECIAL[m.group()], str(text)).replace("±", r"$\pm$")
+    """Text safe in LaTeX; ``±``, ``Δ`` and the significance markers ``*`` and ``†`` become math."""
+    text = _LATEX_RE.sub(lambda m: _LATEX_SPECIAL[m.group()], str(text))
+    for symbol, math_text in _LATEX_SYMBOLS.items():
+        text = text.replace(symbol, math_text)
+    return text
 
 
 def to_latex(frame: pd.DataFrame, caption_text: str, label: str) -> str:
@@ -441,8 +482,9 @@ def make_table(
     stopped = execute(runs.jobs, quiet=quiet, log=log, parallel=parallel).stopped if train else None
     values = measurements(spec, runs, seed_list)
     used = {job.record.run_id: job.record for job in runs.jobs if job.status == "finished"}
-    text = caption(spec, recipe, seeds, list(used.values()), stopped)
-    frame = table_frame(spec, values, seeds)
+    compared = significance.comparison(spec, values, runs, seed_list)
+    text = caption(spec, recipe, seeds, list(used.values()), stopped, compared=compared is not None)
+    frame = table_frame(spec, values, seeds, compared)
     folder = Path(out) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     stem = spec.stem
@@ -450,6 +492,9 @@ def make_table(
     write_text(paths[0], to_markdown(frame, text))
     write_text(paths[1], to_latex(frame, text, f"tab:bnnbench-{stem}"))
     write_text(paths[2], values.to_csv(index=False))
+    if compared is not None:
+        paths.append(folder / f"{stem}_stats.csv")
+        write_text(paths[-1], compared.reset_index().to_csv(index=False))
     curves = curve_frame(spec, runs, seed_list) if spec.curves else pd.DataFrame()
     if not curves.empty:
         paths += save_figure(training_curves(curves, spec.curves), Path(out) / "figures", f"{stem}_curves")

@@ -322,8 +322,8 @@ def train_stage(run: RunState, stage: int, latest: dict[str, Any] | None) -> Non
     ctx = dataclasses.replace(ctx, forward=distributed.data_parallel(ctx.inference, ctx.device))
     weights, activations = model.spec.weight_binarizer(), model.spec.activation_binarizer()
 
-    for epoch in range(start + 1, recipe.epochs + 1):
-        progress = (epoch - 1) / recipe.epochs
+    for epoch in range(start + 1, recipe.trained_epochs + 1):
+        progress = recipe.progress(epoch)
         bnnbench.set_progress(model, progress)
         run.bundle.set_epoch(epoch - 1)
         for cb in ctx.callbacks:
@@ -331,7 +331,7 @@ def train_stage(run: RunState, stage: int, latest: dict[str, Any] | None) -> Non
         lr = optimizer.param_groups[0]["lr"]
 
         began = time.perf_counter()
-        train = train_one_epoch(ctx, run.bundle.train, optimizer, stage, epoch, recipe.epochs, recipe.regularizer)
+        train = train_one_epoch(ctx, run.bundle.train, optimizer, stage, epoch, recipe.trained_epochs, recipe.regularizer)
         synchronize(ctx.device)
         trained = time.perf_counter()
         distributed.broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
@@ -347,7 +347,7 @@ def train_stage(run: RunState, stage: int, latest: dict[str, Any] | None) -> Non
         scheduler.step()
 
         reports = [cb.on_epoch_end(stage, epoch, model) for cb in ctx.callbacks]
-        row: dict[str, Any] = {"stage": stage, "epoch": epoch, "epochs": recipe.epochs, "progress": progress, "lr": lr}
+        row: dict[str, Any] = {"stage": stage, "epoch": epoch, "epochs": recipe.trained_epochs, "progress": progress, "lr": lr}
         row.update(train)
         row.update(test.metrics)
         row.update(schedule_columns(weights, activations, progress))

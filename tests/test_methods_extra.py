@@ -33,7 +33,7 @@ from bnnbench import BinaryConv2d, BinaryLinear, build_model, get_method, list_m
 from bnnbench.cli import main as cli_main
 from bnnbench.method import forward_only_scale
 
-EXTRA = ["xnor", "dorefa", "irnet", "reactnet", "fda", "swish-sign"]
+EXTRA = ["xnor", "dorefa", "irnet", "reactnet", "fda", "swish-sign", "bireal"]
 
 # a conv weight (4 filters of 3 x 3 x 3) and a linear weight (5 x 7)
 WEIGHT_SHAPES = [(4, 3, 3, 3), (5, 7)]
@@ -201,6 +201,54 @@ def test_reactnet_weight(shape: tuple[int, ...]) -> None:
     assert_exact(grad, g * elementwise(clip, w))  # the gradient of clamp(w, -1, 1): alpha not applied
 
 
+# ===================================================================== bireal and the |w| = 1 conventions
+def clamp_gradient(v: float) -> float:
+    """d clamp(v, -1, 1) / dv as torch.clamp's backward gives it: 0 at the bounds."""
+    return 1.0 if abs(v) < 1 else 0.0
+
+
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES)
+def test_bireal_weight_is_the_official_pair(shape: tuple[int, ...]) -> None:
+    """Bi-Real's HardBinaryConv: mean|w_c| sign(w) forward, clamp(w, -1, 1)'s gradient (0 at |w| = 1), alpha not applied."""
+    w = kink_tensor(shape)
+    assert {-1.0, 1.0} <= set(w.reshape(-1).tolist())  # the kinks include the bounds
+    out, g, grad = weight_and_grad("bireal", w, 0.5, 2)
+    assert_close(out, channel_mean_abs(w) * elementwise(sign_scalar, w))
+    assert_exact(grad, g * elementwise(clamp_gradient, w))
+    upstream = w.clone().requires_grad_(True)
+    torch.clamp(upstream, -1.0, 1.0).backward(g)
+    assert_exact(grad, upstream.grad)  # the same as torch's own clamp backward, bounds included
+
+
+def test_bireal_activations_are_approx_sign_and_polynomial_keeps_approx_sign_on_weights() -> None:
+    a = kink_tensor((2, 3, 4, 5))
+    _, g, grad = activation_and_grad("bireal", a, 0.5)
+    assert_exact(grad, g * elementwise(approx_sign, a))
+    w = kink_tensor((4, 3, 3, 3))
+    _, g, grad = weight_and_grad("polynomial", w, 0.5, 2)
+    assert_exact(grad, g * elementwise(approx_sign, w))
+
+
+@pytest.mark.parametrize("name", ["reactnet", "xnor"])
+def test_clipped_weight_surrogate_is_one_at_the_bound_where_torch_clamp_gives_zero(name: str) -> None:
+    """The documented convention: SPEC's 1{|w| <= 1} here, torch.clamp's 0 upstream, at exactly |w| = 1 only."""
+    w = torch.tensor([[-1.0, 1.0, 0.5, -1.5]], dtype=DTYPE)
+    d = get_method(name).weight_derivative(w, 0.0)[0]  # xnor adds 1/n everywhere: compare with inside and outside
+    assert d[0] == d[1] and (d[0] - d[3]).item() == pytest.approx((d[2] - d[3]).item()) and d[2] > d[3]
+    x = w.clone().requires_grad_(True)
+    torch.clamp(x, -1.0, 1.0).sum().backward()
+    assert x.grad[0].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_recu_clamp_passes_half_the_gradient_at_exactly_q() -> None:
+    """ReCU's Q is a tensor (no host synchronisation): torch.clamp then splits the gradient at |z1| = Q; upstream's
+    Python-float Q gives 0 there.  Measure-zero, documented in methods/recu.py."""
+    z = torch.tensor([-2.0, -1.0, 0.3, 1.0, 2.0], dtype=DTYPE, requires_grad=True)
+    q = torch.tensor(1.0, dtype=DTYPE)
+    torch.clamp(z, -q, q).sum().backward()
+    assert z.grad.tolist() == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
 def test_reactnet_rsign_with_and_without_beta() -> None:
     method = get_method("reactnet")
     a = kink_tensor((2, 3, 4, 5)).requires_grad_(True)
@@ -302,6 +350,7 @@ def test_forward_only_scale() -> None:
         ("irnet", ede),
         ("fda", fourier),
         ("swish-sign", lambda p: (lambda v: 5 * (2 - 5 * v * math.tanh(5 * v / 2)) / (1 + math.cosh(5 * v)))),
+        ("bireal", lambda p: approx_sign),
     ],
 )
 def test_activation(name: str, surrogate, progress: float) -> None:

@@ -4,14 +4,17 @@ diverged runs, the paper's four table specs, ImageNet without data, the Figure 4
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import tomllib
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 import bnnbench
@@ -130,13 +133,14 @@ def test_markdown_and_latex_have_every_row_the_paper_column_and_the_measured_val
     assert header == "| Net | Method | W/A | Top-1 (%) | Top-1 (%) paper | Stage 1 QE (Eq. 15) | Stage 1 QE (Eq. 15) paper |"
     rows = markdown_rows(md)
     assert list(rows) == ["BiPer", "sign-STE real acts", "RAD"]
-    # the BiPer cell is mean ± sample sd over the two seeds' final top-1, read here from the runs themselves
+    # the BiPer cell is mean ± half-width of the 95% Student-t interval over the two seeds' final top-1, read from the runs
     finals = {}
     for path in (demo["out"] / "runs").iterdir():
         final, config = json.loads((path / "final.json").read_text()), json.loads((path / "config.json").read_text())
         finals.setdefault(config["spec"]["model"]["method"], []).append(final["final_test_top1"])
     top1 = finals["biper"]
-    assert rows["BiPer"][3] == f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
+    half = scipy.stats.t.ppf(0.975, len(top1) - 1) * statistics.stdev(top1) / math.sqrt(len(top1))
+    assert rows["BiPer"][3] == f"{statistics.mean(top1):.2f} ± {half:.2f}"
     assert rows["BiPer"][4] == "87.5" and rows["BiPer"][6] == "0.0584"
     assert "±" in rows["sign-STE real acts"][3] and "±" in rows["sign-STE real acts"][5]
     assert rows["RAD"][3] == NOT_IMPLEMENTED and rows["RAD"][4] == "90.5"
@@ -270,7 +274,7 @@ def test_table4_without_imagenet_writes_all_missing_and_says_why(tmp_path, monke
     assert "no ImageNet found" in capsys.readouterr().err
     rows = markdown_rows((out / "tables" / "table4.md").read_text(), "ResNet-18")
     assert rows["BiPer"][3:] == ["missing (data not found)", "61.4", "missing (data not found)", "83.14"]
-    assert rows["Bi-Real"][3] == NOT_IMPLEMENTED
+    assert rows["RBNN"][3] == NOT_IMPLEMENTED and rows["Bi-Real"][3] == "missing (data not found)"  # Bi-Real: the bireal method
     assert run_dirs(out) == {}
     assert cli_main(["table", "4", "--out", str(out), "--no-run"]) == 0
     assert markdown_rows((out / "tables" / "table4.md").read_text(), "ResNet-34")["BiPer"][3] == "missing"
@@ -421,3 +425,41 @@ def test_the_comparison_spec_runs_every_method_on_resnet20_with_the_papers_numbe
     assert biper.run.model.hparams["w0"] == 20.0
     paper3 = {r.run.model.method: r.paper["top1"] for r in t3.rows if r.net == "resnet20" and r.run and r.paper}
     assert {r.run.model.method: r.paper["top1"] for r in spec.rows if r.paper} == paper3
+
+
+def test_a_reference_row_adds_paired_statistics_checked_against_scipy(demo, tmp_path):
+    """With `reference`, every row gets the paired difference to the reference over seeds (scipy's ttest_rel), McNemar
+    on the pooled per-image predictions (statsmodels), Holm, P(best) and the rank interval; Markdown marks them."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    text = demo["spec"].read_text().replace('source = "a test"', 'source = "a test"\nreference = "sign-STE real acts"')
+    spec_path = tmp_path / "demo-stats.toml"
+    spec_path.write_text(text)
+    result = make_table(load_spec(spec_path), tiny_recipe(), Machine(out=str(demo["out"])), seeds=2, train=False, log=quiet_log)
+    stats_csv = pd.read_csv(next(p for p in result.paths if p.name.endswith("_stats.csv"))).set_index("method")
+    by_label = {"BiPer": "biper", "sign-STE real acts": "sign-ste"}
+    used = result.values[result.values["column"] == "top1"]
+    runs = {}
+    for label, seed, run_id in zip(used["label"], used["seed"], used["run_id"]):
+        if label in by_label:
+            path = demo["out"] / "runs" / run_id
+            saved = np.load(path / "predictions.npz")
+            runs[(by_label[label], seed)] = (json.loads((path / "final.json").read_text())["final_test_top1"], saved["predictions"] == saved["labels"])
+    top1 = {label: [runs[(m, s)][0] for s in (0, 1)] for label, m in by_label.items()}
+    expected = scipy.stats.ttest_rel(top1["BiPer"], top1["sign-STE real acts"])
+    line = stats_csv.loc["BiPer"]
+    assert line["diff"] == pytest.approx(statistics.mean(top1["BiPer"]) - statistics.mean(top1["sign-STE real acts"]))
+    diffs = np.subtract(top1["BiPer"], top1["sign-STE real acts"])
+    if np.ptp(diffs) > 0:
+        assert line["p_t"] == pytest.approx(expected.pvalue)
+    else:  # 30 test images: both seeds may differ by the same amount, which stats.paired_comparison reports as p = NaN
+        assert math.isnan(line["p_t"])
+    a = np.concatenate([runs[("biper", s)][1] for s in (0, 1)])
+    b = np.concatenate([runs[("sign-ste", s)][1] for s in (0, 1)])
+    table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    assert line["p_mcnemar"] == pytest.approx(mcnemar(table, exact=True).pvalue)
+    assert line["p_mcnemar_holm"] == pytest.approx(line["p_mcnemar"])  # one comparison: Holm changes nothing
+    assert stats_csv["p_best"].sum() == pytest.approx(1.0) and set(stats_csv.index) == set(by_label)
+    rows = markdown_rows(result.paths[0].read_text())
+    assert rows["sign-STE real acts"][-5] == "reference" and rows["BiPer"][-5].startswith(f"{line['diff']:+.2f}")
+    assert "Reference row: sign-STE real acts" in result.caption and "Holm" in result.caption

@@ -4,6 +4,7 @@ per-epoch progress, callbacks, checkpoints, determinism and divergence handling 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 import bnnbench
 from bnnbench import registry
-from bnnbench.runners.optim import WarmupCosine, decayed_parameters, make_optimizer
+from bnnbench.runners.optim import WarmupCosine, decayed_parameters, make_optimizer, official_biper_stage2
 from bnnbench.runners.recipes import Recipe, get_recipe, list_recipes
 from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.callbacks import EpochCallback, EpochReport
@@ -72,6 +73,28 @@ def test_warmup_cosine_matches_the_upstream_schedule(epochs, warmup):
         scheduler.step()
     assert ours == pytest.approx(upstream_lrs(0.021, epochs, warm_up=warmup > 0), rel=1e-12, abs=1e-15)
     assert ours[0] == pytest.approx(0.021 / warmup if warmup else 0.021) and min(ours) > 0
+
+
+def test_official_biper_stage2_schedule_trains_one_epoch_less_from_two_fifths_to_zero():
+    """main_stage2.py: range(1, E) with warm-up lr (e+1)/5 while e < 5, then torch's recursive cosine (values read off
+    that loop for E = 10 with torch 2.14: 0.8038, 0.5359, 0.2679, 0.0718, 0)."""
+    ten = official_biper_stage2(10, warmup=True).values
+    assert ten == pytest.approx([0.4, 0.6, 0.8, 1.0, 0.8038, 0.5359, 0.2679, 0.0718, 0.0], abs=1e-4)
+    long = official_biper_stage2(300, warmup=True).values
+    assert len(long) == 299 and long[:4] == pytest.approx([0.4, 0.6, 0.8, 1.0]) and long[-1] == 0.0 and long[-2] > 0
+    stage = get_recipe("upstream-cifar-official").stage2
+    assert (stage.trained_epochs, stage.progress(1), stage.progress(299)) == (299, 1 / 300, 299 / 300)
+    assert get_recipe("upstream-cifar").stage2.trained_epochs == 300
+
+
+def test_a_run_on_the_official_schedule_logs_its_epochs_and_rates(tmp_path):
+    cfg = tiny_config(tmp_path, stages=[1])
+    cfg.recipe.stage1.epochs, cfg.recipe.stage1.schedule = 3, "biper-official"
+    run_training(cfg.spec, cfg.machine, quiet=True)
+    rows = read_rows(run_dir(cfg) / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [float(r["progress"]) for r in rows] == [1 / 3, 2 / 3]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.02 * m for m in official_biper_stage2(3, warmup=False).values])
+    assert json.loads((run_dir(cfg) / "config.json").read_text())["spec"]["recipe"]["stage1"]["schedule"] == "biper-official"
 
 
 def test_weight_decay_groups_follow_upstream_names():

@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from ..runners.recipes import WD_GROUPS, Recipe, preset_recipes
+from ..runners.recipes import SCHEDULES, WD_GROUPS, Recipe, preset_recipes
 
 HELP = "list the training recipes (paper, upstream, quick, short) with every field"
 
@@ -19,14 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stage_table(recipes: list[Recipe]) -> Table:
     table = Table(title="per stage: SGD momentum 0.9, linear warm-up then cosine, stepped per epoch")
-    for col in ("recipe", "stage", "epochs", "lr", "wd", "warm-up", "reg."):
+    for col in ("recipe", "stage", "epochs", "lr", "wd", "warm-up", "reg.", "schedule"):
         table.add_column(col, no_wrap=col == "recipe")
     for r in recipes:
         for stage in (1, 2):
             s = r.stage(stage)
             name = r.name if stage == 1 else ""
             reg = "on" if s.regularizer else "off"
-            table.add_row(name, str(stage), str(s.epochs), f"{s.lr:g}", f"{s.weight_decay:g}", str(s.warmup_epochs), reg, end_section=stage == 2)
+            table.add_row(name, str(stage), str(s.trained_epochs), f"{s.lr:g}", f"{s.weight_decay:g}", str(s.warmup_epochs), reg, s.schedule, end_section=stage == 2)
     return table
 
 
@@ -52,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
     for r in recipes:
         console.print(f"  [bold]{r.name}[/bold]: {r.description} ({r.source})", highlight=False)
     console.print("  'upstream' selects upstream-cifar or upstream-imagenet from the data set's family", highlight=False)
+    for name, meaning in SCHEDULES.items():
+        console.print(f"  schedule [bold]{name}[/bold]: {meaning}", highlight=False)
     for name, meaning in WD_GROUPS.items():
         console.print(f"  decay on [bold]{name}[/bold]: {meaning}", highlight=False)
     console.print("Override any field: bnnbench run --recipe upstream --epochs 10,5 --lr 0.05,0.005 --wd-groups all ...", highlight=False)

@@ -33,7 +33,7 @@ EXIT_DIVERGED = 3
 
 # options that define a run: rejected together with --resume (the saved config rules)
 SPEC_OPTIONS = (
-    "method", "net", "data", "recipe", "epochs", "lr", "wd", "warmup", "regularizer", "batch_size", "eval_batch_size",
+    "method", "net", "data", "recipe", "epochs", "lr", "wd", "warmup", "regularizer", "schedule", "batch_size", "eval_batch_size",
     "wd_groups", "label_smoothing", "train_subset", "test_subset", "stage2_init", "hp", "act_method",
     "act_hp", "skip", "act_norm", "real_activations", "stage", "init", "seed", "augment",
 )  # fmt: skip
@@ -107,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     protocol.add_argument("--wd", type=_per_stage(float), metavar="W1,W2", help="weight decay of stage 1,2")
     protocol.add_argument("--warmup", type=_per_stage(int), metavar="N1,N2", help="linear warm-up epochs of stage 1,2")
     protocol.add_argument("--regularizer", type=_per_stage(_on_off), metavar="on|off[,on|off]", help="add the method's extra loss term in stage 1,2")
+    protocol.add_argument("--schedule", type=_per_stage(str), metavar="S1,S2", help="per-stage lr schedule: warmup-cosine (bnnbench) or biper-official (bnnbench recipes)")
     protocol.add_argument("--batch-size", type=int, help="training batch size (global)")
     protocol.add_argument("--eval-batch-size", type=int, help="evaluation batch size (global)")
     protocol.add_argument("--wd-groups", choices=tuple(WD_GROUPS), help="which parameters get weight decay")
@@ -150,7 +151,7 @@ def resolve_recipe(args: argparse.Namespace, data: str, family: str) -> Recipe:
     from ..runners.recipes import get_recipe
 
     recipe = get_recipe(args.recipe or default_recipe(data), family)
-    per_stage = {"epochs": "epochs", "lr": "lr", "wd": "weight_decay", "warmup": "warmup_epochs", "regularizer": "regularizer"}
+    per_stage = {"epochs": "epochs", "lr": "lr", "wd": "weight_decay", "warmup": "warmup_epochs", "regularizer": "regularizer", "schedule": "schedule"}
     for option, field in per_stage.items():
         values = getattr(args, option)
         if values is not None:
