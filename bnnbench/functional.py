@@ -18,11 +18,15 @@ def sign(x: Tensor) -> Tensor:
     """Sign with sign(0) = +1 (Eq. 1 of the BiPer paper): +1 where x >= 0 (-0.0 included), else -1 (NaN included).
 
     ``torch.sign`` maps 0 to 0, which silently removes exact zeros from a
-    binary layer; a binary value must be -1 or +1.  Computed as
-    sign(sign(nan_to_num(x, nan=-1)) + 1/2): four vectorised passes, where the
-    equivalent ``torch.where(x >= 0, 1, -1)`` goes through a slow boolean mask
-    (measured 4x slower on CPU, 2026-12-01).
+    binary layer; a binary value must be -1 or +1.  Two spellings of the same
+    values, each the faster where it runs (measured on CPU, 2026-12-01): eager
+    torch computes sign(sign(nan_to_num(x, nan=-1)) + 1/2) in four vectorised
+    passes, 4x faster than the boolean mask of ``torch.where(x >= 0, 1, -1)``;
+    inside ``torch.compile`` the ``where`` fuses into one loop, while inductor's
+    code for the chain of signs is 2x slower than that.
     """
+    if torch.compiler.is_compiling():
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
     return torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_()
 
 

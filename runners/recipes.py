@@ -32,6 +32,10 @@ Presets
     ``upstream-cifar`` with stage 2 on the official script's loop (``SCHEDULES["biper-official"]``):
     299 epochs, warm-up from 2/5 of the rate, the last epoch at lr 0.  ``upstream-cifar`` itself
     trains 300 epochs with bnnbench's warm-up + cosine; each run's config.json records which.
+``controlled``
+    The budget of ``tables/controlled-resnet20.toml``: upstream CIFAR lr, weight decay and
+    regulariser, batch 128, 4 + 2 epochs on 10,000 training images, every one of the 10,000
+    test images (McNemar and the bootstrap need them), stage 2 from the last stage-1 epoch.
 ``short``
     A CPU budget for the real CIFAR-10 comparison across methods: upstream CIFAR lr,
     weight decay and regulariser, batch 128, one warm-up epoch per stage, stage 2 from
@@ -219,6 +223,19 @@ _RECIPES: dict[str, Recipe] = {
         train_subset=12000,
         test_subset=2000,
         source="bnnbench: sized so that all 13 ResNet-20 runs fit about 100 minutes of a 2-core CPU (2 jobs)",
+    ),
+    "controlled": Recipe(
+        name="controlled",
+        description="CPU budget of the controlled comparison: upstream CIFAR hyper-parameters, 4 + 2 epochs on 10,000 images, the whole test set",
+        stage1=StageRecipe(epochs=4, lr=0.021, weight_decay=1.6e-3, warmup_epochs=1, regularizer=True),
+        stage2=StageRecipe(epochs=2, lr=0.0037, weight_decay=1.6e-4, warmup_epochs=1, regularizer=True),
+        batch_size=128,
+        eval_batch_size=256,
+        wd_groups="all",
+        train_subset=10000,
+        test_subset=None,
+        source="bnnbench: sized from a measured epoch (40-50 s for 10,000 images + 10,000 test images, one thread of a "
+        "2-core Xeon with AVX512-BF16/AMX, bf16 autocast, 2026-12-01) so that 23 rows x 3 seeds fit about 3 hours with 2 jobs",
     ),
 }
 

@@ -155,13 +155,17 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> list[Tens
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
+def cpu_flags() -> set[str]:
+    """The ISA flags the (Linux) kernel reports for this CPU; empty where it reports none."""
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).partition(":")[2].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def bf16_hardware() -> bool:
     """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16), as oneDNN uses it."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_amp(machine: Machine, device: torch.device) -> bool:

@@ -1,0 +1,89 @@
+"""The fast training step keeps today's numbers: fp32 bit for bit against the reference formulas, compiled sign
+equal to eager, no recompilation when the training progress moves, bf16 chosen from what the CPU reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnnbench
+import bnnbench.functional as functional
+from bnnbench.layers import BinaryLinear, set_progress
+from bnnbench.runners import train as train_module
+from bnnbench.runners.spec import Machine
+
+EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 3.0, -3.0, 1.0, -1.0]
+
+
+def reference_sign(x: torch.Tensor) -> torch.Tensor:
+    """The sign of 2026-11 (before the fast path): +1 where x >= 0, else -1, through a boolean mask."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def test_sign_is_the_reference_sign_on_every_edge_value_eager_and_compiled():
+    x = torch.tensor(EDGES)
+    assert torch.equal(bnnbench.sign(x), reference_sign(x))
+    compiled = torch.compile(bnnbench.sign, dynamic=False)
+    assert torch.equal(compiled(x), reference_sign(x))
+    bf16 = x.to(torch.bfloat16)
+    assert bnnbench.sign(bf16).dtype == torch.bfloat16 and torch.equal(bnnbench.sign(bf16), reference_sign(bf16))
+
+
+def train_steps(method: str, steps: int = 3) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = bnnbench.build_model("resnet20", method, stage=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    set_progress(model, 0.5)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(images), labels)
+        extra = bnnbench.regularization_loss(model)
+        loss = loss if extra is None else loss + extra
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", [m for m in bnnbench.list_methods() if m != "fp"])
+def test_fp32_training_steps_are_bit_identical_to_the_reference_formulas(method, monkeypatch):
+    fast = train_steps(method)
+    monkeypatch.setattr(functional, "sign", reference_sign)
+    reference = train_steps(method)
+    assert fast.keys() == reference.keys()
+    assert all(torch.equal(fast[k], reference[k]) for k in fast), [k for k in fast if not torch.equal(fast[k], reference[k])]
+
+
+def test_moving_the_progress_does_not_recompile_a_compiled_layer():
+    """Progress is a buffer, not a Python float: a new epoch's value reuses the compiled graph (ReSTE's o, IR-Net's t,
+    ReCU's tau and FDA's n are all functions of it)."""
+    torch._dynamo.reset()
+    for method in ("reste", "fda"):
+        layer = BinaryLinear(6, 4, method=method)
+        frames = []
+        compiled = torch.compile(layer, backend=lambda gm, example: (frames.append(gm), gm.forward)[1])
+        for p in (0.0, 0.3, 0.9):
+            layer.progress.fill_(p)
+            grads = []
+            for run in (compiled, layer):
+                x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+                run(x).sum().backward()
+                grads.append(x.grad)
+            assert torch.equal(*grads), (method, p)  # the graph follows the progress it reads from the buffer
+        assert len(frames) == 1, method
+    torch._dynamo.reset()
+
+
+def test_bf16_autocast_follows_the_cpu_and_the_machine(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert train_module.resolve_amp(Machine(), cpu) is False
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert train_module.resolve_amp(Machine(), cpu) is True
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert train_module.resolve_amp(Machine(), cpu) is True
+    assert train_module.resolve_amp(Machine(amp=False), cpu) is False
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: set())
+    assert train_module.resolve_amp(Machine(amp=True), cpu) is True
