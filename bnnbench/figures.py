@@ -10,6 +10,7 @@
   per trained model and the columns of :data:`SWEEP_COLUMNS`.
 * Training curves of a comparison (not a paper figure): chosen ``metrics.csv``
   columns against the epoch, one line per method (:func:`training_curves`).
+* The intervals of a comparison with a reference row (:func:`interval_plot`).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot
 and no global style change) and written atomically (temp file, then rename).
@@ -230,6 +231,36 @@ def training_curves(curves: pd.DataFrame, metrics: Sequence[str]) -> Figure:
     return fig
 
 
+def interval_plot(comparison: pd.DataFrame, value_label: str = "top-1 (%)") -> Figure:
+    """Every row's mean with its 95% interval over seeds (a forest plot, rows in table order), the reference
+    row's mean as a vertical line; rows whose paired t test against it is significant (Holm) in colour.
+
+    ``comparison``: :func:`bnnbench.stats.compare_to_reference`'s frame (``attrs["reference"]`` names the row).
+    """
+    needed = {"mean", "ci_low", "ci_high", "sig_t"}
+    if not needed <= set(comparison.columns) or comparison.empty:
+        raise ValueError(f"an interval plot needs compare_to_reference's columns {sorted(needed)} and at least one row")
+    reference = comparison.attrs.get("reference")
+    labels = list(comparison.index)
+    y = np.arange(len(labels))[::-1]
+    low = (comparison["mean"] - comparison["ci_low"]).fillna(0.0).to_numpy()
+    high = (comparison["ci_high"] - comparison["mean"]).fillna(0.0).to_numpy()
+    style, context = _style()
+    with style, context:
+        fig = Figure(figsize=(6.4, 0.28 * len(labels) + 1.0), layout="constrained")
+        ax = fig.subplots()
+        significant = comparison["sig_t"].fillna(False).astype(bool).to_numpy()
+        for mask, colour, name in ((~significant, "0.45", "not significant"), (significant, "tab:red", "paired t test significant (Holm, 5%)")):
+            if mask.any():
+                ax.errorbar(comparison["mean"].to_numpy()[mask], y[mask], xerr=[low[mask], high[mask]], fmt="o", color=colour, capsize=3, label=name)
+        if reference in comparison.index:
+            ax.axvline(comparison.loc[reference, "mean"], color="tab:blue", linestyle=":", label=f"reference: {reference}")
+        ax.set_yticks(y, labels)
+        ax.set(xlabel=f"{value_label}, mean and 95% interval over seeds", ylabel="")
+        ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
 def save_figure(fig: Figure, out_dir: str | os.PathLike[str], stem: str, dpi: int = 200) -> list[Path]:
     """Write ``fig`` as ``out_dir/stem.png`` (``dpi``) and ``.pdf`` (temp file + rename each); return the paths."""
     out = Path(out_dir)
@@ -249,6 +280,7 @@ __all__ = [
     "figure2",
     "figure3",
     "figure4",
+    "interval_plot",
     "read_sweep",
     "save_figure",
     "training_curves",

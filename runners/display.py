@@ -1,7 +1,8 @@
 """Progress output of a training run: a rich live bar per epoch, or plain log lines (``--quiet``),
 and :class:`CostEstimate`, which says early how long the whole run will take.
 
-The live line fits 80 columns: ``s1 3/600 ━━━━━━━━━━ 12/196 loss 2.301 top-1 10.0% 21 img/s 0:01:02<0:08:44``.
+The live line fits 80 columns: ``s1 600/600 ━━━━━━━━ 12/196 loss 2.301 acc 10.0% 1,267 img/s 0:01:02 < 0:08:44``
+(stage, epoch, bar, steps, running training loss and accuracy, speed, elapsed < remaining).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class EpochBar:
         self.correct += correct
         if self.progress is not None and self.task is not None:
             rate = self.images / max(time.perf_counter() - self.start, 1e-9)
-            stats = f"loss {self.loss_sum / self.images:.3f} top-1 {100 * self.correct / self.images:4.1f}% {rate:,.0f} img/s"
+            speed = f"{rate:,.0f}" if rate < 1e5 else f"{rate / 1e3:,.0f}k"
+            stats = f"loss {self.loss_sum / self.images:.3f} acc {100 * self.correct / self.images:4.1f}% {speed} img/s"
             self.progress.update(self.task, advance=steps, stats=stats)
 
 
@@ -63,7 +65,7 @@ class Display:
             return
         columns = (
             TextColumn(f"s{stage} {epoch}/{epochs}"),
-            BarColumn(bar_width=10),
+            BarColumn(bar_width=8),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),

@@ -23,8 +23,11 @@ from typing import Any
 
 import pandas as pd
 
-from .catalog import RunRecord, scan_runs
+from bnnbench import stats
 from bnnbench.io import atomic_write
+
+from .catalog import RunRecord, scan_runs
+from .significance import ALPHA, BOOTSTRAP, load_correct
 
 _SKIPPED_METRICS = ("stage", "epoch", "epochs")
 _FINAL_SKIPPED = ("stages", "run_id", "method", "net", "data", "seed", "recipe", "status", "note", "skipped_bad_images")
@@ -107,4 +110,38 @@ def export(frame: pd.DataFrame, csv: str | Path | None = None, parquet: str | Pa
     return written
 
 
-__all__ = ["export", "flatten", "run_row", "runs_frame"]
+def experiment_label(record: RunRecord) -> str:
+    """The run's spec without its seed, in words: what several seeds of one experiment share."""
+    spec = record.spec
+    return spec.describe().replace(f", seed {spec.seed}", "") if spec is not None else record.run_id
+
+
+def statistics_frame(records: list[RunRecord], reference: str | None = None, value: str = "final_test_top1") -> pd.DataFrame:
+    """The finished runs grouped into experiments (same spec but the seed), each against ``reference`` (a part of one
+    experiment's label; default the first): :func:`bnnbench.stats.compare_to_reference` over seeds, with McNemar and
+    the bootstrap when every run saved its per-image predictions on one test set."""
+    finished = [r for r in records if r.status == "finished" and r.spec is not None]
+    if not finished:
+        raise ValueError("no finished runs to compare")
+    lines, correct = [], {}
+    for record in reversed(finished):  # newest first: of several runs of one experiment and seed, the newest counts
+        label = experiment_label(record)
+        if record.final is None or value not in record.final:
+            raise ValueError(f"run {record.run_id} has no {value!r} in final.json; choose --value among {sorted(record.final or {})}")
+        if any(line["method"] == label and line["seed"] == record.spec.seed for line in lines):
+            continue
+        lines.append({"method": label, "seed": record.spec.seed, "value": float(record.final[value])})
+        flags = load_correct(record.path)
+        correct.setdefault(label, {})[record.spec.seed] = flags
+    lines.reverse()  # back to the order the runs were made
+    labels = list(dict.fromkeys(line["method"] for line in lines))
+    chosen = labels[0] if reference is None else next((label for label in labels if reference in label), None)
+    if chosen is None:
+        raise ValueError(f"no experiment matches --reference {reference!r}; experiments: {'; '.join(labels)}")
+    per_image = all(flags is not None for by_seed in correct.values() for flags in by_seed.values())
+    sizes = {len(f) for by_seed in correct.values() for f in by_seed.values() if f is not None}
+    usable = correct if per_image and len(sizes) == 1 else None
+    return stats.compare_to_reference(pd.DataFrame(lines), chosen, usable, alpha=ALPHA, n_boot=BOOTSTRAP)
+
+
+__all__ = ["experiment_label", "export", "flatten", "run_row", "runs_frame", "statistics_frame"]

@@ -19,9 +19,11 @@ for every run of the table) and lists
 :mod:`runners.experiments`), trains the missing ones unless told not to, and
 writes ``<out>/tables/<stem>.md``, ``<stem>.tex`` (booktabs) and ``<stem>.csv``
 (one line per row, column and seed, naming the run each number comes from), and
-with ``curves`` the figure ``<out>/figures/<stem>_curves.png`` / ``.pdf``.
-Each measured cell is the value of one seed or the mean ± sample standard
-deviation over seeds; a run that has not finished is "missing", never 0.
+with ``curves`` the figure ``<out>/figures/<stem>_curves.png`` / ``.pdf``; with a
+``reference`` row also ``<stem>_stats.csv`` (:mod:`runners.significance`) and the
+interval figure ``<out>/figures/<stem>_ci.png`` / ``.pdf``.
+Each measured cell is the value of one seed or the mean ± the half-width of its
+95% Student-t interval over seeds; a run that has not finished is "missing", never 0.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 import pandas as pd
 
 from bnnbench.data import DATASETS
-from bnnbench.figures import save_figure, training_curves
+from bnnbench.figures import interval_plot, save_figure, training_curves
 
 from bnnbench.io import write_text
 from bnnbench.tables import PAPER_TABLES, named_specs, read_spec_text, shipped_specs
@@ -495,6 +497,9 @@ def make_table(
     if compared is not None:
         paths.append(folder / f"{stem}_stats.csv")
         write_text(paths[-1], compared.reset_index().to_csv(index=False))
+    if compared is not None:
+        label = next(c.label for c in spec.columns if c.key == spec.compare)
+        paths += save_figure(interval_plot(compared, label), Path(out) / "figures", f"{stem}_ci")
     curves = curve_frame(spec, runs, seed_list) if spec.curves else pd.DataFrame()
     if not curves.empty:
         paths += save_figure(training_curves(curves, spec.curves), Path(out) / "figures", f"{stem}_curves")

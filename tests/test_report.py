@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -99,3 +100,30 @@ def test_cli_report(runs, tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "r.csv")) == 4
     assert cli_main(["report", "--runs", str(tmp_path / "none")]) == 0
     assert "no runs in" in capsys.readouterr().out
+
+
+def test_report_statistics_compare_experiments_with_scipy_and_statsmodels(runs, capsys):
+    """`bnnbench report --stats`: runs grouped by spec minus seed, each against a reference, McNemar on the predictions."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    from bnnbench.runners.catalog import scan_runs
+    from bnnbench.runners.report import statistics_frame
+
+    records = [r for r in scan_runs(runs) if r.run_id in ("a-biper", "b-sign")]
+    table = statistics_frame(records, reference="sign-ste")
+    assert table.attrs["reference"].startswith("resnet20 sign-ste") and len(table) == 2
+    finals = {r.run_id: r.final["final_test_top1"] for r in records}
+    biper = next(label for label in table.index if "biper" in label)
+    assert table.loc[biper, "diff"] == pytest.approx(finals["a-biper"] - finals["b-sign"])
+    flags = {}
+    for name in ("a-biper", "b-sign"):
+        saved = np.load(runs / name / "predictions.npz")
+        flags[name] = saved["predictions"] == saved["labels"]
+    a, b = flags["a-biper"], flags["b-sign"]
+    counts = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    assert table.loc[biper, "p_mcnemar"] == pytest.approx(mcnemar(counts, exact=True).pvalue)
+    assert table["p_best"].sum() == pytest.approx(1.0)
+    assert cli_main(["report", "--runs", str(runs), "--stats", "--reference", "sign-ste", "--match", "quick"]) == 0
+    assert "reference: resnet20 sign-ste" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no experiment matches"):
+        statistics_frame(records, reference="nothing-like-this")
