@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench.kernels import binary_conv2d_packed, output_rows, pack_channels, pack_weights, popcount_peak_gops, xnor_gemm
+from bnnbench.kernels import binary_conv2d_packed, pack_channels, pack_weights, popcount_peak_gops, xnor_gemm
 from bnnbench.io import write_text
 
 # (in channels, out channels, input size, stride) of the binary 3x3 convs of ImageNet ResNet-18
@@ -169,8 +169,8 @@ def conv_benchmark(
             out_size = (size - 1) // stride + 1
             bits = pack_channels(x.numpy(), 1)
             offsets = packed.offsets(size, size, stride, 1)
-            out = np.empty((output_rows(batch, out_size, out_size), offsets.shape[1]), dtype=np.float32)
-            gemm = time_interleaved({"gemm": lambda: xnor_gemm(bits, (3, 3), stride, packed.panels, offsets, out)}, budget_s / 3)["gemm"]
+            out = np.empty((batch * out_size * out_size, offsets.shape[1]), dtype=np.float32)
+            gemm = time_interleaved({"gemm": lambda: xnor_gemm(bits, (3, 3), stride, packed.panels(), offsets, out)}, budget_s / 3)["gemm"]
             float_format = min(("float_nchw", "float_channels_last"), key=lambda name: times[name].best)
             binary_ops = 2 * batch * out_size * out_size * cout * cin * 9
             rows.append(

@@ -14,13 +14,14 @@ from numba import njit
 
 from bnnbench.functional import sign
 from bnnbench.kernels import (
-    LANES,
+    MICRO_KERNELS,
     PackedWeights,
     binary_conv2d,
     binary_conv2d_packed,
     border_correction,
     pack_channels,
     pack_weights,
+    padded_filters,
     popcount,
     unpack_weights,
 )
@@ -115,11 +116,14 @@ def test_packed_weights_layout_and_tap_sums():
     w = pm1(11, 70, 3, 3, generator=g)
     packed = pack_weights(w)
     assert packed.bits.shape == (11, 3 * 3 * 2) and packed.k_bits == 70 * 9
-    assert packed.panels.shape == (2, 18, LANES)
+    for kernel in MICRO_KERNELS.values():
+        panels = packed.panels(kernel)
+        assert panels.shape == (padded_filters(11) // kernel.filters, 18, kernel.filters)
+        assert np.array_equal(panels.transpose(0, 2, 1).reshape(-1, 18)[:11], packed.bits)
     assert np.array_equal(packed.tap_sums, w.sum(dim=1).numpy().astype(np.int32))
     assert torch.equal(unpack_weights(packed), w)
     rebuilt = PackedWeights(bits=packed.bits.copy(), in_channels=70, kernel_size=(3, 3))
-    assert np.array_equal(rebuilt.panels, packed.panels)
+    assert np.array_equal(rebuilt.panels(), packed.panels())
     with pytest.raises(ValueError, match="packed filters must be"):
         PackedWeights(bits=packed.bits[:, :5], in_channels=70, kernel_size=(3, 3))
 
