@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from llvmlite import ir
@@ -129,7 +129,18 @@ class GemmVariantType(types.Type):
 
 @typeof_impl.register(GemmVariant)
 def _typeof_variant(value: GemmVariant, context: object) -> GemmVariantType:
-    return GemmVariantType(value.kernel, value.epilogue)
+    return _variant_type(value.kernel, value.epilogue)
+
+
+@cache
+def _variant_type(kernel: str, epilogue: str) -> GemmVariantType:
+    return GemmVariantType(kernel, epilogue)
+
+
+@cache
+def gemm_variant(kernel: str, epilogue: str) -> GemmVariant:
+    """The (one) :class:`GemmVariant` of a micro-kernel and an epilogue."""
+    return GemmVariant(kernel, epilogue)
 
 
 register_model(GemmVariantType)(models.OpaqueModel)
@@ -366,7 +377,7 @@ def xnor_gemm(
     :data:`FILTER_MULTIPLE`.
     """
     tables = row_tables(packed.shape, kernel_size, stride, _NO_BITS.shape, kernel.rows)
-    variant = GemmVariant(kernel.name, "counts")
+    variant = gemm_variant(kernel.name, "counts")
     _gemm(packed, tables, *kernel_size, stride, panels, offsets, out, _NO_VECTOR, _NO_VECTOR, _NO_MATRIX, _NO_BITS, variant)
 
 
@@ -393,7 +404,7 @@ def fused_gemm(
     ``out`` or None.  Padded filters need ``scale = 0``, ``shift = 1`` (bit 0).
     """
     tables = row_tables(packed.shape, kernel_size, stride, bits.shape, kernel.rows)
-    variant = GemmVariant(kernel.name, "sign" if residual is None else "add-sign")
+    variant = gemm_variant(kernel.name, "sign" if residual is None else "add-sign")
     residual = _NO_MATRIX if residual is None else residual
     _gemm(packed, tables, *kernel_size, stride, panels, offsets, out, scale, shift, residual, bits, variant)
 
