@@ -6,10 +6,9 @@ Compare:  pytest tests/perf --benchmark-only --benchmark-compare --benchmark-com
 
 Every assertion is a ratio against a baseline timed in the same test (never an
 absolute time); thresholds can be tightened on a quiet machine through the
-environment variables BNNBENCH_PERF_MIN_CONV_SPEEDUP, BNNBENCH_PERF_MIN_GEMM_SHARE,
-BNNBENCH_PERF_MIN_MODEL_SPEEDUP, BNNBENCH_PERF_MIN_CHAINED_SPEEDUP,
-BNNBENCH_PERF_MIN_THREAD_SCALING (defaults by ISA: ``FLOORS`` in
-test_perf_kernels.py) and BNNBENCH_PERF_MAX_STEP_SLOWDOWN (4).
+environment variables BNNBENCH_PERF_MIN_CONV_SPEEDUP (default 4),
+BNNBENCH_PERF_MIN_GEMM_SHARE (0.5), BNNBENCH_PERF_MIN_MODEL_SPEEDUP (1.5) and
+BNNBENCH_PERF_MAX_STEP_SLOWDOWN (4).
 """
 
 from __future__ import annotations

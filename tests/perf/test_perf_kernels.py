@@ -2,8 +2,10 @@
 
 Floors depend on the popcount ISA the kernels are compiled for (AVX-512
 VPOPCNTDQ or not) and sit well below what ``bnnbench bench conv|model``
-measures, so that a loaded shared machine does not fail them; environment
-variables (see ``conftest.py``) tighten them on a quiet machine.
+measures, so that a loaded shared machine does not fail them.  The
+environment variables named in :data:`FLOORS` (BNNBENCH_PERF_MIN_CONV_SPEEDUP,
+..._GEMM_SHARE, ..._MODEL_SPEEDUP, ..._CHAINED_SPEEDUP, ..._THREAD_SCALING)
+override them, e.g. to tighten them on a quiet machine.
 """
 
 from __future__ import annotations
