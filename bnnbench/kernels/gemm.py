@@ -35,13 +35,16 @@ instead, which runs on the integer units alongside the vector ones:
 overrides it.  Every variant compiles and is exact on every CPU; the ISA only
 changes its speed.
 
-Epilogues (what a block does with its counts), per row and 8 filters:
+Epilogues (what a block does with its counts), per row and 16 filters (two
+count vectors narrowed into one ``<16 x i32>`` by a single VPERMT2D):
 
-* ``"counts"``: ``out = float(conv)``, the exact convolution;
+* ``"counts"``: ``out = conv`` (float32, one FMA: ``count * -2 + offset``), the
+  exact convolution;
 * ``"sign"`` / ``"add-sign"``: ``z = conv * scale[n] + shift[n]`` (a folded
-  BatchNorm), plus ``residual[m, n]`` for ``"add-sign"``; ``out = hardtanh(z)``
-  and the sign bits of ``z`` (bit 1 for z < 0, the packing convention) go
-  straight into ``bits``, the next binary layer's padded packed input.
+  BatchNorm, one FMA), plus ``residual[m, n]`` for ``"add-sign"``;
+  ``out = hardtanh(z)`` and the sign bits of ``z`` (bit 1 for z < 0, the
+  packing convention) go straight into ``bits``, the next binary layer's padded
+  packed input, as one 16-bit mask store.
 
 The micro-kernel is LLVM IR (a numba intrinsic) using the generic ``llvm.ctpop``
 intrinsics, which LLVM lowers for the target: VPOPCNTQ with AVX-512 VPOPCNTDQ,
