@@ -316,6 +316,7 @@ def conv_benchmark(
         raise RuntimeError(f"torch's thread count changed during the benchmark ({torch.get_num_threads()}, not {threads})")
     machine = machine_info(threads)
     machine["popcount_peak_gops_1thread"] = peak.rates
+    machine.update({f"peak_loop_{kind}_gops_1thread": rate for kind, rate in peak.rates.items()})  # flat, for the CSV
     machine["peak_loop"] = f"{peak.fastest.vector_chains} vector + {peak.fastest.scalar_chains} scalar chains"
     machine.update({f"onednn_{name}": impl for name, impl in implementations.items()})
     return rows, machine

@@ -142,7 +142,9 @@ def _variant_type(kernel: str, epilogue: str) -> GemmVariantType:
 
 @cache
 def gemm_variant(kernel: str, epilogue: str) -> GemmVariant:
-    """The (one) :class:`GemmVariant` of a micro-kernel and an epilogue."""
+    """The (one) :class:`GemmVariant` of a micro-kernel and an epilogue (one of :data:`EPILOGUES`)."""
+    if kernel not in MICRO_KERNELS or epilogue not in EPILOGUES:
+        raise ValueError(f"no GEMM variant {kernel!r} / {epilogue!r}: kernels {', '.join(MICRO_KERNELS)}, epilogues {', '.join(EPILOGUES)}")
     return GemmVariant(kernel, epilogue)
 
 
@@ -279,7 +281,7 @@ def _gemm_block(typingctx, packed, tables, block, runs, run_words, pitch, panels
             for first in range(0, block.vectors, 2):  # epilogue on 16 lanes (two count vectors) where it can
                 group = counts[i][first : first + 2]
                 lanes = LANES * len(group)
-                ints, floats = ir.VectorType(I32, lanes), ir.VectorType(ir.FloatType(), lanes)
+                floats = ir.VectorType(ir.FloatType(), lanes)
                 n = builder.add(column, _int(LANES * first))
                 offset = builder.load(_vector_at(builder, data["offsets"], builder.add(builder.mul(position, width), n), floats), align=4)
                 counted = builder.sitofp(_narrow(builder, group), floats)

@@ -89,7 +89,6 @@ def _pack_pixels(x: np.ndarray, padding: int, out: np.ndarray) -> None:
     vector compare (:func:`negative_mask`); the last C % 16 one by one.
     """
     batch, height, width, channels = x.shape
-    n_words = out.shape[3]
     flat = x.reshape(-1)
     whole = channels - channels % MASK_BITS
     for job in prange(batch * height):
