@@ -267,13 +267,22 @@ def chain_in_bits(model: nn.Module) -> nn.Module:
     """
     if not hasattr(model, "packed_layers"):
         raise ValueError("chain_in_bits expects a packed model; make one with export_packed(model)")
-    blocks = [block for stage in getattr(model, "stages", ()) for block in (stage if isinstance(stage, nn.Sequential) else [stage])]
-    if not blocks or not all(isinstance(block, BasicBlock) for block in blocks):
+    if not _basic_blocks(model):
         raise ValueError("chain_in_bits needs a ResNet whose stages are BasicBlocks (model.stages)")
     chained = copy.deepcopy(model)
+    blocks = _basic_blocks(chained)  # the copy's, so that nothing is shared with model
     paddings = [block.conv1.padding for block in blocks[1:]] + [0]  # the padding each block's output is packed for
     chained.stages = BitStages([BitBlock(block, next_padding) for block, next_padding in zip(blocks, paddings)])
     return chained.eval()
+
+
+def _basic_blocks(model: nn.Module) -> list[BasicBlock]:
+    """The blocks of ``model.stages`` (a Sequential of Sequentials of BasicBlocks), or [] if it is not that."""
+    stages = getattr(model, "stages", None)
+    if not isinstance(stages, nn.Sequential) or not all(isinstance(stage, nn.Sequential) for stage in stages):
+        return []
+    blocks = [block for stage in stages for block in stage]
+    return blocks if all(isinstance(block, BasicBlock) for block in blocks) else []
 
 
 class BitStages(nn.Module):
