@@ -38,10 +38,9 @@ class BitActivation:
 
     @classmethod
     def from_tensor(cls, x: Tensor, padding: int) -> BitActivation:
-        """Pack a real (B, C, H, W) tensor (its signs) and keep its values, channels last."""
+        """Pack a real (B, C, H, W) tensor (its signs) and keep its values, channels last (no copy when they already are)."""
         batch, channels, height, width = x.shape
-        values = np.zeros((batch * height * width, padded_filters(channels)), dtype=np.float32)
-        values[:, :channels] = x.detach().float().permute(0, 2, 3, 1).reshape(-1, channels).numpy()
+        values = rows_of(x, padded_filters(channels))
         bits = pack_channels(values[:, :channels].reshape(batch, height, width, channels).transpose(0, 3, 1, 2), padding)
         return cls(values, bits, (batch, channels, height, width), padding)
 
@@ -53,7 +52,7 @@ class BitActivation:
 
 
 def rows_of(x: Tensor, padded: int) -> np.ndarray:
-    """A real (B, C, H, W) tensor as float32 rows (B H W, ``padded``), channels last and zero-padded: a residual."""
+    """A real (B, C, H, W) tensor as float32 rows (B H W, ``padded``), channels last and zero-padded (a view when it can be)."""
     batch, channels, height, width = x.shape
     nhwc = x.detach().float().permute(0, 2, 3, 1)
     if channels == padded and nhwc.is_contiguous():
