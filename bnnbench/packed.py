@@ -19,7 +19,16 @@ Everything else (stem, BatchNorm, shortcuts, classifier) stays float.
 ``set_backend(model, "float")`` runs the same packed model with the bits
 unpacked to +-1 float32 filters and ``F.conv2d``: the identical network on
 the float path, the like-for-like baseline for speed comparisons
-(``"xnor"``, the default, is the bit-packed kernel).
+(``"xnor"``, the default, is the bit-packed kernel).  ``"int8"`` runs the
+same +-1 convolutions through oneDNN's int8 convolution (VNNI or AMX-INT8
+where the CPU has them), integer-exact with a float32 output: the honest
+integer baseline.
+
+:func:`chain_in_bits` goes one step further for ResNets of
+:class:`~bnnbench.models.blocks.BasicBlock`: each binary conv's epilogue
+applies the folded BatchNorm, the residual add and the hardtanh and emits the
+next binary conv's packed sign bits directly (:mod:`bnnbench.kernels.fused`),
+instead of float output -> BatchNorm -> add -> sign -> pack.
 
 :func:`save_packed` / :func:`load_packed` store the packed model as a
 ``torch.save`` dict of tensors and JSON-able values (read back with
@@ -38,15 +47,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .io import atomic_write, read_torch
-from .kernels import PackedWeights, binary_conv2d_packed, pack_weights, unpack_weights
+from .kernels import PackedWeights, binary_conv2d_packed, pack_weights, padded_filters, unpack_weights
+from .kernels.fused import BitActivation, SignConv, rows_of
 from .layers import BinaryConv2d, BinaryLinear, binary_layers
 from .errors import UnknownMethodError
 from .method import Method
 from .models import ModelSpec
+from .models.blocks import BasicBlock
 
 FORMAT = "bnnbench-packed"
 VERSION = 2
-BACKENDS = ("xnor", "float")
+BACKENDS = ("xnor", "float", "int8")
 
 
 class PackedBinaryLayer(nn.Module):
@@ -54,7 +65,8 @@ class PackedBinaryLayer(nn.Module):
 
     Built from the float layer; a linear layer runs as a 1x1 convolution of a
     (B, C, 1, 1) input.  Runs on the CPU.  ``backend``: "xnor" (bit-packed
-    kernel) or "float" (the same bits as +-1 float32 filters and ``F.conv2d``).
+    kernel), "float" (the same bits as +-1 float32 filters and ``F.conv2d``)
+    or "int8" (+-1 as int8 through oneDNN's quantized conv, float32 out).
     """
 
     bits: Tensor
@@ -92,6 +104,7 @@ class PackedBinaryLayer(nn.Module):
         self._packing_binarizes = type(self.act_method).activation is Method.activation and not self.activation_params
         self._packed: PackedWeights | None = packed
         self._float_weight: Tensor | None = None
+        self._int8_weight: Int8Conv | None = None
         self._packed_version = self.bits._version
 
     def _per_output(self, value: Tensor, what: str) -> Tensor:
@@ -110,6 +123,7 @@ class PackedBinaryLayer(nn.Module):
         if self._packed is None or self._packed_version != self.bits._version:
             self._packed = PackedWeights(bits=self.bits.numpy().view(np.uint64), in_channels=self.in_channels, kernel_size=self.kernel_size)
             self._float_weight = None
+            self._int8_weight = None
             self._packed_version = self.bits._version
         return self._packed
 
@@ -123,6 +137,10 @@ class PackedBinaryLayer(nn.Module):
     def _binary_conv(self, a: Tensor) -> Tensor:
         if self.backend == "xnor":
             return binary_conv2d_packed(a, self.packed_weights(), self.stride, self.padding)
+        if self.backend == "int8":
+            if self._int8_weight is None or self._packed_version != self.bits._version:
+                self._int8_weight = Int8Conv(self.float_weight(), self.stride, self.padding)
+            return self._int8_weight(a)
         return F.conv2d(a, self.float_weight(), stride=self.stride, padding=self.padding)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,6 +168,34 @@ class PackedBinaryLayer(nn.Module):
     def extra_repr(self) -> str:
         kind = "linear" if self.linear else f"conv {self.kernel_size[0]}x{self.kernel_size[1]}, stride={self.stride}, padding={self.padding}"
         return f"{self.in_channels}, {self.out_channels}, {kind}, method={self.method.name}, backend={self.backend}"
+
+
+class Int8Conv:
+    """A +-1 convolution through oneDNN's int8 conv (``torch.ops.onednn.qconv_pointwise``), exact, float32 out.
+
+    Activations +-1 become uint8 {0, 2} with zero point 1 and scale 1, weights
+    int8 +-1 with scale 1, so the int32 accumulator is the exact dot product
+    and the float32 output equals ``F.conv2d``.  oneDNN picks its fastest
+    int8 kernel for the CPU (AVX-512 VNNI, AMX-INT8).
+    """
+
+    def __init__(self, weight: Tensor, stride: int, padding: int) -> None:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")):
+            raise RuntimeError("the int8 backend needs torch built with oneDNN (torch.ops.onednn.qconv_pointwise)")
+        out_channels = weight.shape[0]
+        self.stride, self.padding = [stride, stride], [padding, padding]
+        self.w_scales = torch.ones(out_channels, dtype=torch.float64)
+        self.w_zero_points = torch.zeros(out_channels, dtype=torch.int64)
+        int8 = weight.sign().to(torch.int8).contiguous(memory_format=torch.channels_last)
+        self.weight = torch.ops.onednn.qconv_prepack(int8, self.w_scales, 1.0, 1, self.stride, self.padding, [1, 1], 1, None)
+
+    def __call__(self, a: Tensor) -> Tensor:
+        """``F.conv2d(a, w)`` for a +-1 (B, C, H, W) float tensor ``a``."""
+        quantized = (a + 1).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        return torch.ops.onednn.qconv_pointwise(
+            quantized, 1.0, 1, self.weight, self.w_scales, self.w_zero_points, None,
+            self.stride, self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
 
 
 def check_packable(layer: nn.Module) -> None:
@@ -203,6 +249,105 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     for layer in layers:
         layer.backend = backend
     return model
+
+
+def chain_in_bits(model: nn.Module) -> nn.Module:
+    """A copy of a packed ResNet (from :func:`export_packed`) whose blocks keep activations in bits between binary convs.
+
+    Every :class:`~bnnbench.models.blocks.BasicBlock` of ``model.stages``
+    becomes a :class:`BitBlock`: its two binary convs run with the sign
+    epilogue (folded BatchNorm, residual add, hardtanh, packed signs for the
+    next conv); shortcuts with parameters (1x1 conv + BN downsample,
+    average-pool) stay in torch.  The stem packs its output once.  The copy
+    snapshots the packed weights: chain after loading them.  Raises ValueError
+    when the model is not such a ResNet or a block's layers cannot be fused
+    (an activation other than sign, a nonlinearity other than hardtanh).
+    """
+    if not hasattr(model, "packed_layers"):
+        raise ValueError("chain_in_bits expects a packed model; make one with export_packed(model)")
+    if not _basic_blocks(model):
+        raise ValueError("chain_in_bits needs a ResNet whose stages are BasicBlocks (model.stages)")
+    chained = copy.deepcopy(model)
+    blocks = _basic_blocks(chained)  # the copy's, so that nothing is shared with model
+    paddings = [block.conv1.padding for block in blocks[1:]] + [0]  # the padding each block's output is packed for
+    chained.stages = BitStages([BitBlock(block, next_padding) for block, next_padding in zip(blocks, paddings)])
+    return chained.eval()
+
+
+def _basic_blocks(model: nn.Module) -> list[BasicBlock]:
+    """The blocks of ``model.stages`` (a Sequential of Sequentials of BasicBlocks), or [] if it is not that."""
+    stages = getattr(model, "stages", None)
+    if not isinstance(stages, nn.Sequential) or not all(isinstance(stage, nn.Sequential) for stage in stages):
+        return []
+    blocks = [block for stage in stages for block in stage]
+    return blocks if all(isinstance(block, BasicBlock) for block in blocks) else []
+
+
+class BitStages(nn.Module):
+    """A ResNet's blocks in sequence on :class:`~bnnbench.kernels.fused.BitActivation`; real tensor in and out."""
+
+    def __init__(self, blocks: list[BitBlock]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            activation = BitActivation.from_tensor(x, self.blocks[0].conv1.padding)
+            for block in self.blocks:
+                activation = block(activation)
+            return activation.tensor()
+
+
+class BitBlock(nn.Module):
+    """A packed :class:`~bnnbench.models.blocks.BasicBlock` whose binary convs end in the sign epilogue.
+
+    Double skip: ``x1 = hardtanh(BN1(conv1(x)) + shortcut(x))``, ``out =
+    hardtanh(BN2(conv2(x1)) + x1)``; single skip: ``x1 = hardtanh(BN1(conv1(x)))``,
+    ``out = hardtanh(BN2(conv2(x1)) + shortcut(x))``.  Each conv emits its
+    output's values (for the residual adds and real-valued layers) and its
+    sign bits packed for the next conv (``next_padding`` for the block's output).
+    """
+
+    def __init__(self, block: BasicBlock, next_padding: int) -> None:
+        super().__init__()
+        self.double_skip = block.double_skip
+        self.next_padding = next_padding
+        self.conv1 = _sign_conv(block.conv1, block.bn1, block.act1, "conv1")
+        self.conv2 = _sign_conv(block.conv2, block.bn2, block.act2, "conv2")
+        self.shortcut = None if isinstance(block.shortcut, nn.Identity) else block.shortcut
+
+    def _shortcut(self, x: BitActivation) -> np.ndarray:
+        if self.shortcut is None:
+            return x.values
+        return rows_of(self.shortcut(x.tensor()), padded_filters(self.conv2.weights.out_channels))
+
+    def forward(self, x: BitActivation) -> BitActivation:
+        shortcut = self._shortcut(x)
+        if self.double_skip:
+            x1 = self.conv1(x, shortcut, self.conv2.padding)
+            return self.conv2(x1, x1.values, self.next_padding)
+        x1 = self.conv1(x, None, self.conv2.padding)
+        return self.conv2(x1, shortcut, self.next_padding)
+
+
+def _sign_conv(layer: nn.Module, bn: nn.Module, nonlinearity: nn.Module, name: str) -> SignConv:
+    """The packed conv ``layer`` with its scale, bias, alpha and BatchNorm ``bn`` folded into one affine map."""
+    if not isinstance(layer, PackedBinaryLayer) or layer.linear:
+        raise ValueError(f"{name}: chain_in_bits needs packed binary convs, got {type(layer).__name__}")
+    if not layer._packing_binarizes:
+        raise ValueError(f"{name}: method {layer.method.name!r} binarizes activations otherwise than sign; its bits cannot be chained")
+    if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_mean is not None):
+        raise ValueError(f"{name}: chain_in_bits folds a BatchNorm2d with running statistics after each binary conv")
+    if not (isinstance(nonlinearity, nn.Hardtanh) and nonlinearity.min_val == -1.0 and nonlinearity.max_val == 1.0):
+        raise ValueError(f"{name}: chain_in_bits needs hardtanh(-1, 1) after each binary conv, got {nonlinearity}")
+    ones = torch.ones(layer.out_channels, dtype=torch.float64)
+    scale = ones if layer.weight_scale is None else layer.weight_scale.double()
+    shift = ones * 0 if layer.bias is None else layer.bias.double()
+    if layer.alpha is not None:
+        scale, shift = scale * layer.alpha.double(), shift * layer.alpha.double()
+    gain = (ones if bn.weight is None else bn.weight.detach().double()) / torch.sqrt(bn.running_var.double() + bn.eps)
+    beta = ones * 0 if bn.bias is None else bn.bias.detach().double()
+    return SignConv(layer.packed_weights(), layer.stride, layer.padding, (scale * gain).numpy(), (shift * gain + beta - bn.running_mean.double() * gain).numpy())
 
 
 def save_packed(model: nn.Module, path: str | Path) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,16 +16,21 @@ from numba import njit
 
 from bnnbench.functional import sign
 from bnnbench.kernels import (
-    LANES,
+    MICRO_KERNELS,
+    SELECTED,
     PackedWeights,
     binary_conv2d,
     binary_conv2d_packed,
     border_correction,
     pack_channels,
     pack_weights,
+    padded_filters,
     popcount,
+    popcount_isa,
+    select_micro_kernel,
     unpack_weights,
 )
+from bnnbench.kernels.isa import AVX2, AVX512_VPOPCNTDQ, GENERIC
 
 
 def pm1(*shape: int, generator: torch.Generator) -> torch.Tensor:
@@ -49,15 +56,61 @@ CASES = [
 
 @pytest.mark.parametrize("batch,cin,cout,height,width,kernel,stride,padding", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_binary_conv2d_equals_float_conv(batch, cin, cout, height, width, kernel, stride, padding, channels_last):
+@pytest.mark.parametrize("micro_kernel", list(MICRO_KERNELS))
+def test_binary_conv2d_equals_float_conv(batch, cin, cout, height, width, kernel, stride, padding, channels_last, micro_kernel):
+    """Every micro-kernel, selected on this CPU or not, is exact."""
     g = torch.Generator().manual_seed(cin * 1000 + cout)
     x, w = pm1(batch, cin, height, width, generator=g), pm1(cout, cin, kernel, kernel, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     expected = F.conv2d(x, w, stride=stride, padding=padding)
-    got = binary_conv2d(x, w, stride=stride, padding=padding)
+    got = binary_conv2d(x, w, stride=stride, padding=padding, kernel=MICRO_KERNELS[micro_kernel])
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("micro_kernel", list(MICRO_KERNELS))
+@pytest.mark.parametrize("cin,cout,size,stride", [(64, 64, 9, 1), (64, 128, 9, 2), (256, 256, 5, 1), (256, 512, 6, 2), (512, 512, 4, 1)])
+def test_resnet18_channel_counts_are_exact(micro_kernel, cin, cout, size, stride):
+    """The ResNet-18 layer widths (1 to 8 words per tap), batch 2, on shrunken images."""
+    g = torch.Generator().manual_seed(cin + cout + size)
+    x, w = pm1(2, cin, size, size, generator=g), pm1(cout, cin, 3, 3, generator=g)
+    got = binary_conv2d(x, w, stride=stride, padding=1, kernel=MICRO_KERNELS[micro_kernel])
+    assert torch.equal(got, F.conv2d(x, w, stride=stride, padding=1))
+
+
+def test_micro_kernel_selection_follows_the_isa(monkeypatch):
+    monkeypatch.delenv("BNNBENCH_MICRO_KERNEL", raising=False)
+    assert select_micro_kernel(AVX512_VPOPCNTDQ).name == "4x32"
+    assert select_micro_kernel(AVX2).name == "4x8-mixed"
+    assert select_micro_kernel(GENERIC).name == "4x8-mixed"
+    assert popcount_isa(frozenset({"avx2", "avx512f", "avx512vpopcntdq"})) == AVX512_VPOPCNTDQ
+    assert popcount_isa(frozenset({"avx2", "avx512f"})) == AVX2  # AVX-512 without VPOPCNTDQ (Skylake-X)
+    assert popcount_isa(frozenset({"popcnt"})) == GENERIC
+    assert SELECTED == select_micro_kernel(popcount_isa())
+    monkeypatch.setenv("BNNBENCH_MICRO_KERNEL", "4x8-mixed")
+    assert select_micro_kernel(AVX512_VPOPCNTDQ).name == "4x8-mixed"
+    monkeypatch.setenv("BNNBENCH_MICRO_KERNEL", "9x9")
+    with pytest.raises(ValueError, match="not one of"):
+        select_micro_kernel()
+
+
+def test_kernels_compiled_for_avx2_are_exact(tmp_path):
+    """Both micro-kernels compiled for an AVX2-only target (Haswell), in a subprocess: the other ISA's code path."""
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from bnnbench.kernels import MICRO_KERNELS, SELECTED, binary_conv2d, popcount_isa\n"
+        "assert popcount_isa() == 'generic' and SELECTED.name == '4x8-mixed', (popcount_isa(), SELECTED)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, w = torch.randn(2, 130, 6, 7, generator=g).sign(), torch.randn(40, 130, 3, 3, generator=g).sign()\n"
+        "for kernel in MICRO_KERNELS.values():\n"
+        "    for stride in (1, 2):\n"
+        "        assert torch.equal(binary_conv2d(x, w, stride, 1, kernel=kernel), F.conv2d(x, w, stride=stride, padding=1)), kernel\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
+    env.pop("BNNBENCH_MICRO_KERNEL", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_real_inputs_are_binarised_with_sign_of_zero_plus_one():
@@ -115,11 +168,14 @@ def test_packed_weights_layout_and_tap_sums():
     w = pm1(11, 70, 3, 3, generator=g)
     packed = pack_weights(w)
     assert packed.bits.shape == (11, 3 * 3 * 2) and packed.k_bits == 70 * 9
-    assert packed.panels.shape == (2, 18, LANES)
+    for kernel in MICRO_KERNELS.values():
+        panels = packed.panels(kernel)
+        assert panels.shape == (padded_filters(11) // kernel.filters, 18, kernel.filters)
+        assert np.array_equal(panels.transpose(0, 2, 1).reshape(-1, 18)[:11], packed.bits)
     assert np.array_equal(packed.tap_sums, w.sum(dim=1).numpy().astype(np.int32))
     assert torch.equal(unpack_weights(packed), w)
     rebuilt = PackedWeights(bits=packed.bits.copy(), in_channels=70, kernel_size=(3, 3))
-    assert np.array_equal(rebuilt.panels, packed.panels)
+    assert np.array_equal(rebuilt.panels(), packed.panels())
     with pytest.raises(ValueError, match="packed filters must be"):
         PackedWeights(bits=packed.bits[:, :5], in_channels=70, kernel_size=(3, 3))
 

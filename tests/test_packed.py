@@ -10,7 +10,7 @@ from torch import nn
 import bnnbench
 from bnnbench import BinaryConv2d, BinaryLinear, build_model
 from bnnbench.data import make_data
-from bnnbench.packed import PackedBinaryLayer, export_packed, load_packed, save_packed, set_backend
+from bnnbench.packed import BitStages, PackedBinaryLayer, chain_in_bits, export_packed, load_packed, save_packed, set_backend
 
 
 def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
@@ -159,3 +159,55 @@ def test_unpackable_models_are_refused_with_the_reason(tmp_path):
     torch.save({"model": {}}, other)
     with pytest.raises(ValueError, match="not a bnnbench packed model"):
         load_packed(other)
+
+
+def chained_matches(model: nn.Module, images: torch.Tensor) -> None:
+    """The model chained in bits predicts what the float model predicts, logits within float rounding."""
+    model.eval()
+    chained = chain_in_bits(export_packed(model))
+    assert isinstance(chained.stages, BitStages)
+    expected, got = predictions(model, images), predictions(chained, images)
+    assert torch.equal(expected.argmax(1), got.argmax(1))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("skip", ["double", "single"])
+def test_cifar_resnet_chained_in_bits_predicts_like_the_float_model(skip):
+    """CIFAR ResNet-20: BN folded, residual adds, parameter-free (average-pool) downsample shortcuts."""
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = build_model("resnet20", "biper", skip=skip)
+    randomise_batchnorm(model, g)
+    chained_matches(model, torch.randn(24, 3, 32, 32, generator=g))
+
+
+def test_imagenet_resnet_chained_in_bits_predicts_like_the_float_model():
+    """ImageNet ResNet-18 on 64x64 images: 7x7 stem, max-pool, 1x1 conv + BN stride-2 downsamples, 2x2 last stage."""
+    g = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    model = build_model("resnet18", "biper", family="imagenet", num_classes=50)
+    randomise_batchnorm(model, g)
+    chained_matches(model, torch.randn(6, 3, 64, 64, generator=g))
+
+
+def test_chain_in_bits_refuses_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="expects a packed model"):
+        chain_in_bits(build_model("resnet20", "biper"))
+    with pytest.raises(ValueError, match="otherwise than sign"):
+        chain_in_bits(export_packed(build_model("resnet20", "reactnet")))  # learned thresholds before the sign
+    with pytest.raises(ValueError, match="BasicBlocks"):
+        chain_in_bits(export_packed(small_binary_net("biper")))
+
+
+def test_int8_backend_equals_the_xnor_kernel():
+    """The int8 path (oneDNN) computes the same integer convolutions: same logits as the packed kernel."""
+    g = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    model = small_binary_net("biper")
+    randomise_batchnorm(model, g)
+    packed = export_packed(model.eval())
+    images = torch.randn(16, 3, 12, 12, generator=g)
+    xnor = predictions(packed, images)
+    int8 = predictions(set_backend(packed, "int8"), images)
+    torch.testing.assert_close(int8, xnor, atol=1e-5, rtol=1e-5)
+    assert torch.equal(int8.argmax(1), predictions(model, images).argmax(1))

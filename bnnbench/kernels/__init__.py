@@ -6,7 +6,9 @@ Public API::
     pack_weights(w) -> PackedWeights                     pack once (unpack_weights inverts it)
     binary_conv2d_packed(x, packed, stride=1, padding=0)  conv with pre-packed weights
     pack_channels, xnor_gemm                              the two stages, for benchmarks
-    popcount_peak_gops()                                  the machine's measured popcount peak
+    popcount_peak_gops(), measure_peak()                  the machine's measured popcount peak
+    SELECTED, MICRO_KERNELS                               the GEMM micro-kernel chosen for this CPU, and all of them
+    kernels.fused                                         binary convs chained in bits (sign epilogue)
 
 Kernels compile on first use and are cached by numba next to this package
 (``__pycache__``, ignored by git).  When that folder is not writable (an
@@ -53,26 +55,35 @@ if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.envi
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 from .conv import PackedWeights, binary_conv2d, binary_conv2d_packed, border_correction, pack_weights, unpack_weights
-from .gemm import ROWS, filter_panels, output_rows, padded_filters, xnor_gemm
+from .gemm import FILTER_MULTIPLE, MICRO_KERNELS, SELECTED, MicroKernel, filter_panels, fused_gemm, padded_filters, select_micro_kernel, xnor_gemm
+from .isa import popcount_isa, target_features
 from .packing import output_size, pack_channels, words_for
-from .popcount import LANES, OPS_PER_WORD, popcount, popcount_peak_gops
+from .popcount import LANES, OPS_PER_WORD, PeakLoop, measure_peak, popcount, popcount_peak_gops
 
 __all__ = [
+    "FILTER_MULTIPLE",
     "LANES",
+    "MICRO_KERNELS",
+    "MicroKernel",
     "OPS_PER_WORD",
     "PackedWeights",
-    "ROWS",
+    "PeakLoop",
+    "SELECTED",
     "binary_conv2d",
     "binary_conv2d_packed",
     "border_correction",
     "filter_panels",
-    "output_rows",
+    "fused_gemm",
     "output_size",
+    "measure_peak",
     "pack_channels",
     "pack_weights",
     "padded_filters",
     "popcount",
+    "popcount_isa",
     "popcount_peak_gops",
+    "select_micro_kernel",
+    "target_features",
     "unpack_weights",
     "words_for",
     "xnor_gemm",

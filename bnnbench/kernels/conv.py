@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gemm import filter_panels, output_rows, padded_filters, xnor_gemm
+from .gemm import SELECTED, MicroKernel, filter_panels, padded_filters, xnor_gemm
 from .packing import output_size, pack_channels, words_for
 
 
@@ -33,15 +33,15 @@ class PackedWeights:
     """Filters of a binary conv as bits, with what the GEMM and the border correction need.
 
     ``bits``: (out_channels, kh * kw * words) uint64, tap-major (kernel row, column, word)
-    (the stored form); ``panels``: the same bits in the GEMM's filter panels;
-    ``tap_sums``: (out_channels, kh, kw) int32, S[n, i, j] = sum_c w[n, c, i, j].
+    (the stored form); :meth:`panels`: the same bits in a micro-kernel's filter
+    panels; ``tap_sums``: (out_channels, kh, kw) int32, S[n, i, j] = sum_c w[n, c, i, j].
     """
 
     bits: np.ndarray
     in_channels: int
     kernel_size: tuple[int, int]
-    panels: np.ndarray = field(init=False, repr=False)
     tap_sums: np.ndarray = field(init=False, repr=False)
+    _panels: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
     _offsets: dict[tuple[int, int, int, int], np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -53,7 +53,6 @@ class PackedWeights:
                 f"{kh}x{kw} kernel, got {self.bits.dtype} {self.bits.shape}"
             )
         self.bits = np.ascontiguousarray(self.bits)
-        self.panels = filter_panels(self.bits)
         negatives = np.unpackbits(self.bits.view(np.uint8), axis=1, bitorder="little").reshape(len(self.bits), kh, kw, -1).sum(axis=3)
         self.tap_sums = (self.in_channels - 2 * negatives).astype(np.int32)
 
@@ -66,12 +65,18 @@ class PackedWeights:
         """Binary MACs per output value: in_channels * kh * kw."""
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
+    def panels(self, kernel: MicroKernel = SELECTED) -> np.ndarray:
+        """The filters as ``kernel``'s panels (:func:`~bnnbench.kernels.gemm.filter_panels`), cached per kernel."""
+        if kernel.name not in self._panels:
+            self._panels[kernel.name] = filter_panels(self.bits, kernel)
+        return self._panels[kernel.name]
+
     def offsets(self, height: int, width: int, stride: int, padding: int) -> np.ndarray:
-        """GEMM offsets K - correction, (OH * OW, filters padded to panels) int32, cached per input size."""
+        """GEMM offsets K - correction, (OH * OW, padded filters) float32 (integers), cached per input size."""
         key = (height, width, stride, padding)
         if key not in self._offsets:
             correction = border_correction(self.tap_sums, height, width, stride, padding)
-            offsets = np.zeros((correction.shape[1], padded_filters(self.out_channels)), dtype=np.int32)
+            offsets = np.zeros((correction.shape[1], padded_filters(self.out_channels)), dtype=np.float32)
             offsets[:, : self.out_channels] = self.k_bits - correction.T
             self._offsets[key] = offsets
         return self._offsets[key]
@@ -107,13 +112,14 @@ def border_correction(tap_sums: np.ndarray, height: int, width: int, stride: int
     return correction.reshape(out_channels, out_h * out_w).round().numpy().astype(np.int32)
 
 
-def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, padding: int = 0) -> Tensor:
+def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, padding: int = 0, kernel: MicroKernel = SELECTED) -> Tensor:
     """``F.conv2d(sign(x), sign(w), stride=stride, padding=padding)`` from packed weights.
 
     ``x`` is (B, C, H, W), real or +-1 (binarised while packing, sign(0) = +1),
     on the CPU, contiguous or channels last.  The result is a float32
     (B, O, OH, OW) tensor in channels-last memory format (the GEMM writes
-    NHWC; call ``.contiguous()`` for NCHW memory).
+    NHWC; call ``.contiguous()`` for NCHW memory).  ``kernel``: the GEMM's
+    micro-kernel (default: the one selected for this CPU).
     """
     _check_int("stride", stride, minimum=1)
     _check_int("padding", padding, minimum=0)
@@ -126,20 +132,20 @@ def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, pad
     out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
     packed = pack_channels(_as_array(x, "input"), padding)
     offsets = weights.offsets(height, width, stride, padding)
-    out = np.empty((output_rows(batch, out_h, out_w), offsets.shape[1]), dtype=np.float32)
-    xnor_gemm(packed, (kh, kw), stride, weights.panels, offsets, out)
-    valid = out[: batch * out_h * out_w, : weights.out_channels].reshape(batch, out_h, out_w, weights.out_channels)
+    out = np.empty((batch * out_h * out_w, offsets.shape[1]), dtype=np.float32)
+    xnor_gemm(packed, (kh, kw), stride, weights.panels(kernel), offsets, out, kernel)
+    valid = out[:, : weights.out_channels].reshape(batch, out_h, out_w, weights.out_channels)
     return torch.from_numpy(valid).permute(0, 3, 1, 2)
 
 
-def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, kernel: MicroKernel = SELECTED) -> Tensor:
     """Binary convolution of +-1 tensors by XNOR-popcount; equals ``F.conv2d(x, w, ...)`` exactly.
 
     Both tensors are packed here (values binarised with sign, sign(0) = +1);
     use :func:`pack_weights` and :func:`binary_conv2d_packed` to pack the
     weights once.
     """
-    return binary_conv2d_packed(x, pack_weights(w), stride=stride, padding=padding)
+    return binary_conv2d_packed(x, pack_weights(w), stride=stride, padding=padding, kernel=kernel)
 
 
 def _as_array(t: Tensor, what: str) -> np.ndarray:

@@ -1,35 +1,62 @@
-"""Speed of the packed XNOR-popcount conv, its GEMM and a packed model, each against a same-run baseline."""
+"""Speed of the packed XNOR-popcount conv, its GEMM and packed models, each against a same-run baseline.
+
+Floors depend on the popcount ISA the kernels are compiled for (AVX-512
+VPOPCNTDQ or not) and sit well below what ``bnnbench bench conv|model``
+measures, so that a loaded shared machine does not fail them.  The
+environment variables named in :data:`FLOORS` (BNNBENCH_PERF_MIN_CONV_SPEEDUP,
+..._GEMM_SHARE, ..._MODEL_SPEEDUP, ..._CHAINED_SPEEDUP, ..._THREAD_SCALING)
+override them, e.g. to tighten them on a quiet machine.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 
+import numba
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench.kernels import binary_conv2d_packed, output_rows, pack_channels, pack_weights, popcount_peak_gops, xnor_gemm
-from bnnbench.packed import export_packed, set_backend
+from bnnbench.kernels import binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
+from bnnbench.kernels.isa import AVX512_VPOPCNTDQ
+from bnnbench.packed import chain_in_bits, export_packed, set_backend
 from bnnbench.runners.bench import time_interleaved
+from bnnbench.runners.bench_model import randomise_batchnorm
 
 from .helpers import fixture_best, threshold
 
 # ImageNet ResNet-18, third stage: 256 -> 256 channels at 14x14, batch 1 (the issue's headline shape)
 CHANNELS, SIZE = 256, 14
+AVX512 = popcount_isa() == AVX512_VPOPCNTDQ
+# floors by ISA: (AVX-512 VPOPCNTDQ, otherwise); measured on 2026-12-01: 12x, 0.90, 4.9x, 7.4x, 1.6-2.0x (AVX-512 Xeon)
+FLOORS = {
+    "BNNBENCH_PERF_MIN_CONV_SPEEDUP": (7.0, 4.0),
+    "BNNBENCH_PERF_MIN_GEMM_SHARE": (0.7, 0.5),
+    "BNNBENCH_PERF_MIN_MODEL_SPEEDUP": (3.0, 1.5),
+    "BNNBENCH_PERF_MIN_CHAINED_SPEEDUP": (4.5, 2.0),
+    "BNNBENCH_PERF_MIN_THREAD_SCALING": (1.4, 1.4),
+}
+
+
+def floor(name: str) -> float:
+    avx512, other = FLOORS[name]
+    return threshold(name, avx512 if AVX512 else other)
 
 
 def conv_case():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, CHANNELS, SIZE, SIZE, generator=g)
+    x = torch.randn(1, CHANNELS, SIZE, SIZE, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(CHANNELS, CHANNELS, 3, 3, generator=g).sign()
     return x, w, pack_weights(w)
 
 
 def float_conv_best(x_pm1: torch.Tensor, w: torch.Tensor) -> float:
     """Best F.conv2d time of NCHW and channels-last inputs (the faster float baseline)."""
-    x_cl = x_pm1.contiguous(memory_format=torch.channels_last)
-    times = time_interleaved({"nchw": lambda: F.conv2d(x_pm1, w, padding=1), "cl": lambda: F.conv2d(x_cl, w, padding=1)}, 1.0)
+    x_nchw = x_pm1.contiguous()
+    times = time_interleaved({"nchw": lambda: F.conv2d(x_nchw, w, padding=1), "cl": lambda: F.conv2d(x_pm1, w, padding=1)}, 1.0)
     return min(t.best for t in times.values())
 
 
@@ -38,36 +65,67 @@ def test_packed_conv_speedup_over_float_conv(benchmark):
     x_pm1 = bnnbench.sign(x)
     assert torch.equal(binary_conv2d_packed(x, packed, 1, 1), F.conv2d(x_pm1, w, padding=1))
     before = float_conv_best(x_pm1, w)
-    benchmark.pedantic(binary_conv2d_packed, args=(x, packed, 1, 1), rounds=200, warmup_rounds=10)
+    benchmark.pedantic(binary_conv2d_packed, args=(x, packed, 1, 1), rounds=300, warmup_rounds=10)
     baseline = min(before, float_conv_best(x_pm1, w))
     speedup = baseline / fixture_best(benchmark)
-    benchmark.extra_info.update({"float_conv_s": baseline, "speedup": speedup})
-    assert speedup >= threshold("BNNBENCH_PERF_MIN_CONV_SPEEDUP", 4.0)
+    benchmark.extra_info.update({"float_conv_s": baseline, "speedup": speedup, "isa": popcount_isa()})
+    assert speedup >= floor("BNNBENCH_PERF_MIN_CONV_SPEEDUP"), f"packed {fixture_best(benchmark):.2e} s, F.conv2d {baseline:.2e} s"
 
 
-def test_gemm_reaches_half_the_popcount_peak(benchmark):
+def test_gemm_share_of_the_popcount_peak(benchmark):
+    """The GEMM's binary GOPS over the fastest peak loop's, the loop timed just before and after."""
     x, _, packed = conv_case()
     bits = pack_channels(x.numpy(), 1)
     offsets = packed.offsets(SIZE, SIZE, 1, 1)
-    out = np.empty((output_rows(1, SIZE, SIZE), offsets.shape[1]), dtype=np.float32)
-    benchmark.pedantic(xnor_gemm, args=(bits, (3, 3), 1, packed.panels, offsets, out), rounds=200, warmup_rounds=10)
+    out = np.empty((SIZE * SIZE, offsets.shape[1]), dtype=np.float32)
+    loop = measure_peak(0.5).fastest
+    peak_call = loop.call()
+    before = time_interleaved({"peak": peak_call}, 0.5)["peak"].best
+    benchmark.pedantic(xnor_gemm, args=(bits, (3, 3), 1, packed.panels(), offsets, out), rounds=300, warmup_rounds=10)
+    peak = loop.ops_per_call / min(before, time_interleaved({"peak": peak_call}, 0.5)["peak"].best) / 1e9
     gops = 2 * SIZE * SIZE * CHANNELS * CHANNELS * 9 / fixture_best(benchmark) / 1e9
-    peak = popcount_peak_gops()["peak"]
-    benchmark.extra_info.update({"gemm_gops": gops, "popcount_peak_gops": peak, "share": gops / peak})
-    assert gops / peak >= threshold("BNNBENCH_PERF_MIN_GEMM_SHARE", 0.5)
+    benchmark.extra_info.update({"gemm_gops": gops, "popcount_peak_gops": peak, "share": gops / peak, "isa": popcount_isa()})
+    assert gops / peak >= floor("BNNBENCH_PERF_MIN_GEMM_SHARE")
 
 
-def test_packed_resnet18_speedup_over_its_float_path(benchmark):
-    """ImageNet ResNet-18 + BiPer at 224x224, batch 1: the packed model against the same bits through F.conv2d."""
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 CPUs")
+def test_packed_conv_scales_to_two_threads(benchmark):
+    """One thread against two (numba), best of many calls each; skipped when other work keeps a CPU busy."""
+    if os.getloadavg()[0] > 0.5:
+        pytest.skip(f"the machine is loaded (1-minute load average {os.getloadavg()[0]:.1f}): a 2-thread time would measure the other work")
+    x, _, packed = conv_case()
+    one = time_interleaved({"one": lambda: binary_conv2d_packed(x, packed, 1, 1)}, 1.0)["one"].best
+    numba.set_num_threads(2)
+    try:
+        benchmark.pedantic(binary_conv2d_packed, args=(x, packed, 1, 1), rounds=300, warmup_rounds=10)
+    finally:
+        numba.set_num_threads(1)
+    one = min(one, time_interleaved({"one": lambda: binary_conv2d_packed(x, packed, 1, 1)}, 1.0)["one"].best)
+    scaling = one / fixture_best(benchmark)
+    benchmark.extra_info.update({"one_thread_s": one, "scaling": scaling})
+    assert scaling >= floor("BNNBENCH_PERF_MIN_THREAD_SCALING")
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    """ImageNet ResNet-18 + BiPer with trained-looking BatchNorm, packed, its float path and its chain in bits."""
     model = bnnbench.build_model("resnet18", "biper", family="imagenet").eval()
+    randomise_batchnorm(model, torch.Generator().manual_seed(0))
     packed = export_packed(model)
-    float_path = set_backend(copy.deepcopy(packed), "float")
+    return {"model": model, "packed": packed, "float": set_backend(copy.deepcopy(packed), "float"), "chained": chain_in_bits(packed)}
+
+
+@pytest.mark.parametrize("contender,floor_name", [("packed", "BNNBENCH_PERF_MIN_MODEL_SPEEDUP"), ("chained", "BNNBENCH_PERF_MIN_CHAINED_SPEEDUP")])
+def test_packed_resnet18_speedup_over_its_float_path(benchmark, resnet18, contender, floor_name):
+    """224x224, batch 1, channels-last input: a packed model against the same bits through F.conv2d (NCHW, its faster layout)."""
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fast, float_path = resnet18[contender], resnet18["float"]
     with torch.no_grad():
-        assert torch.equal(packed(x).argmax(1), float_path(x).argmax(1))
+        assert torch.equal(fast(x_cl).argmax(1), resnet18["model"](x).argmax(1))
         before = time_interleaved({"float": lambda: float_path(x)}, 2.0)["float"].best
-        benchmark.pedantic(packed, args=(x,), rounds=20, warmup_rounds=2)
+        benchmark.pedantic(fast, args=(x_cl,), rounds=30, warmup_rounds=2)
         baseline = min(before, time_interleaved({"float": lambda: float_path(x)}, 2.0)["float"].best)
     speedup = baseline / fixture_best(benchmark)
-    benchmark.extra_info.update({"float_path_s": baseline, "speedup": speedup})
-    assert speedup >= threshold("BNNBENCH_PERF_MIN_MODEL_SPEEDUP", 1.5)
+    benchmark.extra_info.update({"float_path_s": baseline, "speedup": speedup, "isa": popcount_isa()})
+    assert speedup >= floor(floor_name)

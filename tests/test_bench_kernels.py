@@ -1,0 +1,41 @@
+"""`bnnbench bench conv` and `bench model` on tiny shapes: every contender runs, checks its result and lands in the rows."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from bnnbench.commands.bench import conv_table, conv_verdict, model_table
+from bnnbench.kernels import SELECTED
+from bnnbench.runners.bench import conv_benchmark, write_csv
+from bnnbench.runners.bench_model import CONTENDERS, model_benchmark
+
+
+def rendered(table) -> str:
+    console = Console(record=True, width=250)
+    console.print(table)
+    return console.export_text()
+
+
+def test_conv_benchmark_rows_name_every_contender_and_the_kernel(tmp_path):
+    rows, machine = conv_benchmark(batches=(1, 2), budget_s=0.02, shapes=((16, 32, 6, 1), (32, 64, 6, 2)))
+    assert [(r["layer"], r["batch"]) for r in rows] == [("16->32 @6x6 s1", 1), ("16->32 @6x6 s1", 2), ("32->64 @6x6 s2", 1), ("32->64 @6x6 s2", 2)]
+    for r in rows:
+        assert r["fastest"] in ("float32 F.conv2d", "float32 prepacked", "bf16 F.conv2d", "bf16 prepacked", "int8 oneDNN", "packed XNOR")
+        assert r["speedup"] > 0 and r["ideal_ratio"] > 0 and 0 < r["gemm_share_of_peak"]
+        assert r["packed_memory"] in ("nchw", "channels_last") and r["bf16_exact"] in (True, False)
+    assert machine["micro_kernel"] == SELECTED.name and machine["popcount_isa"]
+    assert machine["peak_loop_peak_gops_1thread"] == machine["popcount_peak_gops_1thread"]["peak"] > 0
+    assert "convolution" not in machine["onednn_int8"] and machine["onednn_int8"]  # an implementation name, e.g. brg_conv_fwd:...
+    assert "16->32 @6x6 s1" in rendered(conv_table(rows)) and "fastest per row (4 rows)" in conv_verdict(rows)
+    path = write_csv(tmp_path / "conv.csv", rows, machine)
+    header = path.read_text().splitlines()[0].split(",")
+    assert {"micro_kernel", "popcount_isa", "load_average_1_5_15min", "speedup_vs_int8"} <= set(header)
+
+
+def test_model_benchmark_times_every_contender_with_identical_predictions():
+    rows, machine = model_benchmark(net="resnet20", family="cifar", batches=(2,), budget_s=0.05)
+    assert [r["contender"] for r in rows] == list(CONTENDERS)
+    assert all(r["predictions_identical"] and r["max_logit_difference"] < 1e-4 for r in rows)
+    float_model = next(r for r in rows if r["contender"] == "float model")
+    assert float_model["speedup_vs_float_model"] == 1.0 and machine["micro_kernel"] == SELECTED.name
+    assert all(name in rendered(model_table(rows)) for name in CONTENDERS)
