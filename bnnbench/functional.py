@@ -1,7 +1,10 @@
-"""Math layer: the sign function and the surrogate-gradient autograd primitive.
+"""Math layer: the sign function and the surrogate-gradient autograd primitives.
 
-Everything else in bnnbench builds on these two functions; this module imports
-nothing from the package.
+``sign`` and ``surrogate_sign`` are what every method builds on;
+``normalized_surrogate_sign`` is the same with the per-sample normalisation of
+upstream BiPer/ReCU activations, and ``conv2d_of_signs`` the binary layer's
+convolution of +-1 inputs, kept for the backward in one byte each.  This module
+imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Derivative = Callable[[Tensor], Tensor]
@@ -68,3 +72,75 @@ def clip_derivative(x: Tensor) -> Tensor:
 def approx_sign_derivative(x: Tensor) -> Tensor:
     """Bi-Real ApproxSign derivative (Eq. 7): max(0, 2 - 2|x|)."""
     return (2 - 2 * x.abs()).clamp(min=0)
+
+
+class _NormalizedSurrogateSign(torch.autograd.Function):
+    """Forward ``sign(x)``; backward the surrogate at a0 = x / sqrt(var(x) + eps) per sample, through the variance.
+
+    The same arithmetic as autograd's through ``surrogate_sign(x / sqrt(x.var(dims) + eps))`` (DivBackward,
+    SqrtBackward, VarBackward), so results are bit-identical to it, but it keeps only ``x`` (which the layer
+    before holds anyway) and the per-sample ``sqrt(var + eps)`` for the backward, instead of a0 and the
+    division's intermediates: one activation-sized tensor less per binary layer.  ``x`` comes in twice and its
+    two gradient terms (through the division, through the variance) go back separately, so that autograd
+    adds them to x's other gradients (a residual connection's) in the order it did before: floating-point
+    addition is not associative.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_again: Tensor, derivative: Derivative, eps: float) -> Tensor:  # type: ignore[override]
+        dims = tuple(range(1, x.dim()))
+        root = torch.sqrt(x.var(dim=dims, keepdim=True) + eps)
+        ctx.save_for_backward(x, root)
+        ctx.derivative, ctx.dims = derivative, dims
+        return sign(x)  # sign(x / root) = sign(x): root > 0
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        x, root = ctx.saved_tensors
+        dims = ctx.dims
+        grad_a0 = grad_output * ctx.derivative(x / root)
+        grad_root = (-grad_a0 * ((x / root) / root)).sum(dim=dims, keepdim=True)
+        grad_var = grad_root / (2 * root)
+        through_variance = (2.0 / (x[0].numel() - 1)) * grad_var * (x - x.mean(dim=dims, keepdim=True))
+        return grad_a0 / root, through_variance, None, None
+
+
+def normalized_surrogate_sign(x: Tensor, derivative: Derivative, eps: float) -> Tensor:
+    """``sign(x)`` whose backward is ``derivative`` at x / sqrt(var_{C,H,W}(x) + eps), per sample, the gradient
+    flowing through the variance too (upstream BiPer and ReCU activations in training)."""
+    return _NormalizedSurrogateSign.apply(x, x, derivative, eps)
+
+
+class _ConvOfSigns(torch.autograd.Function):
+    """``conv2d(a, w)`` for an input of +-1 values, kept for the backward as int8 (1 byte instead of 4 or 2).
+
+    The weight gradient needs the input; a binary layer's input is the sign its binarizer just made, a new
+    tensor nothing else keeps: storing it as int8 and widening it again in the backward gives the same
+    gradients, bit for bit.  Under autocast the convolution runs in the autocast dtype, as F.conv2d does.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:  # type: ignore[override]
+        dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
+        with torch.autocast(a.device.type, enabled=False):
+            out = F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
+        ctx.save_for_backward(a.to(torch.int8), weight)
+        ctx.conv = (dtype, a.dtype, None if bias is None else bias.shape, stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        signs, weight = ctx.saved_tensors
+        dtype, input_dtype, bias_shape, stride, padding, dilation, groups = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
+        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_output.to(dtype), signs.to(dtype), weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
+        )
+        grad_a = None if grad_a is None else grad_a.to(input_dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_a, grad_w, grad_b, None, None, None, None
+
+
+def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves as int8."""
+    return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)

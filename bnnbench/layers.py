@@ -10,7 +10,12 @@ as larq's layers take a kernel and an input quantizer.  Forward of a binary laye
                                      sign(a0) = sign(a): the forward is unchanged
     w_b = method.weight(w)           sign with the method's surrogate and scale
     y   = conv(a_b, w_b) * alpha     alpha: learned per output channel when the
-                                     method's scale is "learned_alpha"
+                                     method's scale is "learned_alpha"; the conv
+                                     keeps its +-1 input a_b as int8 for the backward
+                                     (``functional.conv2d_of_signs``), and act_norm keeps
+                                     only a and the per-sample scale
+                                     (``functional.normalized_surrogate_sign``): the
+                                     same gradients, bit for bit, in less memory
 
 ``activation_params`` are the learnable per-layer tensors the activation method asks for
 through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import functional
 from .errors import ConfigError
 from .method import Method
 from .registry import get_method
@@ -103,10 +109,8 @@ class _BinaryMixin:
     def forward_input(self, x: Tensor) -> Tensor:
         if not self.binary_activations:
             return x
-        if self.act_norm and self.training:
-            dims = tuple(range(1, x.dim()))
-            x = x / torch.sqrt(x.var(dim=dims, keepdim=True) + ACT_NORM_EPS)
-        return self.act_method.activation(x, progress=self.progress, **self.activation_params)
+        normalize = {"normalize": ACT_NORM_EPS} if self.act_norm and self.training else {}
+        return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
     def scale_output(self, y: Tensor) -> Tensor:
         return y if self.alpha is None else y * self.alpha
@@ -145,7 +149,11 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         self._setup_binary(method, act_method, in_channels, out_channels, 2, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._conv_forward(self.forward_input(x), self.forward_weight(), self.bias)
+        a, w = self.forward_input(x), self.forward_weight()
+        if self.binary_activations and self.padding_mode == "zeros":  # +-1 inputs: kept for the backward as int8
+            y = functional.conv2d_of_signs(a, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = self._conv_forward(a, w, self.bias)
         return self.scale_output(y)
 
     def extra_repr(self) -> str:

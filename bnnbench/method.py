@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
-from .functional import approx_sign_derivative, identity_derivative, surrogate_sign
+from .functional import approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
 
 SCALES: tuple[str, ...] = ("none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two")
 
@@ -119,15 +119,18 @@ class Method:
         """Surrogate d sign(a)/da; Bi-Real's ApproxSign (Eq. 7) unless overridden."""
         return approx_sign_derivative(x)
 
-    def activation(self, a: Tensor, progress: Progress = 0.0) -> Tensor:
-        """Binary activations sign(a) with the method's surrogate backward.
+    def activation(self, a: Tensor, progress: Progress = 0.0, normalize: float | None = None) -> Tensor:
+        """Binary activations sign(a) (+-1 values: the layer stores them in int8) with the method's surrogate backward.
 
-        Methods with :meth:`activation_parameters` accept them here as keyword
-        arguments (e.g. ``activation(a, progress=p, beta=beta)``).
+        ``normalize=eps`` evaluates the surrogate at a / sqrt(var_{C,H,W}(a) + eps) per sample, the
+        gradient flowing through the variance (``act_norm`` in training; the forward is unchanged).
+        Methods with :meth:`activation_parameters` accept them here as keyword arguments (e.g.
+        ``activation(a, progress=p, beta=beta)``) and refuse ``act_norm``.
         """
         if not self.binary_activations:
             return a
-        return surrogate_sign(a, lambda x: self.activation_derivative(x, progress))
+        derivative = lambda x: self.activation_derivative(x, progress)  # noqa: E731
+        return surrogate_sign(a, derivative) if normalize is None else normalized_surrogate_sign(a, derivative, normalize)
 
     def activation_parameters(self, in_channels: int, spatial_dims: int) -> dict[str, Tensor]:
         """Initial values of learnable per-layer tensors that :meth:`activation` takes.
