@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
+from bnnbench import hardware
 from bnnbench.io import write_text
 from bnnbench.kernels import SELECTED, binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
 from bnnbench.packed import Int8Conv
@@ -58,7 +59,6 @@ RESNET18_BINARY_CONVS: tuple[tuple[int, int, int, int], ...] = (
     (256, 512, 14, 2),
     (512, 512, 7, 1),
 )
-ISA_FLAGS = ("popcnt", "avx2", "avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 @dataclass
@@ -111,20 +111,10 @@ def set_threads(threads: int) -> None:
 
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU (model name, family/model, ISA flags, the kernels' popcount ISA and micro-kernel), threads, load, versions and date."""
-    cpu: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model", "flags") and key not in cpu:
-                cpu[key] = value.strip()
-    except OSError:
-        pass
-    flags = set(cpu.get("flags", "").split())
     return {
-        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
-        "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "cpu family" in cpu and "model" in cpu else "",
-        "isa": " ".join(f for f in ISA_FLAGS if f in flags),
+        "cpu": hardware.cpu_model(),
+        "cpu_family_model": hardware.cpu_family_model(),
+        "isa": hardware.isa(),
         "popcount_isa": popcount_isa(),
         "micro_kernel": SELECTED.name,
         "logical_cpus": os.cpu_count(),

@@ -109,7 +109,8 @@ class RunRecord:
         if info.get("gpu"):
             return str(info["gpu"])
         cores = f", {info['cpu_count']} cores" if info.get("cpu_count") else ""
-        return f"{info.get('cpu') or 'CPU'} CPU{cores}" if info else "unknown machine"
+        isa = f" ({info['isa']})" if info.get("isa") else ""
+        return f"{info.get('cpu') or 'CPU'}{isa}{cores}" if info else "unknown machine"
 
     @property
     def created(self) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bnnbench import hardware
 from bnnbench.io import atomic_write, read_torch, write_text
 
 CONFIG, METRICS, LAYERS, FINAL, FAILURE = "config.json", "metrics.csv", "layers.csv", "final.json", "failure.json"
@@ -151,6 +152,8 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = hardware.cpu_model()
+        info["cpu_family_model"] = hardware.cpu_family_model()
+        info["isa"] = hardware.isa()
         info["cpu_count"] = os.cpu_count()
     return info

@@ -97,6 +97,7 @@ from torch import Tensor, nn
 
 import bnnbench
 from bnnbench.data import open_data
+from bnnbench.hardware import cpu_flags
 
 from . import distributed
 from .callbacks import EpochCallback, EpochReport
@@ -153,14 +154,6 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> list[Tens
     top = logits.topk(max(ks), dim=1).indices
     hits = top == labels[:, None]
     return [hits[:, :k].any(dim=1).sum() for k in ks]
-
-
-def cpu_flags() -> set[str]:
-    """The ISA flags the (Linux) kernel reports for this CPU; empty where it reports none."""
-    try:
-        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).partition(":")[2].split())
-    except (OSError, StopIteration):
-        return set()
 
 
 def bf16_hardware() -> bool:
