@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Derivative = Callable[[Tensor], Tensor]
 
@@ -144,3 +144,34 @@ class _ConvOfSigns(torch.autograd.Function):
 def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
     """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves as int8."""
     return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)
+
+
+class _HardtanhInPlace(torch.autograd.Function):
+    """``clamp_(x, -1, 1)`` in place whose backward reads its *output*: an input is strictly inside (-1, 1)
+    exactly when the output is, so torch's ``hardtanh_backward`` on the output gives the same gradient, bit
+    for bit.  torch's own in-place hardtanh keeps a copy instead, and the binarizer that reads the output
+    keeps the output too: one activation-sized tensor per binary layer this one saves."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.mark_dirty(x)
+        x.clamp_(-1.0, 1.0)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad_output, out, -1.0, 1.0)
+
+
+def hardtanh_(x: Tensor) -> Tensor:
+    """In-place hardtanh (clamp to [-1, 1]) that keeps only its output for the backward."""
+    return _HardtanhInPlace.apply(x)
+
+
+class Hardtanh(nn.Module):
+    """The non-linearity between binary layers: in-place hardtanh keeping only its output (:func:`hardtanh_`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return hardtanh_(x)

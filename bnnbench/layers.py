@@ -113,7 +113,8 @@ class _BinaryMixin:
         return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
     def scale_output(self, y: Tensor) -> Tensor:
-        return y if self.alpha is None else y * self.alpha
+        """``y * alpha`` in y's dtype: under bf16 autocast a float32 alpha would promote every later activation to float32."""
+        return y if self.alpha is None else y * self.alpha.to(y.dtype)
 
     def regularization(self) -> Tensor | None:
         return self.method.regularizer(self.weight, self.stage)

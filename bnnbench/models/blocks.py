@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional import Hardtanh
 from ..layers import BinaryConv2d
 from ..method import Method
 
@@ -43,7 +44,7 @@ class BinaryLayers:
 
     def nonlinearity(self) -> nn.Module:
         """Hardtanh between binary layers (upstream), ReLU when activations are real."""
-        return nn.ReLU(inplace=True) if self.real_activations else nn.Hardtanh(inplace=True)
+        return nn.ReLU(inplace=True) if self.real_activations else Hardtanh()
 
 
 class PadShortcut(nn.Module):

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers import check_act_norm
 from ..method import Method
 from ..registry import get_method
 from .blocks import BinaryLayers
@@ -59,11 +60,7 @@ class ModelSpec:
         activations = weights if same_half else get_method(act_name, **self.act_hparams)
         binary_inputs = activations.binary_activations
         act_norm = (activations.default_act_norm if self.act_norm is None else bool(self.act_norm)) and binary_inputs
-        if act_norm and activations.activation_parameters(1, 2):
-            raise ConfigError(
-                f"method {act_name!r} learns activation parameters; act_norm would change its forward "
-                "(sign(a0 + beta) != sign(a + beta)): use --no-act-norm"
-            )
+        check_act_norm(activations, act_norm)
         accepted = set(inspect.signature(factory).parameters) - {"layers", "num_classes"}
         unknown = sorted(set(self.options) - accepted)
         if unknown:
