@@ -170,8 +170,12 @@ def hardtanh_(x: Tensor) -> Tensor:
     return _HardtanhInPlace.apply(x)
 
 
-class Hardtanh(nn.Module):
-    """The non-linearity between binary layers: in-place hardtanh keeping only its output (:func:`hardtanh_`)."""
+class Hardtanh(nn.Hardtanh):
+    """The non-linearity between binary layers: ``nn.Hardtanh(-1, 1, inplace=True)`` keeping only its output
+    for the backward (:func:`hardtanh_`)."""
+
+    def __init__(self) -> None:
+        super().__init__(-1.0, 1.0, inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return hardtanh_(x)
