@@ -110,3 +110,26 @@ def test_checkout_shim_imports_bnnbench_without_an_install(tmp_path):
 def test_the_check_needs_data_or_a_dry_run(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "needs --data DIR" in done.stderr
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in state  # a zombie waiting for its reaper has stopped running
+
+
+def test_a_step_at_its_time_limit_is_stopped_with_its_whole_process_group(tmp_path):
+    """The comparison is stopped this way: SIGTERM to the step and the workers it started."""
+    import argparse
+
+    args = argparse.Namespace(minutes=1, out=str(tmp_path / "out"), work=str(tmp_path / "work"), dry_run=True, data=None, recipe="gpu-short", from_checkout=False)
+    check = gpu_check.Check(args)
+    pid_file = tmp_path / "worker.pid"
+    sleeper = f"import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(120)"
+    assert check.run("sleepy", [sys.executable, "-c", sleeper], limit=6, stop_at_limit=True) == "stopped at its time limit"
+    assert check.steps[-1]["seconds"] < 6 + gpu_check.STOP_GRACE_S
+    assert process_gone(int(pid_file.read_text()))
+    assert check.run("quick", [sys.executable, "-c", "raise SystemExit(3)"], limit=30) == "failed (exit 3)"
+    assert (tmp_path / "out" / "logs" / "quick.log").is_file()
