@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,45 @@ class InProcess(Executor):
         return None
 
 
+_STOP: Any = None  # in a pool worker: the pool's stop event
+
+
+def _init_pool_worker(stop: Any) -> None:
+    global _STOP
+    _STOP = stop
+
+
+def _unless_stopped(fn: Callable[[Any], Any], task: Any) -> Any:
+    """In a pool worker: ``fn(task)``, unless the pool stopped before this task started (tasks the
+    pool had already handed to its workers' queue cannot be cancelled from the parent)."""
+    if _STOP is not None and _STOP.is_set():
+        raise RuntimeError("not started: the command stopped before this run's turn")
+    return fn(task)
+
+
+@contextmanager
+def sigterm_to_workers(stop: Any) -> Iterator[None]:
+    """While a pool runs (main thread): SIGTERM to this process stops the pool (``stop``) and goes on
+    to its worker processes, which save their finished epochs, and raises ``RunInterrupted`` here,
+    so that the pool shuts down with them instead of leaving them orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from .train import RunInterrupted
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        for worker in multiprocessing.active_children():
+            worker.terminate()  # SIGTERM: the worker's training loop saves and stops
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @dataclass
 class ProcessPool(Executor):
     """``workers`` spawned worker processes on this machine (spawn: no forked CUDA, OpenMP or numba state)."""
@@ -112,19 +154,24 @@ class ProcessPool(Executor):
         return min(self.workers, tasks)
 
     def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any], on_start: Started = _ignore) -> Iterator[Finished]:
-        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        context = multiprocessing.get_context("spawn")
+        stop = context.Event()
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_init_pool_worker, initargs=(stop,))
         try:
-            futures = {}
-            for index, task in enumerate(tasks):
-                on_start(index)
-                futures[pool.submit(fn, task)] = index
-            for future in as_completed(futures):
-                try:
-                    yield Finished(futures[future], future.result())
-                except Exception as exc:  # the worker died (BrokenProcessPool) or the result did not unpickle
-                    yield Finished(futures[future], error=f"{type(exc).__name__}: {exc}")
+            with sigterm_to_workers(stop):
+                futures = {}
+                for index, task in enumerate(tasks):
+                    on_start(index)
+                    futures[pool.submit(_unless_stopped, fn, task)] = index
+                for future in as_completed(futures):
+                    try:
+                        result = Finished(futures[future], future.result())
+                    except Exception as exc:  # the worker died (BrokenProcessPool) or the result did not unpickle
+                        result = Finished(futures[future], error=f"{type(exc).__name__}: {exc}")
+                    yield result
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # queued runs are dropped; running ones finish or save
+            stop.set()  # finished, or closed early: runs not started yet are dropped
+            pool.shutdown(wait=True, cancel_futures=True)  # running ones finish (or, interrupted, save) first
 
 
 class Requeueable:

@@ -132,6 +132,24 @@ def test_missing_submitit_is_an_error_naming_the_install(monkeypatch, tmp_path):
         Submitit("slurm", tmp_path)
 
 
+def test_sigterm_to_a_pool_stops_its_workers_and_raises_run_interrupted():
+    """SIGTERM to the command alone (not to its process group) reaches its workers too: none is left running."""
+    import multiprocessing
+    import os
+    import signal
+
+    from bnnbench.runners.train import RunInterrupted
+
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    began = time.monotonic()
+    timer.start()
+    with pytest.raises(RunInterrupted):
+        for _ in ProcessPool(2).run(time.sleep, [120, 120, 120, 120]):
+            pass
+    timer.join()
+    assert time.monotonic() - began < 30 and multiprocessing.active_children() == []
+
+
 # ---------------------------------------------------------------- the per-run lock
 def test_run_lock_is_exclusive_and_a_waiter_says_why_it_waits(tmp_path):
     key = RunSpec.make("digits").key()
