@@ -229,7 +229,7 @@ def job_folders(out: Path) -> list[Path]:
     return [p for p in (out / "submitit").iterdir() if p.is_dir() and p.name.isdigit()]
 
 
-def test_submitit_local_executor_runs_a_tiny_table(tmp_path):
+def test_submitit_local_executor_runs_a_tiny_table(tmp_path, monkeypatch, capsys):
     pytest.importorskip("submitit")
     spec_path = tmp_path / "exec.toml"
     spec_path.write_text(SPEC)
@@ -247,6 +247,12 @@ def test_submitit_local_executor_runs_a_tiny_table(tmp_path):
     again = make_table(load_spec(spec_path), tiny_recipe(), Machine(out=str(out), device="cpu"), quiet=True, log=said.append, parallel=executor)
     assert len(run_names(out)) == 2 and len(job_folders(out)) == 2
     assert {job.status for job in again.runs.jobs} == {"finished"}
+    # and through the command line, with --jobs auto: nothing left to make
+    from bnnbench.runners import recipes
+
+    monkeypatch.setattr(recipes, "get_recipe", lambda name, family="cifar": tiny_recipe())
+    assert cli_main(["table", str(spec_path), "--recipe", "tiny", "--device", "cpu", "--jobs", "auto", "--out", str(out), "--quiet"]) == 0
+    assert "--jobs auto: 1 at once (one run per CPU core" in capsys.readouterr().out and len(run_names(out)) == 2
 
 
 def test_submitit_job_errors_come_back_as_errors_and_the_other_jobs_finish(tmp_path):
