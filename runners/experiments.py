@@ -5,8 +5,11 @@ and the stages; :func:`plan` gives it each table's recipe (the budget) and every
 looks in ``<out>/runs/`` for runs whose spec has the same canonical JSON
 (:meth:`RunSpec.key`, read from every ``config.json`` this project has written, see
 :meth:`RunSpec.from_saved`).  :func:`execute` trains what is missing (one run after the
-other, or several at once in worker processes), each in its own run directory so an
-interruption loses at most one epoch: the next call resumes it.
+other, several at once in worker processes, or as submitit jobs: ``runners/executors.py``),
+each in its own run directory so an interruption loses at most one epoch: the next call
+resumes it.  Each run is made under its lock (``runners/locks.py``), and looked up again once
+the lock is held: when two commands share one results folder, a run the other one finished
+meanwhile is reused, one it is training is waited for, never trained twice at once.
 
 What "matching" compares is exactly the RunSpec: the data set name; the model as resolved
 (network, family, classes, both binarizers with every hyper-parameter, act_norm, backbone
@@ -17,10 +20,8 @@ loader, workers, where the data were read from), which the tables' captions list
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from bnnbench.data import DataError
 
 from .catalog import RunRecord, read_run, scan_runs
 from .display import Display
+from .executors import Executor, InProcess, ProcessPool, worker_threads
+from .locks import run_lock
 from .recipes import Recipe
 from .rundir import RunDirectory
 from .results import CONFIG
@@ -122,13 +125,30 @@ class Outcome:
 
 @dataclass(frozen=True)
 class _Result:
-    """What training one job ended with (picklable: it comes back from worker processes)."""
+    """What making one run ended with (picklable: it comes back from worker processes and jobs)."""
 
     path: str | None  # the run directory, once one was chosen
     diverged: str | None = None
     data_error: str | None = None
     data_missing: bool = False
-    failed: str | None = None  # any other error (in a worker process)
+    failed: str | None = None  # any other error (in a worker process or job)
+    reused: bool = False  # another process had finished it by the time its lock was held
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run to make, as every executor hands it to :func:`run_task` (picklable).
+
+    ``share``: how many runs share this machine's cores (their torch threads follow from it,
+    see :func:`~.executors.worker_threads`); None leaves the threads alone.  ``plugins``: the
+    method plugin files to load first, as the parent process did.
+    """
+
+    spec: RunSpec
+    machine: Machine
+    quiet: bool = True
+    share: int | None = None
+    plugins: tuple[str, ...] = ()
 
 
 def _train(spec: RunSpec, machine: Machine, resume: str | None, quiet: bool) -> _Result:
@@ -144,45 +164,85 @@ def _train(spec: RunSpec, machine: Machine, resume: str | None, quiet: bool) -> 
     return _Result(str(directory.path))
 
 
-def _init_worker(threads: int, plugins: list[str]) -> None:
-    torch.set_num_threads(threads)
-    for path in plugins:  # methods registered from plugin files exist in this process too
-        bnnbench.load_plugin(path)
+def _prepare_process(task: Task) -> None:
+    """Threads and plugins of the process that makes ``task`` (a worker or a job may be fresh)."""
+    if task.share is not None:
+        torch.set_num_threads(worker_threads(task.machine.resolve_device().type, task.share))
+    loaded = set(registry.loaded_plugins())
+    for path in task.plugins:
+        if path not in loaded:
+            bnnbench.load_plugin(path)
 
 
-def _train_in_worker(spec: RunSpec, machine: Machine, resume: str | None) -> _Result:
+def run_task(task: Task) -> _Result:
+    """Make one run in this process: under its lock, look its signature up in ``out/runs`` again
+    (the plan may be stale); reuse it when it is finished or diverged, else resume the newest
+    unfinished one, else train it.  Exceptions other than divergence and data errors propagate."""
+    _prepare_process(task)
+    key = task.spec.key()
+    with run_lock(task.machine.out, key, log=print):
+        current = _choose([r for r in scan_runs(task.machine.run_root()) if record_signature(r) == key])
+        if current is not None and current.status in ("finished", "diverged"):
+            return _Result(str(current.path), reused=True)
+        return _train(task.spec, task.machine, str(current.path) if current else None, task.quiet)
+
+
+def run_task_reporting(task: Task) -> _Result:
+    """:func:`run_task` for worker processes and jobs: any error becomes a failed result, so the other runs go on."""
     try:
-        return _train(spec, machine, resume, quiet=True)
-    except Exception as exc:  # reported by the parent; the other workers go on
+        return run_task(task)
+    except Exception as exc:
         return _Result(None, failed=f"{type(exc).__name__}: {exc}")
 
 
-def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] = print, parallel: int = 1) -> Outcome:
-    """Train (or resume) every job that is not done.
-
-    ``parallel`` > 1 trains that many runs at once in worker processes, each
-    with ``cores // parallel`` torch threads and plain log lines: on a CPU,
-    independent single-threaded runs use the cores better than one run with
-    several threads.  A diverged run is recorded and the others go on.  A data
-    error (no data set where the configuration points) stops the loop: every
-    later run would fail the same way; :attr:`Outcome.stopped` says why.
-    Ctrl-C / SIGTERM propagate: finished epochs are saved and the next call
-    resumes the interrupted run.
-    """
+def as_executor(parallel: int | Executor) -> Executor:
+    """An :class:`~.executors.Executor` as given, or for a number of runs at once: this process (1) or a pool."""
+    if isinstance(parallel, Executor):
+        return parallel
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, got {parallel}")
+    return InProcess() if parallel == 1 else ProcessPool(parallel)
+
+
+def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] = print, parallel: int | Executor = 1) -> Outcome:
+    """Train (or resume) every job that is not done.
+
+    ``parallel``: 1 trains in this process, one run after the other (live progress unless
+    ``quiet``); N > 1 trains N runs at once in worker processes with plain log lines, each with
+    its share of the cores as torch threads (on a CPU, independent single-threaded runs use the
+    cores better than one run with several threads; on CUDA the N processes share the GPU, with
+    at most ``CUDA_WORKER_THREADS`` threads each); an :class:`~.executors.Executor` sends the
+    runs where it says (e.g. Slurm jobs through submitit).  A diverged or failed run is recorded
+    and the others go on.  A data error (no data set where the configuration points) stops the
+    loop and cancels the runs not started: every later run would fail the same way;
+    :attr:`Outcome.stopped` says why.  Ctrl-C / SIGTERM propagate: finished epochs are saved and
+    the next call resumes the interrupted run.
+    """
+    executor = as_executor(parallel)
     outcome = Outcome()
     todo = [job for job in jobs if not job.done]
+    if not todo:
+        return outcome
+    in_process = isinstance(executor, InProcess)
+    share = None if in_process else executor.share(len(todo))
+    plugins = tuple(registry.loaded_plugins())
+    tasks = [Task(job.spec, job.machine, quiet=quiet or not in_process, share=share, plugins=plugins) for job in todo]
+    if not in_process:
+        log(f"{len(todo)} runs to make: {executor.description}")
 
-    def announce(i: int, job: Job) -> None:
+    def announce(index: int) -> None:
+        job = todo[index]
         verb = "resuming" if job.record is not None else "training"
-        log(f"[{i}/{len(todo)}] {verb} {job.spec.describe()}")
+        log(f"[{index + 1}/{len(todo)}] {verb} {job.spec.describe()}")
 
     def settle(job: Job, result: _Result) -> bool:
         """Record a finished job; False when a data error means the rest cannot run."""
         if result.path and (Path(result.path) / CONFIG).is_file():
             job.record = read_run(Path(result.path))
-        outcome.trained.append(job)
+        if result.reused:
+            log(f"    made meanwhile by another process: {result.path}")
+        else:
+            outcome.trained.append(job)
         if result.diverged:
             log(f"    diverged ({job.spec.describe()}): {result.diverged}")
         if result.failed:
@@ -194,39 +254,19 @@ def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] 
             return False
         return True
 
-    def mark_data_problem(missing: bool) -> None:
-        for job in todo:
-            if not job.done:
-                job.note = "data not found" if missing else "data error"
-
-    if parallel == 1:
-        for i, job in enumerate(todo, start=1):
-            announce(i, job)
-            result = _train(job.spec, job.machine, str(job.record.path) if job.record else None, quiet)
+    function = run_task if in_process else run_task_reporting
+    with closing(executor.run(function, tasks, on_start=announce)) as finished:
+        for item in finished:
+            job = todo[item.index]
+            result = item.value if item.error is None else _Result(None, failed=item.error)
+            if not in_process:
+                log(f"    done: {job.spec.describe()}")
             if not settle(job, result):
-                mark_data_problem(result.data_missing)
+                for other in todo:
+                    if not other.done:
+                        other.note = "data not found" if result.data_missing else "data error"
                 break
-        return outcome
-
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    context = multiprocessing.get_context("spawn")  # no forked OpenMP/numba state
-    pool = ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=_init_worker, initargs=(threads, registry.loaded_plugins()))
-    try:
-        futures = {}
-        for i, job in enumerate(todo, start=1):
-            announce(i, job)
-            resume = str(job.record.path) if job.record else None
-            futures[pool.submit(_train_in_worker, job.spec, job.machine, resume)] = job
-        for future in as_completed(futures):
-            job = futures[future]
-            result = future.result()
-            log(f"    done: {job.spec.describe()}")
-            if not settle(job, result):
-                mark_data_problem(result.data_missing)
-                break
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # queued runs are dropped; running ones finish or save
     return outcome
 
 
-__all__ = ["Job", "Outcome", "Plan", "execute", "plan", "record_signature"]
+__all__ = ["Job", "Outcome", "Plan", "Task", "as_executor", "execute", "plan", "record_signature", "run_task", "run_task_reporting"]

@@ -106,3 +106,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA GPU: without one they are skipped, saying so
+    (``scripts/gpu-check`` runs them on a GPU machine: ``pytest -m cuda``)."""
+    cuda_tests = [item for item in items if "cuda" in item.keywords]
+    if not cuda_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); scripts/gpu-check runs these with pytest -m cuda")
+    for item in cuda_tests:
+        item.add_marker(skip)

@@ -124,7 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
     machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")
     machine.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
-    machine.add_argument("--loader", choices=("auto", "torch", "ffcv"), help="data loader (auto: FFCV when .beton files exist)")
+    machine.add_argument(
+        "--loader",
+        choices=("auto", "torch", "gpu", "ffcv"),
+        help="data loader: gpu (CIFAR-10/digits held on the device, batches built there), torch (batches built on the host), "
+        "ffcv (.beton files); auto: gpu for CIFAR-10/digits on CUDA, else FFCV when .beton files exist, else torch",
+    )
     machine.add_argument("--ffcv-dir", help="folder with the .beton files written by bnnbench prepare")
     machine.add_argument("--workers", type=int, help="data loading worker processes (default 0)")
     machine.add_argument("--skip-bad-images", action="store_true", default=None, help="skip undecodable images (counted in config.json) instead of stopping")

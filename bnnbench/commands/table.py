@@ -7,7 +7,12 @@ path of your own spec.
 Runs are looked up in ``OUT/runs/`` by their resolved configuration; finished
 ones are reused, interrupted ones resumed, missing ones trained one after the
 other, or ``--jobs N`` at once in worker processes (Ctrl-C keeps every finished
-epoch: run the same command again to go on).
+epoch: run the same command again to go on).  ``--jobs auto``: one per CPU core,
+or on CUDA as many as the GPU's free memory holds (a probe measures one run's
+footprint; ``runners/concurrency.py``).  ``--executor slurm`` submits each run as
+a Slurm job through submitit (``submitit-local``: submitit's local subprocesses),
+all writing into the same ``OUT/runs``; a lock per run (``OUT/locks``) keeps two
+commands sharing a results folder from training one run twice at once.
 The table goes to ``OUT/tables/<stem>.md``, ``.tex`` (booktabs) and ``.csv``
 (per seed, with the run id of each number; the stem is ``tableN`` or the spec's ``name``),
 and a spec's ``curves`` to ``OUT/figures/<stem>_curves.png`` / ``.pdf``.
@@ -21,9 +26,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
+from ..runners.executors import EXECUTORS
 from ..runners.recipes import list_recipes
 from ..tables import named_specs
+
+DEFAULT_SLURM_MINUTES = 24 * 60
 
 HELP = "regenerate Table 1-4 of the BiPer paper, or a shipped/own table spec, from bnnbench runs (bnnbench table 3 --recipe quick)"
 
@@ -41,7 +51,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--dry-run", action="store_true", help="print which runs would be used, resumed or trained; write nothing")
     mode.add_argument("--no-run", action="store_true", help="only render the table from finished runs (the others show as missing)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress bars")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes, each on cores/JOBS threads (default 1)")
+    parser.add_argument(
+        "--jobs",
+        type=_jobs,
+        help="runs trained at once: N, or auto (CPU: one per core; CUDA: as many as the GPU's free memory holds, measured by a probe). "
+        "Local: worker processes, each on its share of the cores (default 1); slurm/submitit-local: jobs queued at once (default all)",
+    )
+    cluster = parser.add_argument_group("where the runs train")
+    cluster.add_argument("--executor", choices=EXECUTORS, default="local", help="local (this machine, default), slurm (one Slurm job per run, through submitit), submitit-local (submitit's local subprocesses)")
+    cluster.add_argument("--slurm-partition", help="Slurm partition of the jobs")
+    cluster.add_argument("--slurm-time", type=int, metavar="MINUTES", help=f"time limit of each job in minutes (default {DEFAULT_SLURM_MINUTES}); a job that reaches it is requeued and resumes its run")
+    cluster.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per job (default 1, 0 with --device cpu)")
+    cluster.add_argument("--slurm-cpus", type=int, metavar="N", help="CPU cores per job (default: the cluster's)")
+    cluster.add_argument("--slurm-option", action="append", type=_key_value, metavar="KEY=VALUE", help="any other sbatch option, e.g. account=abc or qos=high (repeatable)")
+
+
+def _jobs(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--jobs takes a number or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs must be at least 1, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--slurm-option expects KEY=VALUE (e.g. account=abc), got {text!r}")
+    return key.strip().replace("-", "_"), value.strip()
+
+
+def slurm_options_given(args: argparse.Namespace) -> list[str]:
+    names = ("slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_option")
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+
+
+def build_executor(args: argparse.Namespace, out: str) -> Any:
+    """The submitit executor of ``--executor slurm|submitit-local`` with its ``--slurm-*`` options."""
+    from ..runners.executors import SUBMITIT_CLUSTERS, Submitit
+
+    cluster = SUBMITIT_CLUSTERS[args.executor]
+    gpus = args.slurm_gpus if args.slurm_gpus is not None else (0 if args.device == "cpu" else 1)
+    parameters: dict[str, Any] = {
+        "timeout_min": args.slurm_time or DEFAULT_SLURM_MINUTES,
+        "gpus_per_node": gpus,
+        "name": "bnnbench",
+    }
+    if args.slurm_cpus is not None:
+        parameters["cpus_per_task"] = args.slurm_cpus
+    if args.slurm_partition:
+        parameters["slurm_partition"] = args.slurm_partition
+    if args.slurm_option:
+        parameters["slurm_additional_parameters"] = dict(args.slurm_option)
+    max_running = args.jobs if isinstance(args.jobs, int) else None
+    return Submitit(cluster, Path(out) / "submitit", parameters, max_running=max_running, poll_s=15.0 if cluster == "slurm" else 1.0)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,6 +121,8 @@ def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.table)
     recipe = get_recipe(args.recipe, spec.family)
     machine = Machine(data_dir=args.data_dir, device=args.device or "auto", amp=args.amp, workers=args.workers, out=args.out)
+    if args.executor == "local" and slurm_options_given(args):
+        raise ValueError(f"{', '.join(slurm_options_given(args))} apply to --executor slurm or submitit-local, not to local runs")
     if args.dry_run:
         runs = plan(spec.runs, range(args.seeds), recipe, machine)
         for line in describe_plan(spec, runs, args.seeds):
@@ -61,8 +130,17 @@ def main(args: argparse.Namespace) -> int:
         todo = [job for job in runs.jobs if not job.done]
         print(f"{len(runs.jobs) - len(todo)} of {len(runs.jobs)} runs available; {len(todo)} to train or resume (budget {recipe.name})")
         return 0
+    if args.executor != "local":
+        parallel = build_executor(args, args.out)
+    elif args.jobs == "auto" and not args.no_run:
+        from ..runners.concurrency import auto_jobs
+
+        todo = [job.spec for job in plan(spec.runs, range(args.seeds), recipe, machine).jobs if not job.done]
+        parallel = auto_jobs(todo, machine)
+    else:
+        parallel = args.jobs if isinstance(args.jobs, int) else 1
     try:
-        result = make_table(spec, recipe, machine, seeds=args.seeds, train=not args.no_run, quiet=args.quiet, parallel=args.jobs)
+        result = make_table(spec, recipe, machine, seeds=args.seeds, train=not args.no_run, quiet=args.quiet, parallel=parallel)
     except RunInterrupted as exc:
         print(f"bnnbench: interrupted ({exc}); finished runs and epochs are kept: run the same command again to go on", file=sys.stderr)
         return 128 + exc.signum

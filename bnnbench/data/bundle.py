@@ -28,7 +28,8 @@ from .sampling import SUBSET_SEED, balanced_subset, distributed_rank
 from .sources import FolderSource, archive_note
 from .specs import DatasetSpec, get_spec
 
-LOADERS = ("auto", "torch", "ffcv")
+LOADERS = ("auto", "torch", "gpu", "ffcv")
+ARRAY_DATASETS = ("cifar10", "digits")  # held in memory as uint8 arrays: what loader="gpu" serves
 
 
 @dataclass
@@ -56,12 +57,24 @@ class DataBundle:
         self.train.set_epoch(epoch)
 
 
-def _choose_backend(name: str, loader: str, ffcv_dir: Path | None) -> str:
+def _choose_backend(name: str, loader: str, ffcv_dir: Path | None, device: torch.device) -> str:
+    """"torch", "gpu" or "ffcv": ``loader`` checked against the data set, or chosen for ``auto``
+    (on CUDA the device-resident arrays for CIFAR-10 and digits; else FFCV when its files are
+    there and it imports; else torch)."""
     if loader not in LOADERS:
         raise DataError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     if loader == "torch":
         return "torch"
+    if loader == "gpu":
+        if name not in ARRAY_DATASETS:
+            raise DataError(
+                f"loader='gpu' keeps a uint8 array of the data set on the device: it serves {' and '.join(ARRAY_DATASETS)}, "
+                f"not {name!r}; use loader='ffcv' (--ffcv-dir) or 'torch'"
+            )
+        return "gpu"
     if loader == "auto":
+        if device.type == "cuda" and name in ARRAY_DATASETS:
+            return "gpu"
         usable = name in FFCV_DATASETS and betons_present(ffcv_dir) and ffcv_missing_reason() is None
         return "ffcv" if usable else "torch"
     if name not in FFCV_DATASETS:
@@ -78,7 +91,7 @@ def _choose_backend(name: str, loader: str, ffcv_dir: Path | None) -> str:
 
 
 def _array_bundle(
-    spec: DatasetSpec, loaded: LoadedSplits, request: DataRequest
+    spec: DatasetSpec, loaded: LoadedSplits, request: DataRequest, resident: bool
 ) -> tuple[EpochLoader, EpochLoader, dict[str, Any]]:
     mean, std = loaded.mean or spec.mean, loaded.std or spec.std
     common = {
@@ -86,6 +99,7 @@ def _array_bundle(
         "mean": mean,
         "std": std,
         "device": request.device,
+        "resident": resident,
         "rank": request.rank,
         "world_size": request.world_size,
     }
@@ -98,7 +112,7 @@ def _array_bundle(
     skipped = loaded.train.skipped + loaded.test.skipped
     info = {
         **loaded.provenance,
-        "loader": "torch (in-memory uint8 arrays, batched crop/flip)",
+        "loader": _array_loader_note(request.device, resident),
         "classes": loaded.train.classes,
         "full_train_size": loaded.train.full_size,
         "full_test_size": loaded.test.full_size,
@@ -109,6 +123,13 @@ def _array_bundle(
         "std": list(std),
     }
     return train, test, info
+
+
+def _array_loader_note(device: torch.device, resident: bool) -> str:
+    if resident:
+        return f"gpu (uint8 arrays resident on {device}: batched crop/flip and normalisation there)"
+    where = "" if device.type == "cpu" else f", pinned copies to {device}"
+    return f"torch (in-memory uint8 arrays on the host, batched crop/flip{where})"
 
 
 def _imagenet_root(data_dir: Path | None) -> Path:
@@ -264,8 +285,11 @@ def make_data(name: str, **options: Any) -> DataBundle:
     - ``batch_size``/``eval_batch_size`` (default: the training batch).
     - ``train_subset``/``test_subset``: the first N of the fixed class-balanced order of the split.
     - ``seed``: with the epoch set by ``set_epoch``, fixes the training order and augmentation.
-    - ``loader``: "torch", "ffcv" (``ffcv_dir`` from ``bnnbench prepare``), or "auto" (FFCV when
-      ``ffcv_dir`` holds train.beton and test.beton and FFCV imports).
+    - ``loader``: "torch" (CIFAR-10/digits: arrays in host memory, batches copied to the device),
+      "gpu" (CIFAR-10/digits: arrays resident on the device, batches assembled there; the same
+      batches bit for bit), "ffcv" (``ffcv_dir`` from ``bnnbench prepare``), or "auto" ("gpu"
+      for CIFAR-10/digits on CUDA; else FFCV when ``ffcv_dir`` holds train.beton and test.beton
+      and FFCV imports; else "torch").
     - ``workers``: DataLoader processes (ImageNet folders) or FFCV threads; the in-memory CIFAR
       path needs none.  ``device``: where batches are delivered (and CIFAR arrays are kept).
     - ``augment``: CIFAR crop 32 pad 4 + flip, ImageNet RandomResizedCrop 224 + flip (never digits).
@@ -283,7 +307,8 @@ def open_data(request: DataRequest) -> DataBundle:
         request = dataclasses.replace(request, eval_batch_size=request.batch_size)
     if not spec.augmentable:
         request = dataclasses.replace(request, augment=False)
-    backend = _choose_backend(request.name, request.loader, request.ffcv_dir)
+    backend = _choose_backend(request.name, request.loader, request.ffcv_dir, request.device)
+    resident = backend == "gpu"
     if backend == "ffcv":
         train, test, info = _ffcv_bundle(spec, request)
     elif request.name == "imagenet":
@@ -296,9 +321,10 @@ def open_data(request: DataRequest) -> DataBundle:
             skip_bad_images=request.skip_bad_images,
             download=request.download,
         )
-        train, test, info = _array_bundle(spec, loaded, request)
+        train, test, info = _array_bundle(spec, loaded, request, resident)
     else:
-        train, test, info = _array_bundle(spec, load_digits(train_subset=request.train_subset, test_subset=request.test_subset), request)
+        digits = load_digits(train_subset=request.train_subset, test_subset=request.test_subset)
+        train, test, info = _array_bundle(spec, digits, request, resident)
     classes = info.pop("classes")
     info = {
         "dataset": request.name,

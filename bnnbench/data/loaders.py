@@ -5,7 +5,13 @@ epoch: a permutation seeded by (seed, epoch) for training, the identity for eval
 rank's shard (DistributedSampler semantics).  Nothing here reads the global torch or numpy RNG.
 
 - :class:`ArrayLoader`: images held in memory as uint8 (CIFAR-10, digits); crop/flip per batch as
-  one tensor gather on the target device with a generator seeded by (seed, epoch, rank).
+  one tensor gather with a CPU generator seeded by (seed, epoch, rank).  ``resident=True`` (the
+  ``gpu`` loader) keeps the array on the target device: the epoch's plan (positions, crop
+  offsets, flips: drawn on the CPU exactly as before) goes there in one pinned, non-blocking
+  copy, and every batch is gathered, cropped, flipped and normalised there, with no host
+  round trip per batch.  ``resident=False`` (the ``torch`` loader) builds each uint8 batch on
+  the host and copies it (pinned, non-blocking) to the device, where it is normalised.  Both
+  give the same batches, bit for bit, on any device.
 - :class:`FolderLoader`: images decoded from files by a torch ``DataLoader`` with workers
   (ImageNet); each image's crop and flip come from a generator seeded by (seed, epoch, image).
 """
@@ -63,11 +69,15 @@ class EpochLoader:
         return len(batch_slices(per_rank, self.batch_size, drop_single=self.train))
 
 
-class ArrayLoader(EpochLoader):
-    """Batches from in-memory uint8 (N, H, W, 3) images; the whole array lives on ``device``.
+PLAN_COLUMNS = 4  # position, crop row offset, crop column offset, flip
 
-    With augmentation the array is stored zero-padded once (CIFAR-10: 240 MB instead of 150 MB),
-    so that gathering, cropping and flipping a batch is a single index plus a mirror.
+
+class ArrayLoader(EpochLoader):
+    """Batches from in-memory uint8 (N, H, W, 3) images, on ``device``.
+
+    ``resident``: the array lives on ``device`` (a GPU-resident data set) instead of in host
+    memory.  With augmentation it is stored zero-padded once (CIFAR-10: 240 MB instead of
+    150 MB), so that gathering, cropping and flipping a batch is a single index plus a mirror.
     """
 
     def __init__(
@@ -82,29 +92,64 @@ class ArrayLoader(EpochLoader):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         device: torch.device,
+        resident: bool = True,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         super().__init__(len(labels), batch_size, train=train, seed=seed, rank=rank, world_size=world_size)
         self.augment = augment and train
         self.device = device
-        self.images = torch.from_numpy(images).to(device)
+        self.storage = device if resident else torch.device("cpu")
+        self.pinned = device.type == "cuda"  # host->device copies from page-locked memory, asynchronous
+        self.images = torch.from_numpy(images).to(self.storage)
         if self.augment:
             self.images = pad_nhwc(self.images, CIFAR_PADDING)
-        self.labels = torch.from_numpy(labels).to(device)
+        self.labels = torch.from_numpy(labels).to(self.storage)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
 
-    def __iter__(self) -> Iterator[Batch]:
-        augment_rng = generator(self.seed, self.epoch, STREAM_AUGMENT, self.rank)
-        for positions in self.position_batches():
-            positions = positions.to(self.device)
+    def epoch_plan(self) -> tuple[torch.Tensor, list[int]]:
+        """This epoch's (n, 4) int64 plan on the CPU (position, crop row, crop column, flip per
+        image, batch after batch) and the batch sizes.
+
+        The crop offsets and flips are drawn batch by batch from the (seed, epoch, rank) generator,
+        in the order the per-batch loop has always drawn them, so the batches do not depend on
+        where they are assembled.
+        """
+        batches = self.position_batches()
+        rng = generator(self.seed, self.epoch, STREAM_AUGMENT, self.rank)
+        rows = []
+        for positions in batches:
             if self.augment:
-                offsets, flips = draw_crop_flip(len(positions), CIFAR_PADDING, augment_rng)
-                images = crop_flip_nhwc(self.images, positions, offsets, flips, CIFAR_PADDING)
+                offsets, flips = draw_crop_flip(len(positions), CIFAR_PADDING, rng)
+            else:
+                offsets, flips = torch.zeros(len(positions), 2, dtype=torch.int64), torch.zeros(len(positions), dtype=torch.bool)
+            rows.append(torch.cat([positions[:, None], offsets, flips[:, None].long()], dim=1))
+        plan = torch.cat(rows) if rows else torch.zeros(0, PLAN_COLUMNS, dtype=torch.int64)
+        return plan, [len(positions) for positions in batches]
+
+    def _move(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``tensor`` on ``device``: from pinned host memory without blocking when that is a GPU."""
+        if tensor.device == device:
+            return tensor
+        if self.pinned and tensor.device.type == "cpu":
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=self.pinned)
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan, sizes = self.epoch_plan()
+        plan = self._move(plan, self.storage)  # one copy per epoch when the array is resident on a GPU
+        start = 0
+        for size in sizes:
+            rows = plan[start : start + size]
+            start += size
+            positions = rows[:, 0]
+            if self.augment:
+                images = crop_flip_nhwc(self.images, positions, rows[:, 1:3], rows[:, 3].bool(), CIFAR_PADDING)
             else:
                 images = self.images[positions]
-            yield normalize_nhwc(images, self.mean, self.std), self.labels[positions]
+            images, labels = self._move(images, self.device), self._move(self.labels[positions], self.device)
+            yield normalize_nhwc(images, self.mean, self.std), labels
 
 
 class FolderDataset(Dataset):

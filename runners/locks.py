@@ -1,0 +1,47 @@
+"""One trainer per run: a lock file per run signature, shared by every process that trains into
+one results folder (several ``bnnbench table`` commands, local workers, Slurm jobs).
+
+The lock of a run with signature ``key`` (:meth:`RunSpec.key`) is ``OUT/locks/<sha256>.lock``,
+held with ``filelock.FileLock`` (an ``flock`` on Linux: released by the kernel when its process
+dies, and honoured across the nodes of a cluster file system that supports it, such as NFSv4
+or Lustre mounted with ``flock``).  ``OUT/runs/`` keeps holding run directories only, since
+everything that reads results scans it.  The lock files stay (0 bytes each): deleting a lock
+file another process is waiting on would let two processes hold "the" lock at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+LOCK_FOLDER = "locks"
+
+
+def lock_path(out: str | Path, key: str) -> Path:
+    """Where the lock of the run with signature ``key`` under results root ``out`` lives."""
+    return Path(out) / LOCK_FOLDER / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock"
+
+
+@contextmanager
+def run_lock(out: str | Path, key: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of run ``key`` for the block; if another process holds it, say so and wait."""
+    path = lock_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if log is not None:
+            log(f"    waiting: another process is training this run (lock {path})")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+__all__ = ["LOCK_FOLDER", "lock_path", "run_lock"]
