@@ -98,8 +98,8 @@ def test_stages_separately_with_overrides_saved_in_the_config(tmp_path, capsys):
     config = json.loads((s1 / "config.json").read_text())
     recipe = config["spec"]["recipe"]
     assert (recipe["stage1"], recipe["stage2"]) == (
-        {"epochs": 1, "lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 1, "regularizer": False},
-        {"epochs": 1, "lr": 0.003, "weight_decay": 1e-5, "warmup_epochs": 0, "regularizer": True},
+        {"epochs": 1, "lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 1, "regularizer": False, "schedule": "warmup-cosine"},
+        {"epochs": 1, "lr": 0.003, "weight_decay": 1e-5, "warmup_epochs": 0, "regularizer": True, "schedule": "warmup-cosine"},
     )
     assert (recipe["wd_groups"], recipe["label_smoothing"], recipe["stage2_init"], recipe["batch_size"]) == ("weights_only", 0.1, "best", 16)
     assert config["model"]["hparams"]["w0"] == 10.0 and config["model"]["options"] == {"skip": "single"}
@@ -159,7 +159,7 @@ def test_recipes_command_lists_every_preset(capsys):
         assert name in table
     assert cli_main(["recipes", "--json"]) == 0
     presets = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert presets["upstream-cifar"]["stage1"] == {"epochs": 600, "lr": 0.021, "weight_decay": 0.0016, "warmup_epochs": 5, "regularizer": True}
+    assert presets["upstream-cifar"]["stage1"] == {"epochs": 600, "lr": 0.021, "weight_decay": 0.0016, "warmup_epochs": 5, "regularizer": True, "schedule": "warmup-cosine"}
 
 
 # ---------------------------------------------------------------- bad input
