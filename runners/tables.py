@@ -49,6 +49,7 @@ from bnnbench import stats
 
 from . import significance
 from .catalog import RunRecord
+from .executors import Executor
 from .experiments import Job, Plan, execute, plan
 from .recipes import Recipe
 from .spec import Machine, RunSpec
@@ -467,14 +468,14 @@ def make_table(
     train: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] = print,
-    parallel: int = 1,
+    parallel: int | Executor = 1,
 ) -> TableResult:
     """Match, (train,) measure and write ``<machine.out>/tables/<stem>.{md,tex,csv}`` (and the curves
     figure the spec asks for).
 
     ``train=False`` only renders what is already in ``<machine.out>/runs``; ``parallel`` trains
-    that many runs at once (see :func:`execute`); ``machine`` is every new run's (data_dir,
-    device, workers, ...).
+    that many runs at once, or through an :class:`~.executors.Executor` (see :func:`execute`);
+    ``machine`` is every new run's (data_dir, device, workers, ...).
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")

@@ -259,7 +259,8 @@ def evaluate(ctx: StepContext, loader: Any) -> Evaluation:
     ctx.model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top-1, top-5, images
     real = distributed.unpadded_share(loader.num_samples, loader.rank, loader.world_size)
-    positions = torch.cat(loader.position_batches())[:real] if loader.position_batches() else torch.zeros(0, dtype=torch.long)
+    batches = loader.position_batches()
+    positions = torch.cat(batches)[:real] if batches else torch.zeros(0, dtype=torch.long)
     predicted, truth = [], []
     seen = 0
     for images, labels in loader:
