@@ -71,7 +71,9 @@ def test_interrupted_mid_epoch_then_resumed_matches_an_uninterrupted_run(signum,
     out = tmp_path / "results"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "bnnbench.cli", "run", *ARGS, "--out", str(out), "--name", "victim", "--quiet"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts background jobs without job control hands them SIGINT ignored; the victim must see it
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if signum == signal.SIGINT else None
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     checkpoint = out / "runs" / "victim" / "stage1_last.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
