@@ -49,14 +49,37 @@ class _SurrogateSign(torch.autograd.Function):
         return grad_output * ctx.derivative(x), None
 
 
-def surrogate_sign(x: Tensor, derivative: Derivative) -> Tensor:
+class _ShiftedSurrogateSign(torch.autograd.Function):
+    """Forward ``sign(x + shift)``; backward ``grad * derivative(x + shift)`` to x, summed to shift's shape to shift.
+
+    What autograd computes through ``surrogate_sign(x + shift)``, bit for bit, but keeping x (which the
+    layer before holds anyway) and the small shift instead of the activation-sized sum."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shift: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, shift)
+        ctx.derivative = derivative
+        return sign(x + shift)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        x, shift = ctx.saved_tensors
+        grad = grad_output * ctx.derivative(x + shift)
+        return grad, grad.sum_to_size(shift.shape), None
+
+
+def surrogate_sign(x: Tensor, derivative: Derivative, shift: Tensor | None = None) -> Tensor:
     """``sign(x)`` whose autograd backward is ``derivative(x)`` (element-wise).
 
     ``derivative`` is the surrogate d sign(x) / dx of a binarizer, evaluated on
     the saved input, e.g. ``lambda x: (x.abs() <= 1).to(x)`` for the clipped STE
-    (Eq. 5).
+    (Eq. 5).  With ``shift`` (a tensor broadcasting to x, e.g. ReActNet's learned
+    per-channel threshold), ``sign(x + shift)`` with the derivative at x + shift,
+    for x and for the shift.
     """
-    return _SurrogateSign.apply(x, derivative)
+    if shift is None:
+        return _SurrogateSign.apply(x, derivative)
+    return _ShiftedSurrogateSign.apply(x, shift, derivative)
 
 
 def identity_derivative(x: Tensor) -> Tensor:

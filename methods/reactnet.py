@@ -55,5 +55,4 @@ class ReActNet(Method):
 
     def activation(self, a: Tensor, progress: Progress = 0.0, beta: Tensor | None = None) -> Tensor:
         """sign(a + beta) with ApproxSign backward; ``beta=None`` means a zero threshold."""
-        shifted = a if beta is None else a + beta
-        return surrogate_sign(shifted, approx_sign_derivative)
+        return surrogate_sign(a, approx_sign_derivative, shift=beta)

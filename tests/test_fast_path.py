@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import bnnbench
 import bnnbench.functional as functional
 import bnnbench.method
+import bnnbench.methods.reactnet as reactnet
 from bnnbench.layers import BinaryLinear, set_progress
 from bnnbench.runners import train as train_module
 from bnnbench.runners.spec import Machine
@@ -28,6 +29,11 @@ def reference_normalized(x: torch.Tensor, derivative, eps: float) -> torch.Tenso
     return functional.surrogate_sign(x / torch.sqrt(x.var(dim=dims, keepdim=True) + eps), derivative)
 
 
+def reference_surrogate(x: torch.Tensor, derivative, shift=None) -> torch.Tensor:
+    """surrogate_sign of 2026-11: a threshold was added by autograd before the sign."""
+    return functional._SurrogateSign.apply(x if shift is None else x + shift, derivative)
+
+
 def reference_conv(a, weight, bias, stride, padding, dilation, groups):
     """The binary layer's conv of 2026-11: F.conv2d, which keeps its +-1 input in full precision for the backward."""
     return F.conv2d(a, weight, bias, stride, padding, dilation, groups)
@@ -37,6 +43,7 @@ def use_reference(monkeypatch) -> None:
     monkeypatch.setattr(functional, "sign", reference_sign)
     monkeypatch.setattr(functional, "conv2d_of_signs", reference_conv)
     monkeypatch.setattr(bnnbench.method, "normalized_surrogate_sign", reference_normalized)
+    monkeypatch.setattr(reactnet, "surrogate_sign", reference_surrogate)
 
 
 def test_sign_is_the_reference_sign_on_every_edge_value_eager_and_compiled():
