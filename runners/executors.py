@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,27 +110,18 @@ def _unless_stopped(fn: Callable[[Any], Any], task: Any) -> Any:
     return fn(task)
 
 
-@contextmanager
-def sigterm_to_workers(stop: Any) -> Iterator[None]:
+def sigterm_to_workers(stop: Any) -> Any:
     """While a pool runs (main thread): SIGTERM to this process stops the pool (``stop``) and goes on
     to its worker processes, which save their finished epochs, and raises ``RunInterrupted`` here,
     so that the pool shuts down with them instead of leaving them orphaned."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    from .train import RunInterrupted
+    from .train import sigterm_as_interrupt
 
-    def handler(signum: int, frame: Any) -> None:
+    def stop_workers() -> None:
         stop.set()
         for worker in multiprocessing.active_children():
             worker.terminate()  # SIGTERM: the worker's training loop saves and stops
-        raise RunInterrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return sigterm_as_interrupt(before=stop_workers)
 
 
 @dataclass

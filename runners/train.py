@@ -88,7 +88,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -133,13 +133,15 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into :class:`RunInterrupted` while training (main thread only)."""
+def sigterm_as_interrupt(before: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn SIGTERM into :class:`RunInterrupted` while training (main thread only), after ``before()``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        if before is not None:
+            before()
         raise RunInterrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)

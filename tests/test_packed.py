@@ -10,18 +10,16 @@ from torch import nn
 import bnnbench
 from bnnbench import BinaryConv2d, BinaryLinear, build_model
 from bnnbench.data import make_data
-from bnnbench.packed import BitStages, PackedBinaryLayer, chain_in_bits, export_packed, load_packed, save_packed, set_backend
-
-
-def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
-    """Trained-looking BatchNorm statistics, so that no pre-activation sits exactly at 0 by construction."""
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.bias.data.copy_(0.6 * torch.rand(n, generator=generator) - 0.3)
+from bnnbench.packed import (
+    BitStages,
+    PackedBinaryLayer,
+    chain_in_bits,
+    export_packed,
+    load_packed,
+    save_packed,
+    set_backend,
+)
+from bnnbench.runners.bench_model import randomise_batchnorm
 
 
 def predictions(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
