@@ -135,6 +135,7 @@ def test_imagenet_folder_trains_the_imagenet_resnet18(tmp_path, make_image_folde
 
 
 def test_ffcv_loader_trains_like_the_torch_loader(tmp_path, cifar10_dir):
+    pytest.importorskip("ffcv", reason="the ffcv extra is not installed (pip install -e '.[ffcv]'; CI installs it)")
     from bnnbench.data.ffcv_prepare import prepare_betons
     from bnnbench.data.ffcv_store import MIN_PAGE_SIZE
 
