@@ -26,7 +26,6 @@ row with the wrong number of fields, or cut short in a finished run), with a
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,9 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from bnnbench.io import read_json
-
-from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, BrokenRunWarning, read_log
+from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, BrokenRunWarning, read_log, read_object
 from .spec import Machine, RunSpec
 
 DIVERGED_ERROR = "TrainingDiverged"
@@ -140,30 +137,17 @@ def _read_csv(path: Path, finished: bool) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text)) if text else pd.DataFrame()
 
 
-def _read_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path`` (None when there is no such file); a ValueError names a file that holds anything else."""
-    if not path.is_file():
-        return None
-    try:
-        data = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
 def read_run(path: str | Path) -> RunRecord:
     """The record of one run directory, its ``metrics.csv`` read; a ValueError names the file that makes it unreadable."""
     path = Path(path)
-    saved = _read_object(path / CONFIG)
+    saved = read_object(path / CONFIG)
     if saved is None:
         raise ValueError(f"{path} is not a run directory (no {CONFIG})")
     try:
         Machine.from_saved(saved)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path / CONFIG} has no valid settings ({type(exc).__name__}: {exc})") from None
-    record = RunRecord(path, saved, _read_object(path / FINAL), _read_object(path / FAILURE))
+    record = RunRecord(path, saved, read_object(path / FINAL), read_object(path / FAILURE))
     _ = record.metrics  # read now, so that a damaged log is found by the scan
     return record
 

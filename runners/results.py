@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import random
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from bnnbench import hardware
-from bnnbench.io import atomic_write, read_torch, write_text
+from bnnbench.io import atomic_write, read_json, read_torch, write_text
 
 CONFIG, METRICS, LAYERS, FINAL, FAILURE = "config.json", "metrics.csv", "layers.csv", "final.json", "failure.json"
 PREDICTIONS = "predictions.npz"
@@ -41,6 +42,18 @@ PREDICTIONS = "predictions.npz"
 
 # ------------------------------------------------------------------ atomic files
 # (bnnbench.io: atomic_write, write_text, write_json, read_json)
+def read_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (None when there is no such file); a ValueError names a file that holds anything else."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

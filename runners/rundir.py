@@ -29,12 +29,12 @@ from typing import Any, Mapping
 import numpy as np
 from filelock import FileLock
 
-from bnnbench.io import atomic_write, read_json, remove_stale_temporaries, write_json
+from bnnbench.io import atomic_write, remove_stale_temporaries, write_json
 
 from . import distributed
 from .locks import hold_run_directory
 from .results import (
-    CONFIG, FAILURE, FINAL, LAYERS, METRICS, PREDICTIONS, BrokenRunWarning, CsvLog, checkpoint_name, load_checkpoint, log_position, save_checkpoint,
+    CONFIG, FAILURE, FINAL, LAYERS, METRICS, PREDICTIONS, BrokenRunWarning, CsvLog, checkpoint_name, load_checkpoint, log_position, read_object, save_checkpoint,
 )  # fmt: skip
 from .spec import Machine, RunSpec
 
@@ -98,10 +98,13 @@ class RunDirectory:
     def open(cls, path: str | Path) -> RunDirectory:
         """An existing run directory, to resume (its spec and machine come from ``config.json``)."""
         path = Path(path)
-        if not (path / CONFIG).is_file():
+        saved = read_object(path / CONFIG)
+        if saved is None:
             raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
-        saved = read_json(path / CONFIG)
-        return cls(path, RunSpec.from_saved(saved), Machine.from_saved(saved), fresh=False)
+        try:
+            return cls(path, RunSpec.from_saved(saved), Machine.from_saved(saved), fresh=False)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path / CONFIG} is not the configuration of a bnnbench run ({type(exc).__name__}: {exc}); restore it from a copy") from None
 
     # ------------------------------------------------------------------ state
     @property
@@ -109,7 +112,10 @@ class RunDirectory:
         return (self.path / FINAL).is_file()
 
     def final(self) -> dict[str, Any]:
-        return read_json(self.path / FINAL)
+        final = read_object(self.path / FINAL)
+        if final is None:
+            raise FileNotFoundError(f"{self.path / FINAL} does not exist")
+        return final
 
     @contextmanager
     def claim(self) -> Iterator[None]:

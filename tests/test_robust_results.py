@@ -132,6 +132,14 @@ def test_report_and_table_skip_broken_run_folders_naming_the_file(made, tmp_path
     assert "good" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("text", ['{"spec":', "[]", '{"spec": {}}'], ids=["cut", "list", "no-keys"])
+def test_resume_of_a_folder_with_a_broken_config_names_the_file(made, tmp_path, capsys, text):
+    run = copy(made, "killed-in-1-2", tmp_path / "run")
+    (run / "config.json").write_text(text)
+    assert cli_main(["run", "--resume", str(run), "--quiet"]) == 2
+    assert str(run / "config.json") in capsys.readouterr().err
+
+
 def test_unreadable_predictions_are_left_out_with_a_warning(made, tmp_path):
     run = copy(made, "runs/reference", tmp_path / "run")
     (run / "predictions.npz").write_bytes(b"not a zip file")
