@@ -33,9 +33,7 @@ from bnnbench.io import atomic_write, remove_stale_temporaries, write_json
 
 from . import distributed
 from .locks import hold_run_directory
-from .results import (
-    CONFIG, FAILURE, FINAL, LAYERS, METRICS, PREDICTIONS, BrokenRunWarning, CsvLog, checkpoint_name, load_checkpoint, log_position, read_object, save_checkpoint,
-)  # fmt: skip
+from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, PREDICTIONS, BrokenRunWarning, CsvLog, checkpoint_name, load_checkpoint, log_position, read_object, save_checkpoint
 from .spec import Machine, RunSpec
 
 

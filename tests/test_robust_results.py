@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
-from torch import nn
-
-from bnnbench.cli import main as cli_main
-from bnnbench.data.cache import atomic_directory
-from bnnbench.io import write_text
 from bnnbench.runners import rundir
 from bnnbench.runners.callbacks import EpochCallback
-from bnnbench.runners.catalog import BrokenRunWarning, scan_runs
+from bnnbench.runners.catalog import BrokenRunWarning
 from bnnbench.runners.diagnostics import default_callbacks
 from bnnbench.runners.experiments import execute, plan
 from bnnbench.runners.locks import RUN_DIRECTORY_LOCK
@@ -30,7 +24,13 @@ from bnnbench.runners.report import runs_frame
 from bnnbench.runners.significance import load_correct
 from bnnbench.runners.spec import RunSpec
 from bnnbench.runners.train import TIMING_COLUMNS, resume_training, run_training
+from filelock import FileLock
 from tiny import TinyRun, tiny_run
+from torch import nn
+
+from bnnbench.cli import main as cli_main
+from bnnbench.data.cache import atomic_directory
+from bnnbench.io import write_text
 
 SPEC_TOML = """
 number = "robust"
