@@ -28,6 +28,7 @@ from filelock import FileLock
 from tiny import TinyRun, tiny_run
 from torch import nn
 
+from bnnbench.cli import format_warning
 from bnnbench.cli import main as cli_main
 from bnnbench.data.cache import atomic_directory
 from bnnbench.io import write_text
@@ -130,6 +131,11 @@ def test_report_and_table_skip_broken_run_folders_naming_the_file(made, tmp_path
         assert cli_main(["table", str(spec), "--out", str(tmp_path / "results"), "--no-run"]) == 0
         assert cli_main(["report", "--out", str(tmp_path / "results")]) == 0
     assert "good" in capsys.readouterr().out
+
+
+def test_the_command_line_shows_a_damaged_folder_as_one_line():
+    assert format_warning(BrokenRunWarning("skipping run directory x"), BrokenRunWarning, "catalog.py", 1) == "bnnbench: warning: skipping run directory x\n"
+    assert "UserWarning" in format_warning(UserWarning("other"), UserWarning, "elsewhere.py", 1)
 
 
 @pytest.mark.parametrize("text", ['{"spec":', "[]", '{"spec": {}}'], ids=["cut", "list", "no-keys"])
