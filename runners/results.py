@@ -9,6 +9,7 @@ Layout of ``<out>/runs/<run-id>/``::
     stage{1,2}_best.pt   state at the stage's best test top-1
     final.json           summary, written once the last stage finishes
     failure.json         why the run stopped (non-finite loss), when it did
+    .lock                held by the process training the run (runners/locks.py)
 
 Every file is written to a temporary name in the same directory and moved
 into place with ``os.replace``, so a killed process leaves either the old or
@@ -42,6 +43,8 @@ PREDICTIONS = "predictions.npz"
 
 # ------------------------------------------------------------------ atomic files
 # (bnnbench.io: atomic_write, write_text, write_json, read_json)
+
+
 def read_object(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path`` (None when there is no such file); a ValueError names a file that holds anything else."""
     if not path.is_file():
@@ -53,7 +56,6 @@ def read_object(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
     return data
-
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -120,8 +120,9 @@ class RunDirectory:
         """Train into this directory under its lock (held by rank 0; see the module docstring).
 
         A fresh directory is created here (every rank learns its name); an existing one raises
-        :class:`~.locks.RunBusy` when another process holds it.  A fresh run that stops before
-        its first checkpoint is removed on the way out.
+        :class:`~.locks.RunBusy` when another process holds it, and loses the temporary files a
+        killed writer left.  A fresh run that stops before its first checkpoint is removed on the
+        way out.
         """
         held: list[FileLock] = []
 

@@ -423,11 +423,12 @@ def train(directory: RunDirectory, *, display: Display | None = None, callbacks:
     :class:`~.locks.RunBusy` error when another process trains it); returns ``final.json`` (on
     every rank).  Call within :func:`distributed.process_group` (as :func:`run_training` does)."""
     display = (display or Display()) if directory.writes else distributed.SilentDisplay()
-    if directory.finished:
-        display.log(f"run {directory.path} already finished; nothing to resume")
-        return directory.final()
-    with directory.claim():
-        return train_claimed(directory, display, callbacks)
+    if not directory.finished:
+        with directory.claim():
+            if not directory.finished:  # another process may have finished it before the lock was ours
+                return train_claimed(directory, display, callbacks)
+    display.log(f"run {directory.path} already finished; nothing to resume")
+    return directory.final()
 
 
 def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence[EpochCallback] | None) -> dict[str, Any]:
