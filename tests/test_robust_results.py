@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import stat
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.report import runs_frame
 from bnnbench.runners.significance import load_correct
 from bnnbench.runners.spec import RunSpec
-from bnnbench.runners.train import TIMING_COLUMNS, resume_training, run_training
+from bnnbench.runners.train import TIMING_COLUMNS, RunInterrupted, resume_training, run_training
 from filelock import FileLock
 from tiny import TinyRun, tiny_run
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from bnnbench.cli import format_warning
 from bnnbench.cli import main as cli_main
 from bnnbench.data.cache import atomic_directory
-from bnnbench.io import write_text
+from bnnbench.io import atomic_write, write_text
 
 SPEC_TOML = """
 number = "robust"
@@ -181,22 +182,29 @@ def test_resume_refuses_a_metrics_csv_missing_rows_no_checkpoint_holds(made, tmp
 
 
 # ---------------------------------------------------------------- 5. an interrupt keeps finished work
-def test_an_interrupt_while_the_first_last_checkpoint_is_written_keeps_the_finished_epoch(made, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("interrupt", "status"), [(KeyboardInterrupt(), 130), (RunInterrupted(signal.SIGTERM), 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_the_first_last_checkpoint_is_written_keeps_the_finished_epoch(made, tmp_path, monkeypatch, capsys, interrupt, status):
     save = rundir.save_checkpoint
 
     def interrupted_at_first_last(path, state):
-        if path.name == "stage1_last.pt":
-            raise KeyboardInterrupt
-        save(path, state)
+        """Epoch 1's stage1_best.pt is written whole, its stage1_last.pt only half."""
+        if path.name != "stage1_last.pt":
+            return save(path, state)
+
+        def half(f):
+            f.write(b"\0" * 1000)
+            raise interrupt
+
+        atomic_write(path, half)
 
     monkeypatch.setattr(rundir, "save_checkpoint", interrupted_at_first_last)
     out = tmp_path / "results"
     args = ["run", "--data", "digits", "--net", "resnet20", "--method", "fp", "--recipe", "quick", "--train-subset", "32"]
     args += ["--test-subset", "20", "--batch-size", "16", "--epochs", "2,1", "--no-tensorboard", "--out", str(out), "--name", "cut", "--quiet"]
-    assert cli_main(args) == 130
+    assert cli_main(args) == status
     assert "finished epochs are saved" in capsys.readouterr().err
     run = out / "runs" / "cut"
-    assert (run / "stage1_best.pt").is_file()
+    assert (run / "stage1_best.pt").is_file() and not list(run.glob("*.tmp"))
     monkeypatch.setattr(rundir, "save_checkpoint", save)
     assert cli_main(["run", "--resume", str(run), "--quiet"]) == 0
     assert "stage 1 epoch 1/2" not in capsys.readouterr().out  # resumed from the best checkpoint of epoch 1
