@@ -13,6 +13,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from types import ModuleType
 
 from . import commands
@@ -46,7 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """bnnbench's own warnings (a category defined in bnnbench, such as a damaged run folder) as one
+    line saying what happened; any other warning as Python shows it."""
+    if category.__module__.startswith("bnnbench."):
+        return f"bnnbench: warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

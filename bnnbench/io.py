@@ -1,24 +1,29 @@
 """Atomic files: write to a temporary file in the same folder, fsync, then rename over the target.
 
-A killed process leaves either the old or the new version of a file, never half of one.
+A killed process leaves either the old or the new version of a file, never half of one (and
+perhaps a ``.<name>.<random>.tmp`` file, which :func:`remove_stale_temporaries` clears).
 Every file bnnbench writes (run directories, caches, packed models, tables, figures) goes
-through :func:`atomic_write`.
+through :func:`atomic_write`.  Temporary files and folders are created with modes 0o666 and
+0o777 less the umask, as ``open`` and ``mkdir`` make them (not ``tempfile``'s 0o600 and 0o700):
+a results folder or cache shared with a group stays readable to it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Any, Callable
+
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary files are .<name>.<random>.tmp
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(file)`` on a binary temporary file next to ``path``, then move it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _unique(path.parent, f".{path.name}.", TMP_SUFFIX, lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -29,6 +34,35 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_directory(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new empty folder ``<parent>/<prefix><random>`` (mode 0o777 less the umask), for building an entry to rename into place."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    _, path = _unique(parent, prefix, "", lambda name: os.mkdir(name, 0o777))
+    return Path(path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` when its process was killed.
+
+    Only call this while no other process writes into ``folder`` (a run directory under its lock).
+    """
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _unique(parent: Path, prefix: str, suffix: str, make: Callable[[str], Any]) -> tuple[Any, str]:
+    """``make(name)`` on a new random name in ``parent`` (retried while the name exists); its result and the name."""
+    while True:
+        name = str(parent / f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            return make(name), name
+        except FileExistsError:
+            continue
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

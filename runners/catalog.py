@@ -12,11 +12,21 @@ Status of a run
 ``diverged``  ``failure.json`` says the loss became non-finite (rerunning gives the same);
 ``failed``    ``failure.json`` names another error (resuming may get further);
 ``unfinished`` neither: interrupted, or still training.
+
+Damaged folders
+---------------
+:func:`scan_runs` skips a run directory whose ``config.json``, ``final.json`` or
+``failure.json`` is not a JSON object, or whose ``metrics.csv`` cannot be read (empty, a
+row with the wrong number of fields, or cut short in a finished run), with a
+:class:`BrokenRunWarning` naming the file; the other runs are read as usual.  The
+``metrics.csv`` of an unfinished run that was cut mid-row is read without that row (and
+``bnnbench run --resume`` repairs it).
 """
 
 from __future__ import annotations
 
-import json
+import io
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,9 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from bnnbench.io import read_json
-
-from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS
+from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, BrokenRunWarning, read_log, read_object
 from .spec import Machine, RunSpec
 
 DIVERGED_ERROR = "TrainingDiverged"
@@ -70,12 +78,12 @@ class RunRecord:
     @cached_property
     def metrics(self) -> pd.DataFrame:
         """``metrics.csv`` (empty when no epoch has finished)."""
-        return _read_csv(self.path / METRICS)
+        return _read_csv(self.path / METRICS, finished=self.final is not None)
 
     @cached_property
     def layers(self) -> pd.DataFrame:
         """``layers.csv`` (empty when the run logged no per-layer diagnostics)."""
-        return _read_csv(self.path / LAYERS)
+        return _read_csv(self.path / LAYERS, finished=self.final is not None)
 
     def stage_end(self, stage: int) -> pd.Series | None:
         """The ``metrics.csv`` row of the last logged epoch of ``stage`` (None if the stage has none)."""
@@ -117,36 +125,53 @@ class RunRecord:
         return str(self.saved.get("created", ""))
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+def _read_csv(path: Path, finished: bool) -> pd.DataFrame:
+    """A CSV log of a run (:func:`~.results.read_log`); a ValueError names it when it cannot be trusted."""
+    if not path.is_file():
+        return pd.DataFrame()
+    text, cut = read_log(path)
+    if cut and finished:
+        raise ValueError(f"{path} is empty or cut short although the run finished; restore it from a copy or remove the run directory")
+    if cut:
+        warnings.warn(f"{path}: the last row was cut short; read without it (bnnbench run --resume {path.parent} repairs it)", BrokenRunWarning, stacklevel=3)
+    return pd.read_csv(io.StringIO(text)) if text else pd.DataFrame()
 
 
 def read_run(path: str | Path) -> RunRecord:
-    """The record of one run directory; a ValueError names a directory that is not a readable run."""
+    """The record of one run directory, its ``metrics.csv`` read; a ValueError names the file that makes it unreadable."""
     path = Path(path)
+    saved = read_object(path / CONFIG)
+    if saved is None:
+        raise ValueError(f"{path} is not a run directory (no {CONFIG})")
     try:
-        saved = read_json(path / CONFIG)
-    except FileNotFoundError:
-        raise ValueError(f"{path} is not a run directory (no {CONFIG})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path / CONFIG} is not valid JSON: {exc}") from None
-    final = read_json(path / FINAL) if (path / FINAL).is_file() else None
-    failure = read_json(path / FAILURE) if (path / FAILURE).is_file() else None
-    return RunRecord(path, saved, final, failure)
+        Machine.from_saved(saved)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path / CONFIG} has no valid settings ({type(exc).__name__}: {exc})") from None
+    record = RunRecord(path, saved, read_object(path / FINAL), read_object(path / FAILURE))
+    _ = record.metrics  # read now, so that a damaged log is found by the scan
+    return record
 
 
 def scan_runs(root: str | Path) -> list[RunRecord]:
     """Every run directory directly under ``root`` (e.g. ``results/runs``), oldest first.
 
     Folders without ``config.json`` (a run that failed before its first epoch
-    removes itself; anything else is not ours) are skipped.  A missing ``root``
-    holds no runs.
+    removes itself; anything else is not ours) are skipped, and so are damaged
+    ones, each with a :class:`BrokenRunWarning` naming the file at fault.  A
+    missing ``root`` holds no runs.
     """
     root = Path(root)
     if not root.is_dir():
         return []
-    records = [read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / CONFIG).is_file()]
+    records = []
+    for path in sorted(root.iterdir()):
+        if not (path.is_dir() and (path / CONFIG).is_file()):
+            continue
+        try:
+            records.append(read_run(path))
+        except ValueError as exc:
+            warnings.warn(f"skipping run directory {path}: {exc}", BrokenRunWarning, stacklevel=2)
     return sorted(records, key=lambda r: (r.created, r.run_id))
 
 
-__all__ = ["DIVERGED_ERROR", "RunRecord", "read_run", "scan_runs"]
+__all__ = ["DIVERGED_ERROR", "BrokenRunWarning", "RunRecord", "read_run", "scan_runs"]

@@ -9,7 +9,9 @@ other, several at once in worker processes, or as submitit jobs: ``runners/execu
 each in its own run directory so an interruption loses at most one epoch: the next call
 resumes it.  Each run is made under its lock (``runners/locks.py``), and looked up again once
 the lock is held: when two commands share one results folder, a run the other one finished
-meanwhile is reused, one it is training is waited for, never trained twice at once.
+meanwhile is reused, one it is training is waited for, never trained twice at once.  A run
+directory that another process trains outside this (``bnnbench run``, ``--resume``) holds its
+own lock: it is skipped, with a note, and left to that process.
 
 What "matching" compares is exactly the RunSpec: the data set name; the model as resolved
 (network, family, classes, both binarizers with every hyper-parameter, act_norm, backbone
@@ -34,7 +36,7 @@ from bnnbench.data import DataError
 from .catalog import RunRecord, read_run, scan_runs
 from .display import Display
 from .executors import Executor, InProcess, ProcessPool, worker_threads
-from .locks import run_lock
+from .locks import RunBusy, run_lock
 from .recipes import Recipe
 from .rundir import RunDirectory
 from .results import CONFIG
@@ -133,6 +135,7 @@ class _Result:
     data_missing: bool = False
     failed: str | None = None  # any other error (in a worker process or job)
     reused: bool = False  # another process had finished it by the time its lock was held
+    busy: str | None = None  # another process holds its run directory (locks.RunBusy)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,8 @@ def _train(spec: RunSpec, machine: Machine, resume: str | None, quiet: bool) -> 
             return _Result(str(directory.path), diverged=str(exc))
         except DataError as exc:
             return _Result(str(directory.path), data_error=str(exc), data_missing=isinstance(exc, FileNotFoundError))
+        except RunBusy as exc:
+            return _Result(str(directory.path), busy=str(exc))
     return _Result(str(directory.path))
 
 
@@ -241,6 +246,9 @@ def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] 
             job.record = read_run(Path(result.path))
         if result.reused:
             log(f"    made meanwhile by another process: {result.path}")
+        elif result.busy:
+            job.note = "in use by another process"
+            log(f"    skipped: {result.busy}")
         else:
             outcome.trained.append(job)
         if result.diverged:

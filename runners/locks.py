@@ -1,5 +1,6 @@
 """One trainer per run: a lock file per run signature, shared by every process that trains into
-one results folder (several ``bnnbench table`` commands, local workers, Slurm jobs).
+one results folder (several ``bnnbench table`` commands, local workers, Slurm jobs), and one per
+run directory, held by whichever process trains into it.
 
 The lock of a run with signature ``key`` (:meth:`RunSpec.key`) is ``OUT/locks/<sha256>.lock``,
 held with ``filelock.FileLock`` (an ``flock`` on Linux: released by the kernel when its process
@@ -7,6 +8,12 @@ dies, and honoured across the nodes of a cluster file system that supports it, s
 or Lustre mounted with ``flock``).  ``OUT/runs/`` keeps holding run directories only, since
 everything that reads results scans it.  The lock files stay (0 bytes each): deleting a lock
 file another process is waiting on would let two processes hold "the" lock at once.
+
+The lock of a run directory is ``RUN_DIR/.lock`` (:func:`hold_run_directory`), taken by every
+process that trains into it, fresh or resumed, and never waited for: ``bnnbench run --resume`` of
+a directory another process trains stops with :class:`RunBusy`, and ``bnnbench table`` leaves
+such a run to its owner.  It lives in the directory so that it follows the run when the
+directory is moved or copied.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 LOCK_FOLDER = "locks"
+RUN_DIRECTORY_LOCK = ".lock"
 
 
 def lock_path(out: str | Path, key: str) -> Path:
@@ -44,4 +52,22 @@ def run_lock(out: str | Path, key: str, log: Callable[[str], None] | None = None
         lock.release()
 
 
-__all__ = ["LOCK_FOLDER", "lock_path", "run_lock"]
+class RunBusy(ValueError):
+    """Another process holds the lock of a run directory (it is training there)."""
+
+
+def hold_run_directory(path: str | Path) -> FileLock:
+    """The lock of run directory ``path``, now held by this process (release it when done);
+    :class:`RunBusy` at once when another process holds it."""
+    lock = FileLock(Path(path) / RUN_DIRECTORY_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunBusy(
+            f"run directory {path} is in use: another process is training it (it holds {lock.lock_file}); "
+            f"wait until that process ends, or stop it, then continue with bnnbench run --resume {path}"
+        ) from None
+    return lock
+
+
+__all__ = ["LOCK_FOLDER", "RUN_DIRECTORY_LOCK", "RunBusy", "hold_run_directory", "lock_path", "run_lock"]

@@ -9,6 +9,7 @@ Layout of ``<out>/runs/<run-id>/``::
     stage{1,2}_best.pt   state at the stage's best test top-1
     final.json           summary, written once the last stage finishes
     failure.json         why the run stopped (non-finite loss), when it did
+    .lock                held by the process training the run (runners/locks.py)
 
 Every file is written to a temporary name in the same directory and moved
 into place with ``os.replace``, so a killed process leaves either the old or
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import random
 import subprocess
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from bnnbench import hardware
-from bnnbench.io import atomic_write, read_torch, write_text
+from bnnbench.io import atomic_write, read_json, read_torch, write_text
 
 CONFIG, METRICS, LAYERS, FINAL, FAILURE = "config.json", "metrics.csv", "layers.csv", "final.json", "failure.json"
 PREDICTIONS = "predictions.npz"
@@ -40,6 +43,19 @@ PREDICTIONS = "predictions.npz"
 
 # ------------------------------------------------------------------ atomic files
 # (bnnbench.io: atomic_write, write_text, write_json, read_json)
+
+
+def read_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (None when there is no such file); a ValueError names a file that holds anything else."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -60,6 +76,38 @@ def checkpoint_name(stage: int, kind: str) -> str:
 
 
 # ------------------------------------------------------------------ CSV logs
+class BrokenRunWarning(UserWarning):
+    """A file of a run directory was damaged (cut, empty, not JSON); the warning names it and says what was done."""
+
+
+def read_log(path: Path) -> tuple[str, bool]:
+    """The text of a CSV log written by :class:`CsvLog`, up to its last complete row, and whether
+    anything after that row was cut off (an empty file counts as cut: CsvLog writes a header first).
+
+    CsvLog ends every row with a newline, so text after the last newline is a row cut short (by a
+    copy or a disk that failed mid-write).  A complete row whose field count differs from the
+    header's is a ValueError naming the file and line.
+    """
+    text = Path(path).read_text()
+    whole = text[: text.rfind("\n") + 1]
+    records = list(csv.reader(io.StringIO(whole)))
+    for line, record in enumerate(records[1:], start=2):
+        if len(record) != len(records[0]):
+            raise ValueError(
+                f"{path}, line {line}: {len(record)} fields where the header has {len(records[0])}; "
+                "restore the file from a copy or remove the run directory"
+            )
+    return whole, whole != text or not text
+
+
+def log_position(row: dict[str, Any], path: Path) -> tuple[int, int]:
+    """(stage, epoch) of a row of ``path``; a ValueError names the file when they are not numbers."""
+    try:
+        return int(row["stage"]), int(row["epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: a row has no numeric stage and epoch ({row.get('stage')!r}, {row.get('epoch')!r}); restore the file from a copy") from None
+
+
 class CsvLog:
     """A CSV file of dict rows ordered by (stage, epoch), rewritten atomically on each append.
 
@@ -74,12 +122,15 @@ class CsvLog:
     @classmethod
     def resume(cls, path: Path, upto: tuple[int, int]) -> CsvLog:
         """Rows already on disk up to and including (stage, epoch) ``upto``; later rows are dropped
-        (they belong to an epoch whose checkpoint was never written)."""
+        (they belong to an epoch whose checkpoint was never written), and so is a row cut short (with
+        a :class:`BrokenRunWarning`)."""
         path = Path(path)
         if not path.is_file():
             return cls(path)
-        with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if (int(r["stage"]), int(r["epoch"])) <= upto]
+        text, cut = read_log(path)
+        if cut:
+            warnings.warn(f"{path}: the last row was cut short; resuming from the complete rows before it", BrokenRunWarning, stacklevel=2)
+        rows = [r for r in csv.DictReader(io.StringIO(text)) if log_position(r, path) <= upto]
         return cls(path, rows)
 
     def append(self, rows: list[dict[str, Any]]) -> None:

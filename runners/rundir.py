@@ -5,22 +5,35 @@ or reopened (resume) before training starts; it holds the run's :class:`~.spec.R
 :class:`~.spec.Machine`, its provenance, the per-epoch logs, the checkpoints that mark an epoch
 as done, the per-image test predictions, and ``final.json`` or ``failure.json`` at the end.
 Every other rank holds the same object with ``writes = False``: its calls write nothing.
+
+While a process trains into a run directory it holds the directory's lock (:meth:`RunDirectory.claim`,
+``runners/locks.py``): a fresh directory is created atomically under a name no other process took,
+an existing one is refused while another process trains it, and a resume first removes the
+temporary files a killed process left.  Resuming checks ``metrics.csv`` against the checkpoints: a
+row cut short is dropped, the row of an epoch a checkpoint holds is restored from it, and a log
+missing rows that no checkpoint holds is refused (nothing is rewritten).  A directory that holds a
+checkpoint (a finished epoch) is never removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from filelock import FileLock
 
-from bnnbench.io import atomic_write, read_json, write_json
+from bnnbench.io import atomic_write, remove_stale_temporaries, write_json
 
 from . import distributed
-from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, PREDICTIONS, CsvLog, checkpoint_name, load_checkpoint, save_checkpoint
+from .locks import hold_run_directory
+from .results import CONFIG, FAILURE, FINAL, LAYERS, METRICS, PREDICTIONS, BrokenRunWarning, CsvLog, checkpoint_name, load_checkpoint, log_position, read_object, save_checkpoint
 from .spec import Machine, RunSpec
 
 
@@ -34,19 +47,35 @@ def new_run_name(spec: RunSpec) -> str:
 
 
 def choose_path(spec: RunSpec, machine: Machine) -> Path:
-    """``<out>/runs/<--name or new_run_name>``, not yet made."""
+    """``<out>/runs/<--name or new_run_name>``, not yet made (:func:`create_directory` makes it); a
+    ``--name`` that exists is an error now, before training starts."""
     runs = machine.run_root()
     if machine.name:
         path = runs / machine.name
         if path.exists():
-            raise ValueError(f"run directory {str(path)!r} already exists; continue it with --resume {path} or choose another --name")
+            raise ValueError(_name_taken(path))
         return path
-    base = runs / new_run_name(spec)
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    return runs / new_run_name(spec)
+
+
+def create_directory(path: Path, unique: bool) -> Path:
+    """Make run directory ``path`` atomically (``mkdir`` fails when it exists); when ``unique``, a name
+    another process took meanwhile becomes ``<name>-2``, ``-3``, ... (else that is an error)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            if not unique:
+                raise ValueError(_name_taken(path)) from None
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+
+
+def _name_taken(path: Path) -> str:
+    return f"run directory {str(path)!r} already exists; continue it with --resume {path} or choose another --name"
 
 
 class RunDirectory:
@@ -60,17 +89,20 @@ class RunDirectory:
 
     @classmethod
     def new(cls, spec: RunSpec, machine: Machine) -> RunDirectory:
-        """A fresh run (rank 0 picks the name and tells the other ranks); made by :meth:`start`."""
+        """A fresh run (rank 0 picks the name and tells the other ranks); made by :meth:`claim`."""
         return cls(distributed.main_process_value(lambda: choose_path(spec, machine)), spec, machine, fresh=True)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDirectory:
         """An existing run directory, to resume (its spec and machine come from ``config.json``)."""
         path = Path(path)
-        if not (path / CONFIG).is_file():
+        saved = read_object(path / CONFIG)
+        if saved is None:
             raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
-        saved = read_json(path / CONFIG)
-        return cls(path, RunSpec.from_saved(saved), Machine.from_saved(saved), fresh=False)
+        try:
+            return cls(path, RunSpec.from_saved(saved), Machine.from_saved(saved), fresh=False)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path / CONFIG} is not the configuration of a bnnbench run ({type(exc).__name__}: {exc}); restore it from a copy") from None
 
     # ------------------------------------------------------------------ state
     @property
@@ -78,25 +110,110 @@ class RunDirectory:
         return (self.path / FINAL).is_file()
 
     def final(self) -> dict[str, Any]:
-        return read_json(self.path / FINAL)
+        final = read_object(self.path / FINAL)
+        if final is None:
+            raise FileNotFoundError(f"{self.path / FINAL} does not exist")
+        return final
+
+    @contextmanager
+    def claim(self) -> Iterator[None]:
+        """Train into this directory under its lock (held by rank 0; see the module docstring).
+
+        A fresh directory is created here (every rank learns its name); an existing one raises
+        :class:`~.locks.RunBusy` when another process holds it, and loses the temporary files a
+        killed writer left.  A fresh run that stops before its first checkpoint is removed on the
+        way out.
+        """
+        held: list[FileLock] = []
+
+        def take() -> Path:
+            path = create_directory(self.path, unique=not self.machine.name) if self.fresh else self.path
+            held.append(hold_run_directory(path))
+            if not self.fresh:
+                remove_stale_temporaries(path)
+            return path
+
+        self.path = distributed.main_process_value(take)
+        try:
+            yield
+        except BaseException:
+            self.remove_if_empty()
+            raise
+        finally:
+            for lock in held:
+                lock.release()
 
     def start(self, provenance: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Make a fresh directory and write ``config.json``; load the logs and return the latest
-        checkpoint (None for a fresh run or one with no finished epoch)."""
+        """Write a fresh run's ``config.json`` (within :meth:`claim`); load the logs, checked against the
+        checkpoints, and return the latest checkpoint (None for a fresh run or one with no finished epoch)."""
         if self.fresh and self.writes:
-            self.path.mkdir(parents=True)
             write_json(self.path / CONFIG, {"run_id": self.path.name, "created": datetime.now().isoformat(timespec="seconds"), **provenance})
         latest = self.latest_checkpoint()
         position = (latest["stage"], latest["epoch"]) if latest else (0, 0)
-        self.metrics = CsvLog.resume(self.path / METRICS, position)
+        self.metrics = self.checked_metrics(CsvLog.resume(self.path / METRICS, position), latest)
         self.layers = CsvLog.resume(self.path / LAYERS, position)
         return latest
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
+    def latest_checkpoint_path(self) -> Path | None:
+        """The checkpoint of the latest finished epoch: the latest stage's ``last``, or its ``best`` when
+        an interruption came between writing the two (a new best is written first)."""
         for stage in (2, 1):
-            path = self.path / checkpoint_name(stage, "last")
+            for kind in ("last", "best"):
+                path = self.checkpoint_path(stage, kind)
+                if path.is_file():
+                    return path
+        return None
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        path = self.latest_checkpoint_path()
+        return None if path is None else load_checkpoint(path)
+
+    def finished_epochs(self, latest: dict[str, Any] | None) -> list[tuple[int, int]]:
+        """(stage, epoch) of every epoch that finished up to checkpoint ``latest``, in training order."""
+        if latest is None:
+            return []
+        epochs = {stage: self.spec.recipe.stage(stage).trained_epochs for stage in self.spec.stages if stage < latest["stage"]}
+        epochs[latest["stage"]] = latest["epoch"]
+        return [(stage, epoch) for stage, last in epochs.items() for epoch in range(1, last + 1)]
+
+    def checked_metrics(self, log: CsvLog, latest: dict[str, Any] | None) -> CsvLog:
+        """``log`` (metrics.csv up to checkpoint ``latest``) with one row per finished epoch: the row of an
+        epoch that a checkpoint holds (each saves its epoch's row) is restored from it and the file
+        rewritten with every row kept; a ValueError names the file when rows repeat, belong to no
+        finished epoch, or are missing where no checkpoint holds them (the file is left as it is)."""
+        expected = self.finished_epochs(latest)
+        have = {log_position(row, log.path): row for row in log.rows}
+        if len(have) != len(log.rows) or not set(have) <= set(expected):
+            raise ValueError(
+                f"{log.path} has rows that repeat or belong to no finished epoch of this run; "
+                "restore the file from a copy, or train the run again in a new directory (without --resume)"
+            )
+        missing = [position for position in expected if position not in have]
+        for stage, epoch in missing:
+            row = self.checkpointed_row(stage, epoch)
+            if row is None:
+                raise ValueError(
+                    f"{log.path} has no row for stage {stage} epoch {epoch}, which finished, and no checkpoint of this run holds it; "
+                    "restore metrics.csv from a copy, or train the run again in a new directory (without --resume)"
+                )
+            have[(stage, epoch)] = row
+        if not missing:
+            return log
+        log.rows = [have[position] for position in expected]
+        if self.writes:
+            log.append([])
+            restored = ", ".join(f"stage {stage} epoch {epoch}" for stage, epoch in missing)
+            warnings.warn(f"{log.path}: restored the row of {restored} from its checkpoint", BrokenRunWarning, stacklevel=2)
+        return log
+
+    def checkpointed_row(self, stage: int, epoch: int) -> dict[str, Any] | None:
+        """The metrics row a checkpoint of ``stage`` saved at ``epoch`` (None when none of them is of that epoch)."""
+        for kind in ("last", "best"):
+            path = self.checkpoint_path(stage, kind)
             if path.is_file():
-                return load_checkpoint(path)
+                state = load_checkpoint(path)
+                if state.get("epoch") == epoch and "metrics" in state:
+                    return dict(state["metrics"])
         return None
 
     def checkpoint_path(self, stage: int, kind: str) -> Path:
@@ -146,14 +263,15 @@ class RunDirectory:
         return False
 
     def has_checkpoint(self) -> bool:
-        return any(self.path.glob("stage*_last.pt"))
+        """Whether a complete checkpoint (``last`` or ``best``) marks an epoch as finished."""
+        return self.latest_checkpoint_path() is not None
 
     def last_checkpoint_note(self) -> str:
-        latest = self.latest_checkpoint()
-        if latest is None:
+        path = self.latest_checkpoint_path()
+        if path is None:
             return f"no epoch has finished yet in {self.path}"
-        name = checkpoint_name(latest["stage"], "last")
-        return f"the last good checkpoint is {self.path / name} (stage {latest['stage']}, epoch {latest['epoch']})"
+        latest = load_checkpoint(path)
+        return f"the last good checkpoint is {path} (stage {latest['stage']}, epoch {latest['epoch']})"
 
     def summary(self) -> dict[str, Any]:
         """``final.json``: per stage the epochs, last and best test numbers; the run's identity."""
@@ -188,4 +306,4 @@ class RunDirectory:
         }
 
 
-__all__ = ["RunDirectory", "choose_path", "new_run_name"]
+__all__ = ["RunDirectory", "choose_path", "create_directory", "new_run_name"]

@@ -12,6 +12,8 @@ predictions were saved enter the t test but not McNemar or the bootstrap.
 
 from __future__ import annotations
 
+import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -20,7 +22,7 @@ import pandas as pd
 
 from bnnbench import stats
 
-from .results import PREDICTIONS
+from .results import PREDICTIONS, BrokenRunWarning
 
 if TYPE_CHECKING:
     from .experiments import Plan
@@ -31,12 +33,17 @@ BOOTSTRAP = 2000
 
 
 def load_correct(run_dir: Path) -> np.ndarray | None:
-    """Per test image, whether the run's final model was right (None when the run saved no predictions)."""
+    """Per test image, whether the run's final model was right (None when the run saved no predictions,
+    or, with a :class:`~.results.BrokenRunWarning` naming the file, when they cannot be read)."""
     path = Path(run_dir) / PREDICTIONS
     if not path.is_file():
         return None
-    with np.load(path) as saved:
-        return saved["predictions"] == saved["labels"]
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return saved["predictions"] == saved["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        warnings.warn(f"{path} cannot be read ({type(exc).__name__}: {exc}); the run is left out of the per-image tests", BrokenRunWarning, stacklevel=2)
+        return None
 
 
 def comparison(spec: TableSpec, values: pd.DataFrame, runs: Plan, seeds: list[int]) -> pd.DataFrame | None:

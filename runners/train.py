@@ -419,13 +419,21 @@ def synchronize(device: torch.device) -> None:
 
 # ======================================================================== one run
 def train(directory: RunDirectory, *, display: Display | None = None, callbacks: Sequence[EpochCallback] | None = None) -> dict[str, Any]:
-    """Train every remaining epoch of every stage of ``directory``'s run; returns ``final.json``
-    (on every rank).  Call within :func:`distributed.process_group` (as :func:`run_training` does)."""
-    spec, machine = directory.spec, directory.machine
+    """Train every remaining epoch of every stage of ``directory``'s run under its lock (a
+    :class:`~.locks.RunBusy` error when another process trains it); returns ``final.json`` (on
+    every rank).  Call within :func:`distributed.process_group` (as :func:`run_training` does)."""
     display = (display or Display()) if directory.writes else distributed.SilentDisplay()
-    if directory.finished:
-        display.log(f"run {directory.path} already finished; nothing to resume")
-        return directory.final()
+    if not directory.finished:
+        with directory.claim():
+            if not directory.finished:  # another process may have finished it before the lock was ours
+                return train_claimed(directory, display, callbacks)
+    display.log(f"run {directory.path} already finished; nothing to resume")
+    return directory.final()
+
+
+def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence[EpochCallback] | None) -> dict[str, Any]:
+    """:func:`train` once the run directory is this process's (:meth:`RunDirectory.claim`)."""
+    spec, machine = directory.spec, directory.machine
     if machine.threads:
         torch.set_num_threads(machine.threads)
     seed_everything(spec.seed)
@@ -508,9 +516,8 @@ def train(directory: RunDirectory, *, display: Display | None = None, callbacks:
         with sigterm_as_interrupt(), run.tensorboard:
             for stage in spec.stages:
                 train_stage(run, stage, latest)
-    except (KeyboardInterrupt, RunInterrupted):
-        directory.remove_if_empty()
-        raise
+    except RunInterrupted:
+        raise  # not a failure: the finished epochs are kept (RunDirectory.claim)
     except Exception as exc:
         where = directory.fail(exc)
         if isinstance(exc, TrainingDiverged):

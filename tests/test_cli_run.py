@@ -22,7 +22,7 @@ def run_files(path: Path) -> set[str]:
     return {p.name for p in path.iterdir() if not p.name.startswith("events.out.tfevents")}
 
 
-RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
+RUN_FILES = {".lock", "config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 
 def run(out: Path, *args: str) -> int:
@@ -71,7 +71,7 @@ def test_cifar10_subset_both_stages_writes_a_complete_run_directory(tmp_path, ci
         assert 0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100 and float(r["train_images_per_s"]) > 0
     final = json.loads((path / "final.json").read_text())
     assert final["status"] == "finished" and final["final_test_top1"] == float(metrics[-1]["test_top1"])
-    for name in RUN_FILES - {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz"}:
+    for name in RUN_FILES - {".lock", "config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz"}:
         assert torch.load(path / name, weights_only=True)["stage"] == int(name[5])
     printed = capsys.readouterr().out
     assert "stage 1 epoch 1/1" in printed and "stage 2 epoch 1/1" in printed and str(path) in printed
@@ -94,7 +94,7 @@ def test_stages_separately_with_overrides_saved_in_the_config(tmp_path, capsys):
     ]  # fmt: skip
     assert run(out, *common, *stage1) == 0
     s1 = out / "runs" / "s1"
-    assert run_files(s1) == {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt"}
+    assert run_files(s1) == {".lock", "config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt"}
     config = json.loads((s1 / "config.json").read_text())
     recipe = config["spec"]["recipe"]
     assert (recipe["stage1"], recipe["stage2"]) == (

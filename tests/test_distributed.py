@@ -43,7 +43,7 @@ ARGS = [
     "--device", "cpu", "--net", "resnet20", "--recipe", "quick", "--train-subset", "64", "--test-subset", str(TEST_IMAGES),
     "--batch-size", "16", "--eval-batch-size", "50", "--epochs", "2,1", "--quiet", "--no-amp",
 ]  # fmt: skip  (fp32: the single-process evaluation below compares losses to 1e-5)
-RUN_FILES = {"config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
+RUN_FILES = {".lock", "config.json", "metrics.csv", "layers.csv", "final.json", "predictions.npz", "stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt"}
 
 # Test-side only: a plugin module, imported by every worker (--plugin), that makes rank 1 kill itself
 # with SIGKILL when stage 1's second epoch starts (progress (2 - 1) / 2), after epoch 1's checkpoint.

@@ -11,11 +11,12 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from ..io import temporary_directory
 
 
 CACHE_ENV = "BNNBENCH_CACHE"
@@ -48,8 +49,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     If ``target`` appeared meanwhile (another process built the same entry), ours is dropped.
     On an exception the temporary folder is removed and ``target`` is left untouched.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temporary_directory(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
         try:
