@@ -10,6 +10,10 @@ class ConfigError(ValueError, TypeError):
     """
 
 
+class PathError(ConfigError):
+    """A path given to a command that it cannot use: read-only, on a full disk, a file where a folder is needed."""
+
+
 class UnknownMethodError(KeyError, ValueError):
     """A method name that is not registered."""
 
