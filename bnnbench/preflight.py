@@ -14,6 +14,8 @@ from pathlib import Path
 from .errors import PathError
 
 PROBE_BYTES = 1 << 16  # written and synced once: a full disk refuses it
+# what the environment, not bnnbench, refuses: told in one line (environment_problem), not as a traceback
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
 def _reason(exc: OSError) -> str:
@@ -21,6 +23,14 @@ def _reason(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full (free some space)"
     return (exc.strerror or str(exc)).lower()
+
+
+def environment_problem(exc: OSError) -> str | None:
+    """One line for an OS error the environment caused (full disk, read-only or forbidden path), else None."""
+    if exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = f" {str(exc.filename)!r}" if exc.filename else ""
+    return f"cannot write{where}: {_reason(exc)}; fix that or pass another folder"
 
 
 def writable_folder(path: str | os.PathLike[str], option: str, fix: str = "pass a folder you can write to") -> Path:

@@ -158,6 +158,33 @@ def test_a_full_disk_under_out_is_refused_before_training(tmp_path, capsys, monk
     assert not (out / "runs").exists()
 
 
+def test_a_disk_that_fills_during_training_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    from bnnbench.runners import results
+
+    write = results.atomic_write
+
+    def fill_at_stage_2(path, *args):
+        if Path(path).name.startswith("stage2"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write(path, *args)
+
+    monkeypatch.setattr(results, "atomic_write", fill_at_stage_2)
+    out = tmp_path / "results"
+    assert cli_main(["run", "--out", str(out), *TINY, "--name", "full"]) == 2
+    err = one_line_error(capsys)
+    assert "stage2_" in err and "disk is full" in err and f"bnnbench run --resume {out / 'runs' / 'full'}" in err
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_naming_bnnbench_cache(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("BNNBENCH_CACHE", str(blocker))
+    tar = write_tar(tmp_path / "c10.tar")
+    assert cli_main(["run", "--data", "cifar10", "--data-dir", str(tar), "--recipe", "quick", "--out", str(tmp_path / "r"), *TINY]) == 2
+    err = one_line_error(capsys)
+    assert str(blocker) in err and "BNNBENCH_CACHE" in err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_out_is_refused_before_training(tmp_path, capsys):
     out = tmp_path / "results"
@@ -174,6 +201,11 @@ def test_a_read_only_out_is_refused_before_training(tmp_path, capsys):
 def test_unknown_devices_are_one_line(tmp_path, capsys, device):
     assert cli_main(["run", "--out", str(tmp_path), *TINY, "--device", device]) == 2
     assert repr(device) in one_line_error(capsys)
+
+
+def test_bench_train_checks_its_device_before_timing(capsys):
+    assert cli_main(["bench", "train", "--device", "tpu", "--methods", "biper"]) == 2
+    assert "'tpu'" in one_line_error(capsys)
 
 
 def test_eval_threads_must_be_positive(capsys):

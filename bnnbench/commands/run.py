@@ -73,9 +73,12 @@ def _subset(text: str) -> int | str:
     """A subset size (a positive number of images) or ``all``."""
     if text == ALL:
         return ALL
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise ValueError("a subset size is a positive number of images, or 'all' for the whole split")
+        raise argparse.ArgumentTypeError(f"a subset size is a positive number of images, or 'all' for the whole split; got {text!r}")
     return value
 
 
@@ -255,7 +258,8 @@ def main(args: argparse.Namespace) -> int:
         return launch(args)
     import signal
 
-    from ..preflight import writable_folder
+    from ..errors import PathError
+    from ..preflight import environment_problem, writable_folder
     from ..runners import distributed
     from ..runners.display import Display
     from ..runners.rundir import RunDirectory
@@ -273,6 +277,12 @@ def main(args: argparse.Namespace) -> int:
         processes = distributed.world_size()
         try:
             train(directory, display=display)
+        except OSError as exc:
+            problem = environment_problem(exc)
+            if problem is None:
+                raise
+            kept = f"finished epochs are saved; continue with: {resume_command(directory.path, processes)}"
+            raise PathError(f"{problem}. {kept if directory.has_checkpoint() else 'No epoch had finished'}") from None
         except TrainingDiverged as exc:
             if directory.writes:  # every rank stops on the same step; rank 0 speaks for them
                 print(f"bnnbench: training diverged: {exc}", file=sys.stderr)
