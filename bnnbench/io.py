@@ -65,7 +65,7 @@ def read_torch(path: str | os.PathLike[str], what: str, how_to_make: str = "") -
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise ValueError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
-    except Exception:  # torch's text may advise weights_only=False, which would run code from the file: never relay it
+    except Exception:  # noqa: BLE001 -- torch's text may advise weights_only=False, which runs the file's code: never relay it
         raise ValueError(
             f"{str(path)!r} is not a bnnbench {what}: it is damaged or of another kind, or it holds Python objects, "
             f"which bnnbench never unpickles (it reads tensors and plain values only){fix}"

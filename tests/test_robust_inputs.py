@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bnnbench.runners.spec import Machine, RunSpec
 from PIL import Image
 
 from bnnbench import get_method, list_methods
@@ -22,13 +23,12 @@ from bnnbench.cli import main as cli_main
 from bnnbench.data import make_data
 from bnnbench.data.cache import cache_root, file_md5
 from bnnbench.data.decoded import load_split
-from bnnbench.data.sampling import balanced_order
 from bnnbench.data.errors import DataError
+from bnnbench.data.sampling import balanced_order
 from bnnbench.data.sources import FolderSource, TarSource, extract_archive
 from bnnbench.errors import ConfigError
 from bnnbench.functional import normalized_surrogate_sign, surrogate_sign
 from bnnbench.registry import method_class
-from bnnbench.runners.spec import Machine, RunSpec
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -25,6 +25,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
+
     from ..data import make_data
     from ..packed import load_packed, set_backend
 
