@@ -137,6 +137,25 @@ def test_a_subset_is_the_same_before_and_after_the_decode_cache_exists(tmp_path,
     assert len(load_split("cifar10", source, "train", subset=1, skip_bad_images=False, **common).labels) == 1
 
 
+def test_an_ffcv_subset_holds_the_images_the_folder_gives(tmp_path, make_image_folder):
+    """An FFCV store written with --skip-bad-images (unreadable images as placeholders) and the image
+    folder it came from give one subset: drawn from the full index, the unreadable ones then left out."""
+    pytest.importorskip("ffcv.loader", reason="FFCV is not installed")
+    from bnnbench.data.ffcv_prepare import prepare_betons
+    from bnnbench.data.ffcv_store import MIN_PAGE_SIZE
+
+    root = make_image_folder(tmp_path / "imagenet", {"train": {"n01": 4, "n02": 4}, "val": {"n01": 2, "n02": 2}}, size=None)
+    index = FolderSource(root).split_index("train")
+    for position in balanced_order(index.labels)[[1, 2]]:
+        (root / index.names[position]).write_bytes(b"not an image" * 10)
+    prepare_betons("imagenet", root, tmp_path / "ffcv", page_size=MIN_PAGE_SIZE, skip_bad_images=True)
+    common = {"train_subset": 5, "skip_bad_images": True, "batch_size": 8, "augment": False}
+    store = make_data("imagenet", loader="ffcv", ffcv_dir=tmp_path / "ffcv", **common)
+    folder = make_data("imagenet", data_dir=root, loader="torch", **common)
+    labels = [sorted(torch.cat([y for _, y in bundle.train]).tolist()) for bundle in (store, folder)]
+    assert labels[0] == labels[1] and len(labels[0]) == 3
+
+
 # ======================================================================== 7. environment errors
 def test_an_out_that_is_a_file_or_below_a_file_is_one_line_before_training(tmp_path, capsys):
     afile = tmp_path / "afile"
