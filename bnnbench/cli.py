@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"bnnbench: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a read-only folder met after the up-front checks
+        from .preflight import environment_problem
+
+        problem = environment_problem(exc)
+        if problem is None:
+            raise
+        print(f"bnnbench: error: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ class ConfigError(ValueError, TypeError):
     """
 
 
+class PathError(ConfigError):
+    """A path given to a command that it cannot use: read-only, on a full disk, a file where a folder is needed."""
+
+
 class UnknownMethodError(KeyError, ValueError):
     """A method name that is not registered."""
 
@@ -18,5 +22,7 @@ class UnknownMethodError(KeyError, ValueError):
 
 
 # What ``bnnbench`` reports as one clear line: bad configuration (ValueError and its
-# subclasses above, data errors included), missing files, plugins that fail to import.
+# subclasses above, data and path errors included), missing files, plugins that fail to import.
+# The CLI also reports an OSError the environment caused (full disk, read-only folder) in one
+# line: see ``bnnbench.preflight.environment_problem``.
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, ImportError)

@@ -34,6 +34,17 @@ def sign(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_()
 
 
+def _surrogate(derivative: Derivative, x: Tensor) -> Tensor:
+    """``derivative(x)``, refused unless it has x's shape (broadcasting would silently mix elements up)."""
+    value = derivative(x)
+    if value.shape != x.shape:
+        raise ValueError(
+            f"surrogate derivative {getattr(derivative, '__qualname__', derivative)!r} returned shape {tuple(value.shape)} "
+            f"for an input of shape {tuple(x.shape)}; it must be element-wise, one value per input (e.g. torch.ones_like(x))"
+        )
+    return value
+
+
 class _SurrogateSign(torch.autograd.Function):
     """Forward ``sign(x)``; backward ``grad * derivative(x)``."""
 
@@ -46,7 +57,7 @@ class _SurrogateSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad_output * ctx.derivative(x), None
+        return grad_output * _surrogate(ctx.derivative, x), None
 
 
 class _ShiftedSurrogateSign(torch.autograd.Function):
@@ -64,7 +75,7 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, shift = ctx.saved_tensors
-        grad = grad_output * ctx.derivative(x + shift)
+        grad = grad_output * _surrogate(ctx.derivative, x + shift)
         return grad, grad.sum_to_size(shift.shape), None
 
 
@@ -121,7 +132,7 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, root = ctx.saved_tensors
         dims = ctx.dims
-        grad_a0 = grad_output * ctx.derivative(x / root)
+        grad_a0 = grad_output * _surrogate(ctx.derivative, x / root)
         grad_root = (-grad_a0 * ((x / root) / root)).sum(dim=dims, keepdim=True)
         grad_var = grad_root / (2 * root)
         through_variance = (2.0 / (x[0].numel() - 1)) * grad_var * (x - x.mean(dim=dims, keepdim=True))

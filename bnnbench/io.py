@@ -90,9 +90,17 @@ def read_torch(path: str | os.PathLike[str], what: str, how_to_make: str = "") -
     import torch  # the only module here that needs torch
 
     path = Path(path)
+    fix = f"; {how_to_make}" if how_to_make else ""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist" + (f"; {how_to_make}" if how_to_make else ""))
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{fix}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {str(path)!r} is empty (0 bytes), not a bnnbench {what}{fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+    except Exception:  # noqa: BLE001 -- torch's text may advise weights_only=False, which runs the file's code: never relay it
+        raise ValueError(
+            f"{str(path)!r} is not a bnnbench {what}: it is damaged or of another kind, or it holds Python objects, "
+            f"which bnnbench never unpickles (it reads tensors and plain values only){fix}"
+        ) from None

@@ -34,11 +34,13 @@ them as parameters and passes them to ``activation`` as keyword arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .functional import approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
 
 SCALES: tuple[str, ...] = ("none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two")
@@ -81,6 +83,15 @@ class Method:
     default_act_norm: ClassVar[bool] = False
     # False: the analytic scale multiplies the forward only (see module docstring).
     scale_in_backward: ClassVar[bool] = True
+    # Hyper-parameters that must be finite and > 0 (a frequency, a temperature, ...).
+    positive: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range hyper-parameters when the method is made (subclasses call this first)."""
+        for name in self.positive:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"method {self.name!r}: hyper-parameter {name}={value!r} must be a positive number (--hp {name}=...)")
 
     # ----------------------------------------------------------------- weights
     def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:

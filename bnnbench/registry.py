@@ -80,7 +80,12 @@ def load_plugin(path: str | Path) -> None:
         raise ImportError(f"cannot import plugin {str(path)!r}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the plugin's own error, whatever it is, told as the plugin's
+        del sys.modules[module_name]
+        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise ImportError(f"plugin {str(path)!r} failed to import{where}: {type(exc).__name__}: {exc}; fix the plugin file") from exc
     _PLUGINS.append(str(path.resolve()))
 
 

@@ -35,6 +35,8 @@ class BiPer(Method):
     reg_tau_stage2: float = 0.0468
     periodic: bool = True
 
+    positive = ("w0",)
+
     paper = "Vargas et al., BiPer: Binary Neural Networks using a Periodic Function, CVPR 2024"
     weight_forward = "stage 2: sign(sin(w0 w)) (Eq. 8); stage 1: sin(w0 w) (Eq. 10)"
     weight_backward = "w0 cos(w0 w) (Eq. 9)"

@@ -52,6 +52,8 @@ class FDA(Method):
     n_start: int = 9
     n_growth: int = 9
 
+    positive = ("omega",)
+
     paper = "Xu et al., Learning Frequency Domain Approximation for Binary Neural Networks, NeurIPS 2021"
     weight_forward = "mean|w_c| sign(w) (scale detached)"
     weight_backward = "(4 omega/pi) sum_{i<=n} cos((2i+1) omega w) 1{|w|<=1}, omega=0.1, n = 9 + floor(9p)"

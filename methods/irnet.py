@@ -41,6 +41,8 @@ class IRNet(Method):
     t_min: float = 0.1
     t_max: float = 10.0
 
+    positive = ("t_min", "t_max")
+
     paper = "Qin et al., IR-Net, CVPR 2020"
     weight_forward = "2^round(log2 mean|w_std|_c) sign(w_std), w_std = per-channel standardised w"
     weight_backward = "k t (1 - tanh^2(t w_std)) through the standardisation; t = 10^(lg Tmin + (lg Tmax - lg Tmin) p), k = max(1/t, 1)"

@@ -40,6 +40,8 @@ class ReCU(Method):
     tau_max: float = 0.99
     eps: float = 1e-5
 
+    positive = ("tau_min", "tau_max", "eps")
+
     paper = "Xu et al., ReCU, ICCV 2021"
     weight_forward = "sign(clamp(z1, -Q, Q)), z1 = standardised w (x 2 sqrt 2), Q = -mean|z1| ln(2 - 2 tau)"
     weight_backward = "1 through sign; 0 where clamped; autograd through standardisation"

@@ -38,6 +38,8 @@ class ReSTE(Method):
     o_end: float = 3.0
     interval: float = 0.1
 
+    positive = ("t", "o_end", "interval")
+
     paper = "Wu et al., ReSTE, ICCV 2023"
     weight_forward = "mean|w|_layer * sign(w)"
     weight_backward = "(1/o)|w|^((1-o)/o) on 0.1<|w|<=t; 0.1^(1/o)/0.1 on |w|<=0.1; 0 beyond t"

@@ -36,6 +36,8 @@ class SwishSign(Method):
 
     beta: float = 5.0
 
+    positive = ("beta",)
+
     paper = "Darabi et al., BNN+: Improved Binary Network Training, arXiv:1812.11800"
     weight_backward = "beta (2 - beta w tanh(beta w / 2)) / (1 + cosh(beta w)), beta = 5"
     activation_backward = "beta (2 - beta a tanh(beta a / 2)) / (1 + cosh(beta a))"

@@ -49,6 +49,7 @@ class XNOR(Method):
     scale_in_backward = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.weight_grad not in WEIGHT_GRADS:
             raise ValueError(f"xnor: weight_grad must be one of {WEIGHT_GRADS}, got {self.weight_grad!r}")
 

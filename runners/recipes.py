@@ -70,6 +70,7 @@ WD_GROUPS: dict[str, str] = {
     "weights_only": "weight tensors of conv and linear layers; no decay on norms, biases or alpha",
 }
 STAGE2_INIT = ("best", "last")
+MIN_TRAIN_IMAGES = 2  # per training batch and per training subset: BatchNorm cannot normalise one image
 SCHEDULES: dict[str, str] = {
     "warmup-cosine": "E epochs e = 0..E-1: lr (e+1)/W during W warm-up epochs, then a cosine from the full rate (bnnbench)",
     "biper-official": "the official BiPer stage-2 loop: E-1 epochs e = 1..E-1, warm-up lr (e+1)/5 from 2/5 of the rate, then "
@@ -143,18 +144,22 @@ class Recipe:
     def validate(self) -> None:
         self.stage1.validate(1)
         self.stage2.validate(2)
-        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} / {self.eval_batch_size}")
+        if self.batch_size < MIN_TRAIN_IMAGES or (self.eval_batch_size is not None and self.eval_batch_size < 1):
+            raise ValueError(
+                f"the training batch must hold at least {MIN_TRAIN_IMAGES} images (BatchNorm normalises over it) and the "
+                f"evaluation batch at least 1, got {self.batch_size} / {self.eval_batch_size}"
+            )
         if self.wd_groups not in WD_GROUPS:
             raise ValueError(f"unknown weight-decay grouping {self.wd_groups!r}; valid: {', '.join(WD_GROUPS)}")
         if self.stage2_init not in STAGE2_INIT:
             raise ValueError(f"stage2_init must be one of {STAGE2_INIT}, got {self.stage2_init!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must lie in [0, 1), got {self.label_smoothing}")
-        for name in ("train_subset", "test_subset"):
+        for name, least in (("train_subset", MIN_TRAIN_IMAGES), ("test_subset", 1)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if value is not None and value < least:
+                why = " (BatchNorm needs at least two images per training batch)" if least > 1 else ""
+                raise ValueError(f"{name} must be at least {least}{why}, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -70,6 +70,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: Path, expected: str) -> None:
+    """Load checkpoint ``state`` (read from ``source``) into ``model`` (``expected``: what the model is, for
+    the message), or refuse in one line naming the first weights that are missing, extra or of another shape."""
+    saved, own = state["model"], model.state_dict()
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(source)!r} is not a bnnbench checkpoint (its 'model' state is not a dict of tensors)")
+    problems = [f"missing {k}" for k in own if k not in saved] + [f"unexpected {k}" for k in saved if k not in own]
+    problems += [
+        f"{k} has shape {tuple(saved[k].shape)}, expected {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and torch.is_tensor(saved[k]) and saved[k].shape != own[k].shape
+    ]
+    if problems:
+        spec = state.get("spec") if isinstance(state.get("spec"), dict) else {}
+        model_spec = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+        trained = f"{model_spec.get('net')} with method {model_spec.get('method')}" if model_spec else "an unrecorded network"
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(
+            f"checkpoint {str(source)!r} ({trained}) does not fit {expected}: {'; '.join(problems[:3])}{more}. "
+            "Pass a checkpoint of the same network and method"
+        )
+    model.load_state_dict(saved)
+
+
 def checkpoint_name(stage: int, kind: str) -> str:
     """``stage1_last.pt``, ``stage2_best.pt``, ..."""
     return f"stage{stage}_{kind}.pt"

@@ -169,6 +169,15 @@ class Machine:
     name: str | None = None  # run directory name instead of net-method-data-seed-timestamp-hash
     tensorboard: bool = True  # TensorBoard event files beside metrics.csv, where the package is installed
 
+    def __post_init__(self) -> None:
+        parse_device(self.device)
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 (load in the training process) or more, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.name is not None:
+            check_run_name(self.name)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -188,13 +197,44 @@ class Machine:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
+        device = parse_device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available; pass --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {self.device!r} requested but only {torch.cuda.device_count()} GPU(s) are visible; "
+                f"pass --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
         return device
 
     def run_root(self) -> Path:
         return Path(self.out) / "runs"
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def parse_device(text: str) -> torch.device | None:
+    """The device ``text`` names (None for "auto"); anything but cpu, cuda, cuda:N, mps or auto is refused."""
+    if text == "auto":
+        return None
+    hint = f"unknown device {text!r}; pass cpu, cuda, cuda:N (N a GPU index), mps or auto"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ConfigError(hint) from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(hint)
+    return device
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name inside ``OUT/runs``: no separator, no ``..``, not hidden."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise ConfigError(
+            f"run name {name!r} must be a plain folder name (no '/', no '..', not starting with '.'); "
+            "the run goes to OUT/runs/NAME: choose the folder with --out"
+        )
 
 
 def data_request(spec: RunSpec, machine: Machine, device: torch.device, world_size: int, distributed: bool) -> DataRequest:

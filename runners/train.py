@@ -104,7 +104,7 @@ from .callbacks import EpochCallback, EpochReport
 from .diagnostics import default_callbacks
 from .display import CostEstimate, Display
 from .optim import make_optimizer, make_scheduler
-from .results import checkpoint_name, device_info, git_commit, load_checkpoint, package_versions, rng_state, set_rng_state
+from .results import checkpoint_name, device_info, git_commit, load_checkpoint, load_model_state, package_versions, rng_state, set_rng_state
 from .rundir import RunDirectory
 from .spec import Machine, RunSpec, data_request
 from .tensorboard import TensorBoardLog
@@ -405,10 +405,7 @@ def initialise_stage(run: RunState, stage: int) -> None:
     else:
         source = Path(spec.init)  # type: ignore[arg-type]
     state = load_checkpoint(source)
-    try:
-        run.ctx.model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {str(source)!r} does not fit {spec.model.net} with method {spec.model.label}: {exc}") from None
+    load_model_state(run.ctx.model, state, source, f"{spec.model.net} with method {spec.model.label}")
     run.ctx.display.log(f"stage 2 starts from {source} (stage {state.get('stage')}, epoch {state.get('epoch')})")
 
 

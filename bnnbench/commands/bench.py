@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from ._arguments import at_least
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per method)")
     train.add_argument("--csv", "--out", dest="csv", default="results/bench/train.csv", help="CSV file (default: results/bench/train.csv)")
     for sub, budget in ((conv, 3.0), (model, 20.0), (train, 3.0)):
-        sub.add_argument("--threads", type=int, default=1, help="threads for torch and numba alike (default: 1)")
+        sub.add_argument("--threads", type=at_least(1), default=1, help="threads for torch and numba alike (default: 1)")
         sub.add_argument("--budget", type=float, default=budget, help=f"seconds of timing per row (per batch for model; default: {budget})")
 
 
@@ -49,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from ..runners.bench import conv_benchmark, write_csv  # heavy imports only when run
     from ..runners.bench_model import model_benchmark
     from ..runners.bench_train import StepSettings, train_benchmark
+    from ..runners.spec import Machine
 
     console = Console()
     if args.bench == "conv":
@@ -72,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
         console.print(machine_line(machine))
         console.print(model_table(rows))
     else:
+        Machine(device=args.device).resolve_device()  # a run's device checks, before any timing
         settings = StepSettings.auto(
             args.amp, args.channels_last, device=args.device, net=args.net, family=args.family, batch=args.batch, stage=args.stage, compile=args.compile
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-
+from ._arguments import at_least
 
 HELP = "evaluate a packed model (from `bnnbench export --packed`) on a test set: accuracy, agreement with the float path, images/s"
 
@@ -14,9 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packed", required=True, metavar="FILE", help="packed model written by `bnnbench export RUN_DIR --packed`")
     parser.add_argument("--data", required=True, help="data set: cifar10, imagenet or digits")
     parser.add_argument("--data-dir", default=None, help="data location (see `bnnbench run --help`); default: the bnnbench cache")
-    parser.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate the first N test images of the class-balanced order")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
-    parser.add_argument("--threads", type=int, default=1, help="threads for torch and numba (default: 1)")
+    parser.add_argument("--test-subset", type=at_least(1), default=None, metavar="N", help="evaluate the first N test images of the class-balanced order")
+    parser.add_argument("--batch-size", type=at_least(1), default=100, help="images per batch (default: 100)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="threads for torch and numba (default: 1)")
     parser.add_argument("--no-compare", action="store_true", help="skip the float path (the same bits through F.conv2d)")
 
 
@@ -25,6 +25,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
+
     from ..data import make_data
     from ..packed import load_packed, set_backend
 

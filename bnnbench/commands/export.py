@@ -27,19 +27,18 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..packed import export_packed, save_packed
-    from ..runners.results import load_checkpoint
+    from ..preflight import writable_file
+    from ..runners.results import load_checkpoint, load_model_state
     from ..summary import RESOLUTIONS
 
     if not args.packed:
         raise ValueError("the only export format is the bit-packed one: add --packed")
     source = find_checkpoint(Path(args.run), args.checkpoint)
+    out = writable_file(args.out if args.out else source.parent / f"packed_{source.name}", "--out")
     state = load_checkpoint(source)
     spec = checkpoint_model(state, source)
     model = spec.build(stage=2)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {str(source)!r} does not fit the network in its configuration: {exc}") from None
+    load_model_state(model, state, source, f"{spec.net} with method {spec.label} (its configuration)")
     model.eval()
     packed = export_packed(model)
     console = Console()
@@ -52,7 +51,6 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"check on {args.verify} random images: argmax agreement {agree}/{args.verify}, max |logit difference| {float((expected - got).abs().max()):.2e}")
         if agree != args.verify:
             console.print("[red]warning: packed and float predictions differ; please report this with the checkpoint[/red]")
-    out = Path(args.out) if args.out else source.parent / f"packed_{source.name}"
     save_packed(packed, out)
     float_bytes = sum(t.numel() * t.element_size() for t in state["model"].values() if torch.is_tensor(t))
     console.print(

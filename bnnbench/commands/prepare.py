@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..data.ffcv_prepare import prepare_betons
+    from ..preflight import writable_folder
 
+    writable_folder(args.ffcv_dir, "--ffcv-dir")
     image_field = None
     if args.data == "imagenet":
         image_field = ImageFieldSettings(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # the heavy modules are imported when the command runs, not for --help
     from ..runners.recipes import Recipe
+    from ..runners.rundir import RunDirectory
     from ..runners.spec import Machine, RunSpec
 
 HELP = "train a method with the two-stage protocol (bnnbench run --method biper --net resnet18 --data cifar10)"
@@ -65,11 +66,19 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-def _subset(text: str) -> int:
-    """A subset size; ``all`` parses to 0 (no subset)."""
-    value = 0 if text == "all" else int(text)
-    if value < 0:
-        raise ValueError("a subset size is a positive number of images or 'all'")
+ALL = "all"  # --train-subset all / --test-subset all: the whole split
+
+
+def _subset(text: str) -> int | str:
+    """A subset size (a positive number of images) or ``all``."""
+    if text == ALL:
+        return ALL
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a subset size is a positive number of images, or 'all' for the whole split; got {text!r}")
     return value
 
 
@@ -165,7 +174,7 @@ def resolve_recipe(args: argparse.Namespace, data: str, family: str) -> Recipe:
     for option in ("batch_size", "eval_batch_size", "wd_groups", "label_smoothing", "train_subset", "test_subset", "stage2_init"):
         value = getattr(args, option)
         if value is not None:
-            setattr(recipe, option, value or None if option.endswith("_subset") else value)
+            setattr(recipe, option, None if value == ALL else value)
     return recipe
 
 
@@ -223,6 +232,23 @@ def check_resume_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume continues a run with its saved config.json; drop {', '.join(given)}")
 
 
+def open_run(path: str) -> RunDirectory:
+    """The run directory ``--resume`` names, checked writable; a method no longer registered hints at --plugin."""
+    from ..errors import UnknownMethodError
+    from ..preflight import writable_folder
+    from ..runners.rundir import RunDirectory
+
+    try:
+        directory = RunDirectory.open(path)
+    except UnknownMethodError as exc:
+        raise UnknownMethodError(
+            f"{exc}. The run {path} was trained with it: if a plugin file defines it, "
+            f"resume with: bnnbench --plugin FILE.py run --resume {path}"
+        ) from None
+    writable_folder(path, "--resume")
+    return directory
+
+
 def resume_command(path: Path, processes: int) -> str:
     return f"bnnbench run --resume {path}" + (f" --nproc {processes}" if processes > 1 else "")
 
@@ -232,6 +258,8 @@ def main(args: argparse.Namespace) -> int:
         return launch(args)
     import signal
 
+    from ..errors import PathError
+    from ..preflight import environment_problem, writable_folder
     from ..runners import distributed
     from ..runners.display import Display
     from ..runners.rundir import RunDirectory
@@ -240,14 +268,21 @@ def main(args: argparse.Namespace) -> int:
     display = Display(quiet=args.quiet)
     if args.resume:
         check_resume_options(args)
-        machine = RunDirectory.open(args.resume).machine
+        machine = open_run(args.resume).machine
     else:
         spec, machine = build_spec(args), build_machine(args)
+        writable_folder(machine.out, "--out")
     with distributed.process_group(machine.resolve_device()):
-        directory = RunDirectory.open(args.resume) if args.resume else RunDirectory.new(spec, machine)
+        directory = open_run(args.resume) if args.resume else RunDirectory.new(spec, machine)
         processes = distributed.world_size()
         try:
             train(directory, display=display)
+        except OSError as exc:
+            problem = environment_problem(exc)
+            if problem is None:
+                raise
+            kept = f"finished epochs are saved; continue with: {resume_command(directory.path, processes)}"
+            raise PathError(f"{problem}. {kept if directory.has_checkpoint() else 'No epoch had finished'}") from None
         except TrainingDiverged as exc:
             if directory.writes:  # every rank stops on the same step; rank 0 speaks for them
                 print(f"bnnbench: training diverged: {exc}", file=sys.stderr)
@@ -270,7 +305,6 @@ def launch(args: argparse.Namespace) -> int:
     import torch
 
     from ..runners import distributed
-    from ..runners.rundir import RunDirectory
 
     nproc = args.nproc
     if distributed.launched_by_torchrun():
@@ -278,7 +312,7 @@ def launch(args: argparse.Namespace) -> int:
     # the errors every worker would hit, once and before anything starts
     if args.resume:
         check_resume_options(args)
-        opened = RunDirectory.open(args.resume)
+        opened = open_run(args.resume)
         spec, machine = opened.spec, opened.machine
     else:
         spec, machine = build_spec(args), build_machine(args)

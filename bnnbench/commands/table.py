@@ -32,6 +32,7 @@ from typing import Any
 from ..runners.executors import EXECUTORS
 from ..runners.recipes import list_recipes
 from ..tables import named_specs
+from ._arguments import at_least
 
 DEFAULT_SLURM_MINUTES = 24 * 60
 
@@ -41,7 +42,7 @@ HELP = "regenerate Table 1-4 of the BiPer paper, or a shipped/own table spec, fr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", help=f"table number (1, 2, 3, 4), a spec shipped with bnnbench ({', '.join(named_specs())}) or the path of a table spec (.toml)")
     parser.add_argument("--recipe", "--budget", dest="recipe", default="quick", help=f"training recipe of every run: {', '.join(list_recipes())} (default quick)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per row, 0..N-1 (default 1); cells show mean ± 95%% CI when N > 1")
+    parser.add_argument("--seeds", type=at_least(1), default=1, help="seeds per row, 0..N-1 (default 1); cells show mean ± 95%% CI when N > 1")
     parser.add_argument("--data-dir", help="the data set's local copy for new runs (CIFAR-10 folder/.tar, ImageNet folder)")
     parser.add_argument("--out", default="results", help="results root: runs in OUT/runs, tables in OUT/tables (default results)")
     parser.add_argument("--device", help="device of new runs: cpu, cuda, cuda:1 or auto (default)")
@@ -112,6 +113,7 @@ def build_executor(args: argparse.Namespace, out: str) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..preflight import writable_folder
     from ..runners.experiments import plan
     from ..runners.recipes import get_recipe
     from ..runners.spec import Machine
@@ -130,6 +132,7 @@ def main(args: argparse.Namespace) -> int:
         todo = [job for job in runs.jobs if not job.done]
         print(f"{len(runs.jobs) - len(todo)} of {len(runs.jobs)} runs available; {len(todo)} to train or resume (budget {recipe.name})")
         return 0
+    writable_folder(args.out, "--out")
     if args.executor != "local":
         parallel = build_executor(args, args.out)
     elif args.jobs == "auto" and not args.no_run:

@@ -24,7 +24,7 @@ from .ffcv_store import (
     read_manifest,
 )
 from .loaders import ArrayLoader, EpochLoader, FolderDataset, FolderLoader
-from .sampling import SUBSET_SEED, balanced_subset, distributed_rank
+from .sampling import SUBSET_SEED, balanced_subset, distributed_rank, readable_subset
 from .sources import FolderSource, archive_note
 from .specs import DatasetSpec, get_spec
 
@@ -200,8 +200,7 @@ def _ffcv_bundle(spec: DatasetSpec, request: DataRequest) -> tuple[EpochLoader, 
     loaders = []
     for split, subset, train in (("train", request.train_subset, True), ("test", request.test_subset, False)):
         labels = np.load(labels_path(ffcv_dir, split))
-        usable = np.setdiff1d(np.arange(len(labels)), np.asarray(manifest["splits"][split]["excluded"], dtype=np.int64))
-        sample_ids = usable[balanced_subset(labels[usable], subset)]
+        sample_ids, _ = readable_subset(labels, subset, np.asarray(manifest["splits"][split]["excluded"], dtype=np.int64))
         loaders.append(
             FFCVLoader(
                 beton_path(ffcv_dir, split),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import temporary_directory
+from ..preflight import writable_folder
 
 
 CACHE_ENV = "BNNBENCH_CACHE"
@@ -31,6 +32,11 @@ def cache_root() -> Path:
     """The cache directory (``$BNNBENCH_CACHE`` or ``~/.cache/bnnbench``); not created here."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bnnbench"
+
+
+def writable_cache(entry: Path) -> None:
+    """Refuse in one line, before any work, a cache entry whose folder cannot be written."""
+    writable_folder(entry.parent, "the bnnbench cache folder", f"set {CACHE_ENV} to a folder you can write to")
 
 
 def file_md5(path: Path, chunk: int = 1 << 22) -> str:
@@ -49,6 +55,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     If ``target`` appeared meanwhile (another process built the same entry), ours is dropped.
     On an exception the temporary folder is removed and ``target`` is left untouched.
     """
+    writable_cache(target)
     tmp = temporary_directory(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp

@@ -4,7 +4,9 @@ A split of small fixed-size images (CIFAR-10: 60,000 JPEGs of 32x32) is decoded 
 ``<cache>/decoded/<dataset>-<key>/<split>/images.npy`` (N, H, W, 3 uint8) plus ``labels.npy``;
 the key is the tar's md5 or a fingerprint of the folder's files.  Later runs memory-map it.
 A subset asked for before the full cache exists is decoded directly (a few hundred images
-take milliseconds), without building the cache.
+take milliseconds), without building the cache.  Either way the subset is drawn from the split's
+full index, the unreadable images among it then left out (``skip_bad_images``), so one command
+selects the same images before and after the cache exists.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..io import read_json, write_json
 from .cache import atomic_directory, cache_root, save_array
 from .errors import BadImageError, DataError
 from .images import decode_rgb
-from .sampling import balanced_subset
+from .sampling import balanced_subset, readable_subset
 from .sources import FolderSource, SplitIndex, TarSource
 
 
@@ -105,6 +107,30 @@ def build_cache(dataset: str, source: FolderSource | TarSource, index: SplitInde
     return target
 
 
+def _from_cache(
+    folder: Path, source: FolderSource | TarSource, index: SplitIndex, subset: int | None, skip_bad_images: bool
+) -> SplitArrays:
+    """The subset of ``index`` read from its decode cache, which holds the split's readable images in order."""
+    meta = read_json(folder / "meta.json")
+    if meta["classes"] != index.classes:
+        raise DataError(f"decode cache {folder} has classes {meta['classes']}, the source has {index.classes}; delete the cache folder")
+    displays = np.array([source.display(name) for name in index.names])
+    unreadable = np.flatnonzero(np.isin(displays, meta["skipped"]))
+    rows = np.setdiff1d(np.arange(len(index.names)), unreadable)  # full-index position of each cached image
+    labels = np.load(folder / "labels.npy")
+    if len(labels) != len(rows) or not np.array_equal(labels, index.labels[rows]):
+        raise DataError(f"decode cache {folder} does not match the images of {source.display('')}; delete the cache folder")
+    kept, dropped = readable_subset(index.labels, subset, unreadable)
+    if len(dropped) and not skip_bad_images:
+        reasons = dict(zip(meta["skipped"], meta["skipped_reasons"]))
+        _raise_for_bad(displays[dropped].tolist(), [reasons[d] for d in displays[dropped].tolist()])
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    cached = np.searchsorted(rows, kept)
+    return SplitArrays(
+        np.ascontiguousarray(images[cached]), labels[cached], index.classes, meta["full_size"], displays[dropped].tolist(), str(folder)
+    )
+
+
 def load_split(
     dataset: str,
     source: FolderSource | TarSource,
@@ -126,19 +152,7 @@ def load_split(
     if subset is None and not folder.is_dir():
         folder = build_cache(dataset, source, index, size, skip_bad_images)
     if folder.is_dir():
-        meta = read_json(folder / "meta.json")
-        if meta["classes"] != index.classes:
-            raise DataError(
-                f"decode cache {folder} has classes {meta['classes']}, the source has {index.classes}; delete the cache folder"
-            )
-        if meta["skipped"] and not skip_bad_images:
-            _raise_for_bad(meta["skipped"], meta["skipped_reasons"])
-        labels = np.load(folder / "labels.npy")
-        chosen = balanced_subset(labels, subset)
-        images = np.load(folder / "images.npy", mmap_mode="r")
-        return SplitArrays(
-            np.ascontiguousarray(images[chosen]), labels[chosen], index.classes, meta["full_size"], meta["skipped"], str(folder)
-        )
+        return _from_cache(folder, source, index, subset, skip_bad_images)
     chosen = balanced_subset(index.labels, subset)
     images, kept, bad = _decode_many(source, [index.names[i] for i in chosen], size)
     if bad and not skip_bad_images:

@@ -62,6 +62,18 @@ def balanced_subset(labels: np.ndarray, n: int | None, seed: int = SUBSET_SEED) 
     return np.sort(balanced_order(labels, seed)[:n])
 
 
+def readable_subset(labels: np.ndarray, n: int | None, unreadable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, dropped): :func:`balanced_subset` of the *whole* split, split into the positions that are
+    not in ``unreadable`` and those that are.
+
+    The subset is drawn before the unreadable images are left out, so it is the same whether they are
+    known in advance (a decode cache, an FFCV store) or found while decoding.
+    """
+    chosen = balanced_subset(labels, n)
+    bad = np.isin(chosen, unreadable)
+    return chosen[~bad], chosen[bad]
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """Positions 0..n-1 in the order of ``epoch``: a permutation seeded by (seed, epoch) or identity."""
     if not shuffle:

@@ -5,14 +5,20 @@ the sorted class-folder names of the training split; every other split is labell
 same name -> index map, so a split that lacks a class can never shift the labels of the others.
 Samples are sorted by (class, path), so a tar and its extracted folder list the same images in
 the same order.
+
+A tar must be complete: its last member followed by the end-of-archive marker (two zero blocks).
+A tar cut short (an interrupted copy or download) is refused naming the file, never read up to the
+cut, so no cache entry is ever made from part of an archive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +30,15 @@ from .cache import (
     atomic_directory,
     cache_root,
     file_md5,
+    writable_cache,
 )
 from .errors import BadImageError, DataError, DataNotFoundError
 from .images import is_image_name
 
 SOURCE_MARKER = ".bnnbench-source.json"  # written into folders extracted by extract_archive()
+END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
+CUT_SHORT_ERRORS = ("unexpected end of data", "truncated header")  # tarfile's words for a tar that stops early
+MEMBER_INDEX_VERSION = 2  # version 1 indexes were written without checking that the tar is complete
 
 
 @dataclass(frozen=True)
@@ -125,19 +135,18 @@ class TarSource:
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")  # keeps no open file object
 
     def _member_index(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(names, data offsets, sizes) of the image members, cached by md5 (parsing 60k headers takes seconds)."""
-        cached = cache_root() / "archives" / f"{self.md5}-members.npz"
+        """(names, data offsets, sizes) of the image members of the complete tar, cached by md5
+        (parsing 60k headers takes seconds)."""
+        cached = cache_root() / "archives" / f"{self.md5}-members-v{MEMBER_INDEX_VERSION}.npz"
         if not cached.is_file():
             names, offsets, sizes = [], [], []
-            try:
-                with tarfile.open(self.path, "r:") as tf:
-                    for member in tf:
-                        if member.isfile() and is_image_name(member.name):
-                            names.append(member.name.removeprefix("./"))
-                            offsets.append(member.offset_data)
-                            sizes.append(member.size)
-            except tarfile.ReadError as exc:
-                raise DataError(f"{self.path} is not an uncompressed tar ({exc}); extract it and pass the folder") from None
+            with open_complete_tar(self.path) as tf:
+                for member in tf.getmembers():
+                    if member.isfile() and is_image_name(member.name):
+                        names.append(member.name.removeprefix("./"))
+                        offsets.append(member.offset_data)
+                        sizes.append(member.size)
+            writable_cache(cached)
             buf = io.BytesIO()
             np.savez(
                 buf,
@@ -176,6 +185,36 @@ class TarSource:
         return f"{self.path}:{name}"
 
 
+@contextlib.contextmanager
+def open_complete_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """The uncompressed tar ``path``, opened and its members read, once checked to be complete.
+
+    tarfile stops quietly at a header cut short or at the end of the file, so the check is ours: the
+    position after the last member must hold the end-of-archive marker.
+    """
+    try:
+        with tarfile.open(path, "r:") as tf:
+            members = tf.getmembers()
+            with open(path, "rb") as f:
+                f.seek(tf.offset)  # where tarfile stopped reading: the end of the last member
+                if f.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
+                    last = f", after its last whole member {members[-1].name}" if members else ""
+                    raise _cut_short(path, f"no end-of-archive marker at byte {tf.offset}{last}")
+            yield tf
+    except tarfile.ReadError as exc:
+        if str(exc) in CUT_SHORT_ERRORS:
+            raise _cut_short(path, str(exc)) from None
+        raise DataError(f"{path} is not an uncompressed tar ({exc}); extract it and pass the folder") from None
+
+
+def _cut_short(path: Path, detail: str) -> DataError:
+    """The error for a tar that ends before its end-of-archive marker."""
+    return DataError(
+        f"{path} is incomplete ({detail}; the file has {os.path.getsize(path)} bytes): it was cut short, "
+        "e.g. by an interrupted copy or download. Copy it again"
+    )
+
+
 def open_source(path: Path) -> FolderSource | TarSource:
     """A :class:`TarSource` for a ``.tar`` file, else a :class:`FolderSource`."""
     return TarSource(path) if Path(path).is_file() else FolderSource(path)
@@ -201,7 +240,7 @@ def extract_archive(tar_path: Path, cache: Path | None = None) -> Path:
     if target.is_dir():
         return target
     with atomic_directory(target) as tmp:
-        with tarfile.open(tar_path, "r:") as tf:
+        with open_complete_tar(tar_path) as tf:
             tf.extractall(tmp, filter="data")
         write_json(tmp / SOURCE_MARKER, {"archive": str(tar_path.resolve()), "md5": md5, "note": archive_note(md5)})
     return target
