@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 from filelock import FileLock
 
+from bnnbench.errors import UnknownMethodError
 from bnnbench.io import atomic_write, remove_stale_temporaries, write_json
 
 from . import distributed
@@ -101,6 +102,8 @@ class RunDirectory:
             raise FileNotFoundError(f"{str(path)!r} is not a run directory (no {CONFIG}); pass the directory printed when the run started")
         try:
             return cls(path, RunSpec.from_saved(saved), Machine.from_saved(saved), fresh=False)
+        except UnknownMethodError:
+            raise  # a sound config.json naming a method not registered here (a plugin's): the caller hints at --plugin
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path / CONFIG} is not the configuration of a bnnbench run ({type(exc).__name__}: {exc}); restore it from a copy") from None
 
