@@ -560,3 +560,40 @@ def test_packed_export_and_diagnostics_see_the_layers_weight_tensors(name: str) 
     assert dead_mask(layer.method, layer.weight, 0.5, 2, None, layer.weight_tensors()).shape == layer.weight.shape
     diagnostics = model_diagnostics(model)
     assert len(diagnostics.layers) == 18 and all(math.isfinite(d.qe) for d in diagnostics.layers)
+
+
+@pytest.mark.parametrize("name", MORE)
+def test_new_methods_train_through_the_loop_and_resume_their_state(name: str, tmp_path) -> None:
+    """48 digits, 1 + 1 epochs: the run finishes; RAD logs its loss as the regulariser; a checkpoint restores the
+    layers' state (LQ-Net's basis, RBNN's rotations, DSQ's bound) exactly."""
+    import pandas as pd
+    from tiny import tiny_run
+
+    from bnnbench.runners.recipes import get_recipe
+    from bnnbench.runners.train import run_training
+
+    recipe = get_recipe("quick")
+    recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
+    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
+    run = tiny_run(recipe, tmp_path / "results", method=name)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(*run, quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    path = run.run_dir()
+    metrics = pd.read_csv(path / "metrics.csv")
+    assert (path / "final.json").is_file() and metrics["test_top1"].notna().all()
+    reg = metrics["train_reg"]
+    assert (reg > 0).all() if name == "rad" else (reg == 0).all()
+    checkpoints = sorted(path.rglob("*.pt"))
+    assert checkpoints
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    model_state = state["model"] if "model" in state else state
+    names = {"lqnet": "weight_state_basis", "rbnn": "weight_state_r1", "dsq": "weight_state_u_init"}
+    if name in names:
+        keys = [k for k in model_state if k.endswith(names[name])]
+        assert len(keys) == 18, keys
+        if name == "dsq":  # stage 2 started by setting every layer's bound from its weights
+            assert all(float(model_state[k]) == 1.0 for k in keys)
