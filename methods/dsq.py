@@ -1,15 +1,14 @@
 """DSQ at 1 bit: Differentiable Soft Quantization with a learned sharpness and clipping value.
 
-DSQ (paper Sec. 3.2) replaces each quantization interval P_i = [l + i Delta, l + (i+1) Delta]
-of the clipping range [l, u] by a scaled tanh (Eq. 3-4):
+DSQ replaces each quantization interval P_i = [l + i Delta, l + (i+1) Delta]
+of the clipping range [l, u] by a scaled tanh:
     phi(x) = s tanh(k (x - m_i)),   m_i = l + (i + 1/2) Delta,   s = 1 / tanh(k Delta / 2)
     Q_S(x) = l + Delta (i + (phi(x) + 1) / 2)   on P_i;  l below l, u above u
-and characterises its sharpness by alpha = 1 - tanh(k Delta / 2) (Eq. 5), so that
+and characterises its sharpness by the characteristic variable alpha = 1 - tanh(k Delta / 2), so that
     s = 1 / (1 - alpha),   k = ln(2 / alpha - 1) / Delta.
 The forward keeps the exact quantized value, sgn(phi) in place of phi, whose gradient is the
-straight-through 1 (Sec. 3.3): the backward is autograd's through Q_S, to x, to the clipping
-value and to alpha, which is learned (Sec. 3.4; initial value 0.2 in the public
-re-implementations).
+straight-through 1: the backward is autograd's through Q_S, to x, to the clipping value and
+to alpha, which is learned (initial value 0.2 in the public re-implementations).
 
 At 1 bit there is one interval, Delta = u - l; bnnbench's binary layers need values +-c, so
 the range is symmetric, l = -u, m = 0, Delta = 2u, and Q_S = u phi(clip(x, -u, u)):
@@ -29,12 +28,13 @@ u >= 1e-8.  No schedule: alpha and u evolve by gradient descent.  No extra loss 
 
 Initial values: alpha = 0.2 on both paths; u_a = 1 (the backbones' hardtanh range);
 u_w = 3 std(w) of the layer, set at the first ``set_progress`` of a stage with binary weights
-(stage 2), from the weights that stage starts with (the paper initialises the range from the
-data; the flag ``u_init`` in the layer's state keeps resumed runs from re-initialising it).
+(stage 2), from the weights that stage starts with (a bnnbench choice; the flag ``u_init`` in
+the layer's state keeps resumed runs from re-initialising it).
 
 Sources and fidelity: Gong, Liu, Jiang, Li, Hu, Lin, Yu & Yan, "Differentiable Soft
-Quantization: Bridging Full-Precision and Low-Bit Neural Networks", ICCV 2019, Eq. 3-5 and
-Sec. 3.3-3.4.  The authors released no training code: the formulas follow the paper; alpha's
+Quantization: Bridging Full-Precision and Low-Bit Neural Networks", ICCV 2019, Sec. 3 (its
+equation numbers are not quoted: the paper's text was not at hand to check them).  The
+authors released no training code: the formulas follow the paper; alpha's
 initial value 0.2 and k = ln(2/alpha - 1)/Delta agree with the public re-implementations
 (PaddleSlim, MQBench, ricky40403/DSQ).  bnnbench's choices, not the paper's: the symmetric
 range (l = -u), the initial u_w = 3 std(w), the clamps, and +-1 activations (the

@@ -1,11 +1,11 @@
 """LQ-Net at 1 bit: a per-channel basis fitted by quantization-error minimisation (QEM).
 
 LQ-Net quantizes the weights of output channel c as q = v_c^T e, e in {-1, +1}^K, with a
-learned basis v_c (paper Sec. 3.1-3.2, Eq. 5-7).  At K = 1 bit:
+learned basis v_c.  At K = 1 bit:
     forward   w_b = v_c sign(w)                      (sign(0) = +1)
     backward  d w_b / d w = 1                        (straight through: "y = x"; the basis
                                                       is no gradient's: scale not in the backward)
-QEM (Algorithm 1, the official ``QuantizedWeight`` at nbit = 1), after every training
+QEM (the paper's quantization-error minimisation; the official ``QuantizedWeight`` at nbit = 1), after every training
 forward (stage 2), per output channel with N weights b_i = sign(w_i):
     v_new = (sum_i b_i w_i + delta v) / (N + delta),   delta = 1e-4
     v     <- gamma v + (1 - gamma) v_new,              gamma = 0.9 (moving average)

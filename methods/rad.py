@@ -4,8 +4,9 @@ Binarizer (the BinaryNet pair the official code builds on):
     weights      forward sign(w),  backward 1 (straight through)
     activations  forward sign(a),  backward 1{|a| <= 1}  (hardtanh then sign with the STE)
     sign(0) = +1; at exactly |a| = 1 the clipped STE passes 1 here (SPEC), 0 in torch's hardtanh.
-Extra loss term (paper Sec. 3, Eq. 4-7: degeneration, saturation and gradient-mismatch
-losses; written as in the official ``Distrloss_layer``), on every binary layer's real input
+Extra loss term (the paper's distribution loss against degeneration, saturation and gradient
+mismatch, written as the official ``Distrloss_layer`` computes it; the paper's equation
+numbers are not quoted, its text was not at hand), on every binary layer's real input
 activations a, with the per-channel batch statistics over (N, H, W):
     mu_c = mean(a_c),  sigma_c = sqrt(mean((a_c - mu_c)^2) + 1e-10)
     L1 = mean_c (max(0, 2 - |mu_c| - sigma_c))^2 + mean_c (max(0, sigma_c - 4))^2

@@ -4,19 +4,20 @@ Weights, per binary layer with C_out filters of N = C_in kh kw weights, N = n1 n
 largest divisor of N not above sqrt N):
     w_std = per-filter standardised w (mean 0, unbiased std 1)        (upstream)
     X_i   = w_std of filter i as an n1 x n2 matrix
-    W~_i  = R1^T X_i R2                                               (bi-rotation, Eq. 5-6)
-    w'    = w_std + |sin(theta_i)| (W~ - w_std)                       (adjustable rotation, Eq. 12)
+    W~_i  = R1^T X_i R2                                               (bi-rotation)
+    w'    = w_std + |sin(theta_i)| (W~ - w_std)                       (adjustable rotated weight)
     w_b   = sign(w')                                                  (sign(0) = +1)
     output scaled by a learned alpha per output channel
 R1 (n1 x n1) and R2 (n2 x n2) are orthogonal, shared by the filters of the layer and trained
-by alternating minimisation of sum_i ||B_i - R1^T X_i R2||^2 (Sec. 3.2, Eq. 8-11), not by
+by alternating minimisation of sum_i ||B_i - R1^T X_i R2||^2 (the paper's bilinear
+optimisation), not by
 gradient: at the start of every stage-2 epoch (``update_state(event="progress")``), 3 rounds of
     B  = sign(R1^T X R2)
     R1 = V1 U1^T,  U1 S1 V1^T = svd(sum_i B_i R2^T X_i^T)
     R2 = U2 V2^T,  U2 S2 V2^T = svd(sum_i X_i^T R1 B_i)
 on the current (detached) w_std.  R1, R2 start as random orthogonal matrices; theta, one per
 filter, starts at pi/2 (full rotation) and is learned.
-Backward (training-aware sign approximation, Eq. 13-15), on weights (through w', the
+Backward (the paper's training-aware sign approximation), on weights (through w', the
 rotation and the standardisation, by autograd) and activations:
     weights      d sign(x)/dx = k max(0, sqrt(2) t - t^2 |x|)
     activations  d sign(x)/dx = max(0, sqrt(2) t_a - t_a^2 |x|),  t_a = max(t, 1)
@@ -39,7 +40,8 @@ uniform in [0, 1) like every learned_alpha method here (upstream: mean|w_c|); a 
 follows every binary conv.  R1, R2 start from torch's generator (upstream: scipy's
 ``ortho_group``).
 
-Paper: Lin, Ji, Xu, Zhang, Wang, Wu, Huang & Lin, "Rotated Binary Neural Network", NeurIPS 2020.
+Paper: Lin, Ji, Xu, Zhang, Wang, Wu, Huang & Lin, "Rotated Binary Neural Network", NeurIPS 2020
+(its equation numbers are not quoted: the paper's text was not at hand to check them).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class RBNN(Method):
 
     # ------------------------------------------------------------- rotations
     def rotation_rounds(self, w: Tensor, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
-        """``rounds`` rounds of the alternating update of (R1, R2) on the standardised weights (Eq. 8-11)."""
+        """``rounds`` rounds of the alternating update of (R1, R2) on the standardised weights."""
         x = self.standardize(w.detach()).reshape(w.shape[0], r1.shape[0], r2.shape[0]).to(r1.dtype)
         for _ in range(self.rounds):
             b = sign(r1.t() @ x @ r2)

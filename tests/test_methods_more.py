@@ -79,7 +79,7 @@ def test_stage_one_weights_are_real(name: str) -> None:
 
 # ========================================================================== dsq
 def dsq_s_k(alpha: float, u: float) -> tuple[float, float]:
-    """s = 1/(1 - alpha), k = ln(2/alpha - 1) / Delta with Delta = 2u (DSQ Eq. 3-5 at one interval)."""
+    """s = 1/(1 - alpha), k = ln(2/alpha - 1) / Delta with Delta = 2u (DSQ at one interval)."""
     return 1.0 / (1.0 - alpha), math.log(2.0 / alpha - 1.0) / (2.0 * u)
 
 
@@ -131,7 +131,7 @@ def test_dsq_weight_kinks_at_the_clipping_value() -> None:
 
 
 def test_dsq_soft_quantizer_reaches_the_bounds_and_alpha_sets_the_edge_slope() -> None:
-    """phi(+-u) = +-1 (Eq. 4: Q_S is continuous at l and u); alpha = 1 - tanh(k Delta / 2) (Eq. 5)."""
+    """phi(+-u) = +-1 (Q_S is continuous at l and u); alpha = 1 - tanh(k Delta / 2)."""
     for alpha, u in [(0.2, 1.0), (0.01, 2.0), (0.5, 0.3)]:
         phi, *_ = dsq_phi_and_partials(u, alpha, u)
         assert phi == pytest.approx(1.0, abs=1e-12)
@@ -419,7 +419,7 @@ def test_rbnn_schedule(progress: float, t: float, k: float) -> None:
 
 
 def numpy_rotation_rounds(x: np.ndarray, r1: np.ndarray, r2: np.ndarray, rounds: int = 3):
-    """The alternating update (RBNN Eq. 8-11) in numpy: B = sign(R1^T X R2), R1 = V1 U1^T, R2 = U2 V2^T."""
+    """The alternating update (RBNN) in numpy: B = sign(R1^T X R2), R1 = V1 U1^T, R2 = U2 V2^T."""
     for _ in range(rounds):
         b = np.where(np.einsum("ab,ibc,cd->iad", r1.T, x, r2) >= 0, 1.0, -1.0)
         d1 = sum(b[i] @ r2.T @ x[i].T for i in range(x.shape[0]))
