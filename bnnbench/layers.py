@@ -233,7 +233,11 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | Binary
 
 
 def set_progress(model: nn.Module, progress: float) -> None:
-    """Set training progress p = epoch / epochs in [0, 1] on every binary layer."""
+    """Set training progress p = epoch / epochs in [0, 1] on every binary layer.
+
+    The training loop calls it at the start of every epoch; a weight method with per-layer state
+    updates it then (``Method.update_state(..., event="progress")``: RBNN's rotations, DSQ's
+    first bound), so call it to move the training forward, not merely to read a schedule."""
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must lie in [0, 1], got {progress}")
     for _, layer in binary_layers(model):
