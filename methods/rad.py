@@ -57,7 +57,7 @@ def distribution_loss(a: Tensor, eps: float = 1e-10) -> Tensor:
 class RAD(Method):
     """sign + STE with the activation-distribution loss on every binary layer's input."""
 
-    weight_loss: float = 2.0
+    loss_weight: float = 2.0
     active_until: float = 60.0 / 65.0
 
     paper = "Ding et al., Regularizing Activation Distribution for Training Binarized Deep Networks (RAD), CVPR 2019"
@@ -72,11 +72,11 @@ class RAD(Method):
         return clip_derivative(x)
 
     def activation_loss(self, a: Tensor, stage: int, progress: Progress) -> Tensor | None:
-        if self.weight_loss == 0:
+        if self.loss_weight == 0:
             return None
         loss = distribution_loss(a)
         on = (as_progress(progress) < self.active_until).to(device=loss.device, dtype=loss.dtype)
-        return self.weight_loss * on * loss
+        return self.loss_weight * on * loss
 
     def schedule(self, progress: Progress) -> dict[str, float]:
-        return {"lambda": self.weight_loss * float(as_progress(progress) < self.active_until)}
+        return {"lambda": self.loss_weight * float(as_progress(progress) < self.active_until)}

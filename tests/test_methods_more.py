@@ -245,7 +245,7 @@ def test_rad_schedule_switches_off_at_sixty_of_sixty_five() -> None:
     a, method = rad_input(), get_method("rad")
     assert float(method.activation_loss(a, 2, 60 / 65 - 1e-9)) > 0
     assert float(method.activation_loss(a, 2, 60 / 65)) == 0.0
-    assert get_method("rad", weight_loss=0.0).activation_loss(a, 2, 0.0) is None
+    assert get_method("rad", loss_weight=0.0).activation_loss(a, 2, 0.0) is None
 
 
 def test_rad_loss_is_the_mean_over_layers_of_each_binary_layers_input() -> None:
