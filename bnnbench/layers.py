@@ -20,7 +20,13 @@ as larq's layers take a kernel and an input quantizer.  Forward of a binary laye
 ``activation_params`` are the learnable per-layer tensors the activation method asks for
 through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
 they live in ``layer.activation_params`` and exist only when the layer's
-activations are binary.  A method with such a threshold refuses ``act_norm``:
+activations are binary.  The weight method's per-layer tensors (``Method.weight_parameters``,
+``Method.weight_state``) live in ``layer.weight_params`` and in buffers named
+``weight_state_<name>``; ``layer.weight_tensors()`` gives both, by name, as the weight hooks
+take them.  In a training forward the layer calls ``method.update_state(..., event="step")``
+after computing the binary weight, and evaluates ``act_method.activation_loss`` on its input
+(kept as ``layer.activation_loss_term`` for :func:`regularization_loss`); :func:`set_progress`
+calls ``update_state(..., event="progress")``.  A method with such a threshold refuses ``act_norm``:
 sign(a0 + beta) would differ from sign(a + beta), so training and evaluation
 would run different networks.
 
@@ -97,18 +103,48 @@ class _BinaryMixin:
         check_act_norm(self.act_method, self.act_norm)
         initial = self.act_method.activation_parameters(in_features, spatial_dims) if self.binary_activations else {}
         self.activation_params = nn.ParameterDict({name: nn.Parameter(value) for name, value in initial.items()})
+        with torch.no_grad():
+            weight = self.weight.detach()
+            learned = self.method.weight_parameters(weight) if self.method.binary_weights else {}
+            state = self.method.weight_state(weight) if self.method.binary_weights else {}
+        self.weight_params = nn.ParameterDict({name: nn.Parameter(value.clone()) for name, value in learned.items()})
+        self.weight_state_names = tuple(state)
+        for name, value in state.items():
+            self.register_buffer(f"weight_state_{name}", value.clone())  # type: ignore[attr-defined]
+        self._updates_state = type(self.method).update_state is not Method.update_state
+        self._activation_loss = self.binary_activations and type(self.act_method).activation_loss is not Method.activation_loss
+        self.activation_loss_term: Tensor | None = None
 
     @property
     def binary_weights(self) -> bool:
         """True when the forward weight is +-1 (times a scale): stage 2 of a binary method."""
         return self.method.binary_weights and self.stage == 2
 
+    def weight_tensors(self) -> dict[str, Tensor]:
+        """The weight method's per-layer tensors by name: ``weight_params`` and ``weight_state`` (usually none)."""
+        tensors: dict[str, Tensor] = dict(self.weight_params.items())
+        for name in self.weight_state_names:
+            tensors[name] = getattr(self, f"weight_state_{name}")
+        return tensors
+
+    def update_state(self, event: str) -> None:
+        """Let the weight method update its per-layer state (``Method.update_state``), without gradients."""
+        if self._updates_state:
+            with torch.no_grad():
+                self.method.update_state(self.weight.detach(), self.progress, self.stage, event, **self.weight_tensors())
+
     def forward_weight(self) -> Tensor:
-        return self.method.weight(self.weight, progress=self.progress, stage=self.stage)
+        tensors = self.weight_tensors()
+        w = self.method.weight(self.weight, progress=self.progress, stage=self.stage, **tensors)
+        if self.training and self._updates_state:
+            self.update_state("step")
+        return w
 
     def forward_input(self, x: Tensor) -> Tensor:
         if not self.binary_activations:
             return x
+        if self._activation_loss:
+            self.activation_loss_term = self.act_method.activation_loss(x, self.stage, self.progress) if self.training else None
         normalize = {"normalize": ACT_NORM_EPS} if self.act_norm and self.training else {}
         return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
@@ -197,11 +233,16 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | Binary
 
 
 def set_progress(model: nn.Module, progress: float) -> None:
-    """Set training progress p = epoch / epochs in [0, 1] on every binary layer."""
+    """Set training progress p = epoch / epochs in [0, 1] on every binary layer.
+
+    The training loop calls it at the start of every epoch; a weight method with per-layer state
+    updates it then (``Method.update_state(..., event="progress")``: RBNN's rotations, DSQ's
+    first bound), so call it to move the training forward, not merely to read a schedule."""
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must lie in [0, 1], got {progress}")
     for _, layer in binary_layers(model):
         layer.progress.fill_(float(progress))
+        layer.update_state("progress")
 
 
 def set_stage(model: nn.Module, stage: int) -> None:
@@ -213,6 +254,18 @@ def set_stage(model: nn.Module, stage: int) -> None:
 
 
 def regularization_loss(model: nn.Module) -> Tensor | None:
-    """Sum of the methods' extra loss terms over binary layers (None when there are none)."""
-    terms = [t for _, layer in binary_layers(model) if (t := layer.regularization()) is not None]
+    """The methods' extra loss terms over binary layers (None when there are none).
+
+    Weight terms (``Method.regularizer``) are summed over layers.  Activation terms
+    (``Method.activation_loss``, kept by each layer from its last training forward) are summed,
+    or averaged over the layers that have one where the activation method's ``loss_reduction``
+    is ``"mean"`` (RAD averages its distribution loss over layers)."""
+    terms, averaged = [], []
+    for _, layer in binary_layers(model):
+        if (t := layer.regularization()) is not None:
+            terms.append(t)
+        if (t := layer.activation_loss_term) is not None:
+            (averaged if layer.act_method.loss_reduction == "mean" else terms).append(t)
+    if averaged:
+        terms.append(torch.stack(averaged).mean())
     return torch.stack(terms).sum() if terms else None

@@ -29,6 +29,36 @@ Activation path: ``activation(a, progress=p, **params)``.  A method that needs
 learnable per-layer tensors (ReActNet's per-channel threshold) returns their
 initial values from ``activation_parameters``; every binary layer registers
 them as parameters and passes them to ``activation`` as keyword arguments.
+
+Per-layer tensors of the weight path (added for DSQ, LQ-Net and RBNN; any plugin may use them):
+
+* ``weight_parameters(w)``: learnable tensors (DSQ's clipping bound and characteristic
+  variable, RBNN's rotation angle), registered as ``layer.weight_params`` (a ParameterDict,
+  trained by the optimiser like the weights);
+* ``weight_state(w)``: tensors updated without gradients (LQ-Net's basis, RBNN's two
+  rotation matrices), registered as buffers of the layer (in its ``state_dict``, so
+  checkpoints and resumes keep them) and updated in place by ``update_state``, which the
+  layer calls at two moments, without gradients: ``event="step"`` after every training
+  forward has computed the binary weight (LQ-Net's moving average of the QEM solution) and
+  ``event="progress"`` when :func:`bnnbench.set_progress` moves the training progress, i.e.
+  at the start of every epoch (RBNN's alternating update of its rotations).
+
+The layer passes both, as keyword arguments, to every weight hook that sees the latent
+weights: ``weight``, ``binarize_weight``, ``pre_sign`` and ``weight_scale`` (diagnostics and
+packed export call them the same way, through ``layer.weight_tensors()``).  A method without
+them never receives keyword arguments, so the hooks of the methods above keep their
+two-argument form.  ``straight_through(hard, soft)`` is the primitive for a method whose
+backward is autograd's through a soft function (DSQ): the forward value of ``hard``, bit for
+bit, and the gradient of ``soft`` to every tensor it depends on.
+
+Extra loss terms.  ``regularizer(w, stage)`` is a term of one layer's latent weights (BiPer);
+``activation_loss(a, stage, progress)`` is a term of one layer's *input activations* (the
+real tensor the sign is applied to), which the layer evaluates in every training forward and
+keeps until the next (RAD's distribution loss).  :func:`bnnbench.regularization_loss` adds
+both kinds over the binary layers, the one loss term the training loop knows: weight terms are
+summed over layers; activation terms are summed, or averaged over the layers when the
+activation method's ``loss_reduction`` is ``"mean"``.  The recipe's regulariser switch turns
+both on or off.
 """
 
 from __future__ import annotations
@@ -43,7 +73,12 @@ from torch import Tensor
 from .errors import ConfigError
 from .functional import approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
 
-SCALES: tuple[str, ...] = ("none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two")
+SCALES: tuple[str, ...] = (
+    "none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two",
+    "learned_bound",  # a learned per-layer bound multiplies the binary weight (DSQ's clipping value u)
+    "qem_basis",  # a per-channel basis fitted by quantization-error minimisation, not by gradient (LQ-Net)
+)
+LOSS_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 Progress = Union[float, Tensor]
 """Training progress p in [0, 1]: a float, or a binary layer's 0-dim float64 buffer."""
@@ -83,6 +118,8 @@ class Method:
     default_act_norm: ClassVar[bool] = False
     # False: the analytic scale multiplies the forward only (see module docstring).
     scale_in_backward: ClassVar[bool] = True
+    # How regularization_loss combines the layers' activation_loss terms: "sum" or "mean".
+    loss_reduction: ClassVar[str] = "sum"
     # Hyper-parameters that must be finite and > 0 (a frequency, a temperature, ...).
     positive: ClassVar[tuple[str, ...]] = ()
 
@@ -94,36 +131,69 @@ class Method:
                 raise ConfigError(f"method {self.name!r}: hyper-parameter {name}={value!r} must be a positive number (--hp {name}=...)")
 
     # ----------------------------------------------------------------- weights
-    def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:
-        """The real tensor the sign is applied to (``w_hat``, used for QE, Eq. 15)."""
+    def pre_sign(self, w: Tensor, progress: Progress, **tensors: Tensor) -> Tensor:
+        """The real tensor the sign is applied to (``w_hat``, used for QE, Eq. 15).
+
+        ``tensors``: the layer's ``weight_params``/``weight_state`` (only for methods that have them)."""
         return w
 
     def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         """Surrogate d sign(x)/dx at the pre-sign value ``x``."""
         return identity_derivative(x)
 
-    def weight_scale(self, w: Tensor) -> Tensor | None:
-        """Analytic scale multiplied onto the binary weight (None: no scale)."""
+    def weight_scale(self, w: Tensor, **tensors: Tensor) -> Tensor | None:
+        """Analytic scale multiplied onto the binary weight (None: no scale).
+
+        ``tensors``: the layer's ``weight_params``/``weight_state`` (only for methods that have them)."""
         return None
 
     def stage1_weight(self, w: Tensor) -> Tensor:
         """The weight used while only activations are binary (stage 1)."""
         return w
 
-    def binarize_weight(self, w: Tensor, progress: Progress = 0.0) -> Tensor:
-        """+-1 weights whose backward is the method's surrogate (no scale)."""
-        return surrogate_sign(self.pre_sign(w, progress), lambda x: self.weight_derivative(x, progress))
+    def binarize_weight(self, w: Tensor, progress: Progress = 0.0, **tensors: Tensor) -> Tensor:
+        """+-1 weights whose backward is the method's surrogate (no scale).
 
-    def weight(self, w: Tensor, progress: Progress = 0.0, stage: int = 2) -> Tensor:
-        """Forward weight of a binary layer at training progress ``progress`` in [0, 1]."""
+        ``tensors``: the layer's ``weight_params`` and ``weight_state`` (none for most methods)."""
+        return surrogate_sign(self.pre_sign(w, progress, **tensors), lambda x: self.weight_derivative(x, progress))
+
+    def weight(self, w: Tensor, progress: Progress = 0.0, stage: int = 2, **tensors: Tensor) -> Tensor:
+        """Forward weight of a binary layer at training progress ``progress`` in [0, 1].
+
+        ``tensors``: the layer's ``weight_params`` and ``weight_state``, passed on to
+        ``binarize_weight`` and ``weight_scale`` (none for most methods)."""
         _check_stage(stage)
         if stage == 1 or not self.binary_weights:
             return self.stage1_weight(w)
-        binary = self.binarize_weight(w, progress)
-        scale = self.weight_scale(w)
+        binary = self.binarize_weight(w, progress, **tensors)
+        scale = self.weight_scale(w, **tensors)
         if scale is None:
             return binary
         return binary * scale if self.scale_in_backward else forward_only_scale(binary, scale)
+
+    # ------------------------------------------------- per-layer tensors of the weight path
+    def weight_parameters(self, w: Tensor) -> dict[str, Tensor]:
+        """Initial values of learnable per-layer tensors of the weight path, from the layer's
+        initial latent weights ``w`` (shape ``(C_out, C_in, kh, kw)`` or ``(out, in)``).
+
+        A binary layer registers each as ``layer.weight_params[name]`` (trained with the
+        weights) and passes them to the weight hooks as keyword arguments."""
+        return {}
+
+    def weight_state(self, w: Tensor) -> dict[str, Tensor]:
+        """Initial values of per-layer tensors of the weight path that no gradient trains.
+
+        A binary layer registers each as a buffer (kept in its ``state_dict``), passes them to
+        the weight hooks as keyword arguments and lets :meth:`update_state` change them."""
+        return {}
+
+    def update_state(self, w: Tensor, progress: Progress, stage: int, event: str, **tensors: Tensor) -> None:
+        """Update the layer's ``weight_state`` tensors in place (called without gradients).
+
+        ``event`` is ``"step"`` after a training forward computed the binary weight, or
+        ``"progress"`` when ``set_progress`` moved the training progress (start of an epoch).
+        ``tensors`` holds the layer's ``weight_params`` and ``weight_state``."""
+        return None
 
     # ------------------------------------------------------------- activations
     def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
@@ -157,6 +227,14 @@ class Method:
     # ------------------------------------------------------------------ extras
     def regularizer(self, w: Tensor, stage: int) -> Tensor | None:
         """Extra loss term of one layer's latent weights (None: no term)."""
+        return None
+
+    def activation_loss(self, a: Tensor, stage: int, progress: Progress) -> Tensor | None:
+        """Extra loss term of one layer's real input activations ``a`` (None: no term).
+
+        Evaluated by the layer of this activation method in every training forward (before
+        ``act_norm``), kept until the next, and combined over layers by
+        :func:`bnnbench.regularization_loss` as ``loss_reduction`` says."""
         return None
 
     def schedule(self, progress: Progress) -> dict[str, float]:
@@ -197,6 +275,26 @@ class _ForwardOnlyScale(torch.autograd.Function):
         return grad_output, None
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``hard``; backward the incoming gradient to ``soft``."""
+
+    @staticmethod
+    def forward(ctx, soft: Tensor, hard: Tensor) -> Tensor:  # type: ignore[override]
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        return grad_output, None
+
+
+def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """The value of ``hard`` (exactly: not ``soft + (hard - soft).detach()``, which rounds) with the
+    gradient of ``soft``: d out / d soft := 1, nothing to ``hard``.  Shapes must agree."""
+    if hard.shape != soft.shape:
+        raise ValueError(f"straight_through: hard {tuple(hard.shape)} and soft {tuple(soft.shape)} differ in shape")
+    return _StraightThrough.apply(soft, hard)
+
+
 def forward_only_scale(x: Tensor, scale: Tensor) -> Tensor:
     """``x * scale`` whose backward ignores the scale: d out / d x := 1, no gradient to ``scale``.
 
@@ -222,4 +320,7 @@ def per_output_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
-__all__ = ["Method", "Progress", "SCALES", "as_progress", "forward_only_scale", "mean_abs", "per_output_dims", "scheduled"]
+__all__ = [
+    "LOSS_REDUCTIONS", "Method", "Progress", "SCALES", "as_progress", "forward_only_scale", "mean_abs", "per_output_dims",
+    "scheduled", "straight_through",
+]

@@ -1,7 +1,7 @@
 """Per-layer training diagnostics for every method (SPEC section 4).
 
 For each binary layer, with latent weights ``w`` and the pre-sign tensor
-``w_hat = layer.method.pre_sign(w, layer.progress)`` (``sin(w0 w)`` for BiPer,
+``w_hat = layer.method.pre_sign(w, layer.progress, **layer.weight_tensors())`` (``sin(w0 w)`` for BiPer,
 the standardised and clamped ``w`` for ReCU, ``w`` for the STE family):
 
 ``qe``
@@ -102,7 +102,12 @@ def flip_rate(before: Tensor, after: Tensor) -> float:
 
 
 def dead_mask(
-    method: Method, w: Tensor, progress: float = 0.0, stage: int = 2, generator: torch.Generator | None = None
+    method: Method,
+    w: Tensor,
+    progress: float = 0.0,
+    stage: int = 2,
+    generator: torch.Generator | None = None,
+    tensors: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """True where the binary weight passes no gradient back: its surrogate derivative is exactly 0.
 
@@ -126,8 +131,10 @@ def dead_mask(
     w = w.detach()
     if stage == 2 and method.binary_weights:
 
+        fixed = {name: t.detach() for name, t in (tensors or {}).items()}  # the layer's weight_params/state
+
         def forward(x: Tensor) -> Tensor:
-            return method.binarize_weight(x, progress)
+            return method.binarize_weight(x, progress, **fixed)
 
     else:
         forward = method.stage1_weight
@@ -157,7 +164,7 @@ class FlipTracker:
     @staticmethod
     def _current(layer: nn.Module) -> Tensor:
         with torch.no_grad():
-            return sign_bits(layer.method.pre_sign(layer.weight, layer.progress))
+            return sign_bits(layer.method.pre_sign(layer.weight, layer.progress, **layer.weight_tensors()))
 
     def snapshot(self) -> None:
         """Remember the current signs of every binary layer."""
@@ -256,10 +263,10 @@ def model_diagnostics(model: nn.Module, flips: FlipTracker | None = None, seed: 
         if w.device not in generators:
             generators[w.device] = torch.Generator(device=w.device).manual_seed(seed)
         with torch.no_grad():
-            w_hat = layer.method.pre_sign(w, layer.progress)
+            w_hat = layer.method.pre_sign(w, layer.progress, **layer.weight_tensors())
             qe, rel, gamma = quantization_error(w_hat), relative_quantization_error(w_hat), optimal_scale(w_hat)
             l1, b = qe_l1_upstream(w_hat), laplace_scale(w)
-        dead = dead_mask(layer.method, w, layer.progress, layer.stage, generators[w.device])
+        dead = dead_mask(layer.method, w, layer.progress, layer.stage, generators[w.device], layer.weight_tensors())
         layers.append(
             LayerDiagnostics(
                 layer=name,

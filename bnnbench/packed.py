@@ -87,8 +87,9 @@ class PackedBinaryLayer(nn.Module):
             self.stride, self.padding = layer.stride[0], layer.padding[0]  # type: ignore[index]
         self.out_channels = weight.shape[0]
         with torch.no_grad():
-            binary = self.method.binarize_weight(weight, layer.progress)
-            scale = self.method.weight_scale(weight)
+            tensors = {name: t.detach() for name, t in layer.weight_tensors().items()}
+            binary = self.method.binarize_weight(weight, layer.progress, **tensors)
+            scale = self.method.weight_scale(weight, **tensors)
         filters = binary if binary.dim() == 4 else binary[:, :, None, None]
         packed = pack_weights(filters)
         self.in_channels, self.kernel_size = packed.in_channels, packed.kernel_size

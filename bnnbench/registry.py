@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from .errors import ConfigError, UnknownMethodError
-from .method import SCALES, Method
+from .method import LOSS_REDUCTIONS, SCALES, Method
 
 ENTRY_POINT_GROUP = "bnnbench.methods"
 
@@ -43,6 +43,8 @@ def register_method(name: str) -> Callable[[M], M]:
             cls = dataclasses.dataclass(cls)  # type: ignore[assignment]
         if cls.scale not in SCALES:
             raise ValueError(f"method {name!r}: scale {cls.scale!r} is not one of {SCALES}")
+        if cls.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"method {name!r}: loss_reduction {cls.loss_reduction!r} is not one of {LOSS_REDUCTIONS}")
         existing = _METHODS.get(name)
         if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ConfigError(

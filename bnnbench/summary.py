@@ -154,8 +154,13 @@ def _layer_summary(name: str, module: nn.Module, output_shape: tuple[int, ...]) 
     binary = isinstance(module, (BinaryConv2d, BinaryLinear))
     binary_weights = binary and module.binary_weights  # type: ignore[union-attr]
     binary_inputs = binary and module.binary_activations  # type: ignore[union-attr]
-    # activation parameters live in a child ParameterDict: count them with the layer
-    extra = sum(p.numel() for p in module.activation_params.parameters()) if binary else 0  # type: ignore[union-attr]
+    # activation and weight-path parameters live in child ParameterDicts: count them with the layer
+    # (weight-path state such as LQ-Net's basis or RBNN's rotations is among the layer's own buffers)
+    extra = (
+        sum(p.numel() for p in (*module.activation_params.parameters(), *module.weight_params.parameters()))  # type: ignore[union-attr]
+        if binary
+        else 0
+    )
     weight: Tensor | None = getattr(module, "weight", None) if isinstance(module, (nn.Conv2d, nn.Linear)) else None
     params_1bit = weight.numel() if (weight is not None and binary_weights) else 0
     params_32bit = sum(t.numel() for t in own) - params_1bit + extra

@@ -1,0 +1,137 @@
+"""DSQ at 1 bit: Differentiable Soft Quantization with a learned sharpness and clipping value.
+
+DSQ replaces each quantization interval P_i = [l + i Delta, l + (i+1) Delta]
+of the clipping range [l, u] by a scaled tanh:
+    phi(x) = s tanh(k (x - m_i)),   m_i = l + (i + 1/2) Delta,   s = 1 / tanh(k Delta / 2)
+    Q_S(x) = l + Delta (i + (phi(x) + 1) / 2)   on P_i;  l below l, u above u
+and characterises its sharpness by the characteristic variable alpha = 1 - tanh(k Delta / 2), so that
+    s = 1 / (1 - alpha),   k = ln(2 / alpha - 1) / Delta.
+The forward keeps the exact quantized value, sgn(phi) in place of phi, whose gradient is the
+straight-through 1: the backward is autograd's through Q_S, to x, to the clipping value and
+to alpha, which is learned (initial value 0.2 in the public re-implementations).
+
+At 1 bit there is one interval, Delta = u - l; bnnbench's binary layers need values +-c, so
+the range is symmetric, l = -u, m = 0, Delta = 2u, and Q_S = u phi(clip(x, -u, u)):
+
+Weights (per layer: learned u_w and alpha_w, ``layer.weight_params``):
+    forward   w_b = u_w sign(w)                              (sign(0) = +1)
+    backward  d w_b / d w     = u_w s k (1 - tanh^2(k w)) 1{|w| <= u_w}
+              d w_b / d u_w   = sign(w) + u_w d phi / d u_w   (|w| <= u_w);  sign(w) beyond
+              d w_b / d alpha = u_w d phi / d alpha
+    with k = ln(2/alpha - 1) / (2 u_w), s = 1/(1 - alpha).
+Activations (per layer: learned u_a and alpha_a, ``layer.activation_params``):
+    forward   a_b = sign(a)   (the layer carries +-1: the scale u_a of Q_S is not applied)
+    backward  d a_b / d a     = s k (1 - tanh^2(k a)) 1{|a| <= u_a},  k = ln(2/alpha_a - 1) / (2 u_a)
+              and autograd's gradients of phi(clip(a, -u_a, u_a)) to u_a and alpha_a.
+alpha is clamped to [alpha_min, alpha_max] = [1e-4, 0.9999] (k finite and positive) and u to
+u >= 1e-8.  No schedule: alpha and u evolve by gradient descent.  No extra loss term.
+
+Initial values: alpha = 0.2 on both paths; u_a = 1 (the backbones' hardtanh range);
+u_w = 3 std(w) of the layer, set at the first ``set_progress`` of a stage with binary weights
+(stage 2), from the weights that stage starts with (a bnnbench choice; the flag ``u_init`` in
+the layer's state keeps resumed runs from re-initialising it).
+
+Sources and fidelity: Gong, Liu, Jiang, Li, Hu, Lin, Yu & Yan, "Differentiable Soft
+Quantization: Bridging Full-Precision and Low-Bit Neural Networks", ICCV 2019, Sec. 3 (its
+equation numbers are not quoted: the paper's text was not at hand to check them).  The
+authors released no training code: the formulas follow the paper; alpha's
+initial value 0.2 and k = ln(2/alpha - 1)/Delta agree with the public re-implementations
+(PaddleSlim, MQBench, ricky40403/DSQ).  bnnbench's choices, not the paper's: the symmetric
+range (l = -u), the initial u_w = 3 std(w), the clamps, and +-1 activations (the
+activation's value scale is dropped, its gradients kept).  At exactly |x| = u the input keeps
+the gradient (inclusive clip).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bnnbench.functional import sign
+from bnnbench.method import Method, Progress, straight_through
+from bnnbench.registry import register_method
+
+
+def inclusive_clip(x: Tensor, u: Tensor) -> Tensor:
+    """clip(x, -u, u) with the gradient to x on |x| <= u and to u (times sign x) beyond."""
+    return torch.where(x.abs() <= u, x, torch.where(x >= 0, u, -u))
+
+
+def soft_quantizer(x: Tensor, u: Tensor, alpha: Tensor) -> Tensor:
+    """phi(clip(x, -u, u)) = s tanh(k clip(x)), s = 1/(1 - alpha), k = ln(2/alpha - 1) / (2u): in [-1, 1]."""
+    s = 1.0 / (1.0 - alpha)
+    k = torch.log(2.0 / alpha - 1.0) / (2.0 * u)
+    return s * torch.tanh(k * inclusive_clip(x, u))
+
+
+@register_method("dsq")
+@dataclass
+class DSQ(Method):
+    """u sign(w) / sign(a) forward; autograd through DSQ's tanh soft quantizer backward, alpha and u learned."""
+
+    alpha_init: float = 0.2
+    alpha_min: float = 1e-4
+    alpha_max: float = 0.9999
+    act_bound: float = 1.0
+    weight_bound_std: float = 3.0
+
+    positive = ("alpha_init", "alpha_min", "alpha_max", "act_bound", "weight_bound_std")
+    paper = "Gong et al., Differentiable Soft Quantization (DSQ), ICCV 2019 (1 bit)"
+    weight_forward = "u_w sign(w), u_w learned per layer (DSQ's symmetric clipping value)"
+    weight_backward = "u_w s k (1 - tanh^2(k w)) 1{|w|<=u_w}, s = 1/(1-alpha), k = ln(2/alpha-1)/(2u_w); alpha, u_w learned"
+    activation_forward = "sign(a)"
+    activation_backward = "s k (1 - tanh^2(k a)) 1{|a|<=u_a}, alpha_a, u_a learned per layer"
+    scale = "learned_bound"
+
+    def _alpha(self, alpha: Tensor) -> Tensor:
+        return alpha.clamp(self.alpha_min, self.alpha_max)
+
+    # ----------------------------------------------------------------- weights
+    def weight_parameters(self, w: Tensor) -> dict[str, Tensor]:
+        u = self.weight_bound_std * w.std()
+        return {"u": u.reshape(()).clone(), "alpha": torch.tensor(self.alpha_init, dtype=w.dtype)}
+
+    def weight_state(self, w: Tensor) -> dict[str, Tensor]:
+        return {"u_init": torch.zeros((), dtype=w.dtype)}
+
+    def update_state(self, w: Tensor, progress: Progress, stage: int, event: str, **tensors: Tensor) -> None:
+        """At the first progress of a stage with binary weights: u_w = weight_bound_std * std(w), once."""
+        if event != "progress" or stage != 2 or "u_init" not in tensors or bool(tensors["u_init"] != 0):
+            return
+        tensors["u"].copy_(self.weight_bound_std * w.std())
+        tensors["u_init"].fill_(1.0)
+
+    def _u(self, u: Tensor) -> Tensor:
+        return u.clamp(min=1e-8)
+
+    def pre_sign(self, w: Tensor, progress: Progress, **tensors: Tensor) -> Tensor:
+        return w
+
+    def binarize_weight(self, w: Tensor, progress: Progress = 0.0, **tensors: Tensor) -> Tensor:
+        """sign(w) forward; phi(clip(w, -u, u)) backward (to w, u and alpha)."""
+        u = self._u(tensors["u"]) if "u" in tensors else w.abs().max().detach()
+        alpha = self._alpha(tensors["alpha"]) if "alpha" in tensors else torch.tensor(self.alpha_init, dtype=w.dtype)
+        return straight_through(sign(w), soft_quantizer(w, u.to(w.dtype), alpha.to(w.dtype)))
+
+    def weight_scale(self, w: Tensor, **tensors: Tensor) -> Tensor:
+        return self._u(tensors["u"]).to(w.dtype) if "u" in tensors else w.abs().max().detach()
+
+    # ------------------------------------------------------------- activations
+    def activation_parameters(self, in_channels: int, spatial_dims: int) -> dict[str, Tensor]:
+        return {"u": torch.tensor(self.act_bound), "alpha": torch.tensor(self.alpha_init)}
+
+    def activation(self, a: Tensor, progress: Progress = 0.0, u: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
+        """sign(a) forward; phi(clip(a, -u, u)) backward, to a, u and alpha (their initial values when None)."""
+        if not self.binary_activations:
+            return a
+        u = self._u(u).to(a.dtype) if u is not None else torch.tensor(self.act_bound, dtype=a.dtype)
+        alpha = self._alpha(alpha).to(a.dtype) if alpha is not None else torch.tensor(self.alpha_init, dtype=a.dtype)
+        return straight_through(sign(a), soft_quantizer(a, u, alpha))
+
+
+def dsq_slope(alpha: float, u: float) -> float:
+    """s k: the soft quantizer's slope at 0 (for documentation and tests)."""
+    return (1.0 / (1.0 - alpha)) * math.log(2.0 / alpha - 1.0) / (2.0 * u)
