@@ -257,7 +257,7 @@ def interval_plot(comparison: pd.DataFrame, value_label: str = "top-1 (%)") -> F
             ax.axvline(comparison.loc[reference, "mean"], color="tab:blue", linestyle=":", label=f"reference: {reference}")
         ax.set_yticks(y, labels)
         ax.set(xlabel=f"{value_label}, mean and 95% interval over seeds", ylabel="")
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / (0.28 * len(labels) + 1.0)), fontsize="small", frameon=False)  # below the axes: it never covers a row
     return fig
 
 
