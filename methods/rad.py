@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.functional import clip_derivative, identity_derivative
+from bnnbench.functional import clip_derivative
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
 
@@ -64,9 +64,6 @@ class RAD(Method):
     weight_backward = "1"
     activation_backward = "1{|a| <= 1}; + lambda * distribution loss of a, mean over layers"
     loss_reduction = "mean"
-
-    def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
-        return identity_derivative(x)
 
     def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return clip_derivative(x)

@@ -21,9 +21,9 @@ from bnnbench.runners.concurrency import CUDA_CONTEXT_MIB, auto_jobs, jobs_from_
 from bnnbench.runners.executors import InProcess, ProcessPool, Submitit, available_cores, worker_threads
 from bnnbench.runners.experiments import execute, plan
 from bnnbench.runners.locks import lock_path, run_lock
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.spec import Machine, RunSpec
 from bnnbench.runners.tables import load_spec, make_table
+from tiny import tiny_recipe
 
 GIB = 2**30
 SPEC = """
@@ -48,13 +48,6 @@ label = "sign-STE"
 wa = "1/1"
 method = "sign-ste"
 """
-
-
-def tiny_recipe():
-    recipe = get_recipe("quick")
-    recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
-    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-    return recipe
 
 
 def run_names(out: Path) -> list[str]:

@@ -20,13 +20,12 @@ from bnnbench.runners.catalog import BrokenRunWarning
 from bnnbench.runners.diagnostics import default_callbacks
 from bnnbench.runners.experiments import execute, plan
 from bnnbench.runners.locks import RUN_DIRECTORY_LOCK
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.report import runs_frame
 from bnnbench.runners.significance import load_correct
 from bnnbench.runners.spec import RunSpec
 from bnnbench.runners.train import TIMING_COLUMNS, RunInterrupted, resume_training, run_training
 from filelock import FileLock
-from tiny import TinyRun, tiny_run
+from tiny import TinyRun, tiny_recipe, tiny_run
 from torch import nn
 
 from bnnbench.cli import format_warning
@@ -53,10 +52,7 @@ method = "fp"
 
 def recipe():
     """2 + 1 epochs of two 16-image batches: about two seconds per run."""
-    r = get_recipe("quick")
-    r.train_subset, r.test_subset, r.batch_size = 32, 20, 16
-    r.stage1.epochs, r.stage2.epochs = 2, 1
-    return r
+    return tiny_recipe(train=32, test=20, epochs=(2, 1))
 
 
 def config(out: Path, name: str) -> TinyRun:

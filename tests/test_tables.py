@@ -22,10 +22,10 @@ from bnnbench import figures
 from bnnbench.cli import main as cli_main
 from bnnbench.runners.experiments import execute, plan
 from bnnbench.runners.spec import Machine, RunSpec
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.sweep import sweep_frame, sweep_runs
 from bnnbench.runners.tables import NOT_IMPLEMENTED, curve_frame, load_spec, make_table, parse_spec
 from bnnbench.theory import qe_laplace
+from tiny import tiny_recipe
 
 SPEC = """
 number = "demo"
@@ -65,13 +65,6 @@ label = "RAD"
 wa = "1/1"
 paper = { top1 = "90.5" }
 """
-
-
-def tiny_recipe():
-    recipe = get_recipe("quick")
-    recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
-    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-    return recipe
 
 
 def run_dirs(out: Path) -> dict[str, float]:

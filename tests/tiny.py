@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from bnnbench.runners.recipes import Recipe
+from bnnbench.runners.recipes import Recipe, get_recipe
 from bnnbench.runners.spec import Machine, RunSpec
 
 MACHINE_FIELDS = {f.name for f in dataclasses.fields(Machine)}
@@ -36,6 +36,14 @@ class TinyRun:
         """The one run directory under ``out``."""
         (path,) = (Path(self.out) / "runs").iterdir()
         return path
+
+
+def tiny_recipe(train: int = 48, test: int = 30, batch: int = 16, epochs: tuple[int, int] = (1, 1)) -> Recipe:
+    """The ``quick`` recipe cut to ``train`` / ``test`` images, batches of ``batch`` and ``epochs`` per stage."""
+    recipe = get_recipe("quick")
+    recipe.train_subset, recipe.test_subset, recipe.batch_size = train, test, batch
+    recipe.stage1.epochs, recipe.stage2.epochs = epochs
+    return recipe
 
 
 def tiny_run(recipe: Recipe, out: str | Path, *, data: str = "digits", **changes: Any) -> TinyRun:
