@@ -116,9 +116,14 @@ class RunRecord:
         info = self.saved.get("machine") or {}
         if info.get("gpu"):
             return str(info["gpu"])
+        if not info:
+            return "unknown machine"
         cores = f", {info['cpu_count']} cores" if info.get("cpu_count") else ""
         isa = f" ({info['isa']})" if info.get("isa") else ""
-        return f"{info.get('cpu') or 'CPU'}{isa}{cores}" if info else "unknown machine"
+        cpu = str(info.get("cpu") or "")
+        if cpu in ("", "x86_64", "aarch64", "arm64", "i386"):  # runs before 2026-12-01 kept only the architecture
+            cpu = f"an {cpu} CPU whose model was not recorded" if cpu else "a CPU whose model was not recorded"
+        return f"{cpu}{isa}{cores}"
 
     @property
     def created(self) -> str:

@@ -32,6 +32,7 @@ import io
 import math
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,7 +354,8 @@ def caption(
 ) -> str:
     """What was measured and how: budget, seeds, data, arithmetic, machines and dates of the runs, the paper's source."""
     data = sorted({r.data_label for r in records}) or [f"{DATASETS[spec.data].name} (no finished runs)"]
-    machines = sorted({r.machine_label for r in records})
+    counts = Counter(r.machine_label for r in records)
+    machines = [f"{label} ({count} run{'s' if count > 1 else ''})" for label, count in sorted(counts.items())]
     dates = sorted(r.created[:10] for r in records if r.created)
     when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "no runs yet"
     parts = [
@@ -370,7 +372,7 @@ def caption(
         ),
         f"Data: {'; '.join(data)}.",
         f"Arithmetic: {_arithmetic(records)}." if records else "",
-        f"Runs made on {', '.join(machines) or 'no machine yet'}, {when}.",
+        f"Runs made on {'; '.join(machines) or 'no machine yet'}, {when}.",
         f"Reference row: {spec.reference}. {significance.LEGEND}" if compared else "",
         f"Paper: {spec.source}." if spec.source else "",
         *spec.notes,

@@ -461,3 +461,17 @@ def test_a_reference_row_adds_paired_statistics_checked_against_scipy(demo, tmp_
     rows = markdown_rows(result.paths[0].read_text())
     assert rows["sign-STE real acts"][-5] == "reference" and rows["BiPer"][-5].startswith(f"{line['diff']:+.2f}")
     assert "Reference row: sign-STE real acts" in result.caption and "Holm" in result.caption
+
+
+def test_machine_labels_name_what_the_run_recorded_and_captions_count_runs_per_machine():
+    """A run that kept only the architecture does not pass for a named CPU; the caption counts runs per machine."""
+    from bnnbench.runners.catalog import RunRecord
+
+    def record(machine: dict) -> RunRecord:
+        return RunRecord(Path("run"), {"machine": machine}, None, None)
+
+    xeon = {"cpu": "Intel(R) Xeon(R) Processor", "isa": "avx2 avx512f", "cpu_count": 2}
+    assert record(xeon).machine_label == "Intel(R) Xeon(R) Processor (avx2 avx512f), 2 cores"
+    assert record({"cpu": "x86_64", "cpu_count": 2}).machine_label == "an x86_64 CPU whose model was not recorded, 2 cores"
+    assert record({"gpu": "NVIDIA H200"}).machine_label == "NVIDIA H200"
+    assert record({}).machine_label == "unknown machine"
