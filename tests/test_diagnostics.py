@@ -13,18 +13,14 @@ import torch
 import bnnbench
 from bnnbench.metrics import model_diagnostics
 from bnnbench.runners.diagnostics import LAYER_COLUMNS, MODEL_COLUMNS, DiagnosticsCallback, GradNormAccumulator, default_callbacks
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.train import TIMING_COLUMNS, run_training
-from tiny import TinyRun, tiny_run
+from tiny import TinyRun, tiny_recipe, tiny_run
 
 
 def tiny_config(out: Path, method: str = "recu") -> TinyRun:
     """resnet20 on 48 digits, 1 + 1 epochs of 3 steps."""
-    recipe = get_recipe("quick")
-    recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
-    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-    return tiny_run(recipe, out, method=method)
+    return tiny_run(tiny_recipe(), out, method=method)
 
 
 def only_run(out: Path) -> Path:

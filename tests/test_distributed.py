@@ -31,12 +31,11 @@ from bnnbench.cli import main as cli_main
 from bnnbench.data import make_data
 from bnnbench.data.sampling import shard
 from bnnbench.runners.distributed import TORCHRUN_ENV, unpadded_share
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.callbacks import EpochCallback, EpochReport
 from bnnbench.runners.rundir import RunDirectory
 from bnnbench.runners.train import TIMING_COLUMNS, run_training
-from tiny import TinyRun, tiny_run
+from tiny import TinyRun, tiny_recipe, tiny_run
 
 TEST_IMAGES = 51  # odd: each rank's shard holds 26 positions, rank 1's last one a repeat
 ARGS = [
@@ -222,10 +221,7 @@ def test_a_one_rank_process_group_trains_exactly_like_a_plain_run(monkeypatch, t
     buffer broadcast; the numbers, callbacks included, are those of a plain run."""
 
     def config(name: str) -> TinyRun:
-        recipe = get_recipe("quick")
-        recipe.train_subset, recipe.test_subset, recipe.batch_size = 64, 30, 16
-        recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-        return tiny_run(recipe, tmp_path, device="cpu", name=name)
+        return tiny_run(tiny_recipe(train=64), tmp_path, device="cpu", name=name)
 
     plain_callback, ddp_callback = WhatCallbacksGet(), WhatCallbacksGet()
     run_training(*config("plain"), quiet=True, callbacks=[plain_callback])

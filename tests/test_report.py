@@ -14,19 +14,16 @@ import torch
 
 from bnnbench.cli import main as cli_main
 from bnnbench.runners.diagnostics import default_callbacks
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.report import export, runs_frame
 from bnnbench.runners.train import run_training
-from tiny import tiny_run
+from tiny import tiny_recipe, tiny_run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Two finished tiny runs (biper, sign-ste) plus an unfinished and a diverged copy of the first."""
     out = tmp_path_factory.mktemp("report") / "results"
-    recipe = get_recipe("quick")
-    recipe.train_subset, recipe.test_subset, recipe.batch_size = 48, 30, 16
-    recipe.stage1.epochs, recipe.stage2.epochs = 2, 1
+    recipe = tiny_recipe(epochs=(2, 1))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -18,21 +18,17 @@ import torch
 from torch import nn
 
 from bnnbench.cli import main as cli_main
-from bnnbench.runners.recipes import get_recipe
 from bnnbench.runners.callbacks import EpochCallback
 from bnnbench.runners.diagnostics import default_callbacks
 from bnnbench.runners.train import TIMING_COLUMNS, resume_training, run_training
-from tiny import TinyRun, tiny_run
+from tiny import TinyRun, tiny_recipe, tiny_run
 
 ARGS = ["--net", "resnet20", "--data", "digits", "--recipe", "quick", "--train-subset", "96", "--test-subset", "40", "--batch-size", "16", "--epochs", "2,1"]
 
 
 def config(out: Path, name: str) -> TinyRun:
     """The library twin of ARGS."""
-    recipe = get_recipe("quick")
-    recipe.train_subset, recipe.test_subset, recipe.batch_size = 96, 40, 16
-    recipe.stage1.epochs, recipe.stage2.epochs = 2, 1
-    return tiny_run(recipe, out, name=name)
+    return tiny_run(tiny_recipe(train=96, test=40, epochs=(2, 1)), out, name=name)
 
 
 def outcome(path: Path) -> tuple[list[dict[str, str]], dict, dict[str, torch.Tensor]]:

@@ -20,15 +20,12 @@ from bnnbench.runners.recipes import Recipe, get_recipe, list_recipes
 from bnnbench.runners.results import load_checkpoint
 from bnnbench.runners.callbacks import EpochCallback, EpochReport
 from bnnbench.runners.train import TIMING_COLUMNS, TrainingDiverged, run_training
-from tiny import TinyRun, tiny_run
+from tiny import TinyRun, tiny_recipe, tiny_run
 
 
 def tiny_config(tmp_path: Path, **changes) -> TinyRun:
     """resnet20 on 64 digits, batches of 16, 1 + 1 epochs: about a second per epoch."""
-    recipe = get_recipe("quick")
-    recipe.train_subset, recipe.test_subset, recipe.batch_size = 64, 40, 16
-    recipe.stage1.epochs, recipe.stage2.epochs = 1, 1
-    return tiny_run(recipe, tmp_path / "results", **changes)
+    return tiny_run(tiny_recipe(train=64, test=40), tmp_path / "results", **changes)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
