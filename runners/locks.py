@@ -19,6 +19,7 @@ directory is moved or copied.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,4 +71,28 @@ def hold_run_directory(path: str | Path) -> FileLock:
     return lock
 
 
-__all__ = ["LOCK_FOLDER", "RUN_DIRECTORY_LOCK", "RunBusy", "hold_run_directory", "lock_path", "run_lock"]
+def held_elsewhere(lock_file: str | Path) -> bool:
+    """Whether another process holds ``lock_file`` (a run's :func:`lock_path` or its directory's
+    :data:`RUN_DIRECTORY_LOCK`) now.
+
+    Creates or changes nothing (``bnnbench table --dry-run`` writes nothing): a missing file was
+    never locked; an existing one is opened read-only and tried with a non-blocking ``flock``, the
+    lock ``filelock`` takes on Unix.  Always False where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock the probe took
+    return False
+
+
+__all__ = ["LOCK_FOLDER", "RUN_DIRECTORY_LOCK", "RunBusy", "held_elsewhere", "hold_run_directory", "lock_path", "run_lock"]

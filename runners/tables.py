@@ -52,6 +52,7 @@ from . import significance
 from .catalog import RunRecord
 from .executors import Executor
 from .experiments import Job, Plan, execute, plan
+from .locks import RUN_DIRECTORY_LOCK, held_elsewhere, lock_path
 from .recipes import Recipe
 from .spec import Machine, RunSpec
 
@@ -520,7 +521,12 @@ def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
             job: Job = runs.job(row.run, seed)
             action = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}[job.status]
             where = f" {job.record.path}" if job.record is not None else ""
-            lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}")
+            busy = ""
+            if not job.done and held_elsewhere(lock_path(job.machine.out, job.key)):
+                busy = ": another process is training it now (this command would wait for it to finish)"
+            elif not job.done and job.record is not None and held_elsewhere(job.record.path / RUN_DIRECTORY_LOCK):
+                busy = ": another process is training it now (this command would leave it to that process)"
+            lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}{busy}")
     return lines
 
 

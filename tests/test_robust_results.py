@@ -20,6 +20,7 @@ from bnnbench.runners.catalog import BrokenRunWarning
 from bnnbench.runners.diagnostics import default_callbacks
 from bnnbench.runners.experiments import execute, plan
 from bnnbench.runners.locks import RUN_DIRECTORY_LOCK
+from bnnbench.runners.tables import describe_plan, load_spec
 from bnnbench.runners.report import runs_frame
 from bnnbench.runners.significance import load_correct
 from bnnbench.runners.spec import RunSpec
@@ -248,6 +249,11 @@ def test_table_skips_a_run_another_process_holds(made, tmp_path):
     assert not (run / "stage2_last.pt").exists() and runs.jobs[0].status == "unfinished"
     assert any("another process" in line and str(run) in line for line in said), said
     assert sorted(p.name for p in (Path(cfg.out) / "runs").iterdir()) == ["held"]
+    (tmp_path / "robust.toml").write_text(SPEC_TOML)
+    spec = load_spec(str(tmp_path / "robust.toml"))
+    with FileLock(run / RUN_DIRECTORY_LOCK):  # the dry run says so before anything is tried
+        lines = describe_plan(spec, plan(spec.runs, [0], recipe(), cfg.machine), 1)
+    assert any(f"resume {run}: another process is training it now (this command would leave it to that process)" in line for line in lines), lines
 
 
 # ---------------------------------------------------------------- 10. the umask decides who reads

@@ -287,6 +287,28 @@ def test_dry_run_lists_the_plan_and_writes_nothing(demo, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_dry_run_says_which_runs_another_process_is_training(demo, tmp_path, capsys):
+    """A run whose lock another process holds is marked in the plan (here the lock is held through a second
+    open file, which flock treats like another process); the probe creates and changes no file."""
+    from filelock import FileLock
+
+    from bnnbench.runners.locks import held_elsewhere, lock_path
+    from bnnbench.runners.recipes import get_recipe
+
+    spec = load_spec(str(demo["spec"]))
+    job = plan(spec.runs, [0], get_recipe("quick", spec.family), Machine(out=str(tmp_path))).jobs[0]
+    lock = lock_path(tmp_path, job.key)
+    assert not held_elsewhere(lock) and not lock.exists()
+    lock.parent.mkdir(parents=True)
+    with FileLock(lock):
+        assert held_elsewhere(lock)
+        assert cli_main(["table", str(demo["spec"]), "--out", str(tmp_path), "--dry-run"]) == 0
+    assert not held_elsewhere(lock) and lock.stat().st_size == 0
+    busy = [line for line in capsys.readouterr().out.splitlines() if "another process is training it now" in line]
+    assert len(busy) == 1 and "train: another process" in busy[0] and "wait for it to finish" in busy[0]
+    assert sorted(tmp_path.rglob("*")) == [lock.parent, lock]
+
+
 def test_table2_on_the_cifar10_jpeg_copy(cifar10_dir, tmp_path):
     recipe = tiny_recipe()
     recipe.train_subset, recipe.test_subset = 40, 30
