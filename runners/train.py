@@ -311,7 +311,7 @@ def train_stage(run: RunState, stage: int, latest: dict[str, Any] | None) -> Non
     optimizer = make_optimizer(model, recipe, spec.recipe)
     scheduler = make_scheduler(optimizer, recipe)
     if latest is not None and latest["stage"] == stage:
-        model.load_state_dict(latest["model"])
+        load_model_state(model, latest, run.directory.latest_checkpoint_path(), f"{spec.model.net} with method {spec.model.label}")
         optimizer.load_state_dict(latest["optimizer"])
         scheduler.load_state_dict(latest["scheduler"])
         start, best = latest["epoch"], latest["best"]

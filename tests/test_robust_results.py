@@ -144,6 +144,26 @@ def test_resume_of_a_folder_with_a_broken_config_names_the_file(made, tmp_path, 
     assert str(run / "config.json") in capsys.readouterr().err
 
 
+def test_resume_from_a_checkpoint_of_another_model_names_the_weights_and_the_file(made, tmp_path, capsys):
+    """A checkpoint whose model state does not fit (here: a weight renamed, as an older bnnbench might
+    have written it) stops the resume in one line naming the file and the weights, and changes nothing."""
+    run = copy(made, "killed-in-2-1", tmp_path / "run")
+    checkpoint = run / "stage2_last.pt"
+    if not checkpoint.is_file():
+        checkpoint = run / "stage1_last.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    first = next(iter(state["model"]))
+    state["model"]["renamed." + first] = state["model"].pop(first)
+    torch.save(state, checkpoint)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert cli_main(["run", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err and f"missing {first}" in err and "Traceback" not in err
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert str(checkpoint).encode() in after.pop("failure.json")  # the run says why it stopped; nothing else changed
+    assert after == before
+
+
 def test_unreadable_predictions_are_left_out_with_a_warning(made, tmp_path):
     run = copy(made, "runs/reference", tmp_path / "run")
     (run / "predictions.npz").write_bytes(b"not a zip file")
