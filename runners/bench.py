@@ -47,6 +47,7 @@ import bnnbench
 from bnnbench import hardware
 from bnnbench.io import write_text
 from bnnbench.kernels import SELECTED, binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
+from bnnbench.kernels.buffers import aligned_empty
 from bnnbench.packed import Int8Conv
 
 # (in channels, out channels, input size, stride) of the binary 3x3 convs of ImageNet ResNet-18
@@ -228,7 +229,7 @@ def conv_benchmark(
             out_size = (size - 1) // stride + 1
             bits = pack_channels(x.numpy(), 1)
             offsets = packed.offsets(size, size, stride, 1)
-            out = np.empty((batch * out_size * out_size, offsets.shape[1]), dtype=np.float32)
+            out = aligned_empty((batch * out_size * out_size, offsets.shape[1]), np.float32)
             panels = packed.panels()
             calls: dict[str, Callable[[], Any]] = {}
             for name in layouts:
