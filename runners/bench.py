@@ -47,7 +47,7 @@ import bnnbench
 from bnnbench import hardware
 from bnnbench.io import write_text
 from bnnbench.kernels import SELECTED, binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
-from bnnbench.kernels.buffers import aligned_empty
+from bnnbench.kernels.buffers import aligned_empty, stream_threshold, streams
 from bnnbench.packed import Int8Conv
 
 # (in channels, out channels, input size, stride) of the binary 3x3 convs of ImageNet ResNet-18
@@ -293,6 +293,7 @@ def conv_benchmark(
                 "float_gflops": float_gflops,
                 "popcount_peak_gops": peak_gops,
                 "gemm_share_of_peak": binary_ops / times["gemm"].best / 1e9 / peak_gops,
+                "gemm_stores": "streaming" if streams(out) else "cached",
                 "runs": packed_time.runs,
             }
             if more_threads:
@@ -306,6 +307,7 @@ def conv_benchmark(
     machine["popcount_peak_gops_1thread"] = peak.rates
     machine.update({f"peak_loop_{kind}_gops_1thread": rate for kind, rate in peak.rates.items()})  # flat, for the CSV
     machine["peak_loop"] = f"{peak.fastest.vector_chains} vector + {peak.fastest.scalar_chains} scalar chains"
+    machine["stream_threshold_bytes"] = stream_threshold()
     machine.update({f"onednn_{name}": impl for name, impl in implementations.items()})
     return rows, machine
 

@@ -23,6 +23,8 @@ def test_conv_benchmark_rows_name_every_contender_and_the_kernel(tmp_path):
         assert r["fastest"] in ("float32 F.conv2d", "float32 prepacked", "bf16 F.conv2d", "bf16 prepacked", "int8 oneDNN", "packed XNOR")
         assert r["speedup"] > 0 and r["ideal_ratio"] > 0 and 0 < r["gemm_share_of_peak"]
         assert r["packed_memory"] in ("nchw", "channels_last") and r["bf16_exact"] in (True, False)
+        assert r["gemm_stores"] == "cached"  # outputs of a few KiB stay in the caches
+    assert machine["stream_threshold_bytes"] > 0
     assert machine["micro_kernel"] == SELECTED.name and machine["popcount_isa"]
     assert machine["peak_loop_peak_gops_1thread"] == machine["popcount_peak_gops_1thread"]["peak"] > 0
     assert "convolution" not in machine["onednn_int8"] and machine["onednn_int8"]  # an implementation name, e.g. brg_conv_fwd:...
