@@ -86,7 +86,7 @@ def test_streaming_stores_are_exact(monkeypatch, micro_kernel, batch, cin, cout,
 
 
 def test_buffers_are_cache_line_aligned_and_large_outputs_stream(monkeypatch):
-    """Packed inputs, panels and outputs start on 64-byte lines; only aligned outputs above the threshold stream."""
+    """Filter panels and outputs start on 64-byte lines; only aligned outputs above the threshold stream."""
     monkeypatch.delenv("BNNBENCH_STREAM_BYTES", raising=False)
     for shape, dtype in [((3, 5), np.float32), ((1, 1, 1, 1), np.uint64), ((7,), np.uint8)]:
         for _ in range(8):  # numpy's own alignment is 16 bytes: several tries would hit a misaligned start
@@ -94,11 +94,11 @@ def test_buffers_are_cache_line_aligned_and_large_outputs_stream(monkeypatch):
             assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and is_aligned(a)
     assert not aligned_zeros((4, 9), np.uint64).any()
     g = torch.Generator().manual_seed(3)
-    assert is_aligned(pack_channels(torch.randn(1, 70, 5, 5, generator=g).numpy(), 1))
     for kernel in MICRO_KERNELS.values():
         assert is_aligned(pack_weights(pm1(40, 70, 3, 3, generator=g)).panels(kernel))
     large = aligned_empty((stream_threshold() // 4 + 16,), np.float32)
     assert streams(large) and not streams(aligned_empty((16,), np.float32))
+    assert is_aligned(binary_conv2d_packed(torch.randn(2, 70, 5, 5, generator=g), pack_weights(pm1(40, 70, 3, 3, generator=g)), 1, 1).numpy())
     assert not streams(large[1:])  # misaligned: a non-temporal 64-byte store would fault
     monkeypatch.setenv("BNNBENCH_STREAM_BYTES", "-1")
     with pytest.raises(ValueError, match="BNNBENCH_STREAM_BYTES"):

@@ -1,11 +1,14 @@
 """Cache-line-aligned arrays for the kernels, and when the GEMM streams its output past the caches.
 
-numpy aligns allocations to 16 bytes, so a 64-byte vector load or store of a
-packed input, a filter panel or an output row straddles two cache lines in
-three cases out of four.  The kernels' buffers are therefore allocated on
-64-byte boundaries (:func:`aligned_empty`, :func:`aligned_zeros`); rows of
-the GEMM's output are multiples of 128 bytes (filters padded to 32), so every
-16-float group of a row starts a cache line too.
+numpy aligns allocations to 16 bytes, so a 64-byte vector load of a filter
+panel or store of an output row straddles two cache lines in three cases out
+of four.  Filter panels and the GEMM's float outputs are therefore allocated on
+64-byte boundaries (:func:`aligned_empty`, :func:`aligned_zeros`; torch's CPU
+allocator already aligns to 64 bytes, so :func:`~bnnbench.kernels.conv.binary_conv2d_packed` writes
+into a ``torch.empty`` tensor); rows of the output are multiples of 128 bytes
+(filters padded to 32), so every 16-float group of a row starts a cache line
+too.  The packed input is read by 8-byte broadcasts, where alignment does not
+matter.
 
 Streaming stores.  An output larger than one core's L2 cache cannot stay in
 it until the next layer reads it, so writing it through the caches costs a

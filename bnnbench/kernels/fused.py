@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .buffers import aligned_empty, aligned_zeros
+from .buffers import aligned_empty
 from .conv import PackedWeights
 from .gemm import SELECTED, MicroKernel, fused_gemm, padded_filters
 from .packing import output_size, pack_channels, words_for
@@ -99,7 +99,7 @@ class SignConv:
         values = aligned_empty((batch * out_h * out_w, offsets.shape[1]), np.float32)
         if residual is not None and residual.shape != values.shape:
             raise ValueError(f"the residual must be (B OH OW, padded channels) = {values.shape}, got {residual.shape}")
-        bits = aligned_zeros((batch, out_h + 2 * next_padding, out_w + 2 * next_padding, words_for(self.weights.out_channels)), np.uint64)
+        bits = np.zeros((batch, out_h + 2 * next_padding, out_w + 2 * next_padding, words_for(self.weights.out_channels)), dtype=np.uint64)
         panels = self.weights.panels(self.kernel)
         fused_gemm(x.bits, (kh, kw), self.stride, panels, offsets, self._scale, self._shift, residual, values, bits, self.kernel)
         return BitActivation(values, bits, (batch, self.weights.out_channels, out_h, out_w), next_padding)

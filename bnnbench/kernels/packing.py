@@ -19,8 +19,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .buffers import aligned_zeros
-
 WORD_BITS = 64
 
 
@@ -116,7 +114,7 @@ def pack_channels(x: np.ndarray, padding: int = 0) -> np.ndarray:
     if x.ndim != 4:
         raise ValueError(f"pack_channels expects a (B, C, H, W) array, got shape {x.shape}")
     batch, channels, height, width = x.shape
-    out = aligned_zeros((batch, height + 2 * padding, width + 2 * padding, words_for(channels)), np.uint64)
+    out = np.zeros((batch, height + 2 * padding, width + 2 * padding, words_for(channels)), dtype=np.uint64)  # read by 8-byte broadcasts: alignment does not matter
     channels_last = x.transpose(0, 2, 3, 1)
     if channels_last.flags.c_contiguous and not x.flags.c_contiguous:
         _pack_pixels(channels_last, padding, out)
