@@ -41,3 +41,26 @@ def test_model_benchmark_times_every_contender_with_identical_predictions():
     float_model = next(r for r in rows if r["contender"] == "float model")
     assert float_model["speedup_vs_float_model"] == 1.0 and machine["micro_kernel"] == SELECTED.name
     assert all(name in rendered(model_table(rows)) for name in CONTENDERS)
+
+
+def test_interleaved_timing_enters_a_contender_setting_around_its_blocks_only():
+    """A setting (e.g. a thread count) is active in every call of its contender and in no other's."""
+    from contextlib import contextmanager
+
+    from bnnbench.runners.bench import time_interleaved
+
+    state = {"on": False, "entered": 0}
+    seen: dict[str, set[bool]] = {"plain": set(), "set": set()}
+
+    @contextmanager
+    def switch():
+        state["on"], state["entered"] = True, state["entered"] + 1
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    calls = {"plain": lambda: seen["plain"].add(state["on"]), "set": lambda: seen["set"].add(state["on"])}
+    times = time_interleaved(calls, budget_s=0.01, min_runs=20, block_s=0.001, settings={"set": switch})
+    assert seen == {"plain": {False}, "set": {True}}
+    assert times["set"].runs >= 20 and 1 < state["entered"] < times["set"].runs + 1  # once per block, not per call
