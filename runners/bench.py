@@ -33,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +49,7 @@ import bnnbench
 from bnnbench import hardware
 from bnnbench.io import write_text
 from bnnbench.kernels import SELECTED, binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
+from bnnbench.kernels.buffers import aligned_empty, stream_threshold, streams
 from bnnbench.packed import Int8Conv
 
 # (in channels, out channels, input size, stride) of the binary 3x3 convs of ImageNet ResNet-18
@@ -71,7 +74,11 @@ class Timing:
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], Any]], budget_s: float = 1.0, min_runs: int = 5, block_s: float = 0.02
+    calls: dict[str, Callable[[], Any]],
+    budget_s: float = 1.0,
+    min_runs: int = 5,
+    block_s: float = 0.02,
+    settings: dict[str, Callable[[], AbstractContextManager[Any]]] | None = None,
 ) -> dict[str, Timing]:
     """Time the calls in alternating blocks until ``budget_s`` is spent (at least ``min_runs`` calls each).
 
@@ -79,22 +86,31 @@ def time_interleaved(
     (at least one call), each call timed on its own; contenders take turns
     block by block, so a slow spell of the machine hits every contender alike,
     while each call runs warm as in a steady stream of calls of one layer.
-    One warm-up call each first.
+    One warm-up call each first.  ``settings[name]`` (optional) makes a context
+    entered around each of that contender's blocks and its warm-up, e.g. a thread
+    count, so that switching it is not timed as part of every call.
     """
-    for call in calls.values():
-        call()
+    settings = settings or {}
+
+    def setting(name: str) -> AbstractContextManager[Any]:
+        return settings[name]() if name in settings else nullcontext()
+
+    for name, call in calls.items():
+        with setting(name):
+            call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
     while min(len(s) for s in samples.values()) < min_runs or time.perf_counter() - start < budget_s:
         for name, call in calls.items():
-            block_start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                call()
-                t1 = time.perf_counter()
-                samples[name].append(t1 - t0)
-                if t1 - block_start >= block_s:
-                    break
+            with setting(name):
+                block_start = time.perf_counter()
+                while True:
+                    t0 = time.perf_counter()
+                    call()
+                    t1 = time.perf_counter()
+                    samples[name].append(t1 - t0)
+                    if t1 - block_start >= block_s:
+                        break
     return {name: Timing(min(s), statistics.median(s), len(s)) for name, s in samples.items()}
 
 
@@ -170,18 +186,15 @@ def onednn_implementation(call: Callable[[], Any]) -> str:
     return " ".join(sorted({f[f.index("convolution") + 1] for f in fields}))
 
 
-def _with_numba_threads(threads: int, call: Callable[[], Any]) -> Callable[[], Any]:
-    """``call`` run with ``threads`` numba threads (and the previous count restored)."""
-
-    def run() -> Any:
-        previous = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            return call()
-        finally:
-            numba.set_num_threads(previous)
-
-    return run
+@contextmanager
+def numba_threads(threads: int) -> Iterator[None]:
+    """``threads`` numba threads inside the block (the previous count restored after it)."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def conv_benchmark(
@@ -228,7 +241,7 @@ def conv_benchmark(
             out_size = (size - 1) // stride + 1
             bits = pack_channels(x.numpy(), 1)
             offsets = packed.offsets(size, size, stride, 1)
-            out = np.empty((batch * out_size * out_size, offsets.shape[1]), dtype=np.float32)
+            out = aligned_empty((batch * out_size * out_size, offsets.shape[1]), np.float32)
             panels = packed.panels()
             calls: dict[str, Callable[[], Any]] = {}
             for name in layouts:
@@ -245,11 +258,12 @@ def conv_benchmark(
             times = time_interleaved(calls, budget_s)
             packed_layout = min(layouts, key=lambda name: times[f"packed_{name}"].best)
             if more_threads:
+                more = {"packed_more_threads": lambda: numba_threads(more_threads)}  # switched per block, not timed per call
                 if not warmed_up:  # the first second or so of a second thread runs far slower here (the scheduler settling)
-                    time_interleaved({"warm-up": _with_numba_threads(more_threads, calls[f"packed_{packed_layout}"])}, 2.0)
+                    time_interleaved({"packed_more_threads": calls[f"packed_{packed_layout}"]}, 2.0, settings=more)
                     warmed_up = True
-                scaled = {"packed": calls[f"packed_{packed_layout}"], "packed_more_threads": _with_numba_threads(more_threads, calls[f"packed_{packed_layout}"])}
-                times.update(time_interleaved(scaled, budget_s))  # best-of over a longer spell: other work may hold a CPU
+                scaled = {"packed": calls[f"packed_{packed_layout}"], "packed_more_threads": calls[f"packed_{packed_layout}"]}
+                times.update(time_interleaved(scaled, budget_s, settings=more))  # best-of over a longer spell: other work may hold a CPU
             best = {kind: _fastest(times, kind, list(layouts)) for kind in ("float", "bf16", "packed")}
             binary_ops = 2 * batch * out_size * out_size * cout * cin * 9
             peak_gops = threads * peak.fastest.ops_per_call / times["peak"].best / 1e9
@@ -292,6 +306,7 @@ def conv_benchmark(
                 "float_gflops": float_gflops,
                 "popcount_peak_gops": peak_gops,
                 "gemm_share_of_peak": binary_ops / times["gemm"].best / 1e9 / peak_gops,
+                "gemm_stores": "streaming" if streams(out) else "cached",
                 "runs": packed_time.runs,
             }
             if more_threads:
@@ -305,6 +320,7 @@ def conv_benchmark(
     machine["popcount_peak_gops_1thread"] = peak.rates
     machine.update({f"peak_loop_{kind}_gops_1thread": rate for kind, rate in peak.rates.items()})  # flat, for the CSV
     machine["peak_loop"] = f"{peak.fastest.vector_chains} vector + {peak.fastest.scalar_chains} scalar chains"
+    machine["stream_threshold_bytes"] = stream_threshold()
     machine.update({f"onednn_{name}": impl for name, impl in implementations.items()})
     return rows, machine
 

@@ -23,6 +23,8 @@ def test_conv_benchmark_rows_name_every_contender_and_the_kernel(tmp_path):
         assert r["fastest"] in ("float32 F.conv2d", "float32 prepacked", "bf16 F.conv2d", "bf16 prepacked", "int8 oneDNN", "packed XNOR")
         assert r["speedup"] > 0 and r["ideal_ratio"] > 0 and 0 < r["gemm_share_of_peak"]
         assert r["packed_memory"] in ("nchw", "channels_last") and r["bf16_exact"] in (True, False)
+        assert r["gemm_stores"] == "cached"  # outputs of a few KiB stay in the caches
+    assert machine["stream_threshold_bytes"] > 0
     assert machine["micro_kernel"] == SELECTED.name and machine["popcount_isa"]
     assert machine["peak_loop_peak_gops_1thread"] == machine["popcount_peak_gops_1thread"]["peak"] > 0
     assert "convolution" not in machine["onednn_int8"] and machine["onednn_int8"]  # an implementation name, e.g. brg_conv_fwd:...
@@ -39,3 +41,26 @@ def test_model_benchmark_times_every_contender_with_identical_predictions():
     float_model = next(r for r in rows if r["contender"] == "float model")
     assert float_model["speedup_vs_float_model"] == 1.0 and machine["micro_kernel"] == SELECTED.name
     assert all(name in rendered(model_table(rows)) for name in CONTENDERS)
+
+
+def test_interleaved_timing_enters_a_contender_setting_around_its_blocks_only():
+    """A setting (e.g. a thread count) is active in every call of its contender and in no other's."""
+    from contextlib import contextmanager
+
+    from bnnbench.runners.bench import time_interleaved
+
+    state = {"on": False, "entered": 0}
+    seen: dict[str, set[bool]] = {"plain": set(), "set": set()}
+
+    @contextmanager
+    def switch():
+        state["on"], state["entered"] = True, state["entered"] + 1
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    calls = {"plain": lambda: seen["plain"].add(state["on"]), "set": lambda: seen["set"].add(state["on"])}
+    times = time_interleaved(calls, budget_s=0.01, min_runs=20, block_s=0.001, settings={"set": switch})
+    assert seen == {"plain": {False}, "set": {True}}
+    assert times["set"].runs >= 20 and 1 < state["entered"] < times["set"].runs + 1  # once per block, not per call

@@ -22,6 +22,7 @@ from bnnbench.kernels import (
     binary_conv2d,
     binary_conv2d_packed,
     border_correction,
+    output_size,
     pack_channels,
     pack_weights,
     padded_filters,
@@ -30,6 +31,7 @@ from bnnbench.kernels import (
     select_micro_kernel,
     unpack_weights,
 )
+from bnnbench.kernels.buffers import aligned_empty, aligned_zeros, is_aligned, l2_bytes, stream_threshold, streams
 from bnnbench.kernels.isa import AVX2, AVX512_VPOPCNTDQ, GENERIC
 
 
@@ -67,6 +69,45 @@ def test_binary_conv2d_equals_float_conv(batch, cin, cout, height, width, kernel
     got = binary_conv2d(x, w, stride=stride, padding=padding, kernel=MICRO_KERNELS[micro_kernel])
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("micro_kernel", list(MICRO_KERNELS))
+@pytest.mark.parametrize("batch,cin,cout,height,width,kernel,stride,padding", CASES[1::2])
+def test_streaming_stores_are_exact(monkeypatch, micro_kernel, batch, cin, cout, height, width, kernel, stride, padding):
+    """With every output streamed past the caches (threshold 0), the GEMM still writes exactly F.conv2d."""
+    monkeypatch.setenv("BNNBENCH_STREAM_BYTES", "0")
+    g = torch.Generator().manual_seed(cin * 7 + cout)
+    x, w = pm1(batch, cin, height, width, generator=g), pm1(cout, cin, kernel, kernel, generator=g)
+    packed = pack_weights(w)
+    out = aligned_empty((batch * output_size(height, kernel, stride, padding) * output_size(width, kernel, stride, padding), padded_filters(cout)), np.float32)
+    assert streams(out)
+    got = binary_conv2d_packed(x, packed, stride=stride, padding=padding, kernel=MICRO_KERNELS[micro_kernel])
+    assert torch.equal(got, F.conv2d(x, w, stride=stride, padding=padding))
+
+
+def test_buffers_are_cache_line_aligned_and_large_outputs_stream(monkeypatch):
+    """Filter panels and outputs start on 64-byte lines; only aligned outputs above the threshold stream."""
+    monkeypatch.delenv("BNNBENCH_STREAM_BYTES", raising=False)
+    for shape, dtype in [((3, 5), np.float32), ((1, 1, 1, 1), np.uint64), ((7,), np.uint8)]:
+        for _ in range(8):  # numpy's own alignment is 16 bytes: several tries would hit a misaligned start
+            a = aligned_empty(shape, dtype)
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and is_aligned(a)
+    assert not aligned_zeros((4, 9), np.uint64).any()
+    g = torch.Generator().manual_seed(3)
+    for kernel in MICRO_KERNELS.values():
+        assert is_aligned(pack_weights(pm1(40, 70, 3, 3, generator=g)).panels(kernel))
+    large = aligned_empty((stream_threshold() // 4 + 16,), np.float32)
+    assert streams(large) and not streams(aligned_empty((16,), np.float32))
+    assert is_aligned(binary_conv2d_packed(torch.randn(2, 70, 5, 5, generator=g), pack_weights(pm1(40, 70, 3, 3, generator=g)), 1, 1).numpy())
+    assert not streams(large[1:])  # misaligned: a non-temporal 64-byte store would fault
+    monkeypatch.setenv("BNNBENCH_STREAM_BYTES", "-1")
+    with pytest.raises(ValueError, match="BNNBENCH_STREAM_BYTES"):
+        stream_threshold()
+
+
+def test_l2_size_is_read_from_sysfs():
+    """The streaming threshold's default is a plausible L2 size (64 KiB to 64 MiB) or the documented fallback."""
+    assert 64 << 10 <= l2_bytes() <= 64 << 20
 
 
 @pytest.mark.parametrize("micro_kernel", list(MICRO_KERNELS))

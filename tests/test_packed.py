@@ -179,6 +179,16 @@ def test_cifar_resnet_chained_in_bits_predicts_like_the_float_model(skip):
     chained_matches(model, torch.randn(24, 3, 32, 32, generator=g))
 
 
+def test_chained_in_bits_with_streaming_stores(monkeypatch):
+    """The sign epilogues' float output written with non-temporal stores (every output streamed) is the same."""
+    monkeypatch.setenv("BNNBENCH_STREAM_BYTES", "0")
+    g = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    model = build_model("resnet20", "biper")
+    randomise_batchnorm(model, g)
+    chained_matches(model, torch.randn(8, 3, 32, 32, generator=g))
+
+
 def test_imagenet_resnet_chained_in_bits_predicts_like_the_float_model():
     """ImageNet ResNet-18 on 64x64 images: 7x7 stem, max-pool, 1x1 conv + BN stride-2 downsamples, 2x2 last stage."""
     g = torch.Generator().manual_seed(12)

@@ -132,10 +132,10 @@ def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, pad
     out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
     packed = pack_channels(_as_array(x, "input"), padding)
     offsets = weights.offsets(height, width, stride, padding)
-    out = np.empty((batch * out_h * out_w, offsets.shape[1]), dtype=np.float32)
-    xnor_gemm(packed, (kh, kw), stride, weights.panels(kernel), offsets, out, kernel)
-    valid = out[:, : weights.out_channels].reshape(batch, out_h, out_w, weights.out_channels)
-    return torch.from_numpy(valid).permute(0, 3, 1, 2)
+    out = torch.empty((batch * out_h * out_w, offsets.shape[1]))  # torch allocates on 64-byte boundaries: streaming stores work
+    xnor_gemm(packed, (kh, kw), stride, weights.panels(kernel), offsets, out.numpy(), kernel)
+    valid = out if out.shape[1] == weights.out_channels else out[:, : weights.out_channels]
+    return valid.view(batch, out_h, out_w, weights.out_channels).permute(0, 3, 1, 2)
 
 
 def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, kernel: MicroKernel = SELECTED) -> Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .buffers import aligned_empty
 from .conv import PackedWeights
 from .gemm import SELECTED, MicroKernel, fused_gemm, padded_filters
 from .packing import output_size, pack_channels, words_for
@@ -95,7 +96,7 @@ class SignConv:
         kh, kw = self.weights.kernel_size
         out_h, out_w = output_size(height, kh, self.stride, self.padding), output_size(width, kw, self.stride, self.padding)
         offsets = self.weights.offsets(height, width, self.stride, self.padding)
-        values = np.empty((batch * out_h * out_w, offsets.shape[1]), dtype=np.float32)
+        values = aligned_empty((batch * out_h * out_w, offsets.shape[1]), np.float32)
         if residual is not None and residual.shape != values.shape:
             raise ValueError(f"the residual must be (B OH OW, padded channels) = {values.shape}, got {residual.shape}")
         bits = np.zeros((batch, out_h + 2 * next_padding, out_w + 2 * next_padding, words_for(self.weights.out_channels)), dtype=np.uint64)

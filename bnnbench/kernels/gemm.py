@@ -66,11 +66,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
+from .buffers import aligned_zeros, streams
 from .isa import AVX2, AVX512_VPOPCNTDQ, popcount_isa
 from .popcount import I32, I64, LANES, WORDS, splat, vector_popcount
 
 EPILOGUES = ("counts", "sign", "add-sign")
-PANELS_PER_JOB = 4  # a parallel job is one row block x up to 4 panels, so that small images still split evenly
+PANELS_PER_JOB = 4  # a parallel job is up to 8 row blocks x up to 4 panels, so that small images still split evenly
+BLOCKS_PER_JOB = 8  # ... and a large one pays the job's index arithmetic once per 8 blocks (short dot products feel it)
+MIN_JOBS = 64  # row blocks are grouped only while at least this many jobs remain
 
 
 @dataclass(frozen=True)
@@ -116,36 +119,39 @@ SELECTED = select_micro_kernel()
 
 @dataclass(frozen=True)
 class GemmVariant:
-    """A micro-kernel and an epilogue: passed to the jitted GEMM, whose compiled code it selects (one per variant)."""
+    """A micro-kernel, an epilogue and the kind of output store: passed to the jitted GEMM, whose compiled
+    code it selects (one per variant).  ``stream``: the float output is written with non-temporal stores
+    (:mod:`bnnbench.kernels.buffers`; the output must be 64-byte aligned)."""
 
     kernel: str
     epilogue: str
+    stream: bool = False
 
 
 class GemmVariantType(types.Type):
     """numba type of a :class:`GemmVariant`: the variant is part of the type, so each one compiles (and caches) apart."""
 
-    def __init__(self, kernel: str, epilogue: str) -> None:
-        self.kernel, self.epilogue = kernel, epilogue
-        super().__init__(name=f"GemmVariant({kernel}, {epilogue})")
+    def __init__(self, kernel: str, epilogue: str, stream: bool) -> None:
+        self.kernel, self.epilogue, self.stream = kernel, epilogue, stream
+        super().__init__(name=f"GemmVariant({kernel}, {epilogue}{', stream' if stream else ''})")
 
 
 @typeof_impl.register(GemmVariant)
 def _typeof_variant(value: GemmVariant, context: object) -> GemmVariantType:
-    return _variant_type(value.kernel, value.epilogue)
+    return _variant_type(value.kernel, value.epilogue, value.stream)
 
 
 @cache
-def _variant_type(kernel: str, epilogue: str) -> GemmVariantType:
-    return GemmVariantType(kernel, epilogue)
+def _variant_type(kernel: str, epilogue: str, stream: bool) -> GemmVariantType:
+    return GemmVariantType(kernel, epilogue, stream)
 
 
 @cache
-def gemm_variant(kernel: str, epilogue: str) -> GemmVariant:
-    """The (one) :class:`GemmVariant` of a micro-kernel and an epilogue (one of :data:`EPILOGUES`)."""
+def gemm_variant(kernel: str, epilogue: str, stream: bool = False) -> GemmVariant:
+    """The (one) :class:`GemmVariant` of a micro-kernel, an epilogue (one of :data:`EPILOGUES`) and a store kind."""
     if kernel not in MICRO_KERNELS or epilogue not in EPILOGUES:
         raise ValueError(f"no GEMM variant {kernel!r} / {epilogue!r}: kernels {', '.join(MICRO_KERNELS)}, epilogues {', '.join(EPILOGUES)}")
-    return GemmVariant(kernel, epilogue)
+    return GemmVariant(kernel, epilogue, bool(stream))
 
 
 register_model(GemmVariantType)(models.OpaqueModel)
@@ -224,7 +230,7 @@ def _gemm_block(typingctx, packed, tables, block, runs, run_words, pitch, panels
             return None
     if not isinstance(variant, GemmVariantType):
         return None
-    block, kind = MICRO_KERNELS[variant.kernel], variant.epilogue
+    block, kind, stream = MICRO_KERNELS[variant.kernel], variant.epilogue, variant.stream
     arg_types = tuple(ty if dtype is not None else types.intp for (_, dtype, _), ty in zip(_BLOCK_ARGS, given))
     signature = types.void(*arg_types, variant)
 
@@ -275,6 +281,14 @@ def _gemm_block(typingctx, packed, tables, block, runs, run_words, pitch, panels
                 row.append(vector)
             counts.append(row)
         column = builder.mul(panel_, _int(block.filters))
+
+        def store_out(value: ir.Value, target: ir.Value) -> None:
+            if not stream:
+                builder.store(value, target, align=4)
+                return
+            store = builder.store(value, target, align=4 * value.type.count)  # rows are 128-byte multiples of an aligned base
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(I32, 1)]))
+
         bits_bytes = builder.bitcast(data["bits"], ir.IntType(8).as_pointer())
         for i in range(block.rows):
             position, out_row = row_value(POSITION, i), row_value(OUT_ROW, i)
@@ -288,7 +302,7 @@ def _gemm_block(typingctx, packed, tables, block, runs, run_words, pitch, panels
                 conv = _fma(builder, counted, ir.Constant(floats, [-2.0] * lanes), offset)  # exact: small integers
                 target = _vector_at(builder, data["out"], builder.add(builder.mul(out_row, width), n), floats)
                 if kind == "counts":
-                    builder.store(conv, target, align=4)
+                    store_out(conv, target)
                     continue
                 scale_, shift_ = (builder.load(_vector_at(builder, data[name], n, floats), align=4) for name in ("scale", "shift"))
                 z = _fma(builder, conv, scale_, shift_)
@@ -297,7 +311,7 @@ def _gemm_block(typingctx, packed, tables, block, runs, run_words, pitch, panels
                     z = builder.fadd(z, builder.load(residual_at, align=4))
                 low, high = ir.Constant(floats, [-1.0] * lanes), ir.Constant(floats, [1.0] * lanes)
                 clamped = builder.select(builder.fcmp_ordered("<", z, low), low, builder.select(builder.fcmp_ordered(">", z, high), high, z))
-                builder.store(clamped, target, align=4)
+                store_out(clamped, target)
                 negative = builder.bitcast(builder.fcmp_ordered("<", z, ir.Constant(floats, [0.0] * lanes)), ir.IntType(lanes))
                 byte = builder.add(row_value(TARGET, i), builder.lshr(n, _int(3)))
                 mask_at = builder.bitcast(builder.gep(bits_bytes, [byte]), ir.IntType(lanes).as_pointer())
@@ -327,14 +341,16 @@ def _gemm(packed, tables, kernel_h, kernel_w, stride, panels, offsets, out, scal
     panel_count = panels.shape[0]
     chunk = min(panel_count, PANELS_PER_JOB)
     chunks = (panel_count + chunk - 1) // chunk
+    group = max(1, min(BLOCKS_PER_JOB, row_blocks * chunks // MIN_JOBS))
     flat = packed.reshape(-1)
     run_words = kernel_w * packed.shape[3]
     pitch = packed.shape[2] * packed.shape[3]
-    for job in prange(row_blocks * chunks):
-        block = job // chunks
-        first_panel = (job - block * chunks) * chunk
-        for panel in range(first_panel, min(first_panel + chunk, panel_count)):
-            _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, scale, shift, residual, bits, variant)
+    for job in prange((row_blocks + group - 1) // group * chunks):
+        first_block = (job // chunks) * group
+        first_panel = (job % chunks) * chunk
+        for block in range(first_block, min(first_block + group, row_blocks)):
+            for panel in range(first_panel, min(first_panel + chunk, panel_count)):
+                _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, scale, shift, residual, bits, variant)
 
 
 @lru_cache(maxsize=256)
@@ -382,7 +398,7 @@ def xnor_gemm(
     :data:`FILTER_MULTIPLE`.
     """
     tables = row_tables(packed.shape, kernel_size, stride, _NO_BITS.shape, kernel.rows)
-    variant = gemm_variant(kernel.name, "counts")
+    variant = gemm_variant(kernel.name, "counts", streams(out))
     _gemm(packed, tables, *kernel_size, stride, panels, offsets, out, _NO_VECTOR, _NO_VECTOR, _NO_MATRIX, _NO_BITS, variant)
 
 
@@ -409,7 +425,7 @@ def fused_gemm(
     ``out`` or None.  Padded filters need ``scale = 0``, ``shift = 1`` (bit 0).
     """
     tables = row_tables(packed.shape, kernel_size, stride, bits.shape, kernel.rows)
-    variant = gemm_variant(kernel.name, "sign" if residual is None else "add-sign")
+    variant = gemm_variant(kernel.name, "sign" if residual is None else "add-sign", streams(out))
     residual = _NO_MATRIX if residual is None else residual
     _gemm(packed, tables, *kernel_size, stride, panels, offsets, out, scale, shift, residual, bits, variant)
 
@@ -419,7 +435,9 @@ def filter_panels(bits: np.ndarray, kernel: MicroKernel = SELECTED) -> np.ndarra
     filters, words = bits.shape
     padded = np.zeros((padded_filters(filters), words), dtype=np.uint64)
     padded[:filters] = bits
-    return np.ascontiguousarray(padded.reshape(-1, kernel.filters, words).transpose(0, 2, 1))
+    panels = aligned_zeros((padded.shape[0] // kernel.filters, words, kernel.filters), np.uint64)
+    panels[...] = padded.reshape(-1, kernel.filters, words).transpose(0, 2, 1)
+    return panels
 
 
 def padded_filters(filters: int) -> int:
