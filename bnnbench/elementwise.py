@@ -109,7 +109,7 @@ CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 
 def _flat(x: Tensor, dtype: np.dtype) -> np.ndarray:
     """The elements of a dense tensor in memory order, as a 1-D numpy view of the given dtype."""
-    flat = torch.as_strided(x, (x.numel(),), (1,), x.storage_offset())
+    flat = torch.as_strided(x.detach(), (x.numel(),), (1,), x.storage_offset())
     return (flat.view(torch.int16) if x.dtype == torch.bfloat16 else flat).numpy().view(dtype)
 
 
@@ -138,6 +138,58 @@ def unary(kernel: Kernel, x: Tensor) -> Tensor | None:
     loop, dtype = kernel._loops[x.dtype]
     if x.numel():
         loop(_flat(x, dtype), _flat(out, dtype))
+    return out
+
+
+_SIGN_BIT = {torch.float32: (np.uint32, 31, 0x3F800000), torch.bfloat16: (np.uint16, 15, 0x3F80)}  # bits, shift, +1
+
+
+@njit(nogil=True, cache=True)
+def _pack_sign_bits(src, shift, out):  # pragma: no cover - compiled
+    """Bit k of byte j: the sign bit of element 8 j + k (1 for -1); the last byte's missing elements as +1."""
+    n, full = src.size, src.size // 8
+    for j in range(full):
+        byte = np.uint8(0)
+        for k in range(8):
+            byte |= np.uint8((src[8 * j + k] >> shift) & 1) << np.uint8(k)
+        out[j] = byte
+    if n > 8 * full:
+        byte = np.uint8(0)
+        for k in range(n - 8 * full):
+            byte |= np.uint8((src[8 * full + k] >> shift) & 1) << np.uint8(k)
+        out[full] = byte
+
+
+@njit(nogil=True, cache=True)
+def _unpack_sign_bits(bits, shift, one, out):  # pragma: no cover - compiled
+    """+1 (``one``'s bits) or -1 (the sign bit set) per element, from :func:`_pack_sign_bits`'s bytes."""
+    n, full = out.size, out.size // 8
+    for j in range(full):
+        byte = bits[j]
+        for k in range(8):
+            out[8 * j + k] = one | (out.dtype.type((byte >> np.uint8(k)) & np.uint8(1)) << shift)
+    for i in range(8 * full, n):
+        out[i] = one | (out.dtype.type((bits[full] >> np.uint8(i - 8 * full)) & np.uint8(1)) << shift)
+
+
+def pack_signs(a: Tensor) -> Tensor | None:
+    """A tensor of +-1 values in 1 bit each (uint8, elements in memory order), or None where the kernels do not cover it."""
+    if not covered(a):
+        return None
+    bits, shift, _ = _SIGN_BIT[a.dtype]
+    out = torch.empty((a.numel() + 7) // 8, dtype=torch.uint8)
+    if a.numel():
+        _pack_sign_bits(_flat(a, bits), shift, out.numpy())
+    return out
+
+
+def unpack_signs(packed: Tensor, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The +-1 tensor :func:`pack_signs` packed, as a float32 or bfloat16 ``dtype`` tensor of the packed one's shape
+    and (dense) strides."""
+    out = torch.empty_strided(shape, stride, dtype=dtype)
+    bits, shift, one = _SIGN_BIT[dtype]
+    if out.numel():
+        _unpack_sign_bits(packed.numpy(), shift, bits(one), _flat(out, bits))
     return out
 
 
@@ -178,4 +230,15 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
     return torch.from_numpy(out).to(torch.float32).to(x.dtype).view(x.shape[0], *([1] * (x.dim() - 1)))
 
 
-__all__ = ["APPROX_SIGN_DERIVATIVE", "CLIP_DERIVATIVE", "Kernel", "REDUCTION_GRAIN", "SIGN", "covered", "per_sample_variance", "unary"]
+__all__ = [
+    "APPROX_SIGN_DERIVATIVE",
+    "CLIP_DERIVATIVE",
+    "Kernel",
+    "REDUCTION_GRAIN",
+    "SIGN",
+    "covered",
+    "pack_signs",
+    "per_sample_variance",
+    "unary",
+    "unpack_signs",
+]

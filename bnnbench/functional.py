@@ -167,10 +167,11 @@ def normalized_surrogate_sign(x: Tensor, derivative: Derivative, eps: float) -> 
 
 
 class _ConvOfSigns(torch.autograd.Function):
-    """``conv2d(a, w)`` for an input of +-1 values, kept for the backward as int8 (1 byte instead of 4 or 2).
+    """``conv2d(a, w)`` for an input of +-1 values, kept for the backward in 1 bit each
+    (:func:`bnnbench.elementwise.pack_signs`; as int8, 1 byte, where the kernels do not cover a).
 
     The weight gradient needs the input; a binary layer's input is the sign its binarizer just made, a new
-    tensor nothing else keeps: storing it as int8 and widening it again in the backward gives the same
+    tensor nothing else keeps: storing its signs and widening them again in the backward gives the same
     gradients, bit for bit.  Under autocast the convolution runs in the autocast dtype, as F.conv2d does.
     """
 
@@ -179,7 +180,9 @@ class _ConvOfSigns(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
         with torch.autocast(a.device.type, enabled=False):
             out = F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
-        ctx.save_for_backward(a.to(torch.int8), weight)
+        packed = elementwise.pack_signs(a) if dtype in (torch.float32, torch.bfloat16) else None
+        ctx.save_for_backward(a.to(torch.int8) if packed is None else packed, weight)
+        ctx.layout = None if packed is None else (a.shape, a.stride())  # to unpack to
         ctx.conv = (dtype, a.dtype, None if bias is None else bias.shape, stride, padding, dilation, groups)
         return out
 
@@ -187,9 +190,10 @@ class _ConvOfSigns(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         signs, weight = ctx.saved_tensors
         dtype, input_dtype, bias_shape, stride, padding, dilation, groups = ctx.conv
+        signs = signs.to(dtype) if ctx.layout is None else elementwise.unpack_signs(signs, *ctx.layout, dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_output.to(dtype), signs.to(dtype), weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
+            grad_output.to(dtype), signs, weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
         )
         grad_a = None if grad_a is None else grad_a.to(input_dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
@@ -197,7 +201,7 @@ class _ConvOfSigns(torch.autograd.Function):
 
 
 def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
-    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves as int8."""
+    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves in 1 bit each."""
     return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)
 
 

@@ -114,3 +114,32 @@ def test_normalized_surrogate_sign_matches_autograd_through_the_formula(dtype, m
     reference.backward(grad)
     assert identical(fast.detach(), reference.detach())
     assert identical(fast_leaf.grad, leaf.grad)
+
+
+@pytest.mark.parametrize("into", [torch.float32, torch.bfloat16], ids=["to-fp32", "to-bf16"])
+@DTYPES
+def test_signs_packed_in_bits_unpack_to_the_same_values_shape_and_strides(dtype, into):
+    generator = torch.Generator().manual_seed(3)
+    for shape, memory_format in [((3, 5, 7, 3), torch.contiguous_format), ((2, 3, 5, 5), torch.channels_last), ((13,), None), ((0, 4), None)]:
+        a = functional.sign(torch.randn(*shape, generator=generator)).to(dtype)
+        if memory_format is not None:
+            a = a.contiguous(memory_format=memory_format)
+        packed = elementwise.pack_signs(a)
+        assert packed is not None and packed.dtype == torch.uint8 and packed.numel() == (a.numel() + 7) // 8
+        assert identical(elementwise.unpack_signs(packed, a.shape, a.stride(), into), a.to(into))
+    assert elementwise.pack_signs(torch.ones(4, 6)[:, ::2]) is None
+
+
+def test_the_conv_of_signs_keeps_one_bit_per_input_and_the_same_gradients():
+    """The binary layer's conv saves its +-1 input packed (8x less than int8) and gives F.conv2d's gradients bit for bit."""
+    generator = torch.Generator().manual_seed(4)
+    a = functional.sign(torch.randn(3, 4, 9, 7, generator=generator)).requires_grad_()
+    weight = torch.randn(5, 4, 3, 3, generator=generator, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        out = functional.conv2d_of_signs(a, weight, None, (1, 1), (1, 1), (1, 1), 1)
+    assert saved[0].dtype == torch.uint8 and saved[0].numel() == (a.numel() + 7) // 8
+    grad = torch.randn(out.shape, generator=generator)
+    fast = torch.autograd.grad(out, (a, weight), grad)
+    reference = torch.autograd.grad(torch.nn.functional.conv2d(a, weight, None, 1, 1), (a, weight), grad)
+    assert all(torch.equal(f, r) for f, r in zip(fast, reference))
