@@ -13,7 +13,8 @@ compare every kernel with the torch formula it replaces, bit for bit, on edge va
 dense in its memory format, that autograd does not track) and returns None otherwise,
 so the caller runs its torch formula; :func:`per_sample_variance` is torch's
 ``x.var(dims 1..)`` (Welford in float64, one pass per sample in memory order, as torch's
-CPU reduction runs it) over all samples at once.
+CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 tensor in
+1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input).
 """
 
 from __future__ import annotations
@@ -78,22 +79,29 @@ def _clip_derivative(v: np.float32) -> np.float32:
 
 
 class Kernel:
-    """A float32 formula compiled twice: over float32 arrays, and over bfloat16 bits (widened, rounded back once)."""
+    """A float32 formula (an njit function) compiled twice: over float32 arrays, and over bfloat16 bits (widened, rounded
+    back once).  Compiled on first use in each process, not cached on disk: numba's cache cannot key a loop on the
+    formula it closes over, and would add entries on every run."""
 
     def __init__(self, name: str, formula: Callable[[np.float32], np.float32]) -> None:
         self.name = name
 
-        @njit(nogil=True, cache=True)
+        @njit(nogil=True)
         def float32(src, out):  # pragma: no cover - compiled
             for i in range(src.size):
                 out[i] = formula(src[i])
 
-        @njit(nogil=True, cache=True)
+        @njit(nogil=True)
         def bfloat16(src, out):  # pragma: no cover - compiled
             for i in range(src.size):
                 out[i] = _round_bf16(formula(_widen(src[i])))
 
         self._loops = {torch.float32: (float32, np.float32), torch.bfloat16: (bfloat16, np.uint16)}
+
+    def run(self, x: Tensor, out: Tensor) -> None:
+        """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
+        loop, dtype = self._loops[x.dtype]
+        loop(_flat(x, dtype), _flat(out, dtype))
 
     def __repr__(self) -> str:
         return f"Kernel({self.name!r})"
@@ -135,9 +143,8 @@ def unary(kernel: Kernel, x: Tensor) -> Tensor | None:
     out = torch.empty_like(x)
     if out.stride() != x.stride():
         return None
-    loop, dtype = kernel._loops[x.dtype]
     if x.numel():
-        loop(_flat(x, dtype), _flat(out, dtype))
+        kernel.run(x, out)
     return out
 
 
