@@ -3,7 +3,7 @@
 ``sign`` and ``surrogate_sign`` are what every method builds on;
 ``normalized_surrogate_sign`` is the same with the per-sample normalisation of
 upstream BiPer/ReCU activations, and ``conv2d_of_signs`` the binary layer's
-convolution of +-1 inputs, kept for the backward in one byte each.  The element-wise
+convolution of +-1 inputs, kept for the backward in one bit each.  The element-wise
 formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
 formulas) where those cover the tensor, as the torch formulas otherwise.  This module
 imports nothing else from the package.
@@ -29,7 +29,7 @@ def sign(x: Tensor) -> Tensor:
     binary layer; a binary value must be -1 or +1.  Three spellings of the same
     values, each the fastest where it runs (measured on CPU, 2026-12-01): a
     one-pass kernel (:data:`bnnbench.elementwise.SIGN`) on untracked dense
-    float32/bfloat16 CPU tensors, 2.5x (float32) to 7x (bfloat16) faster than
+    float32/bfloat16 CPU tensors, 2.4x (float32) to 6.8x (bfloat16) faster than
     eager torch's sign(sign(nan_to_num(x, nan=-1)) + 1/2) in four vectorised
     passes, itself 4x faster than the boolean mask of ``torch.where(x >= 0, 1, -1)``,
     which it computes elsewhere; inside ``torch.compile`` the ``where`` fuses into
