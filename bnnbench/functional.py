@@ -3,8 +3,10 @@
 ``sign`` and ``surrogate_sign`` are what every method builds on;
 ``normalized_surrogate_sign`` is the same with the per-sample normalisation of
 upstream BiPer/ReCU activations, and ``conv2d_of_signs`` the binary layer's
-convolution of +-1 inputs, kept for the backward in one byte each.  This module
-imports nothing from the package.
+convolution of +-1 inputs, kept for the backward in one bit each.  The element-wise
+formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
+formulas) where those cover the tensor, as the torch formulas otherwise.  This module
+imports nothing else from the package.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import elementwise
+
 Derivative = Callable[[Tensor], Tensor]
 
 
@@ -22,16 +26,19 @@ def sign(x: Tensor) -> Tensor:
     """Sign with sign(0) = +1 (Eq. 1 of the BiPer paper): +1 where x >= 0 (-0.0 included), else -1 (NaN included).
 
     ``torch.sign`` maps 0 to 0, which silently removes exact zeros from a
-    binary layer; a binary value must be -1 or +1.  Two spellings of the same
-    values, each the faster where it runs (measured on CPU, 2026-12-01): eager
-    torch computes sign(sign(nan_to_num(x, nan=-1)) + 1/2) in four vectorised
-    passes, 4x faster than the boolean mask of ``torch.where(x >= 0, 1, -1)``;
-    inside ``torch.compile`` the ``where`` fuses into one loop, while inductor's
-    code for the chain of signs is 2x slower than that.
+    binary layer; a binary value must be -1 or +1.  Three spellings of the same
+    values, each the fastest where it runs (measured on CPU, 2026-12-01): a
+    one-pass kernel (:data:`bnnbench.elementwise.SIGN`) on untracked dense
+    float32/bfloat16 CPU tensors, 2.4x (float32) to 6.8x (bfloat16) faster than
+    eager torch's sign(sign(nan_to_num(x, nan=-1)) + 1/2) in four vectorised
+    passes, itself 4x faster than the boolean mask of ``torch.where(x >= 0, 1, -1)``,
+    which it computes elsewhere; inside ``torch.compile`` the ``where`` fuses into
+    one loop, while inductor's code for the chain of signs is 2x slower than that.
     """
     if torch.compiler.is_compiling():
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-    return torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_()
+    fused = elementwise.unary(elementwise.SIGN, x)
+    return fused if fused is not None else torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_()
 
 
 def _surrogate(derivative: Derivative, x: Tensor) -> Tensor:
@@ -99,13 +106,24 @@ def identity_derivative(x: Tensor) -> Tensor:
 
 
 def clip_derivative(x: Tensor) -> Tensor:
-    """d/dx of the clipped STE (Eq. 5): 1{|x| <= 1}."""
-    return (x.abs() <= 1).to(x.dtype)
+    """d/dx of the clipped STE (Eq. 5): 1{|x| <= 1} (one pass where :data:`bnnbench.elementwise.CLIP_DERIVATIVE` covers x)."""
+    fused = elementwise.unary(elementwise.CLIP_DERIVATIVE, x)
+    return fused if fused is not None else (x.abs() <= 1).to(x.dtype)
 
 
 def approx_sign_derivative(x: Tensor) -> Tensor:
-    """Bi-Real ApproxSign derivative (Eq. 7): max(0, 2 - 2|x|)."""
-    return (2 - 2 * x.abs()).clamp(min=0)
+    """Bi-Real ApproxSign derivative (Eq. 7): max(0, 2 - 2|x|) (one pass where
+    :data:`bnnbench.elementwise.APPROX_SIGN_DERIVATIVE` covers x)."""
+    fused = elementwise.unary(elementwise.APPROX_SIGN_DERIVATIVE, x)
+    return fused if fused is not None else (2 - 2 * x.abs()).clamp(min=0)
+
+
+def _reusing(t: Tensor, op: Callable[..., Tensor], other: Tensor) -> Tensor:
+    """``op(t, other)`` for a temporary ``t``, written into t where that rounds alike (the result has t's dtype and
+    shape): one activation-sized allocation less."""
+    if torch.result_type(t, other) == t.dtype and torch.broadcast_shapes(t.shape, other.shape) == t.shape:
+        return op(t, other, out=t)
+    return op(t, other)
 
 
 class _NormalizedSurrogateSign(torch.autograd.Function):
@@ -123,7 +141,8 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, x_again: Tensor, derivative: Derivative, eps: float) -> Tensor:  # type: ignore[override]
         dims = tuple(range(1, x.dim()))
-        root = torch.sqrt(x.var(dim=dims, keepdim=True) + eps)
+        variance = elementwise.per_sample_variance(x)  # torch's var, bit for bit, in one pass over all samples
+        root = torch.sqrt((x.var(dim=dims, keepdim=True) if variance is None else variance) + eps)
         ctx.save_for_backward(x, root)
         ctx.derivative, ctx.dims = derivative, dims
         return sign(x)  # sign(x / root) = sign(x): root > 0
@@ -132,11 +151,13 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, root = ctx.saved_tensors
         dims = ctx.dims
-        grad_a0 = grad_output * _surrogate(ctx.derivative, x / root)
-        grad_root = (-grad_a0 * ((x / root) / root)).sum(dim=dims, keepdim=True)
+        a0 = x / root
+        grad_a0 = grad_output * _surrogate(ctx.derivative, a0)
+        # autograd's (-grad_a0 * (a0 / root)).sum(): negating the sum instead is exact (rounding is symmetric)
+        grad_root = -_reusing(_reusing(a0, torch.div, root), torch.mul, grad_a0).sum(dim=dims, keepdim=True)
         grad_var = grad_root / (2 * root)
-        through_variance = (2.0 / (x[0].numel() - 1)) * grad_var * (x - x.mean(dim=dims, keepdim=True))
-        return grad_a0 / root, through_variance, None, None
+        through_variance = _reusing(x - x.mean(dim=dims, keepdim=True), torch.mul, (2.0 / (x[0].numel() - 1)) * grad_var)
+        return _reusing(grad_a0, torch.div, root), through_variance, None, None
 
 
 def normalized_surrogate_sign(x: Tensor, derivative: Derivative, eps: float) -> Tensor:
@@ -146,10 +167,11 @@ def normalized_surrogate_sign(x: Tensor, derivative: Derivative, eps: float) -> 
 
 
 class _ConvOfSigns(torch.autograd.Function):
-    """``conv2d(a, w)`` for an input of +-1 values, kept for the backward as int8 (1 byte instead of 4 or 2).
+    """``conv2d(a, w)`` for an input of +-1 values, kept for the backward in 1 bit each
+    (:func:`bnnbench.elementwise.pack_signs`; as int8, 1 byte, where the kernels do not cover a).
 
     The weight gradient needs the input; a binary layer's input is the sign its binarizer just made, a new
-    tensor nothing else keeps: storing it as int8 and widening it again in the backward gives the same
+    tensor nothing else keeps: storing its signs and widening them again in the backward gives the same
     gradients, bit for bit.  Under autocast the convolution runs in the autocast dtype, as F.conv2d does.
     """
 
@@ -158,7 +180,9 @@ class _ConvOfSigns(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
         with torch.autocast(a.device.type, enabled=False):
             out = F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
-        ctx.save_for_backward(a.to(torch.int8), weight)
+        packed = elementwise.pack_signs(a) if dtype in (torch.float32, torch.bfloat16) else None
+        ctx.save_for_backward(a.to(torch.int8) if packed is None else packed, weight)
+        ctx.layout = None if packed is None else (a.shape, a.stride())  # to unpack to
         ctx.conv = (dtype, a.dtype, None if bias is None else bias.shape, stride, padding, dilation, groups)
         return out
 
@@ -166,9 +190,10 @@ class _ConvOfSigns(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         signs, weight = ctx.saved_tensors
         dtype, input_dtype, bias_shape, stride, padding, dilation, groups = ctx.conv
+        signs = signs.to(dtype) if ctx.layout is None else elementwise.unpack_signs(signs, *ctx.layout, dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_output.to(dtype), signs.to(dtype), weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
+            grad_output.to(dtype), signs, weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
         )
         grad_a = None if grad_a is None else grad_a.to(input_dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
@@ -176,7 +201,7 @@ class _ConvOfSigns(torch.autograd.Function):
 
 
 def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
-    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves as int8."""
+    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves in 1 bit each."""
     return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)
 
 

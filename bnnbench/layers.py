@@ -11,7 +11,7 @@ as larq's layers take a kernel and an input quantizer.  Forward of a binary laye
     w_b = method.weight(w)           sign with the method's surrogate and scale
     y   = conv(a_b, w_b) * alpha     alpha: learned per output channel when the
                                      method's scale is "learned_alpha"; the conv
-                                     keeps its +-1 input a_b as int8 for the backward
+                                     keeps its +-1 input a_b in 1 bit each for the backward
                                      (``functional.conv2d_of_signs``), and act_norm keeps
                                      only a and the per-sample scale
                                      (``functional.normalized_surrogate_sign``): the
@@ -187,7 +187,7 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         a, w = self.forward_input(x), self.forward_weight()
-        if self.binary_activations and self.padding_mode == "zeros":  # +-1 inputs: kept for the backward as int8
+        if self.binary_activations and self.padding_mode == "zeros":  # +-1 inputs: kept for the backward in 1 bit each
             y = functional.conv2d_of_signs(a, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = self._conv_forward(a, w, self.bias)

@@ -201,7 +201,7 @@ class Method:
         return approx_sign_derivative(x)
 
     def activation(self, a: Tensor, progress: Progress = 0.0, normalize: float | None = None) -> Tensor:
-        """Binary activations sign(a) (+-1 values: the layer stores them in int8) with the method's surrogate backward.
+        """Binary activations sign(a) (+-1 values: the layer stores them in 1 bit each) with the method's surrogate backward.
 
         ``normalize=eps`` evaluates the surrogate at a / sqrt(var_{C,H,W}(a) + eps) per sample, the
         gradient flowing through the variance (``act_norm`` in training; the forward is unchanged).

@@ -12,11 +12,15 @@ from bnnbench.runners.train import bf16_hardware
 from .helpers import fixture_best, threshold
 
 BATCH = 32
+# Methods whose binarizer is only the one-pass kernels (sign, ApproxSign/clip derivatives, bit-packed conv input):
+# 1.18-1.29x the fp step at this batch in fp32 (2026-12-01, loaded machine), 1.3-1.5x before the kernels.
+PLAIN = ("sign-ste", "clip-ste", "polynomial", "bireal", "dorefa", "xnor", "lqnet")
 
 
 @pytest.mark.parametrize("method", [m for m in bnnbench.list_methods() if m != "fp"])
 def test_training_step_cost_relative_to_fp(benchmark, method):
-    """One SGD step of CIFAR ResNet-20 (stage 2) with ``method`` takes at most a few times the fp step."""
+    """One SGD step of CIFAR ResNet-20 (stage 2) with ``method`` takes at most a few times the fp step; the plain
+    binarizers at most 1.45x."""
     settings = StepSettings(batch=BATCH)
     step = training_step(method, settings)
     reference = training_step("fp", settings)
@@ -25,11 +29,13 @@ def test_training_step_cost_relative_to_fp(benchmark, method):
     baseline = min(before, time_interleaved({"fp": reference}, 1.0)["fp"].best)
     slowdown = fixture_best(benchmark) / baseline
     benchmark.extra_info.update({"fp_step_s": baseline, "slowdown_vs_fp": slowdown})
+    if method in PLAIN:
+        assert slowdown <= threshold("BNNBENCH_PERF_MAX_PLAIN_STEP_SLOWDOWN", 1.45)
     assert slowdown <= threshold("BNNBENCH_PERF_MAX_STEP_SLOWDOWN", 4.0)
 
 
 def test_sign_fast_path_beats_the_boolean_mask(benchmark):
-    """bnnbench.sign (four vectorised passes) against the where/ones_like formula it replaced, same values."""
+    """bnnbench.sign (the one-pass kernel) against the where/ones_like formula it replaced, same values."""
     import torch
 
     x = torch.randn(128, 16, 32, 32)
@@ -43,7 +49,7 @@ def test_sign_fast_path_beats_the_boolean_mask(benchmark):
     baseline = min(before, time_interleaved({"reference": reference}, 1.0)["reference"].best)
     speedup = baseline / fixture_best(benchmark)
     benchmark.extra_info.update({"speedup_vs_where": speedup})
-    assert speedup >= threshold("BNNBENCH_PERF_MIN_SIGN_SPEEDUP", 1.5)
+    assert speedup >= threshold("BNNBENCH_PERF_MIN_SIGN_SPEEDUP", 10.0)
 
 
 @pytest.mark.skipif(not bf16_hardware(), reason="this CPU has no AVX512-BF16/AMX-BF16: bf16 autocast is off by default here")
@@ -57,3 +63,45 @@ def test_bf16_autocast_speeds_up_the_fp_step_where_the_cpu_has_bf16(benchmark):
     speedup = baseline / fixture_best(benchmark)
     benchmark.extra_info.update({"bf16_speedup": speedup})
     assert speedup >= threshold("BNNBENCH_PERF_MIN_BF16_SPEEDUP", 1.2)
+
+
+def _formulas():
+    import torch
+
+    from bnnbench import elementwise
+
+    dims = (1, 2, 3)
+    return {
+        # name: (fast, the torch formula it replaces, minimum speed-up; measured 2026-12-01 on 1 thread of the
+        # Xeon (AMX) machine, load 2.4: sign 2.4x fp32 / 6.8x bf16, ApproxSign 3.9x / 4.7x, variance 5.0x / 6.2x, bits 0.9x int8)
+        "sign": (lambda x: elementwise.unary(elementwise.SIGN, x), lambda x: torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_(), 1.6),
+        "approx_sign_derivative": (
+            lambda x: elementwise.unary(elementwise.APPROX_SIGN_DERIVATIVE, x),
+            lambda x: (2 - 2 * x.abs()).clamp(min=0),
+            2.0,
+        ),
+        "per_sample_variance": (elementwise.per_sample_variance, lambda x: x.var(dim=dims, keepdim=True), 2.5),
+        "signs_in_bits": (
+            lambda x: elementwise.unpack_signs(elementwise.pack_signs(x), x.shape, x.stride(), x.dtype),
+            lambda x: x.to(torch.int8).to(x.dtype),
+            0.6,
+        ),
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["sign", "approx_sign_derivative", "per_sample_variance", "signs_in_bits"])
+def test_elementwise_kernel_beats_the_torch_formula_it_replaces(benchmark, name, dtype):
+    """Each one-pass kernel of the binary layer against its torch formula on a ResNet-20 activation, same values."""
+    import torch
+
+    fast, formula, floor = _formulas()[name]
+    x = bnnbench.sign(torch.randn(128, 16, 32, 32)) if name == "signs_in_bits" else torch.randn(128, 16, 32, 32)
+    x = x.to(getattr(torch, dtype))
+    assert torch.equal(fast(x), formula(x))
+    before = time_interleaved({"formula": lambda: formula(x)}, 1.0)["formula"].best
+    benchmark.pedantic(lambda: fast(x), rounds=20, warmup_rounds=2)
+    baseline = min(before, time_interleaved({"formula": lambda: formula(x)}, 1.0)["formula"].best)
+    speedup = baseline / fixture_best(benchmark)
+    benchmark.extra_info.update({"speedup_vs_torch": speedup})
+    assert speedup >= threshold(f"BNNBENCH_PERF_MIN_{name.upper()}_SPEEDUP", floor)

@@ -1,0 +1,145 @@
+"""The one-pass kernels of bnnbench.elementwise give, bit for bit, what the torch formulas they replace give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnnbench.elementwise as elementwise
+import bnnbench.functional as functional
+
+EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
+EDGES += [1.0, -1.0, 1.0 + 2**-23, -(1.0 + 2**-23), 1.0 - 2**-24, 0.5, -0.5, 0.9999, 1e-30, 3e38, -3e38]
+
+FORMULAS = {
+    "sign": (elementwise.SIGN, lambda x: torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))),
+    "approx_sign_derivative": (elementwise.APPROX_SIGN_DERIVATIVE, lambda x: (2 - 2 * x.abs()).clamp(min=0)),
+    "clip_derivative": (elementwise.CLIP_DERIVATIVE, lambda x: (x.abs() <= 1).to(x.dtype)),
+}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape, strides and values, NaN where NaN."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        a.nan_to_num(0.0), b.nan_to_num(0.0)
+    )
+
+
+def inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Edge values, every bfloat16 bit pattern, odd shapes, channels_last and a strided view."""
+    generator = torch.Generator().manual_seed(0)
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return [
+        torch.tensor(EDGES).to(dtype),
+        every_bf16.to(dtype),
+        (3 * torch.randn(3, 5, 7, 11, generator=generator)).to(dtype),
+        (torch.randn(4, 6, 5, 3, generator=generator)).to(dtype).contiguous(memory_format=torch.channels_last),
+        torch.randn(0, 3, dtype=dtype),
+        (torch.randn(6, 9, generator=generator)).to(dtype)[:, ::2],  # not dense: the torch formula
+    ]
+
+
+@DTYPES
+@pytest.mark.parametrize("name", list(FORMULAS))
+def test_kernel_equals_its_torch_formula_bit_for_bit(name, dtype):
+    kernel, formula = FORMULAS[name]
+    for x in inputs(dtype):
+        out = elementwise.unary(kernel, x)
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            assert out is None
+            continue
+        assert out is not None and identical(out, formula(x)), (name, x.shape)
+
+
+@DTYPES
+def test_the_public_functions_use_the_kernels_and_keep_their_formulas(dtype, monkeypatch):
+    x = inputs(dtype)[2]
+    fast = [functional.sign(x), functional.approx_sign_derivative(x), functional.clip_derivative(x)]
+    monkeypatch.setattr(elementwise, "covered", lambda x: False)
+    reference = [functional.sign(x), functional.approx_sign_derivative(x), functional.clip_derivative(x)]
+    assert all(identical(a, b) for a, b in zip(fast, reference))
+
+
+def test_tracked_other_dtype_and_compiled_inputs_fall_back_to_torch():
+    tracked = torch.randn(4, requires_grad=True)
+    assert elementwise.unary(elementwise.SIGN, tracked) is None
+    with torch.no_grad():
+        assert elementwise.unary(elementwise.SIGN, tracked) is not None
+    assert elementwise.unary(elementwise.SIGN, torch.randn(4, dtype=torch.float64)) is None
+    assert elementwise.unary(elementwise.SIGN, torch.randn(4, dtype=torch.float16)) is None
+    assert torch.equal(functional.sign(tracked), torch.where(tracked >= 0, 1.0, -1.0))
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", [(128, 16, 32, 32), (5, 3, 7, 9), (3, 2), (2, 1, 1, 2), (7, 33000)])
+def test_per_sample_variance_is_torchs_var_bit_for_bit(shape, dtype):
+    generator = torch.Generator().manual_seed(1)
+    x = (2.5 * torch.randn(*shape, generator=generator) + 0.75).to(dtype)
+    dims = tuple(range(1, x.dim()))
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            variance = elementwise.per_sample_variance(x)
+            if threads > 1 and x[0].numel() >= elementwise.REDUCTION_GRAIN:
+                assert variance is None  # torch splits such a sample across threads: not covered
+                continue
+            assert variance is not None and identical(variance, x.var(dim=dims, keepdim=True)), (shape, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_per_sample_variance_covers_only_what_it_reproduces():
+    assert elementwise.per_sample_variance(torch.randn(4, 1)) is None  # one element per sample: torch's NaN/inf path
+    assert elementwise.per_sample_variance(torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)) is None
+    assert elementwise.per_sample_variance(torch.randn(4, 6)[:, ::2]) is None
+    assert elementwise.per_sample_variance(torch.randn(4, 6, dtype=torch.float64)) is None
+
+
+@DTYPES
+def test_normalized_surrogate_sign_matches_autograd_through_the_formula(dtype, monkeypatch):
+    """act_norm's forward and gradient (kernel variance, reused temporaries) against autograd through
+    surrogate_sign(x / sqrt(var + eps)) with every kernel off, on an odd shape: the same values, bit for bit."""
+    generator = torch.Generator().manual_seed(2)
+    x = (1.5 * torch.randn(3, 5, 7, 6, generator=generator)).to(dtype)
+    grad = torch.randn(3, 5, 7, 6, generator=generator).to(dtype)
+    fast_leaf = x.clone().requires_grad_()
+    fast = functional.normalized_surrogate_sign(fast_leaf, functional.approx_sign_derivative, 1e-5)
+    fast.backward(grad)
+    monkeypatch.setattr(elementwise, "covered", lambda x: False)
+    leaf = x.clone().requires_grad_()
+    a0 = leaf / torch.sqrt(leaf.var(dim=(1, 2, 3), keepdim=True) + 1e-5)
+    reference = functional.surrogate_sign(a0, functional.approx_sign_derivative)
+    reference.backward(grad)
+    assert identical(fast.detach(), reference.detach())
+    assert identical(fast_leaf.grad, leaf.grad)
+
+
+@pytest.mark.parametrize("into", [torch.float32, torch.bfloat16], ids=["to-fp32", "to-bf16"])
+@DTYPES
+def test_signs_packed_in_bits_unpack_to_the_same_values_shape_and_strides(dtype, into):
+    generator = torch.Generator().manual_seed(3)
+    for shape, memory_format in [((3, 5, 7, 3), torch.contiguous_format), ((2, 3, 5, 5), torch.channels_last), ((13,), None), ((0, 4), None)]:
+        a = functional.sign(torch.randn(*shape, generator=generator)).to(dtype)
+        if memory_format is not None:
+            a = a.contiguous(memory_format=memory_format)
+        packed = elementwise.pack_signs(a)
+        assert packed is not None and packed.dtype == torch.uint8 and packed.numel() == (a.numel() + 7) // 8
+        assert identical(elementwise.unpack_signs(packed, a.shape, a.stride(), into), a.to(into))
+    assert elementwise.pack_signs(torch.ones(4, 6)[:, ::2]) is None
+
+
+def test_the_conv_of_signs_keeps_one_bit_per_input_and_the_same_gradients():
+    """The binary layer's conv saves its +-1 input packed (8x less than int8) and gives F.conv2d's gradients bit for bit."""
+    generator = torch.Generator().manual_seed(4)
+    a = functional.sign(torch.randn(3, 4, 9, 7, generator=generator)).requires_grad_()
+    weight = torch.randn(5, 4, 3, 3, generator=generator, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        out = functional.conv2d_of_signs(a, weight, None, (1, 1), (1, 1), (1, 1), 1)
+    assert saved[0].dtype == torch.uint8 and saved[0].numel() == (a.numel() + 7) // 8
+    grad = torch.randn(out.shape, generator=generator)
+    fast = torch.autograd.grad(out, (a, weight), grad)
+    reference = torch.autograd.grad(torch.nn.functional.conv2d(a, weight, None, 1, 1), (a, weight), grad)
+    assert all(torch.equal(f, r) for f, r in zip(fast, reference))
