@@ -507,8 +507,12 @@ def make_table(
     return TableResult(spec, runs, values, frame, text, paths, stopped)
 
 
+PLAN_ACTIONS = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}
+
+
 def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
-    """One line per row and seed: the run that would be used, resumed or trained (``--dry-run``)."""
+    """One line per row and seed: the run that would be used, resumed or trained (``--dry-run``),
+    then one per teacher run the rows need."""
     lines = []
     for row in spec.rows:
         if row.run is None:
@@ -516,9 +520,15 @@ def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
             continue
         for seed in range(seeds):
             job: Job = runs.job(row.run, seed)
-            action = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}[job.status]
+            action = PLAN_ACTIONS[job.status]
             where = f" {job.record.path}" if job.record is not None else ""
             lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}")
+    for job in runs.jobs:
+        if job.teacher:
+            action = PLAN_ACTIONS[job.status]
+            where = f" {job.record.path}" if job.record is not None else ""
+            label = f"teacher ({job.spec.model.method})"
+            lines.append(f"{_net_label(job.spec.model.net):10} {label:28} seed {job.spec.seed}: {action}{where}")
     return lines
 
 
