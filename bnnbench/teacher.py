@@ -55,7 +55,6 @@ class TeacherLink:
         self.student_features: list[Tensor] = []
         self.teacher_features: list[Tensor] = []
         self._teacher_blocks: list[nn.Module] = []
-        self._model_type = type(model).__name__
         model.register_forward_pre_hook(self._before_forward)
         for block in feature_blocks(model):
             block.register_forward_hook(self._keep)
@@ -81,8 +80,6 @@ class TeacherLink:
 
     def attach(self, teacher: nn.Module) -> None:
         blocks = feature_blocks(teacher)
-        if type(teacher).__name__ != self._model_type:
-            raise ConfigError(f"the teacher is a {type(teacher).__name__}, the student a {self._model_type}: a teacher must have the student's backbone")
         teacher.requires_grad_(False)
         teacher.eval()
         if self.method.teacher_batch_statistics():
@@ -122,7 +119,19 @@ def attach_teacher(model: nn.Module, teacher: nn.Module) -> None:
     link = teacher_link(model)
     if link is None:
         raise ConfigError("this model's method has no teacher (Method.teacher is False): nothing to attach it to")
+    mine, theirs = backbone(model), backbone(teacher)
+    if mine != theirs:
+        raise ConfigError(f"the teacher is a {theirs}, the student a {mine}: a teacher must have the student's backbone")
     link.attach(teacher)
+
+
+def backbone(model: nn.Module) -> str:
+    """What a teacher must share with its student: the network (family, name, classes, options, from
+    ``model.spec`` when the model has one) and its number of block features."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return f"{type(model).__name__} with {len(feature_blocks(model))} block features"
+    return f"{spec.family}/{spec.net} ({spec.num_classes} classes, options {dict(spec.options)})"
 
 
 def feature_loss(model: nn.Module, stage: int, progress: Progress) -> Tensor | None:
@@ -134,4 +143,4 @@ def feature_loss(model: nn.Module, stage: int, progress: Progress) -> Tensor | N
     return link.loss(stage, progress, params)
 
 
-__all__ = ["TeacherLink", "attach_teacher", "feature_blocks", "feature_loss", "prepare_student", "teacher_link"]
+__all__ = ["TeacherLink", "attach_teacher", "backbone", "feature_blocks", "feature_loss", "prepare_student", "teacher_link"]

@@ -94,6 +94,11 @@ def lipschitz_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     return torch.stack(terms).sum()
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is in a narrower type (bf16 features under autocast), else as it is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @dataclass
 class LipschitzRetention(Method):
     """The LCR loss over block features against a full-precision teacher; the binarizer comes from the other base."""
@@ -117,9 +122,9 @@ class LipschitzRetention(Method):
         if len(student) < 2 or self.alpha == 0:
             return None
         gamma = params["gamma"]
-        scaled = [f.float() * gamma[i] for i, f in enumerate(student)]
+        scaled = [_at_least_float32(f) * gamma[i] for i, f in enumerate(student)]
         batch = student[0].shape[0]
-        return self.alpha / (batch * LOSS_DIVISOR) * lipschitz_loss(scaled, [t.float() for t in teacher])
+        return self.alpha / (batch * LOSS_DIVISOR) * lipschitz_loss(scaled, [_at_least_float32(t) for t in teacher])
 
     def teacher_batch_statistics(self) -> bool:
         return self.teacher_bn == "batch"
