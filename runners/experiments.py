@@ -93,7 +93,8 @@ def plan(templates: Iterable[RunSpec], seeds: Iterable[int], recipe: Recipe, mac
     (rerunning would diverge again); else the newest unfinished or failed one, to
     be resumed; else the job is missing and :func:`execute` trains it.  A run with a teacher
     (``RunSpec.teacher_spec``) adds its teacher's job first (``Job.teacher``: a finished teacher
-    counts only with its final checkpoint, so a committed run without one is trained again).
+    counts only with its final checkpoint, so a committed run without one is trained again); a
+    finished student needs no teacher job.
     """
     by_key: dict[str, list[RunRecord]] = {}
     for record in scan_runs(machine.run_root()):
@@ -106,13 +107,12 @@ def plan(templates: Iterable[RunSpec], seeds: Iterable[int], recipe: Recipe, mac
     for template in dict.fromkeys(templates):
         for seed in seeds:
             spec = template.replace(recipe=recipe, seed=seed)
-            teacher = spec.teacher_spec
-            if teacher is not None and machine.teacher_dir is None and (tkey := (teacher.key(), True)) not in jobs:
-                jobs[tkey] = Job(teacher, machine, tkey[0], _choose(by_key.get(tkey[0], []), teacher=True), teacher=True)
             key = spec.key()
-            if (key, False) not in jobs:
-                jobs[(key, False)] = Job(spec, machine, key, _choose(by_key.get(key, [])))
-            index[(template, seed)] = jobs[(key, False)]
+            job = jobs.get((key, False)) or Job(spec, machine, key, _choose(by_key.get(key, [])))
+            teacher = spec.teacher_spec
+            if not job.done and teacher is not None and machine.teacher_dir is None and (tkey := (teacher.key(), True)) not in jobs:
+                jobs[tkey] = Job(teacher, machine, tkey[0], _choose(by_key.get(tkey[0], []), teacher=True), teacher=True)
+            jobs[(key, False)] = index[(template, seed)] = job
     return Plan(list(jobs.values()), index)
 
 
@@ -192,23 +192,23 @@ def _prepare_process(task: Task) -> None:
 def run_task(task: Task) -> _Result:
     """Make one run in this process: under its lock, look its signature up in ``out/runs`` again
     (the plan may be stale); reuse it when it is finished or diverged, else resume the newest
-    unfinished one, else train it.  A run with a teacher makes its teacher first the same way
-    (unless ``--teacher`` names one), reused only with its final checkpoint; a teacher that
+    unfinished one, else train it.  A run with a teacher to train makes its teacher first the same
+    way (unless ``--teacher`` names one), reused only with its final checkpoint; a teacher that
     diverged, lacks its data or is busy stops the student with that result.  Exceptions other
     than divergence and data errors propagate."""
     _prepare_process(task)
-    teacher = task.spec.teacher_spec
-    if teacher is not None and task.machine.teacher_dir is None:
-        made = run_task(Task(teacher, task.machine, task.quiet, teacher=True))
-        if made.diverged:
-            return _Result(None, failed=f"its teacher {made.path} diverged: {made.diverged}")
-        if made.data_error or made.busy:
-            return dataclasses.replace(made, reused=False, path=None)
     key = task.spec.key()
     with run_lock(task.machine.out, key, log=print):
         current = _choose([r for r in scan_runs(task.machine.run_root()) if record_signature(r) == key], teacher=task.teacher)
         if current is not None and current.status in ("finished", "diverged"):
             return _Result(str(current.path), reused=True)
+        teacher = task.spec.teacher_spec
+        if teacher is not None and task.machine.teacher_dir is None:  # its lock is taken inside this one; a teacher has no teacher
+            made = run_task(Task(teacher, task.machine, task.quiet, teacher=True))
+            if made.diverged:
+                return _Result(None, failed=f"its teacher {made.path} diverged: {made.diverged}")
+            if made.data_error or made.busy:
+                return dataclasses.replace(made, reused=False, path=None)
         return _train(task.spec, task.machine, str(current.path) if current else None, task.quiet)
 
 

@@ -279,7 +279,8 @@ def test_a_student_run_trains_its_teacher_first_and_reuses_it(tmp_path) -> None:
     teacher_dir = config["resolved"]["teacher"]["run"]
     assert config["resolved"]["teacher"]["checkpoint"] == "stage2_last.pt"
     assert json.loads(json.dumps(config["spec"]["teacher"])) == tiny.spec.teacher_spec.to_dict()
-    assert [(job.teacher, job.status) for job in plan([tiny.spec], [0], tiny.recipe, tiny.machine).jobs] == [(True, "finished"), (False, "finished")]
+    assert [(job.teacher, job.status) for job in plan([tiny.spec], [0], tiny.recipe, tiny.machine).jobs] == [(False, "finished")]  # done: no teacher job
+    assert run_task(Task(tiny.spec, tiny.machine)).reused
     model, info = load_teacher(tiny.spec, tiny.machine, torch.device("cpu"))
     assert info["run"] == teacher_dir and type(model).__name__ == "ResNet"
     # --teacher RUN_DIR: that run, checked against the spec
@@ -293,7 +294,8 @@ def test_a_student_run_trains_its_teacher_first_and_reuses_it(tmp_path) -> None:
         find_teacher(tiny.spec, given)
     with pytest.raises(TeacherMissing, match="no finished teacher run"):
         load_teacher(tiny.spec, tiny.machine, torch.device("cpu"))
-    assert plan([tiny.spec], [0], tiny.recipe, tiny.machine).jobs[0].status == "missing"
+    shutil.rmtree(made.path)  # without the student, the plan asks for a teacher again, and not that one
+    assert [(job.teacher, job.status) for job in plan([tiny.spec], [0], tiny.recipe, tiny.machine).jobs] == [(True, "missing"), (False, "missing")]
 
 
 def test_cli_teacher_option(tmp_path, capsys) -> None:
