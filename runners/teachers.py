@@ -81,7 +81,12 @@ def load_teacher(spec: RunSpec, machine: Machine, device: torch.device) -> tuple
     model = teacher.model.build(stage=teacher.stages[-1])
     state = load_checkpoint(path)
     load_model_state(model, state, path, f"teacher {teacher.model.net} (fp)")
-    info = {"run": str(record.path.resolve()), "checkpoint": path.name, "final_test_top1": (record.final or {}).get("final_test_top1")}
+    info = {
+        "run_id": record.run_id,
+        "run": str(record.path.resolve()),
+        "checkpoint": path.name,
+        "final_test_top1": (record.final or {}).get("final_test_top1"),
+    }
     return model.to(device), info
 
 
