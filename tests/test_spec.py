@@ -87,10 +87,6 @@ def test_legacy_config_json_reads_as_the_same_spec():
 # student still to train; it is missing in a fresh checkout (committed runs keep no checkpoints)
 # and finished where its run was trained.
 UNCOMMITTED = {
-    "comparison-resnet20": [  # LCR-BNN's short-budget runs were not made (issue 17)
-        "resnet20 lcr-rbnn on cifar10, seed 0, recipe short",
-        "resnet20 lcr-irnet on cifar10, seed 0, recipe short",
-    ],
     "3": [  # both LCR-BNN runs on ResNet-18 diverge in their first epoch: a run without a finished epoch keeps no directory
         "resnet18 lcr-rbnn on cifar10, seed 0, recipe quick",
         "resnet18 lcr-irnet on cifar10, seed 0, recipe quick",
@@ -112,8 +108,8 @@ def test_committed_runs_are_reused(table, recipe, seeds):
 
 def test_dry_run_cli_reports_committed_runs_as_reused(capsys):
     assert cli_main(["table", "comparison-resnet20", "--budget", "short", "--dry-run", "--out", str(COMMITTED)]) == 0
-    # FP and the 17 binarizers with short-budget runs; LCR-BNN's two rows and their teacher (issue 17) wait for theirs
-    assert "18 of 21 runs available; 3 to train or resume" in capsys.readouterr().out
+    # FP and the 19 binarizers (LCR-BNN's two rows since issue 17): finished students need no teacher
+    assert "20 of 20 runs available; 0 to train or resume" in capsys.readouterr().out
 
 
 def test_list_is_compact_greppable_and_scriptable(capsys, monkeypatch):
