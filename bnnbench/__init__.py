@@ -6,6 +6,7 @@ Public API (imported on first use, so that ``bnnbench --help`` does not load tor
     list_methods(), get_method(name, **hparams)
     ModelSpec(net, method, act_method=..., ...).build(stage)
     build_model(net, method, num_classes=..., stage=...)
+    attach_teacher(model, teacher)  the frozen teacher of a method with Method.teacher
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _EXPORTS = {
     "regularization_loss": "layers",
     "set_progress": "layers",
     "set_stage": "layers",
+    "attach_teacher": "teacher",
     "Method": "method",
     "ModelSpec": "models",
     "build_model": "models",

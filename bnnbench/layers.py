@@ -51,6 +51,7 @@ from . import functional
 from .errors import ConfigError
 from .method import Method
 from .registry import get_method
+from .teacher import feature_loss
 
 ACT_NORM_EPS = 1e-5
 
@@ -259,13 +260,19 @@ def regularization_loss(model: nn.Module) -> Tensor | None:
     Weight terms (``Method.regularizer``) are summed over layers.  Activation terms
     (``Method.activation_loss``, kept by each layer from its last training forward) are summed,
     or averaged over the layers that have one where the activation method's ``loss_reduction``
-    is ``"mean"`` (RAD averages its distribution loss over layers)."""
+    is ``"mean"`` (RAD averages its distribution loss over layers).  For a method with a teacher,
+    the feature loss of the last training forward against it is added too
+    (:func:`bnnbench.teacher.feature_loss`, at the first binary layer's stage and progress)."""
     terms, averaged = [], []
+    first = None
     for _, layer in binary_layers(model):
+        first = layer if first is None else first
         if (t := layer.regularization()) is not None:
             terms.append(t)
         if (t := layer.activation_loss_term) is not None:
             (averaged if layer.act_method.loss_reduction == "mean" else terms).append(t)
     if averaged:
         terms.append(torch.stack(averaged).mean())
+    if first is not None and (t := feature_loss(model, first.stage, first.progress)) is not None:
+        terms.append(t)
     return torch.stack(terms).sum() if terms else None

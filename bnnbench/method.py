@@ -59,6 +59,19 @@ both kinds over the binary layers, the one loss term the training loop knows: we
 summed over layers; activation terms are summed, or averaged over the layers when the
 activation method's ``loss_reduction`` is ``"mean"``.  The recipe's regulariser switch turns
 both on or off.
+
+A loss over several layers' activations, against a teacher (added for LCR-BNN; any plugin may
+use it).  A method with ``teacher = True`` trains against a frozen full-precision network of the
+same backbone (a finished ``fp`` run, :mod:`bnnbench.teacher`).  Every backbone names its *block
+features* (``model.feature_blocks()``: the modules whose outputs are compared, e.g. the stages of
+a ResNet); in a training forward the student keeps those outputs, the teacher runs on the same
+batch without gradients, and :func:`bnnbench.regularization_loss` adds
+``feature_loss(student, teacher, stage, progress, **feature_params)``: ``student`` the student's
+features (in the graph), ``teacher`` the teacher's (detached), ``feature_params`` the learnable
+tensors of :meth:`Method.feature_parameters` (registered as ``model.feature_params``, trained with
+the weights).  ``teacher_batch_statistics()`` says whether the teacher's BatchNorm normalises with
+the batch's statistics (its running statistics are never updated) instead of its running ones.
+The run's :class:`~bnnbench.runners.spec.RunSpec` names the teacher run (part of its identity).
 """
 
 from __future__ import annotations
@@ -122,6 +135,8 @@ class Method:
     loss_reduction: ClassVar[str] = "sum"
     # Hyper-parameters that must be finite and > 0 (a frequency, a temperature, ...).
     positive: ClassVar[tuple[str, ...]] = ()
+    # True: trains against a frozen full-precision teacher of the same backbone (feature_loss).
+    teacher: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Refuse out-of-range hyper-parameters when the method is made (subclasses call this first)."""
@@ -236,6 +251,24 @@ class Method:
         ``act_norm``), kept until the next, and combined over layers by
         :func:`bnnbench.regularization_loss` as ``loss_reduction`` says."""
         return None
+
+    # ------------------------------------------------------------- teacher
+    def feature_parameters(self, num_features: int) -> dict[str, Tensor]:
+        """Initial values of learnable tensors of the feature loss, for a backbone with
+        ``num_features`` block features (registered as ``model.feature_params``)."""
+        return {}
+
+    def feature_loss(self, student: list[Tensor], teacher: list[Tensor], stage: int, progress: Progress, **params: Tensor) -> Tensor | None:
+        """Loss term of the student's block features against the teacher's (None: no term).
+
+        Only methods with ``teacher = True`` are asked; ``teacher`` holds detached tensors of the
+        same shapes as ``student``; ``params`` are the model's ``feature_params``."""
+        return None
+
+    def teacher_batch_statistics(self) -> bool:
+        """True: the teacher's BatchNorm uses the batch's statistics (as a network in training
+        mode, without updating its running ones); False: its running statistics (eval mode)."""
+        return False
 
     def schedule(self, progress: Progress) -> dict[str, float]:
         """Values of the scheduled hyper-parameters at ``progress`` (for logs)."""

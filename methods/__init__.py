@@ -1,6 +1,6 @@
 """Built-in binarizers, one module each; importing this package registers them."""
 
-from . import bireal, biper, clip_ste, dorefa, dsq, fda, fp, irnet, lqnet, polynomial, rad, rbnn, reactnet, recu, reste, sign_ste, swish_sign, xnor
+from . import bireal, biper, clip_ste, dorefa, dsq, fda, fp, irnet, lcr, lqnet, polynomial, rad, rbnn, reactnet, recu, reste, sign_ste, swish_sign, xnor
 
 __all__ = [
     "bireal",
@@ -11,6 +11,7 @@ __all__ = [
     "fda",
     "fp",
     "irnet",
+    "lcr",
     "lqnet",
     "polynomial",
     "rad",

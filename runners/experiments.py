@@ -22,6 +22,7 @@ loader, workers, where the data were read from), which the tables' captions list
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .recipes import Recipe
 from .rundir import RunDirectory
 from .results import CONFIG
 from .spec import Machine, RunSpec
+from .teachers import final_checkpoint
 from .train import TrainingDiverged, train
 from . import distributed
 
@@ -61,6 +63,7 @@ class Job:
     key: str
     record: RunRecord | None = None  # the run used (finished) or to resume (unfinished/failed)
     note: str = ""  # why there is no number (diverged, data not found, ...)
+    teacher: bool = False  # the teacher of another job: a finished run counts only with its final checkpoint
 
     @property
     def status(self) -> str:
@@ -88,29 +91,35 @@ def plan(templates: Iterable[RunSpec], seeds: Iterable[int], recipe: Recipe, mac
 
     A finished matching run is used (the newest if several); else a diverged one
     (rerunning would diverge again); else the newest unfinished or failed one, to
-    be resumed; else the job is missing and :func:`execute` trains it.
+    be resumed; else the job is missing and :func:`execute` trains it.  A run with a teacher
+    (``RunSpec.teacher_spec``) adds its teacher's job first (``Job.teacher``: a finished teacher
+    counts only with its final checkpoint, so a committed run without one is trained again); a
+    finished student needs no teacher job.
     """
     by_key: dict[str, list[RunRecord]] = {}
     for record in scan_runs(machine.run_root()):
         key = record_signature(record)
         if key is not None:
             by_key.setdefault(key, []).append(record)
-    jobs: dict[str, Job] = {}
+    jobs: dict[tuple[str, bool], Job] = {}
     index: dict[tuple[RunSpec, int], Job] = {}
     seeds = list(seeds)
     for template in dict.fromkeys(templates):
         for seed in seeds:
             spec = template.replace(recipe=recipe, seed=seed)
             key = spec.key()
-            if key not in jobs:
-                jobs[key] = Job(spec, machine, key, _choose(by_key.get(key, [])))
-            index[(template, seed)] = jobs[key]
+            job = jobs.get((key, False)) or Job(spec, machine, key, _choose(by_key.get(key, [])))
+            teacher = spec.teacher_spec
+            if not job.done and teacher is not None and machine.teacher_dir is None and (tkey := (teacher.key(), True)) not in jobs:
+                jobs[tkey] = Job(teacher, machine, tkey[0], _choose(by_key.get(tkey[0], []), teacher=True), teacher=True)
+            jobs[(key, False)] = index[(template, seed)] = job
     return Plan(list(jobs.values()), index)
 
 
-def _choose(records: list[RunRecord]) -> RunRecord | None:
+def _choose(records: list[RunRecord], teacher: bool = False) -> RunRecord | None:
+    """The record to use or resume (see :func:`plan`); for a ``teacher``, a finished run only with its final checkpoint."""
     for status in ("finished", "diverged", "unfinished", "failed"):
-        matching = [r for r in records if r.status == status]
+        matching = [r for r in records if r.status == status and not (teacher and status == "finished" and final_checkpoint(r) is None)]
         if matching:
             return matching[-1]  # newest (records are sorted by creation time)
     return None
@@ -152,6 +161,7 @@ class Task:
     quiet: bool = True
     share: int | None = None
     plugins: tuple[str, ...] = ()
+    teacher: bool = False  # made as another run's teacher: reused only with its final checkpoint
 
 
 def _train(spec: RunSpec, machine: Machine, resume: str | None, quiet: bool) -> _Result:
@@ -182,13 +192,23 @@ def _prepare_process(task: Task) -> None:
 def run_task(task: Task) -> _Result:
     """Make one run in this process: under its lock, look its signature up in ``out/runs`` again
     (the plan may be stale); reuse it when it is finished or diverged, else resume the newest
-    unfinished one, else train it.  Exceptions other than divergence and data errors propagate."""
+    unfinished one, else train it.  A run with a teacher to train makes its teacher first the same
+    way (unless ``--teacher`` names one), reused only with its final checkpoint; a teacher that
+    diverged, lacks its data or is busy stops the student with that result.  Exceptions other
+    than divergence and data errors propagate."""
     _prepare_process(task)
     key = task.spec.key()
     with run_lock(task.machine.out, key, log=print):
-        current = _choose([r for r in scan_runs(task.machine.run_root()) if record_signature(r) == key])
+        current = _choose([r for r in scan_runs(task.machine.run_root()) if record_signature(r) == key], teacher=task.teacher)
         if current is not None and current.status in ("finished", "diverged"):
             return _Result(str(current.path), reused=True)
+        teacher = task.spec.teacher_spec
+        if teacher is not None and task.machine.teacher_dir is None:  # its lock is taken inside this one; a teacher has no teacher
+            made = run_task(Task(teacher, task.machine, task.quiet, teacher=True))
+            if made.diverged:
+                return _Result(None, failed=f"its teacher {made.path} diverged: {made.diverged}")
+            if made.data_error or made.busy:
+                return dataclasses.replace(made, reused=False, path=None)
         return _train(task.spec, task.machine, str(current.path) if current else None, task.quiet)
 
 
@@ -231,7 +251,7 @@ def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] 
     in_process = isinstance(executor, InProcess)
     share = None if in_process else executor.share(len(todo))
     plugins = tuple(registry.loaded_plugins())
-    tasks = [Task(job.spec, job.machine, quiet=quiet or not in_process, share=share, plugins=plugins) for job in todo]
+    tasks = [Task(job.spec, job.machine, quiet=quiet or not in_process, share=share, plugins=plugins, teacher=job.teacher) for job in todo]
     if not in_process:
         log(f"{len(todo)} runs to make: {executor.description}")
 

@@ -2,7 +2,9 @@
 
 ``RunSpec`` = the model (:class:`~bnnbench.models.ModelSpec`: network, weight and activation
 binarizers with their hyper-parameters, act_norm, backbone options) + the data set + the
-recipe + seed, stages, the stage-2 initialisation and augmentation.  Everything in it can
+recipe + seed, stages, the stage-2 initialisation and augmentation, and for a method with a
+teacher (``Method.teacher``, LCR-BNN) the teacher run's own RunSpec (``teacher_spec``: the one
+given with ``--teacher``, else an ``fp`` run of the same backbone, data, recipe and seed).  Everything in it can
 change a run's numbers, and nothing else does: its canonical JSON (:meth:`RunSpec.key`) is the
 signature on which ``bnnbench table`` and ``bnnbench figure`` match finished runs.
 
@@ -49,9 +51,11 @@ class RunSpec:
     stages: tuple[int, ...] = (1, 2)
     init: str | None = None  # stage 2 alone: a stage-1 checkpoint, or "scratch"
     augment: bool = True
+    teacher: RunSpec | None = None  # a teacher method's teacher run; None: the default (teacher_spec)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        self._check_teacher()
         if self.data not in DATASETS:
             raise ConfigError(f"unknown data set {self.data!r}; valid: {', '.join(DATASETS)}")
         dataset = DATASETS[self.data]
@@ -67,6 +71,41 @@ class RunSpec:
             )
         if self.init is not None and self.stages != (2,):
             raise ConfigError("--init applies to --stage 2 only; with --stage both, stage 2 starts from this run's stage 1")
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def needs_teacher(self) -> bool:
+        """True when the weight method trains against a full-precision teacher (``Method.teacher``)."""
+        return self.model.weight_binarizer().teacher
+
+    @property
+    def teacher_spec(self) -> RunSpec | None:
+        """The teacher run: the one given, else an ``fp`` run of this backbone, data, recipe, seed
+        and augmentation, both stages (None for a method without a teacher)."""
+        if not self.needs_teacher:
+            return None
+        if self.teacher is not None:
+            return self.teacher
+        m = self.model
+        model = ModelSpec(net=m.net, method="fp", family=m.family, num_classes=m.num_classes, options=m.options)
+        return RunSpec(model, self.data, self.recipe, self.seed, (1, 2), None, self.augment)
+
+    def _check_teacher(self) -> None:
+        teacher = self.teacher
+        if teacher is None:
+            return
+        if not self.needs_teacher:
+            raise ConfigError(f"method {self.model.method!r} trains without a teacher; drop the teacher (--teacher)")
+        if teacher.teacher is not None or teacher.model.binary_weights or teacher.model.binary_activations:
+            raise ConfigError(f"a teacher must be a full-precision run (method fp), got {teacher.describe()}")
+        mine = {k: getattr(self.model, k) for k in ("net", "family", "num_classes", "options")}
+        theirs = {k: getattr(teacher.model, k) for k in mine}
+        if mine != theirs or teacher.data != self.data:
+            raise ConfigError(
+                f"the teacher ({teacher.model.family}/{teacher.model.net} {dict(teacher.model.options)}, {teacher.model.num_classes} classes, "
+                f"{teacher.data}) must have this run's backbone and data ({self.model.family}/{self.model.net} "
+                f"{dict(self.model.options)}, {self.model.num_classes} classes, {self.data}): train an fp run of it"
+            )
 
     @classmethod
     def make(cls, data: str = DEFAULT_DATA, *, recipe: Recipe | str | None = None, **model: Any) -> RunSpec:
@@ -88,8 +127,9 @@ class RunSpec:
 
     # ------------------------------------------------------------------ identity
     def to_dict(self) -> dict[str, Any]:
-        """The full record (config.json's ``spec``), recipe description included."""
-        return {
+        """The full record (config.json's ``spec``), recipe description included; ``teacher`` (the
+        teacher run's record) only for a method with a teacher."""
+        record = {
             "model": self.model.to_dict(),
             "data": self.data,
             "recipe": self.recipe.to_dict(),
@@ -98,11 +138,18 @@ class RunSpec:
             "init": self.init,
             "augment": self.augment,
         }
+        teacher = self.teacher_spec
+        if teacher is not None:
+            record["teacher"] = teacher.to_dict()
+        return record
 
     def key(self) -> str:
-        """Canonical JSON of everything that decides the run's numbers: the run signature."""
+        """Canonical JSON of everything that decides the run's numbers: the run signature (the
+        teacher's signature included)."""
         identity = self.to_dict()
         identity["recipe"] = {k: v for k, v in identity["recipe"].items() if k not in RECIPE_COSMETIC}
+        if "teacher" in identity:
+            identity["teacher"] = json.loads(self.teacher_spec.key())  # type: ignore[union-attr]
         return json.dumps(identity, sort_keys=True, default=str)
 
     def __eq__(self, other: object) -> bool:
@@ -116,6 +163,8 @@ class RunSpec:
         values = dict(data)
         values["model"] = ModelSpec.from_dict(values["model"])
         values["recipe"] = Recipe.from_dict(values["recipe"])
+        if values.get("teacher") is not None:
+            values["teacher"] = cls.from_dict(values["teacher"])
         return cls(**values)
 
     @classmethod
@@ -167,6 +216,7 @@ class Machine:
     sync_bn: bool = False  # SyncBatchNorm across the processes of a distributed run (CUDA)
     out: str = "results"
     name: str | None = None  # run directory name instead of net-method-data-seed-timestamp-hash
+    teacher_dir: str | None = None  # the teacher's run directory (--teacher); None: found by its signature in OUT/runs
     tensorboard: bool = True  # TensorBoard event files beside metrics.csv, where the package is installed
 
     def __post_init__(self) -> None:

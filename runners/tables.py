@@ -510,8 +510,23 @@ def make_table(
     return TableResult(spec, runs, values, frame, text, paths, stopped)
 
 
+PLAN_ACTIONS = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}
+
+
+def _busy(job: Job) -> str:
+    """What the plan says of a run another process is training now (``""`` when none is)."""
+    if job.done:
+        return ""
+    if held_elsewhere(lock_path(job.machine.out, job.key)):
+        return ": another process is training it now (this command would wait for it to finish)"
+    if job.record is not None and held_elsewhere(job.record.path / RUN_DIRECTORY_LOCK):
+        return ": another process is training it now (this command would leave it to that process)"
+    return ""
+
+
 def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
-    """One line per row and seed: the run that would be used, resumed or trained (``--dry-run``)."""
+    """One line per row and seed: the run that would be used, resumed or trained (``--dry-run``),
+    then one per teacher run the rows need."""
     lines = []
     for row in spec.rows:
         if row.run is None:
@@ -519,14 +534,15 @@ def describe_plan(spec: TableSpec, runs: Plan, seeds: int) -> list[str]:
             continue
         for seed in range(seeds):
             job: Job = runs.job(row.run, seed)
-            action = {"finished": "use", "diverged": "use (diverged)", "unfinished": "resume", "failed": "resume", "missing": "train"}[job.status]
+            action = PLAN_ACTIONS[job.status]
             where = f" {job.record.path}" if job.record is not None else ""
-            busy = ""
-            if not job.done and held_elsewhere(lock_path(job.machine.out, job.key)):
-                busy = ": another process is training it now (this command would wait for it to finish)"
-            elif not job.done and job.record is not None and held_elsewhere(job.record.path / RUN_DIRECTORY_LOCK):
-                busy = ": another process is training it now (this command would leave it to that process)"
-            lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}{busy}")
+            lines.append(f"{_net_label(row.net):10} {row.label:28} seed {seed}: {action}{where}{_busy(job)}")
+    for job in runs.jobs:
+        if job.teacher:
+            action = PLAN_ACTIONS[job.status]
+            where = f" {job.record.path}" if job.record is not None else ""
+            label = f"teacher ({job.spec.model.method})"
+            lines.append(f"{_net_label(job.spec.model.net):10} {label:28} seed {job.spec.seed}: {action}{where}{_busy(job)}")
     return lines
 
 

@@ -13,7 +13,10 @@ Stage 2 starts from a stage-1 checkpoint (the recipe's ``stage2_init``: ``best``
 test top-1 as upstream, or ``last``) and binarizes the weights too.  Each stage
 has its own SGD optimiser and warm-up + cosine schedule (``runners/optim.py``).
 The method's extra loss term (``bnnbench.regularization_loss``) is added to the
-cross-entropy when the stage's recipe switches it on.
+cross-entropy when the stage's recipe switches it on.  For a method with a teacher
+(``Method.teacher``) the run's teacher (``runners/teachers.py``) is loaded, frozen and attached
+to the model before training (``bnnbench.attach_teacher``): the same loss entry point then adds
+the method's feature loss against it; config.json's ``resolved.teacher`` names the run used.
 
 Schedules
 ---------
@@ -97,6 +100,7 @@ from torch import Tensor, nn
 
 import bnnbench
 from bnnbench.data import open_data
+from bnnbench.errors import ConfigError
 from bnnbench.hardware import cpu_flags
 
 from . import distributed
@@ -107,6 +111,7 @@ from .optim import make_optimizer, make_scheduler
 from .results import checkpoint_name, device_info, git_commit, load_checkpoint, load_model_state, package_versions, rng_state, set_rng_state
 from .rundir import RunDirectory
 from .spec import Machine, RunSpec, data_request
+from .teachers import load_teacher
 from .tensorboard import TensorBoardLog
 
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s")
@@ -460,6 +465,12 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    teacher_record = None
+    if spec.teacher_spec is not None:
+        if machine.compile:
+            raise ConfigError(f"method {spec.model.method!r} trains against a teacher, which torch.compile (--compile) does not support here yet: drop --compile")
+        teacher, teacher_record = load_teacher(spec, machine, device)
+        bnnbench.attach_teacher(model, teacher.to(memory_format=torch.channels_last) if channels_last else teacher)
     inference = torch.compile(model) if machine.compile else model
     check_every = 1 if device.type == "cpu" else GPU_CHECK_EVERY
 
@@ -476,6 +487,7 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
         "process_eval_batch_size": bundle.test.batch_size,
         "sync_bn": sync_bn,
         "check_every": check_every,
+        **({"teacher": teacher_record} if teacher_record is not None else {}),
     }
     latest = directory.start(
         {

@@ -83,18 +83,33 @@ def test_legacy_config_json_reads_as_the_same_spec():
     assert Machine.from_saved(record.saved).device in ("auto", "cpu")
 
 
+# Runs of the shipped tables that are not committed, and why.  A teacher job appears only for a
+# student still to train; it is missing in a fresh checkout (committed runs keep no checkpoints)
+# and finished where its run was trained.
+UNCOMMITTED = {
+    "3": [  # both LCR-BNN runs on ResNet-18 diverge in their first epoch: a run without a finished epoch keeps no directory
+        "resnet18 lcr-rbnn on cifar10, seed 0, recipe quick",
+        "resnet18 lcr-irnet on cifar10, seed 0, recipe quick",
+    ],
+}
+
+
 @pytest.mark.parametrize(("table", "recipe", "seeds"), [("comparison-resnet20", "short", 1), ("comparison-resnet20-seeds", "short", 2), ("3", "quick", 1)])
 def test_committed_runs_are_reused(table, recipe, seeds):
     """`bnnbench table ... --dry-run` finds every committed run of the shipped tables (read from their old config.json)."""
     spec = load_spec(table)
     runs = plan(spec.runs, range(seeds), get_recipe(recipe, spec.family), Machine(out=str(COMMITTED)))
-    assert {job.status for job in runs.jobs} == {"finished"}, [job.spec.describe() for job in runs.jobs if job.status != "finished"]
+    absent = sorted(job.spec.describe() for job in runs.jobs if job.status != "finished" and not job.teacher)
+    assert absent == sorted(UNCOMMITTED.get(table, [])), absent
+    teachers = {job.spec.model.net for job in runs.jobs if job.teacher}
+    assert teachers == {job.spec.model.net for job in runs.jobs if job.status == "missing" and not job.teacher}
+    assert all(job.status in ("finished", "missing") for job in runs.jobs)
 
 
 def test_dry_run_cli_reports_committed_runs_as_reused(capsys):
     assert cli_main(["table", "comparison-resnet20", "--budget", "short", "--dry-run", "--out", str(COMMITTED)]) == 0
-    # FP and the 13 binarizers of the short-budget campaign; dsq, rad, rbnn and lqnet (issue 17) wait for theirs
-    assert "18 of 18 runs available; 0 to train or resume" in capsys.readouterr().out
+    # FP and the 19 binarizers (LCR-BNN's two rows since issue 17): finished students need no teacher
+    assert "20 of 20 runs available; 0 to train or resume" in capsys.readouterr().out
 
 
 def test_list_is_compact_greppable_and_scriptable(capsys, monkeypatch):

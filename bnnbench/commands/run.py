@@ -36,7 +36,7 @@ EXIT_DIVERGED = 3
 SPEC_OPTIONS = (
     "method", "net", "data", "recipe", "epochs", "lr", "wd", "warmup", "regularizer", "schedule", "batch_size", "eval_batch_size",
     "wd_groups", "label_smoothing", "train_subset", "test_subset", "stage2_init", "hp", "act_method",
-    "act_hp", "skip", "act_norm", "real_activations", "stage", "init", "seed", "augment",
+    "act_hp", "skip", "act_norm", "real_activations", "stage", "init", "seed", "augment", "teacher",
 )  # fmt: skip
 MACHINE_OPTIONS = (
     "data_dir", "device", "amp", "channels_last", "compile", "threads", "loader", "ffcv_dir", "workers", "skip_bad_images",
@@ -106,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--real-activations", action="store_true", default=None, help="1W/32A: binary weights, real activations (Table 2); same as --act-method fp")
     what.add_argument("--seed", type=int, help="random seed (default 0): initial weights, data order and augmentation")
     what.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="training augmentation (default on; digits never augments)")
+    what.add_argument(
+        "--teacher",
+        metavar="RUN_DIR",
+        help="a method with a teacher (lcr-irnet, lcr-rbnn): the finished fp run of the same backbone and data to train against "
+        "(default: the fp run of this recipe and seed, found in OUT/runs or trained first)",
+    )
 
     protocol = parser.add_argument_group("protocol and recipe (bnnbench recipes)")
     protocol.add_argument("--recipe", "--budget", dest="recipe", help=f"preset: {', '.join(list_recipes())}; default quick for digits, upstream otherwise")
@@ -212,6 +218,13 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         run["seed"] = args.seed
     if args.augment is not None:
         run["augment"] = args.augment
+    if args.teacher is not None:
+        from ..runners.catalog import read_run
+
+        teacher = read_run(args.teacher).spec
+        if teacher is None:
+            raise ValueError(f"--teacher {args.teacher}: its config.json names something unknown here (a plugin method?)")
+        run["teacher"] = teacher
     return RunSpec.make(data, recipe=resolve_recipe(args, data, DATASETS[data].family), **run, **model)
 
 
@@ -223,6 +236,8 @@ def build_machine(args: argparse.Namespace) -> Machine:
     for path in ("data_dir", "ffcv_dir"):
         if path in given:
             given[path] = _absolute(given[path])
+    if args.teacher is not None:
+        given["teacher_dir"] = _absolute(args.teacher)
     return Machine(**given)
 
 
@@ -272,6 +287,14 @@ def main(args: argparse.Namespace) -> int:
     else:
         spec, machine = build_spec(args), build_machine(args)
         writable_folder(machine.out, "--out")
+        if spec.teacher_spec is not None and machine.teacher_dir is None and not distributed.launched_by_torchrun():
+            from ..runners.experiments import Task, run_task
+
+            display.log(f"teacher: {spec.teacher_spec.describe()} (found in {machine.run_root()} or trained first)")
+            made = run_task(Task(spec.teacher_spec, machine, quiet=args.quiet, teacher=True))
+            if made.diverged:
+                print(f"bnnbench: the teacher run diverged: {made.diverged}", file=sys.stderr)
+                return EXIT_DIVERGED
     with distributed.process_group(machine.resolve_device()):
         directory = open_run(args.resume) if args.resume else RunDirectory.new(spec, machine)
         processes = distributed.world_size()

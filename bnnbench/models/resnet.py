@@ -4,7 +4,8 @@ First conv and last FC are real; every 3x3 conv inside a block is binary.
 CIFAR: 3x3 stem, parameter-free shortcuts (AvgPool2d + zero padding), head
 global average pool -> BatchNorm1d -> Linear.  ImageNet: 7x7/2 stem + max-pool,
 real 1x1/2 conv + BN downsample, the same head; every BatchNorm2d weight starts
-at ``bn_weight_init`` (1e-8 upstream).
+at ``bn_weight_init`` (1e-8 upstream).  Block features (``feature_blocks``, for a teacher): the
+outputs of the stages.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
+
+    def feature_blocks(self) -> list[nn.Module]:
+        """Block features (:mod:`bnnbench.teacher`): each stage's output, after its last non-linearity."""
+        return list(self.stages)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x))

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..layers import check_act_norm
 from ..method import Method
 from ..registry import get_method
+from ..teacher import prepare_student
 from .blocks import BinaryLayers
 from .registry import FAMILIES, lookup_net
 
@@ -182,6 +183,8 @@ class ModelSpec:
         factory = lookup_net(self.family, self.net)
         layers = BinaryLayers(self.weight_binarizer(), self.activation_binarizer(), stage=stage, act_norm=bool(self.act_norm))
         model = factory(layers, num_classes=self.num_classes, **self.options)
+        if layers.weights.teacher:
+            prepare_student(model, layers.weights)
         model.spec = self
         return model
 

@@ -3,7 +3,8 @@
 Real conv 3->128 -> BN -> act, then binary convs 128-128 [maxpool], 128-256,
 256-256 [maxpool], 256-512, 512-512 [maxpool], each conv -> (pool) -> BN -> act,
 and a real Linear 8192 -> classes.  Convs start from N(0, 2/(k^2 C_out))
-(upstream), the Linear from N(0, 0.01^2).
+(upstream), the Linear from N(0, 0.01^2).  Block features (``feature_blocks``, for a teacher):
+the outputs of the non-linearities after the three max-pools.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class VGGSmall(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    def feature_blocks(self) -> list[nn.Module]:
+        """Block features (:mod:`bnnbench.teacher`): the non-linearity after each max-pool (3 groups)."""
+        modules = list(self.features)
+        return [modules[i + 2] for i, m in enumerate(modules) if isinstance(m, nn.MaxPool2d)]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x).flatten(1))
