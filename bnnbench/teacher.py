@@ -54,7 +54,7 @@ class TeacherLink:
         self.teacher: nn.Module | None = None
         self.student_features: list[Tensor] = []
         self.teacher_features: list[Tensor] = []
-        self._teacher_blocks: list[nn.Module] = []
+        self._teacher_hooks: list[Any] = []
         model.register_forward_pre_hook(self._before_forward)
         for block in feature_blocks(model):
             block.register_forward_hook(self._keep)
@@ -69,14 +69,10 @@ class TeacherLink:
         if not model.training or self.teacher is None:
             return
         with torch.no_grad():
-            features: list[Tensor] = []
-            hooks = [block.register_forward_hook(lambda m, i, out, f=features: f.append(out.detach())) for block in self._teacher_blocks]
-            try:
-                self.teacher(*inputs)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-        self.teacher_features.extend(features)
+            self.teacher(*inputs)  # its block hooks (attach) fill teacher_features
+
+    def _keep_teacher(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self.teacher_features.append(output.detach())
 
     def attach(self, teacher: nn.Module) -> None:
         blocks = feature_blocks(teacher)
@@ -87,7 +83,10 @@ class TeacherLink:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.train()
                     module.track_running_stats = False  # batch statistics, running ones left as they are
-        self.teacher, self._teacher_blocks = teacher, blocks
+        for hook in self._teacher_hooks:  # a second attach replaces the first teacher
+            hook.remove()
+        self._teacher_hooks = [block.register_forward_hook(self._keep_teacher) for block in blocks]  # once, not per step
+        self.teacher = teacher
 
     def loss(self, stage: int, progress: Progress, params: dict[str, Tensor]) -> Tensor | None:
         """The method's feature loss of the last training forward (None without a teacher or features)."""

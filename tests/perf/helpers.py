@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -17,3 +18,22 @@ def fixture_best(benchmark) -> float:
     if benchmark.stats is None:
         pytest.skip("benchmarks are disabled (--benchmark-disable); run with --benchmark-only")
     return benchmark.stats.stats.min
+
+
+def busy_cpus(interval_s: float = 0.5) -> float:
+    """How many CPUs other work keeps busy: the machine's non-idle CPU time over ``interval_s``, measured
+    from /proc/stat while this process sleeps (so its own work does not count, as it would in the load
+    average).  Where /proc/stat is missing, the 1-minute load average."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval_s)
+        total1, idle1 = sample()
+    except OSError:
+        return os.getloadavg()[0]
+    elapsed = total1 - total0
+    return 0.0 if elapsed <= 0 else (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
