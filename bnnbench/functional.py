@@ -5,8 +5,8 @@
 upstream BiPer/ReCU activations, and ``conv2d_of_signs`` the binary layer's
 convolution of +-1 inputs, kept for the backward in one bit each.  The element-wise
 formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
-formulas) where those cover the tensor, as the torch formulas otherwise.  This module
-imports nothing else from the package.
+formulas) where those cover the tensor, as the torch formulas otherwise; act_norm's backward runs in
+one pass per sample (:mod:`bnnbench.act_norm`).  This module imports nothing else from the package.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import elementwise
+from . import act_norm, elementwise
 
 Derivative = Callable[[Tensor], Tensor]
 
@@ -152,7 +152,11 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
         x, root = ctx.saved_tensors
         dims = ctx.dims
         a0 = x / root
-        grad_a0 = grad_output * _surrogate(ctx.derivative, a0)
+        surrogate = _surrogate(ctx.derivative, a0)
+        fused = act_norm.backward(x, root, surrogate, grad_output)  # the lines below in one pass per sample
+        if fused is not None:
+            return fused[0], fused[1], None, None
+        grad_a0 = grad_output * surrogate
         # autograd's (-grad_a0 * (a0 / root)).sum(): negating the sum instead is exact (rounding is symmetric)
         grad_root = -_reusing(_reusing(a0, torch.div, root), torch.mul, grad_a0).sum(dim=dims, keepdim=True)
         grad_var = grad_root / (2 * root)

@@ -119,3 +119,52 @@ def test_bf16_autocast_follows_the_cpu_and_the_machine(monkeypatch):
     assert train_module.resolve_amp(Machine(amp=False), cpu) is False
     monkeypatch.setattr(train_module, "cpu_flags", lambda: set())
     assert train_module.resolve_amp(Machine(amp=True), cpu) is True
+
+
+def _act_norm_input(shape, dtype, seed):
+    """Normal values over a wide range of scales, with exact zeros, +-1 and ties of the surrogate's kinks."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * torch.exp(torch.randn(shape[0], *([1] * (len(shape) - 1)), generator=generator))
+    flat = x.view(-1)
+    picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 50),), generator=generator)
+    flat[picks] = torch.tensor([0.0, -0.0, 1.0, -1.0])[torch.arange(picks.numel()) % 4]
+    return x.to(dtype), torch.randn(shape, generator=generator).to(dtype)
+
+
+ACT_NORM_SHAPES = [(5, 3), (6, 40), (4, 7, 5, 3), (3, 16, 8, 8), (2, 1, 1, 17), (3, 2, 1, 1), (2, 33, 40, 25), (1, 8, 70, 70), (1, 4, 3, 3)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", ACT_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, threads):
+    """normalized_surrogate_sign's one-pass backward (bnnbench.act_norm) against autograd through the torch formula,
+    bit for bit, for ApproxSign and RBNN's surrogate (a 0-dim float64 parameter), per-sample sizes below and above
+    the reduction grain, on 1 and 2 threads; the kernel must have run wherever it covers the tensors."""
+    import math
+
+    from bnnbench import act_norm
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = torch.tensor(2.5, dtype=torch.float64)
+        derivatives = [functional.approx_sign_derivative, lambda v: (math.sqrt(2.0) * t - t * t * v.abs()).clamp(min=0)]
+        for seed, derivative in enumerate(derivatives):
+            x, grad = _act_norm_input(shape, dtype, seed)
+            results = []
+            for normalized in (functional.normalized_surrogate_sign, reference_normalized):
+                leaf = x.clone().requires_grad_()
+                out = normalized(leaf, derivative, 1e-5)
+                out.backward(grad)
+                results.append((out, leaf.grad))
+            (out, g), (ref_out, ref_g) = results
+            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(out.view(bits), ref_out.view(bits))
+            assert torch.equal(g.view(bits), ref_g.view(bits)), (g - ref_g).abs().max()
+            root = torch.sqrt(x.var(dim=tuple(range(1, x.dim())), keepdim=True) + 1e-5)
+            lone = shape[0] == 1 and x.numel() >= elementwise.REDUCTION_GRAIN and threads > 1
+            ran = act_norm.backward(x, root, derivative(x / root), grad) is not None
+            assert ran != lone
+    finally:
+        torch.set_num_threads(previous)
