@@ -118,6 +118,10 @@ def approx_sign_derivative(x: Tensor) -> Tensor:
     return fused if fused is not None else (2 - 2 * x.abs()).clamp(min=0)
 
 
+_FORMULAS: dict[Derivative, act_norm.Formula] = {approx_sign_derivative: elementwise._approx_sign_derivative}
+"""Surrogates whose float32 formula act_norm's backward evaluates in its own sweep."""
+
+
 def _reusing(t: Tensor, op: Callable[..., Tensor], other: Tensor) -> Tensor:
     """``op(t, other)`` for a temporary ``t``, written into t where that rounds alike (the result has t's dtype and
     shape): one activation-sized allocation less."""
@@ -151,10 +155,12 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, root = ctx.saved_tensors
         dims = ctx.dims
+        formula = _FORMULAS.get(ctx.derivative)  # the lines below in one pass per sample, the surrogate too
+        if formula is not None and (fused := act_norm.backward(x, root, grad_output, formula)) is not None:
+            return fused[0], fused[1], None, None
         a0 = x / root
         surrogate = _surrogate(ctx.derivative, a0)
-        fused = act_norm.backward(x, root, surrogate, grad_output)  # the lines below in one pass per sample
-        if fused is not None:
+        if (fused := act_norm.backward(x, root, grad_output, surrogate)) is not None:  # the lines below
             return fused[0], fused[1], None, None
         grad_a0 = grad_output * surrogate
         # autograd's (-grad_a0 * (a0 / root)).sum(): negating the sum instead is exact (rounding is symmetric)
@@ -242,3 +248,24 @@ class Hardtanh(nn.Hardtanh):
 
     def forward(self, x: Tensor) -> Tensor:
         return hardtanh_(x)
+
+
+def saved_as_recipe(tensor: Tensor, recompute: Callable[..., Tensor], *sources: Tensor):
+    """A context in which autograd saves ``tensor`` for the backward as ``recompute(*sources)``: a function
+    rebuilding it, bit for bit, from tensors the graph keeps anyway (a layer's input, a per-channel
+    statistic), so one activation-sized tensor less is held until the backward, for one element-wise pass
+    more in it.  The sources must not change in place before the backward (refused, as autograd refuses a
+    saved tensor that changed)."""
+
+    def pack(saved: Tensor):
+        return (recompute, sources, [t._version for t in sources]) if saved is tensor else saved
+
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        function, inputs, versions = packed
+        if [t._version for t in inputs] != versions:
+            raise RuntimeError("a tensor a saved recipe reads was modified in place before the backward")
+        return function(*inputs)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)

@@ -35,14 +35,14 @@ def test_row_sum_is_torch_sum_bit_for_bit(dtype):
         for row in _rows(size, seed):
             t = torch.from_numpy(row).to(dtype)
             values = t.float().numpy()
-            got = torch.tensor(act_norm._torch_row_sum(values, size, lanes, fold)).to(dtype)
+            got = torch.tensor(act_norm.row_sum(values, lanes, fold)).to(dtype)
             assert got.view(bits) == t.sum().view(bits), (size, float(got), float(t.sum()))
-            mean = torch.tensor(np.float32(act_norm._torch_row_sum(values, size, lanes, 1)) / np.float32(size)).to(dtype)
+            mean = torch.tensor(np.float32(act_norm.row_sum(values, lanes, 1)) / np.float32(size)).to(dtype)
             assert mean.view(bits) == t.mean().view(bits), size
 
 
 def test_an_all_negative_zero_row_sums_to_positive_zero_as_torch_stores_it():
     lanes = act_norm.vector_lanes()
     for size in (3, 40):
-        got = act_norm._torch_row_sum(np.full(size, -0.0, dtype=np.float32), size, lanes, 1)
+        got = act_norm.row_sum(np.full(size, -0.0, dtype=np.float32), lanes, 1)
         assert np.signbit(got) == torch.full((size,), -0.0).sum().signbit().item() == False  # noqa: E712

@@ -139,7 +139,7 @@ ACT_NORM_SHAPES = [(5, 3), (6, 40), (4, 7, 5, 3), (3, 16, 8, 8), (2, 1, 1, 17), 
 @pytest.mark.parametrize("shape", ACT_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, threads):
     """normalized_surrogate_sign's one-pass backward (bnnbench.act_norm) against autograd through the torch formula,
-    bit for bit, for ApproxSign and RBNN's surrogate (a 0-dim float64 parameter), per-sample sizes below and above
+    bit for bit, for ApproxSign (its formula evaluated in the sweep) and RBNN's surrogate (its values passed in) (a 0-dim float64 parameter), per-sample sizes below and above
     the reduction grain, on 1 and 2 threads; the kernel must have run wherever it covers the tensors."""
     import math
 
@@ -164,7 +164,53 @@ def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, th
             assert torch.equal(g.view(bits), ref_g.view(bits)), (g - ref_g).abs().max()
             root = torch.sqrt(x.var(dim=tuple(range(1, x.dim())), keepdim=True) + 1e-5)
             lone = shape[0] == 1 and x.numel() >= elementwise.REDUCTION_GRAIN and threads > 1
-            ran = act_norm.backward(x, root, derivative(x / root), grad) is not None
-            assert ran != lone
+            assert (act_norm.backward(x, root, grad, derivative(x / root)) is not None) != lone
+            formula = functional._FORMULAS.get(derivative)
+            assert (formula is None) == (seed == 1)  # ApproxSign's formula is evaluated in the sweep
+            assert formula is None or (act_norm.backward(x, root, grad, formula) is not None) != lone
     finally:
         torch.set_num_threads(previous)
+
+
+def reference_distribution_loss(a: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """RAD's distribution loss of 2026-11: the formula by autograd, which keeps the float32 centred copy."""
+    x = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    dims = (0, *range(2, x.dim()))
+    mean = x.mean(dim=dims)
+    var = ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).mean(dim=dims) + eps
+    std = var.abs().sqrt()
+    l1 = (2 - mean.abs() - std).clamp(min=0).pow(2).mean() + (std - 4).clamp(min=0).pow(2).mean()
+    l2 = (mean.pow(2) - std.pow(2)).clamp(min=0).mean()
+    return l1 + l2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rad_loss_keeps_no_centred_copy_and_gives_the_formulas_gradient_bit_for_bit(dtype):
+    from bnnbench.methods.rad import distribution_loss
+
+    generator = torch.Generator().manual_seed(3)
+    a = (torch.randn(6, 5, 7, 3, generator=generator) * 0.7 + 0.3).clamp(-1, 1).to(dtype)
+    results, saved = [], []
+    for loss_of in (distribution_loss, reference_distribution_loss):
+        leaf = a.clone().requires_grad_()
+        held = leaf * 1  # a stand-in for the layer's input (the graph keeps it anyway)
+        nbytes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (nbytes.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+            loss = loss_of(held)
+        loss.backward()
+        results.append((loss, leaf.grad))
+        saved.append(max(nbytes))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert saved[0] < a.numel() * 4 <= saved[1]  # the reference keeps a float32 activation, the loss does not
+
+
+def test_a_saved_recipe_refuses_sources_changed_in_place():
+    x = torch.randn(4, requires_grad=True)
+    source = x * 1
+    centred = source - 0.5
+    with functional.saved_as_recipe(centred, lambda s: s - 0.5, source):
+        squared = centred**2
+    source.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        squared.sum().backward()
