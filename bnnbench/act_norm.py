@@ -75,7 +75,7 @@ def _row_sum(lanes: int, fold: int):
     width, levels, ilp = lanes * fold, _LEVELS, _ILP
     span = ilp * lanes
 
-    @njit(nogil=True)
+    @njit(nogil=True, error_model="numpy")
     def add(acc, values, start):  # pragma: no cover - compiled
         for k in range(ilp):
             for lane in range(lanes):
@@ -84,7 +84,7 @@ def _row_sum(lanes: int, fold: int):
                     v = v + values[start + k * width + lanes + lane]
                 acc[0, k * lanes + lane] += v
 
-    @njit(nogil=True)
+    @njit(nogil=True, error_model="numpy")
     def row_sum(values, n):  # pragma: no cover - compiled
         if n < width:
             return _scalar_row_sum(values, n)
@@ -143,19 +143,19 @@ def _backward_loop(bf16: bool, lanes: int, formula: Formula | None):
     evaluate = formula is not None
     at = formula if evaluate else _widen  # a placeholder the folded branch never calls
 
-    @njit(nogil=True)
+    @njit(nogil=True, error_model="numpy")
     def widen(v):  # pragma: no cover - compiled
         return _widen(v) if bf16 else v
 
-    @njit(nogil=True)
+    @njit(nogil=True, error_model="numpy")
     def rounded(v):  # pragma: no cover - compiled
         return _widen(_round_bf16(v)) if bf16 else v
 
-    @njit(nogil=True)
+    @njit(nogil=True, error_model="numpy")
     def narrow(v):  # pragma: no cover - compiled
         return _round_bf16(v) if bf16 else v
 
-    @njit(nogil=True)
+    @njit(nogil=True, error_model="numpy")
     def rows(x, grad, surrogate, root, scale, grad_x, grad_var_x):  # pragma: no cover - compiled
         """Per sample (row) the module docstring's two gradient terms of x, written to grad_x and grad_var_x."""
         count, n = x.shape

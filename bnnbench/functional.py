@@ -215,6 +215,47 @@ def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padd
     return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)
 
 
+class _ScaledChannels(torch.autograd.Function):
+    """``y * alpha`` for a per-channel alpha, keeping for alpha's gradient the product itself (which the layer
+    after, a BatchNorm, keeps anyway) instead of y, where y can be recovered from it bit for bit
+    (:func:`bnnbench.elementwise.scale_channels`: a binary layer's integer y, a few exceptions kept aside);
+    y itself otherwise.  The gradients are autograd's through ``y * alpha``, bit for bit: ``grad * alpha`` and
+    ``(grad * y)`` summed to alpha's shape."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        kept = elementwise.scale_channels(y, alpha)
+        ctx.recovered = kept is not None
+        if kept is None:
+            ctx.save_for_backward(y, alpha)
+            return y * alpha
+        out, indices, values = kept
+        ctx.save_for_backward(out, alpha, indices, values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if not ctx.recovered:
+            y, alpha = ctx.saved_tensors
+            return grad_output * alpha, (grad_output * y).sum_to_size(alpha.shape)
+        out, alpha, indices, values = ctx.saved_tensors
+        fused = elementwise.scale_channels_backward(out, alpha, indices, values, grad_output)  # a contiguous grad
+        if fused is not None:
+            return fused[0], fused[1].sum_to_size(alpha.shape)
+        y = torch.round(out.float() / alpha.float()).to(out.dtype)  # the kernel's recovery, as torch formulas
+        # (grad * y keeps grad's layout, so that its sum runs in autograd's order)
+        y.view(-1)[indices] = values
+        return grad_output * alpha, (grad_output * y).sum_to_size(alpha.shape)
+
+
+def scale_channels(y: Tensor, alpha: Tensor) -> Tensor:
+    """``y * alpha`` for alpha of one value per channel of y (shape (C, 1, ...)), keeping the product instead
+    of y for the backward where that is exact (a binary layer's learned scale)."""
+    if not (torch.is_grad_enabled() and (y.requires_grad or alpha.requires_grad)) or torch.compiler.is_compiling():
+        return y * alpha
+    return _ScaledChannels.apply(y, alpha)
+
+
 class _HardtanhInPlace(torch.autograd.Function):
     """``clamp_(x, -1, 1)`` in place whose backward reads its *output*: an input is strictly inside (-1, 1)
     exactly when the output is, so torch's ``hardtanh_backward`` on the output gives the same gradient, bit

@@ -46,6 +46,12 @@ def use_reference(monkeypatch) -> None:
     monkeypatch.setattr(functional, "conv2d_of_signs", reference_conv)
     monkeypatch.setattr(bnnbench.method, "normalized_surrogate_sign", reference_normalized)
     monkeypatch.setattr(reactnet, "surrogate_sign", reference_surrogate)
+    monkeypatch.setattr(functional, "scale_channels", reference_scale)
+
+
+def reference_scale(y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The learned alpha of 2026-11: ``y * alpha`` by autograd, which keeps y for alpha's gradient."""
+    return y * alpha
 
 
 def test_sign_is_the_reference_sign_on_every_edge_value_eager_and_compiled():
@@ -214,3 +220,61 @@ def test_a_saved_recipe_refuses_sources_changed_in_place():
     source.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         squared.sum().backward()
+
+
+def _scaled_input(shape, dtype, kind, seed):
+    """A conv output of +-1 by +-1 (integers, a few beyond bfloat16's exact recovery, signed zeros) or real
+    values, and a per-channel alpha (with a zero for ``zero_alpha``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "real":
+        y = torch.randn(shape, generator=generator)
+    else:
+        y = torch.randint(-20, 21, shape, generator=generator).float()
+        flat = y.view(-1)
+        special = torch.tensor([300.0, -577.0, 129.0, -0.0, 255.0, 4096.0])
+        flat[:: max(1, flat.numel() // 5)] = special[: flat[:: max(1, flat.numel() // 5)].numel()]
+    alpha = torch.rand(shape[1], *([1] * (len(shape) - 2)), generator=generator)
+    if kind == "zero_alpha":
+        alpha.view(-1)[0] = 0.0
+    return y.to(dtype), alpha.to(dtype)
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last_grad"])
+@pytest.mark.parametrize("kind", ["integer", "real", "zero_alpha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (7, 9), (2, 16, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_scale_channels_keeps_the_product_and_gives_autogradss_gradients_bit_for_bit(shape, dtype, kind, memory_format):
+    """y * alpha kept as its product (y recovered in the backward, exceptions patched in): the output and both
+    gradients equal autograd's through y * alpha, bit for bit, incl. integers beyond bfloat16's exact recovery,
+    signed zeros, a zero alpha and real y (too many exceptions: y kept)."""
+    y, alpha = _scaled_input(shape, dtype, kind, 0)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if memory_format == "channels_last_grad" and len(shape) == 4:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    results = []
+    for scale in (functional.scale_channels, reference_scale):
+        leaf_y, leaf_alpha = y.clone().requires_grad_(), alpha.clone().requires_grad_()
+        out = scale(leaf_y * 1, leaf_alpha * 1)
+        out.backward(grad)
+        results.append((out, leaf_y.grad, leaf_alpha.grad))
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for got, want in zip(*results):
+        assert torch.equal(got.view(bits), want.view(bits))
+    kept = elementwise.scale_channels(y, alpha)
+    if kind != "zero_alpha":
+        assert (kept is not None) == (kind == "integer")  # real values: more exceptions than EXCEPTION_SHARE allows
+    if kind == "integer":
+        assert (kept[1].numel() > 0) == (dtype == torch.bfloat16)  # the integers from 129 on, in bfloat16 only
+
+
+def test_a_binary_layer_keeps_the_scaled_output_not_the_conv_output():
+    """BiPer's binary conv in stage 2 saves its learned alpha's product (the BatchNorm's input), not y."""
+    torch.manual_seed(0)
+    layer = bnnbench.layers.BinaryConv2d(16, 16, 3, padding=1, method="biper")
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        out = layer(x)
+    big = [t for t in saved if t.numel() == out.numel()]
+    assert any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in big)
+    assert all(t.untyped_storage().data_ptr() in (out.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()) for t in big)
