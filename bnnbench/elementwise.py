@@ -259,12 +259,13 @@ __all__ = [
 #
 # out = y * alpha_c rounds once (to float32, or to bfloat16 from float32).  A binary layer's y is an integer
 # (a convolution of +-1 by +-1, rounded to the dtype), recovered from out as the integer nearest to
-# out / alpha_c (float32): exactly whenever |y| < 2^21 in float32 and |y| < 128 in bfloat16 (the two
-# roundings move out / alpha_c by less than |y| 2^-8 < 1/2).  Where that misses y (a larger bfloat16 y, a
+# out (1 / alpha_c) (float32; the nearest integer v found as (v + 1.5 2^23) - 1.5 2^23): exactly whenever
+# |y| < 2^20 in float32 and |y| < 128 in bfloat16 (the roundings move it by less than |y| (2^-8 + 2^-22) < 1/2).  Where that misses y (a larger bfloat16 y, a
 # y that is no integer, alpha_c zero or not finite) the element is an exception, kept as (index, y); a
 # layer with more than 1 in EXCEPTION_SHARE exceptions keeps y itself.
 
 EXCEPTION_SHARE = 16
+_NEAREST_INTEGER = np.float32(1.5 * 2**23)  # (v + this) - this: v rounded to an integer, half to even, for |v| < 2^22
 
 
 def _scaling(bf16: bool):
@@ -280,23 +281,31 @@ def _scaling(bf16: bool):
         return _round_bf16(v) if bf16 else v
 
     @njit(nogil=True, error_model="numpy")
-    def recovered(o, a):  # pragma: no cover - compiled
-        return np.rint(value(o) / a)
+    def recovered(o, inverse):  # pragma: no cover - compiled
+        return (value(o) * inverse + _NEAREST_INTEGER) - _NEAREST_INTEGER
 
     @njit(nogil=True, error_model="numpy")
     def forward(y, alpha, inner, out, indices, values):  # pragma: no cover - compiled
         """out = y * alpha[channel] (rows of ``inner`` elements, channels cycling); the exceptions' indices and
-        elements go to ``indices``/``values`` while they have room.  Returns the exceptions' count."""
+        elements go to ``indices``/``values`` when they fit.  Returns the exceptions' count."""
         count, channels = 0, alpha.size
         for row in range(y.size // inner):
             a = alpha[row % channels]
-            for i in range(row * inner, row * inner + inner):
-                o = rounded(value(y[i]) * a)
-                out[i] = o
-                if _bits_of(recovered(o, a)) != _bits_of(value(y[i])):
-                    if count < indices.size:
-                        indices[count], values[count] = i, y[i]
-                    count += 1
+            inverse = np.float32(1.0) / a
+            src, dst = y[row * inner : row * inner + inner], out[row * inner : row * inner + inner]
+            for j in range(inner):  # (over a row's view: indices known non-negative, the loop vectorises)
+                o = rounded(value(src[j]) * a)
+                dst[j] = o
+                count += _bits_of(recovered(o, inverse)) != _bits_of(value(src[j]))
+        if 0 < count <= indices.size:  # a second sweep collects them
+            e = 0
+            for row in range(y.size // inner):
+                inverse = np.float32(1.0) / alpha[row % channels]
+                for j in range(inner):
+                    i = row * inner + j
+                    if _bits_of(recovered(out[i], inverse)) != _bits_of(value(y[i])):
+                        indices[e], values[e] = i, y[i]
+                        e += 1
         return count
 
     @njit(nogil=True, error_model="numpy")
@@ -305,10 +314,13 @@ def _scaling(bf16: bool):
         channels = alpha.size
         for row in range(out.size // inner):
             a = alpha[row % channels]
-            for i in range(row * inner, row * inner + inner):
-                g = value(grad[i])
-                grad_y[i] = rounded(g * a)
-                product[i] = rounded(g * recovered(out[i], a))
+            inverse = np.float32(1.0) / a
+            span = slice(row * inner, row * inner + inner)
+            o, g, gy, p = out[span], grad[span], grad_y[span], product[span]
+            for j in range(inner):
+                gj = value(g[j])
+                gy[j] = rounded(gj * a)
+                p[j] = rounded(gj * recovered(o[j], inverse))
         for e in range(indices.size):  # the exceptions' products, from their kept y
             i = indices[e]
             product[i] = rounded(value(grad[i]) * value(values[e]))

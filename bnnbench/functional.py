@@ -242,7 +242,8 @@ class _ScaledChannels(torch.autograd.Function):
         fused = elementwise.scale_channels_backward(out, alpha, indices, values, grad_output)  # a contiguous grad
         if fused is not None:
             return fused[0], fused[1].sum_to_size(alpha.shape)
-        y = torch.round(out.float() / alpha.float()).to(out.dtype)  # the kernel's recovery, as torch formulas
+        nearest = float(elementwise._NEAREST_INTEGER)  # the kernel's recovery, as torch formulas
+        y = (out.float() * alpha.float().reciprocal()).add_(nearest).sub_(nearest).to(out.dtype)
         # (grad * y keeps grad's layout, so that its sum runs in autograd's order)
         y.view(-1)[indices] = values
         return grad_output * alpha, (grad_output * y).sum_to_size(alpha.shape)
