@@ -137,8 +137,8 @@ def _backward_loop(bf16: bool, lanes: int, formula: Formula | None):
     """The per-sample loop over float32 rows, or over bfloat16 bits (widened, each operator's result rounded),
     for torch's sum kernel of ``lanes`` float32, the surrogate read from its tensor or, with ``formula``,
     evaluated at a0 (rounded once): compiled per dtype, width and formula, so that the branches fold away
-    (not cached on disk: numba keys no closure).  The first sweep keeps each sample's products and widened x
-    in two scratch rows (in cache), which :func:`_row_sum` then reduces."""
+    (not cached on disk: numba keys no closure).  The first sweep keeps each sample's products in a scratch
+    row (in cache; a bfloat16 sample's float32 copy in another), which :func:`_row_sum` then reduces."""
     products_sum, values_sum = _row_sum(lanes, 2 if bf16 else 1), _row_sum(lanes, 1)
     evaluate = formula is not None
     at = formula if evaluate else _widen  # a placeholder the folded branch never calls
@@ -159,17 +159,21 @@ def _backward_loop(bf16: bool, lanes: int, formula: Formula | None):
     def rows(x, grad, surrogate, root, scale, grad_x, grad_var_x):  # pragma: no cover - compiled
         """Per sample (row) the module docstring's two gradient terms of x, written to grad_x and grad_var_x."""
         count, n = x.shape
-        products, values = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+        products, widened = np.empty(n, dtype=np.float32), np.empty(n if bf16 else 0, dtype=np.float32)
         for r in range(count):
             rt = root[r]
             xr, gr, sr, out, out_var = x[r], grad[r], surrogate[r], grad_x[r], grad_var_x[r]
             for i in range(n):
-                xv = widen(xr[i])
-                a0 = rounded(xv / rt)
+                a0 = rounded(widen(xr[i]) / rt)
                 g = rounded(widen(gr[i]) * (rounded(at(a0)) if evaluate else widen(sr[i])))
                 out[i] = narrow(g / rt)
                 products[i] = rounded(-g * rounded(a0 / rt))
-                values[i] = xv
+            if bf16:  # x.mean sums a float32 copy
+                for i in range(n):
+                    widened[i] = widen(xr[i])
+                values = widened
+            else:
+                values = xr
             grad_root = rounded(products_sum(products, n))
             mean = rounded(values_sum(values, n) / np.float32(n))
             grad_var = rounded(grad_root / rounded(np.float32(2.0) * rt))
