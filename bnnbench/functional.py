@@ -11,6 +11,7 @@ one pass per sample (:mod:`bnnbench.act_norm`).  This module imports nothing els
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -299,8 +300,10 @@ def saved_as_recipe(tensor: Tensor, recompute: Callable[..., Tensor], *sources: 
     more in it.  The sources must not change in place before the backward (refused, as autograd refuses a
     saved tensor that changed)."""
 
+    target = weakref.ref(tensor)  # the hooks live as long as the graph: they must not keep the tensor itself
+
     def pack(saved: Tensor):
-        return (recompute, sources, [t._version for t in sources]) if saved is tensor else saved
+        return (recompute, sources, [t._version for t in sources]) if saved is target() else saved
 
     def unpack(packed):
         if isinstance(packed, Tensor):
