@@ -240,10 +240,10 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
 __all__ = [
     "APPROX_SIGN_DERIVATIVE",
     "CLIP_DERIVATIVE",
+    "EXCEPTION_SHARE",
     "Kernel",
     "REDUCTION_GRAIN",
     "SIGN",
-    "EXCEPTION_SHARE",
     "covered",
     "pack_signs",
     "per_sample_variance",

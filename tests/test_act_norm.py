@@ -45,4 +45,4 @@ def test_an_all_negative_zero_row_sums_to_positive_zero_as_torch_stores_it():
     lanes = act_norm.vector_lanes()
     for size in (3, 40):
         got = act_norm.row_sum(np.full(size, -0.0, dtype=np.float32), lanes, 1)
-        assert np.signbit(got) == torch.full((size,), -0.0).sum().signbit().item() == False  # noqa: E712
+        assert not np.signbit(got) and not torch.full((size,), -0.0).sum().signbit().item()
