@@ -240,12 +240,134 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
 __all__ = [
     "APPROX_SIGN_DERIVATIVE",
     "CLIP_DERIVATIVE",
+    "EXCEPTION_SHARE",
     "Kernel",
     "REDUCTION_GRAIN",
     "SIGN",
     "covered",
     "pack_signs",
     "per_sample_variance",
+    "scale_channels",
+    "scale_channels_backward",
     "unary",
     "unpack_signs",
 ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# y * alpha per channel, kept for the backward as its product (bnnbench.functional.scale_channels)
+#
+# out = y * alpha_c rounds once (to float32, or to bfloat16 from float32).  A binary layer's y is an integer
+# (a convolution of +-1 by +-1, rounded to the dtype), recovered from out as the integer nearest to
+# out (1 / alpha_c) (float32; the nearest integer v found as (v + 1.5 2^23) - 1.5 2^23): exactly whenever
+# |y| < 2^20 in float32 and |y| < 128 in bfloat16 (the roundings move it by less than |y| (2^-8 + 2^-22) < 1/2).  Where that misses y (a larger bfloat16 y, a
+# y that is no integer, alpha_c zero or not finite) the element is an exception, kept as (index, y); a
+# layer with more than 1 in EXCEPTION_SHARE exceptions keeps y itself.
+
+EXCEPTION_SHARE = 16
+_NEAREST_INTEGER = np.float32(1.5 * 2**23)  # (v + this) - this: v rounded to an integer, half to even, for |v| < 2^22
+
+
+def _scaling(bf16: bool):
+    """The forward and backward loops of ``y * alpha`` over float32 arrays or bfloat16 bits (compiled per dtype,
+    not cached on disk: numba keys no closure), dividing as IEEE 754 does (by zero too)."""
+
+    @njit(nogil=True, error_model="numpy")
+    def value(bits):  # pragma: no cover - compiled
+        return _widen(bits) if bf16 else bits
+
+    @njit(nogil=True, error_model="numpy")
+    def rounded(v):  # pragma: no cover - compiled
+        return _round_bf16(v) if bf16 else v
+
+    @njit(nogil=True, error_model="numpy")
+    def recovered(o, inverse):  # pragma: no cover - compiled
+        return (value(o) * inverse + _NEAREST_INTEGER) - _NEAREST_INTEGER
+
+    @njit(nogil=True, error_model="numpy")
+    def forward(y, alpha, inner, out, indices, values):  # pragma: no cover - compiled
+        """out = y * alpha[channel] (rows of ``inner`` elements, channels cycling); the exceptions' indices and
+        elements go to ``indices``/``values`` when they fit.  Returns the exceptions' count."""
+        count, channels = 0, alpha.size
+        for row in range(y.size // inner):
+            a = alpha[row % channels]
+            inverse = np.float32(1.0) / a
+            src, dst = y[row * inner : row * inner + inner], out[row * inner : row * inner + inner]
+            for j in range(inner):  # (over a row's view: indices known non-negative, the loop vectorises)
+                o = rounded(value(src[j]) * a)
+                dst[j] = o
+                count += _bits_of(recovered(o, inverse)) != _bits_of(value(src[j]))
+        if 0 < count <= indices.size:  # a second sweep collects them
+            e = 0
+            for row in range(y.size // inner):
+                inverse = np.float32(1.0) / alpha[row % channels]
+                for j in range(inner):
+                    i = row * inner + j
+                    if _bits_of(recovered(out[i], inverse)) != _bits_of(value(y[i])):
+                        indices[e], values[e] = i, y[i]
+                        e += 1
+        return count
+
+    @njit(nogil=True, error_model="numpy")
+    def backward(out, grad, alpha, inner, indices, values, grad_y, product):  # pragma: no cover - compiled
+        """grad_y = grad * alpha[channel] and product = grad * y, y recovered from out, the exceptions patched in."""
+        channels = alpha.size
+        for row in range(out.size // inner):
+            a = alpha[row % channels]
+            inverse = np.float32(1.0) / a
+            span = slice(row * inner, row * inner + inner)
+            o, g, gy, p = out[span], grad[span], grad_y[span], product[span]
+            for j in range(inner):
+                gj = value(g[j])
+                gy[j] = rounded(gj * a)
+                p[j] = rounded(gj * recovered(o[j], inverse))
+        for e in range(indices.size):  # the exceptions' products, from their kept y
+            i = indices[e]
+            product[i] = rounded(value(grad[i]) * value(values[e]))
+
+    return forward, backward
+
+
+_SCALING = {torch.float32: (_scaling(False), np.float32), torch.bfloat16: (_scaling(True), np.uint16)}
+
+
+def _channel_layout(y: Tensor, alpha: Tensor) -> int | None:
+    """Elements per (sample, channel) row when the kernels take ``y * alpha``: y dense and contiguous, alpha
+    one value per channel of y's dtype, shaped to broadcast along dim 1; None otherwise."""
+    if not (covered(y) and y.is_contiguous() and y.dim() >= 2 and alpha.dtype == y.dtype and alpha.device == y.device):
+        return None
+    if tuple(alpha.shape) != (y.shape[1], *([1] * (y.dim() - 2))):
+        return None
+    return y[0, 0].numel()
+
+
+def scale_channels(y: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(y * alpha, exception indices, exception values) when y can be recovered from the product, or None
+    where the kernel does not cover y or too many elements would be exceptions (1 in EXCEPTION_SHARE)."""
+    inner = _channel_layout(y, alpha)
+    if inner is None or not y.numel():
+        return None
+    (forward, _), bits = _SCALING[y.dtype]
+    out = torch.empty_like(y)
+    a = alpha.detach().reshape(-1).float().numpy()
+    indices = np.empty(y.numel() // EXCEPTION_SHARE, dtype=np.int64)
+    values = np.empty(indices.size, dtype=bits)
+    count = forward(_flat(y, bits), a, inner, _flat(out, bits), indices, values)
+    if count > indices.size:
+        return None
+    kept = torch.from_numpy(values[:count].copy())
+    return out, torch.from_numpy(indices[:count].copy()), kept.view(torch.bfloat16) if y.dtype == torch.bfloat16 else kept
+
+
+def scale_channels_backward(out: Tensor, alpha: Tensor, indices: Tensor, values: Tensor, grad: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(grad * alpha, grad * y) for ``out = y * alpha`` from :func:`scale_channels`, or None where the kernel
+    does not cover grad (same layout as out)."""
+    inner = _channel_layout(grad, alpha)
+    if inner is None or grad.shape != out.shape or grad.dtype != out.dtype:
+        return None
+    (_, backward), bits = _SCALING[out.dtype]
+    grad_y, product = torch.empty_like(out), torch.empty_like(out)
+    kept = values.view(torch.int16).numpy().view(np.uint16) if out.dtype == torch.bfloat16 else values.numpy()
+    a = alpha.detach().reshape(-1).float().numpy()
+    backward(_flat(out, bits), _flat(grad, bits), a, inner, indices.numpy(), kept, _flat(grad_y, bits), _flat(product, bits))
+    return grad_y, product

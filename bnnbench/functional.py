@@ -5,19 +5,20 @@
 upstream BiPer/ReCU activations, and ``conv2d_of_signs`` the binary layer's
 convolution of +-1 inputs, kept for the backward in one bit each.  The element-wise
 formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
-formulas) where those cover the tensor, as the torch formulas otherwise.  This module
-imports nothing else from the package.
+formulas) where those cover the tensor, as the torch formulas otherwise; act_norm's backward runs in
+one pass per sample (:mod:`bnnbench.act_norm`).  This module imports nothing else from the package.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import elementwise
+from . import act_norm, elementwise
 
 Derivative = Callable[[Tensor], Tensor]
 
@@ -118,6 +119,10 @@ def approx_sign_derivative(x: Tensor) -> Tensor:
     return fused if fused is not None else (2 - 2 * x.abs()).clamp(min=0)
 
 
+_FORMULAS: dict[Derivative, act_norm.Formula] = {approx_sign_derivative: elementwise._approx_sign_derivative}
+"""Surrogates whose float32 formula act_norm's backward evaluates in its own sweep."""
+
+
 def _reusing(t: Tensor, op: Callable[..., Tensor], other: Tensor) -> Tensor:
     """``op(t, other)`` for a temporary ``t``, written into t where that rounds alike (the result has t's dtype and
     shape): one activation-sized allocation less."""
@@ -151,8 +156,14 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, root = ctx.saved_tensors
         dims = ctx.dims
+        formula = _FORMULAS.get(ctx.derivative)  # the lines below in one pass per sample, the surrogate too
+        if formula is not None and (fused := act_norm.backward(x, root, grad_output, formula)) is not None:
+            return fused[0], fused[1], None, None
         a0 = x / root
-        grad_a0 = grad_output * _surrogate(ctx.derivative, a0)
+        surrogate = _surrogate(ctx.derivative, a0)
+        if (fused := act_norm.backward(x, root, grad_output, surrogate)) is not None:  # the lines below
+            return fused[0], fused[1], None, None
+        grad_a0 = grad_output * surrogate
         # autograd's (-grad_a0 * (a0 / root)).sum(): negating the sum instead is exact (rounding is symmetric)
         grad_root = -_reusing(_reusing(a0, torch.div, root), torch.mul, grad_a0).sum(dim=dims, keepdim=True)
         grad_var = grad_root / (2 * root)
@@ -205,6 +216,48 @@ def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padd
     return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)
 
 
+class _ScaledChannels(torch.autograd.Function):
+    """``y * alpha`` for a per-channel alpha, keeping for alpha's gradient the product itself (which the layer
+    after, a BatchNorm, keeps anyway) instead of y, where y can be recovered from it bit for bit
+    (:func:`bnnbench.elementwise.scale_channels`: a binary layer's integer y, a few exceptions kept aside);
+    y itself otherwise.  The gradients are autograd's through ``y * alpha``, bit for bit: ``grad * alpha`` and
+    ``(grad * y)`` summed to alpha's shape."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        kept = elementwise.scale_channels(y, alpha)
+        ctx.recovered = kept is not None
+        if kept is None:
+            ctx.save_for_backward(y, alpha)
+            return y * alpha
+        out, indices, values = kept
+        ctx.save_for_backward(out, alpha, indices, values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if not ctx.recovered:
+            y, alpha = ctx.saved_tensors
+            return grad_output * alpha, (grad_output * y).sum_to_size(alpha.shape)
+        out, alpha, indices, values = ctx.saved_tensors
+        fused = elementwise.scale_channels_backward(out, alpha, indices, values, grad_output)  # a contiguous grad
+        if fused is not None:
+            return fused[0], fused[1].sum_to_size(alpha.shape)
+        nearest = float(elementwise._NEAREST_INTEGER)  # the kernel's recovery, as torch formulas
+        y = (out.float() * alpha.float().reciprocal()).add_(nearest).sub_(nearest).to(out.dtype)
+        # (grad * y keeps grad's layout, so that its sum runs in autograd's order)
+        y.view(-1)[indices] = values
+        return grad_output * alpha, (grad_output * y).sum_to_size(alpha.shape)
+
+
+def scale_channels(y: Tensor, alpha: Tensor) -> Tensor:
+    """``y * alpha`` for alpha of one value per channel of y (shape (C, 1, ...)), keeping the product instead
+    of y for the backward where that is exact (a binary layer's learned scale)."""
+    if not (torch.is_grad_enabled() and (y.requires_grad or alpha.requires_grad)) or torch.compiler.is_compiling():
+        return y * alpha
+    return _ScaledChannels.apply(y, alpha)
+
+
 class _HardtanhInPlace(torch.autograd.Function):
     """``clamp_(x, -1, 1)`` in place whose backward reads its *output*: an input is strictly inside (-1, 1)
     exactly when the output is, so torch's ``hardtanh_backward`` on the output gives the same gradient, bit
@@ -238,3 +291,26 @@ class Hardtanh(nn.Hardtanh):
 
     def forward(self, x: Tensor) -> Tensor:
         return hardtanh_(x)
+
+
+def saved_as_recipe(tensor: Tensor, recompute: Callable[..., Tensor], *sources: Tensor):
+    """A context in which autograd saves ``tensor`` for the backward as ``recompute(*sources)``: a function
+    rebuilding it, bit for bit, from tensors the graph keeps anyway (a layer's input, a per-channel
+    statistic), so one activation-sized tensor less is held until the backward, for one element-wise pass
+    more in it.  The sources must not change in place before the backward (refused, as autograd refuses a
+    saved tensor that changed)."""
+
+    target = weakref.ref(tensor)  # the hooks live as long as the graph: they must not keep the tensor itself
+
+    def pack(saved: Tensor):
+        return (recompute, sources, [t._version for t in sources]) if saved is target() else saved
+
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        function, inputs, versions = packed
+        if [t._version for t in inputs] != versions:
+            raise RuntimeError("a tensor a saved recipe reads was modified in place before the backward")
+        return function(*inputs)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)

@@ -150,8 +150,10 @@ class _BinaryMixin:
         return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
     def scale_output(self, y: Tensor) -> Tensor:
-        """``y * alpha`` in y's dtype: under bf16 autocast a float32 alpha would promote every later activation to float32."""
-        return y if self.alpha is None else y * self.alpha.to(y.dtype)
+        """``y * alpha`` in y's dtype: under bf16 autocast a float32 alpha would promote every later activation to float32.
+        The backward keeps the product (which the BatchNorm after keeps anyway) instead of y where y, an integer
+        in stage 2, can be recovered from it bit for bit (:func:`bnnbench.functional.scale_channels`)."""
+        return y if self.alpha is None else functional.scale_channels(y, self.alpha.to(y.dtype))
 
     def regularization(self) -> Tensor | None:
         return self.method.regularizer(self.weight, self.stage)

@@ -225,7 +225,11 @@ class Method:
         """
         if not self.binary_activations:
             return a
-        derivative = lambda x: self.activation_derivative(x, progress)  # noqa: E731
+        derivative = (  # the function itself where not overridden: act_norm's backward knows its formula
+            approx_sign_derivative
+            if type(self).activation_derivative is Method.activation_derivative
+            else lambda x: self.activation_derivative(x, progress)
+        )
         return surrogate_sign(a, derivative) if normalize is None else normalized_surrogate_sign(a, derivative, normalize)
 
     def activation_parameters(self, in_channels: int, spatial_dims: int) -> dict[str, Tensor]:

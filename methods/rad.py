@@ -35,17 +35,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnnbench.functional import clip_derivative
+from bnnbench.functional import clip_derivative, saved_as_recipe
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
 
 
 def distribution_loss(a: Tensor, eps: float = 1e-10) -> Tensor:
-    """L1 + L2 of the official ``Distrloss_layer`` for one layer's input (N, C, ...), in float32 at least."""
-    x = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    """L1 + L2 of the official ``Distrloss_layer`` for one layer's input (N, C, ...), in float32 at least.
+
+    The same autograd graph as the formula's, keeping for the backward only ``a`` and the per-channel means:
+    the square's saved input, the float32 centred copy (twice a bfloat16 activation), is recomputed."""
+    widen = a.dtype in (torch.float16, torch.bfloat16)
+    x = a.float() if widen else a
     dims = (0, *range(2, x.dim()))
     mean = x.mean(dim=dims)
-    var = ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).mean(dim=dims) + eps
+    per_channel = mean.view(1, -1, *([1] * (x.dim() - 2)))
+    centered = x - per_channel
+    # the square's backward reads the centred values: rebuilt then from a (which the layer keeps) and the mean
+    with saved_as_recipe(centered, lambda a, m: (a.float() if widen else a) - m, a, per_channel):
+        squared = centered**2
+    var = squared.mean(dim=dims) + eps
     std = var.abs().sqrt()
     l1 = (2 - mean.abs() - std).clamp(min=0).pow(2).mean() + (std - 4).clamp(min=0).pow(2).mean()  # min(2-mu-sd, 2+mu-sd)
     l2 = (mean.pow(2) - std.pow(2)).clamp(min=0).mean()

@@ -46,6 +46,12 @@ def use_reference(monkeypatch) -> None:
     monkeypatch.setattr(functional, "conv2d_of_signs", reference_conv)
     monkeypatch.setattr(bnnbench.method, "normalized_surrogate_sign", reference_normalized)
     monkeypatch.setattr(reactnet, "surrogate_sign", reference_surrogate)
+    monkeypatch.setattr(functional, "scale_channels", reference_scale)
+
+
+def reference_scale(y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The learned alpha of 2026-11: ``y * alpha`` by autograd, which keeps y for alpha's gradient."""
+    return y * alpha
 
 
 def test_sign_is_the_reference_sign_on_every_edge_value_eager_and_compiled():
@@ -119,3 +125,168 @@ def test_bf16_autocast_follows_the_cpu_and_the_machine(monkeypatch):
     assert train_module.resolve_amp(Machine(amp=False), cpu) is False
     monkeypatch.setattr(train_module, "cpu_flags", lambda: set())
     assert train_module.resolve_amp(Machine(amp=True), cpu) is True
+
+
+def _act_norm_input(shape, dtype, seed):
+    """Normal values over a wide range of scales, with exact zeros, +-1 and ties of the surrogate's kinks."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * torch.exp(torch.randn(shape[0], *([1] * (len(shape) - 1)), generator=generator))
+    flat = x.view(-1)
+    picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 50),), generator=generator)
+    flat[picks] = torch.tensor([0.0, -0.0, 1.0, -1.0])[torch.arange(picks.numel()) % 4]
+    return x.to(dtype), torch.randn(shape, generator=generator).to(dtype)
+
+
+ACT_NORM_SHAPES = [(5, 3), (6, 40), (4, 7, 5, 3), (3, 16, 8, 8), (2, 1, 1, 17), (3, 2, 1, 1), (2, 33, 40, 25), (1, 8, 70, 70), (1, 4, 3, 3)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", ACT_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, threads):
+    """normalized_surrogate_sign's one-pass backward (bnnbench.act_norm) against autograd through the torch formula,
+    bit for bit, for ApproxSign (its formula evaluated in the sweep) and RBNN's surrogate (its values passed in) (a 0-dim float64 parameter), per-sample sizes below and above
+    the reduction grain, on 1 and 2 threads; the kernel must have run wherever it covers the tensors."""
+    import math
+
+    from bnnbench import act_norm
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = torch.tensor(2.5, dtype=torch.float64)
+        derivatives = [functional.approx_sign_derivative, lambda v: (math.sqrt(2.0) * t - t * t * v.abs()).clamp(min=0)]
+        for seed, derivative in enumerate(derivatives):
+            x, grad = _act_norm_input(shape, dtype, seed)
+            results = []
+            for normalized in (functional.normalized_surrogate_sign, reference_normalized):
+                leaf = x.clone().requires_grad_()
+                out = normalized(leaf, derivative, 1e-5)
+                out.backward(grad)
+                results.append((out, leaf.grad))
+            (out, g), (ref_out, ref_g) = results
+            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(out.view(bits), ref_out.view(bits))
+            assert torch.equal(g.view(bits), ref_g.view(bits)), (g - ref_g).abs().max()
+            root = torch.sqrt(x.var(dim=tuple(range(1, x.dim())), keepdim=True) + 1e-5)
+            lone = shape[0] == 1 and x.numel() >= elementwise.REDUCTION_GRAIN and threads > 1
+            assert (act_norm.backward(x, root, grad, derivative(x / root)) is not None) != lone
+            formula = functional._FORMULAS.get(derivative)
+            assert (formula is None) == (seed == 1)  # ApproxSign's formula is evaluated in the sweep
+            assert formula is None or (act_norm.backward(x, root, grad, formula) is not None) != lone
+    finally:
+        torch.set_num_threads(previous)
+
+
+def reference_distribution_loss(a: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """RAD's distribution loss of 2026-11: the formula by autograd, which keeps the float32 centred copy."""
+    x = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    dims = (0, *range(2, x.dim()))
+    mean = x.mean(dim=dims)
+    var = ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).mean(dim=dims) + eps
+    std = var.abs().sqrt()
+    l1 = (2 - mean.abs() - std).clamp(min=0).pow(2).mean() + (std - 4).clamp(min=0).pow(2).mean()
+    l2 = (mean.pow(2) - std.pow(2)).clamp(min=0).mean()
+    return l1 + l2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rad_loss_gives_the_formulas_value_and_gradient_bit_for_bit(dtype):
+    from bnnbench.methods.rad import distribution_loss
+
+    generator = torch.Generator().manual_seed(3)
+    a = (torch.randn(6, 5, 7, 3, generator=generator) * 0.7 + 0.3).clamp(-1, 1).to(dtype)
+    results = []
+    for loss_of in (distribution_loss, reference_distribution_loss):
+        leaf = a.clone().requires_grad_()
+        loss = loss_of(leaf * 1)
+        loss.backward()
+        results.append((loss, leaf.grad))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
+def test_a_saved_recipe_frees_the_tensor_and_rebuilds_it_for_the_backward():
+    import weakref
+
+    x = torch.randn(5, requires_grad=True)
+    source = x * 1
+    centred = source - 0.5
+    alive = weakref.ref(centred)
+    with functional.saved_as_recipe(centred, lambda s: s - 0.5, source):
+        squared = centred**2
+    del centred
+    assert alive() is None  # neither the graph nor the hooks keep it
+    squared.sum().backward()
+    assert torch.equal(x.grad, 2 * (x.detach() - 0.5))
+
+
+def test_a_saved_recipe_refuses_sources_changed_in_place():
+    x = torch.randn(4, requires_grad=True)
+    source = x * 1
+    centred = source - 0.5
+    with functional.saved_as_recipe(centred, lambda s: s - 0.5, source):
+        squared = centred**2
+    source.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        squared.sum().backward()
+
+
+def _scaled_input(shape, dtype, kind, seed):
+    """A conv output of +-1 by +-1 (integers, a few beyond bfloat16's exact recovery, signed zeros) or real
+    values, and a per-channel alpha (with a zero for ``zero_alpha``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "real":
+        y = torch.randn(shape, generator=generator)
+    else:
+        y = torch.randint(-20, 21, shape, generator=generator).float()
+        flat = y.view(-1)
+        special = torch.tensor([300.0, -577.0, 129.0, -0.0, 255.0, 4096.0])
+        flat[:: max(1, flat.numel() // 5)] = special[: flat[:: max(1, flat.numel() // 5)].numel()]
+    alpha = torch.rand(shape[1], *([1] * (len(shape) - 2)), generator=generator)
+    if kind == "zero_alpha":
+        alpha.view(-1)[0] = 0.0
+    return y.to(dtype), alpha.to(dtype)
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last_grad"])
+@pytest.mark.parametrize("kind", ["integer", "real", "zero_alpha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (7, 9), (2, 16, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_scale_channels_keeps_the_product_and_gives_autogradss_gradients_bit_for_bit(shape, dtype, kind, memory_format):
+    """y * alpha kept as its product (y recovered in the backward, exceptions patched in): the output and both
+    gradients equal autograd's through y * alpha, bit for bit, incl. integers beyond bfloat16's exact recovery,
+    signed zeros, a zero alpha and real y (too many exceptions: y kept)."""
+    y, alpha = _scaled_input(shape, dtype, kind, 0)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if memory_format == "channels_last_grad" and len(shape) == 4:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    results = []
+    for scale in (functional.scale_channels, reference_scale):
+        leaf_y, leaf_alpha = y.clone().requires_grad_(), alpha.clone().requires_grad_()
+        out = scale(leaf_y * 1, leaf_alpha * 1)
+        out.backward(grad)
+        results.append((out, leaf_y.grad, leaf_alpha.grad))
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for got, want in zip(*results):
+        assert torch.equal(got.view(bits), want.view(bits))
+    kept = elementwise.scale_channels(y, alpha)
+    if kind != "zero_alpha":
+        assert (kept is not None) == (kind == "integer")  # real values: more exceptions than EXCEPTION_SHARE allows
+    if kind == "integer":  # exceptions: the negative zeros (recovered as +0), in bfloat16 the integers from 129 on too
+        negative_zeros = ((y == 0) & y.signbit()).view(-1).nonzero().view(-1)
+        assert set(negative_zeros.tolist()) <= set(kept[1].tolist())
+        assert (kept[1].numel() > negative_zeros.numel()) == (dtype == torch.bfloat16)
+
+
+def test_a_binary_layer_keeps_the_scaled_output_not_the_conv_output():
+    """BiPer's binary conv in stage 2 saves its learned alpha's product (the BatchNorm's input), not y."""
+    torch.manual_seed(0)
+    layer = bnnbench.layers.BinaryConv2d(16, 16, 3, padding=1, method="biper")
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        out = layer(x)
+    big = [t for t in saved if t.numel() == out.numel()]
+    assert any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in big)
+    assert all(t.untyped_storage().data_ptr() in (out.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()) for t in big)
