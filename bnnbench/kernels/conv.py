@@ -104,7 +104,6 @@ class PackedWeights:
             self._offsets[key] = offsets
         return self._offsets[key]
 
-
     def plan(self, shape: tuple[int, int, int, int], stride: int, padding: int, kernel: MicroKernel = SELECTED) -> ConvPlan:
         """The :class:`ConvPlan` of a (B, C, H, W) input ``shape``, made on the first call and cached; the arguments are
         checked when a plan is made (a key that fails never enters the cache), and ``BNNBENCH_STREAM_BYTES`` read."""

@@ -14,9 +14,9 @@ as +1; :mod:`bnnbench.kernels.conv` corrects the border to zero padding.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
-import numba
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
@@ -50,15 +50,6 @@ def negative_mask(typingctx, values, start):  # type: ignore[no-untyped-def]
     return types.uint64(values, types.intp), codegen
 
 
-MIN_PIXELS = 64  # an image is split between threads in runs of at least this many pixels
-
-
-def runs_per_image(batch: int, height: int, width: int) -> int:
-    """Runs of pixels each image of an NCHW batch is packed in: enough for one per thread of numba's pool when the
-    batch has fewer images than threads, and at least :data:`MIN_PIXELS` long."""
-    return max(1, min(height * width // MIN_PIXELS, -(-numba.config.NUMBA_NUM_THREADS // batch)))
-
-
 @njit(cache=True)
 def _pack_plane_word(planes: np.ndarray, b: int, word: int, first: int, end: int, padding: int, out: np.ndarray) -> None:
     """Word ``word`` (channels 64 word ..) of pixels ``first .. end - 1`` (row-major) of image ``b`` of NCHW ``planes``
@@ -66,11 +57,10 @@ def _pack_plane_word(planes: np.ndarray, b: int, word: int, first: int, end: int
 
     Each channel's run is read contiguously and ORed, as one bit, into a byte
     plane of 8 channels (a loop that vectorises); the 8 byte planes then
-    interleave into one word per pixel, stored once (final values only: two
-    threads packing the same pixel write the same word).
+    interleave into one word per pixel, stored once.
     """
-    channels, plane = planes.shape[1], planes.shape[2]
-    width = (out.shape[2] - 2 * padding)
+    channels = planes.shape[1]
+    width = out.shape[2] - 2 * padding
     bytes_ = np.zeros((8, end - first), dtype=np.uint8)
     start = np.uint64(first)  # unsigned indices: no negative-index test in the loop, which then vectorises
     for c in range(WORD_BITS * word, min(channels, WORD_BITS * (word + 1))):
