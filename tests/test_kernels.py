@@ -31,6 +31,7 @@ from bnnbench.kernels import (
     select_micro_kernel,
     unpack_weights,
 )
+from bnnbench.kernels.packing import in_memory_order, pack_into, packed_shape, runs_per_image
 from bnnbench.kernels.buffers import aligned_empty, aligned_zeros, is_aligned, l2_bytes, stream_threshold, streams
 from bnnbench.kernels.isa import AVX2, AVX512_VPOPCNTDQ, GENERIC
 
@@ -202,6 +203,35 @@ def test_bit_layout():
     assert packed[0, 1, 1].tolist() == [0, 0]
     assert packed[0, 1, 2].tolist() == [(1 << 0) | (1 << 5) | (1 << 63), (1 << 0) | (1 << 5)]
     assert packed[0, 0].sum() == 0 and packed[0, :, 0].sum() == 0 and packed[0, :, 3].sum() == 0
+
+
+@pytest.mark.parametrize("batch,channels,size", [(1, 130, 13), (2, 64, 9), (1, 256, 14), (3, 7, 11)])
+def test_packing_in_runs_of_pixels_is_the_same_bits(batch, channels, size):
+    """NCHW images packed in 1..5 runs of pixels (the split between threads; the last run shorter) and channels-last
+    inputs give the same words."""
+    g = torch.Generator().manual_seed(batch * channels + size)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    expected = pack_channels(x.contiguous(memory_format=torch.channels_last).numpy(), 2)
+    for runs in range(1, 6):
+        out = np.zeros(packed_shape(batch, channels, size, size, 2), dtype=np.uint64)
+        pack_into(*in_memory_order(x.numpy()), 2, runs, out)
+        assert np.array_equal(out, expected), runs
+    assert runs_per_image(1, size, size) >= 1 and runs_per_image(64, size, size) == 1
+
+
+def test_a_conv_plan_is_made_once_per_input_geometry():
+    """The plan (tables, panels, offsets, GEMM variant) is cached per input shape, stride, padding and micro-kernel,
+    and a cached plan does not let an invalid argument through."""
+    g = torch.Generator().manual_seed(5)
+    w = pm1(40, 20, 3, 3, generator=g)
+    packed = pack_weights(w)
+    x = pm1(2, 20, 6, 6, generator=g)
+    first = packed.plan(x.shape, 1, 1)
+    assert packed.plan(tuple(x.shape), 1, 1) is first and packed.plan(x.shape, 2, 1) is not first
+    assert first.size == (2, 40, 6, 6) and first.rows == (72, padded_filters(40))
+    assert torch.equal(binary_conv2d_packed(x, packed, 1, 1), F.conv2d(x, w, padding=1))
+    with pytest.raises(ValueError, match="stride must be an int"):
+        binary_conv2d_packed(x, packed, True, 1)  # type: ignore[arg-type]
 
 
 def test_packed_weights_layout_and_tap_sums():

@@ -19,13 +19,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gemm import SELECTED, MicroKernel, filter_panels, padded_filters, xnor_gemm
-from .packing import output_size, pack_channels, words_for
+from .buffers import stream_threshold
+from .gemm import _NO_BITS, SELECTED, GemmVariant, MicroKernel, filter_panels, gemm_variant, pack_and_gemm, padded_filters, row_tables
+from .packing import in_memory_order, output_size, pack_channels, packed_shape, words_for
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """What a conv of one input geometry needs on every call, worked out once (:meth:`PackedWeights.plan`).
+
+    ``packed_shape`` and ``tables``: the packed input and the GEMM's row tables; ``rows``: the shape of the
+    GEMM's float output (B OH OW, padded filters), of which ``size`` / ``strides`` view the valid filters as
+    (B, O, OH, OW), channels last; ``variant``: the GEMM variant (streaming stores when the output is larger
+    than :func:`~bnnbench.kernels.buffers.stream_threshold`; torch's allocations are 64-byte aligned).
+    """
+
+    packed_shape: tuple[int, int, int, int]
+    tables: np.ndarray
+    panels: np.ndarray
+    offsets: np.ndarray
+    variant: GemmVariant
+    rows: tuple[int, int]
+    size: tuple[int, int, int, int]
+    strides: tuple[int, int, int, int]
 
 
 @dataclass
@@ -43,6 +65,7 @@ class PackedWeights:
     tap_sums: np.ndarray = field(init=False, repr=False)
     _panels: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
     _offsets: dict[tuple[int, int, int, int], np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _plans: dict[tuple, ConvPlan] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         kh, kw = self.kernel_size
@@ -80,6 +103,39 @@ class PackedWeights:
             offsets[:, : self.out_channels] = self.k_bits - correction.T
             self._offsets[key] = offsets
         return self._offsets[key]
+
+    def plan(self, shape: tuple[int, int, int, int], stride: int, padding: int, kernel: MicroKernel = SELECTED) -> ConvPlan:
+        """The :class:`ConvPlan` of a (B, C, H, W) input ``shape``, made on the first call and cached; the arguments are
+        checked when a plan is made (a key that fails never enters the cache), and ``BNNBENCH_STREAM_BYTES`` read."""
+        key = (shape, stride, padding, kernel.name)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._new_plan(shape, stride, padding, kernel, stream_threshold())
+        return plan
+
+    def _new_plan(self, shape: tuple[int, int, int, int], stride: int, padding: int, kernel: MicroKernel, threshold: int) -> ConvPlan:
+        _check_int("stride", stride, minimum=1)
+        _check_int("padding", padding, minimum=0)
+        if len(shape) != 4:
+            raise ValueError(f"binary_conv2d expects a (B, C, H, W) input, got shape {tuple(shape)}")
+        batch, channels, height, width = shape
+        if channels != self.in_channels:
+            raise ValueError(f"input has {channels} channels but the weights expect {self.in_channels}")
+        kh, kw = self.kernel_size
+        out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
+        offsets = self.offsets(height, width, stride, padding)
+        rows = (batch * out_h * out_w, offsets.shape[1])
+        packed = packed_shape(batch, channels, height, width, padding)
+        return ConvPlan(
+            packed_shape=packed,
+            tables=row_tables(packed, self.kernel_size, stride, _NO_BITS.shape, kernel.rows),
+            panels=self.panels(kernel),
+            offsets=offsets,
+            variant=gemm_variant(kernel.name, "counts", 4 * rows[0] * rows[1] > threshold),
+            rows=rows,
+            size=(batch, self.out_channels, out_h, out_w),
+            strides=(out_h * out_w * rows[1], 1, out_w * rows[1], rows[1]),
+        )
 
 
 def pack_weights(w: Tensor) -> PackedWeights:
@@ -121,21 +177,14 @@ def binary_conv2d_packed(x: Tensor, weights: PackedWeights, stride: int = 1, pad
     NHWC; call ``.contiguous()`` for NCHW memory).  ``kernel``: the GEMM's
     micro-kernel (default: the one selected for this CPU).
     """
-    _check_int("stride", stride, minimum=1)
+    _check_int("stride", stride, minimum=1)  # here as well as in the plan: True == 1 as a dictionary key
     _check_int("padding", padding, minimum=0)
-    if x.dim() != 4:
-        raise ValueError(f"binary_conv2d expects a (B, C, H, W) input, got shape {tuple(x.shape)}")
-    if x.shape[1] != weights.in_channels:
-        raise ValueError(f"input has {x.shape[1]} channels but the weights expect {weights.in_channels}")
-    batch, _, height, width = x.shape
+    plan = weights.plan(x.shape, stride, padding, kernel)
+    out = torch.empty(plan.rows)
     kh, kw = weights.kernel_size
-    out_h, out_w = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
-    packed = pack_channels(_as_array(x, "input"), padding)
-    offsets = weights.offsets(height, width, stride, padding)
-    out = torch.empty((batch * out_h * out_w, offsets.shape[1]))  # torch allocates on 64-byte boundaries: streaming stores work
-    xnor_gemm(packed, (kh, kw), stride, weights.panels(kernel), offsets, out.numpy(), kernel)
-    valid = out if out.shape[1] == weights.out_channels else out[:, : weights.out_channels]
-    return valid.view(batch, out_h, out_w, weights.out_channels).permute(0, 3, 1, 2)
+    array, channels_last = in_memory_order(_as_array(x, "input"))
+    pack_and_gemm(array, channels_last, padding, plan.packed_shape, plan.tables, kh, kw, stride, plan.panels, plan.offsets, out.numpy(), plan.variant, numba.get_num_threads())
+    return out.as_strided(plan.size, plan.strides)
 
 
 def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, kernel: MicroKernel = SELECTED) -> Tensor:
@@ -149,7 +198,9 @@ def binary_conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, kerne
 
 
 def _as_array(t: Tensor, what: str) -> np.ndarray:
-    if t.device.type != "cpu":
+    if t.dtype is torch.float32 and t.is_cpu:  # the common case, in the fewest tensor calls (a batch-1 conv feels each)
+        return (t.detach() if t.requires_grad else t).numpy()
+    if not t.is_cpu:
         raise ValueError(f"the packed binary conv runs on the CPU; move the {what} there with .cpu() (got device {t.device})")
     if not t.is_floating_point():
         raise TypeError(f"binary conv {what} must be a floating-point tensor of +-1 values, got {t.dtype}")

@@ -67,6 +67,7 @@ from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
 from .buffers import aligned_zeros, streams
+from .packing import pack_rows
 from .isa import AVX2, AVX512_VPOPCNTDQ, popcount_isa
 from .popcount import I32, I64, LANES, WORDS, splat, vector_popcount
 
@@ -126,6 +127,10 @@ class GemmVariant:
     kernel: str
     epilogue: str
     stream: bool = False
+
+    def __post_init__(self) -> None:
+        # numba reads ``_numba_type_`` without a Python call: 0.6 us less per GEMM call than the typeof_impl lookup
+        object.__setattr__(self, "_numba_type_", _variant_type(self.kernel, self.epilogue, self.stream))
 
 
 class GemmVariantType(types.Type):
@@ -334,23 +339,43 @@ def _block_rows(variant):  # type: ignore[no-untyped-def]
     return None
 
 
+@njit(cache=True)
+def _job_grid(row_blocks: int, panel_count: int) -> tuple[int, int, int, int]:
+    """How the GEMM splits into jobs: (row blocks per job, panels per job, panel chunks, jobs), jobs ordered row group
+    major, panel chunk minor (a job reads its chunk of filters once per row block it computes)."""
+    chunk = min(panel_count, PANELS_PER_JOB)
+    chunks = (panel_count + chunk - 1) // chunk
+    group = max(1, min(BLOCKS_PER_JOB, row_blocks * chunks // MIN_JOBS))
+    return group, chunk, chunks, (row_blocks + group - 1) // group * chunks
+
+
+@njit(cache=True)
+def _job_blocks(job: int, group: int, chunks: int, row_blocks: int) -> tuple[int, int]:
+    """The row blocks [first, end) of job ``job`` of :func:`_job_grid`."""
+    first = (job // chunks) * group
+    return first, min(first + group, row_blocks)
+
+
+@njit(cache=True)
+def _run_job(job, group, chunk, chunks, row_blocks, flat, tables, kernel_h, run_words, pitch, panels, offsets, out, scale, shift, residual, bits, variant):  # type: ignore[no-untyped-def]
+    """Job ``job`` of :func:`_job_grid`: its row blocks x its chunk of panels."""
+    first_block, end_block = _job_blocks(job, group, chunks, row_blocks)
+    first_panel = (job % chunks) * chunk
+    for block in range(first_block, end_block):
+        for panel in range(first_panel, min(first_panel + chunk, panels.shape[0])):
+            _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, scale, shift, residual, bits, variant)
+
+
 @njit(parallel=True, cache=True)
 def _gemm(packed, tables, kernel_h, kernel_w, stride, panels, offsets, out, scale, shift, residual, bits, variant):  # type: ignore[no-untyped-def]
     """The GEMM of a :class:`GemmVariant` over the row blocks of ``tables``; see :func:`xnor_gemm` and :func:`fused_gemm`."""
     row_blocks = tables.shape[1] // block_rows(variant)
-    panel_count = panels.shape[0]
-    chunk = min(panel_count, PANELS_PER_JOB)
-    chunks = (panel_count + chunk - 1) // chunk
-    group = max(1, min(BLOCKS_PER_JOB, row_blocks * chunks // MIN_JOBS))
+    group, chunk, chunks, jobs = _job_grid(row_blocks, panels.shape[0])
     flat = packed.reshape(-1)
     run_words = kernel_w * packed.shape[3]
     pitch = packed.shape[2] * packed.shape[3]
-    for job in prange((row_blocks + group - 1) // group * chunks):
-        first_block = (job // chunks) * group
-        first_panel = (job % chunks) * chunk
-        for block in range(first_block, min(first_block + group, row_blocks)):
-            for panel in range(first_panel, min(first_panel + chunk, panel_count)):
-                _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, scale, shift, residual, bits, variant)
+    for job in prange(jobs):
+        _run_job(job, group, chunk, chunks, row_blocks, flat, tables, kernel_h, run_words, pitch, panels, offsets, out, scale, shift, residual, bits, variant)
 
 
 @lru_cache(maxsize=256)
@@ -400,6 +425,45 @@ def xnor_gemm(
     tables = row_tables(packed.shape, kernel_size, stride, _NO_BITS.shape, kernel.rows)
     variant = gemm_variant(kernel.name, "counts", streams(out))
     _gemm(packed, tables, *kernel_size, stride, panels, offsets, out, _NO_VECTOR, _NO_VECTOR, _NO_MATRIX, _NO_BITS, variant)
+
+
+@njit(parallel=True, cache=True)
+def pack_and_gemm(x, channels_last, padding, packed_shape, tables, kernel_h, kernel_w, stride, panels, offsets, out, variant, bands):  # type: ignore[no-untyped-def]
+    """A whole binary conv in one parallel region: ``bands`` bands, each packing the input rows that its share of
+    the GEMM's jobs (:func:`_job_grid`, a contiguous range) reads, then running those jobs.
+
+    ``x`` as :func:`~bnnbench.kernels.packing.in_memory_order` returns it (C-contiguous NCHW, or NHWC when
+    ``channels_last``); ``packed_shape``: its packed, padded form; ``tables`` from :func:`row_tables` for it; the
+    rest as :func:`xnor_gemm` (epilogue ``"counts"``).  Each band packs into a buffer of its own (the rows two bands
+    share, kh - stride per boundary, are packed twice), so no band waits for another: a batch-1 conv on two threads
+    pays one parallel region, not one for the packing and one for the GEMM, and packs in parallel.  ``bands``:
+    numba's thread count (any count gives the same result).
+    """
+    rows = block_rows(variant)
+    row_blocks = tables.shape[1] // rows
+    group, chunk, chunks, jobs = _job_grid(row_blocks, panels.shape[0])
+    batch, padded_h, padded_w, words = packed_shape
+    height = padded_h - 2 * padding
+    out_h, out_w = (padded_h - kernel_h) // stride + 1, (padded_w - kernel_w) // stride + 1
+    positions = out_h * out_w
+    run_words, pitch = kernel_w * words, padded_w * words
+    # the bands' buffers are allocated out here: a buffer made inside the parallel loop costs the GEMM loop
+    # numba's no-alias marking of the loop's arguments (25% on 64-channel convs at batch 16)
+    buffers = np.empty((bands, batch * padded_h * padded_w * words), dtype=np.uint64)
+    for band in prange(bands):
+        first_job, end_job = band * jobs // bands, (band + 1) * jobs // bands
+        if first_job < end_job:
+            packed = buffers[band].reshape(packed_shape)
+            first_row = rows * _job_blocks(first_job, group, chunks, row_blocks)[0]
+            end_row = min(rows * _job_blocks(end_job - 1, group, chunks, row_blocks)[1] - 1, batch * positions - 1)
+            for b in range(first_row // positions, end_row // positions + 1):
+                top = (first_row - b * positions) // out_w if b == first_row // positions else 0
+                bottom = (end_row - b * positions) // out_w if b == end_row // positions else out_h - 1
+                low, high = top * stride, bottom * stride + kernel_h  # padded input rows [low, high) feed output rows top..bottom
+                packed[b, low:high] = 0
+                pack_rows(x, channels_last, padding, b, max(low - padding, 0), min(high - padding, height), packed)
+            for job in range(first_job, end_job):
+                _run_job(job, group, chunk, chunks, row_blocks, buffers[band], tables, kernel_h, run_words, pitch, panels, offsets, out, _NO_VECTOR, _NO_VECTOR, _NO_MATRIX, _NO_BITS, variant)
 
 
 def fused_gemm(
