@@ -19,13 +19,14 @@ CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 
 
 from __future__ import annotations
 
+import types as types_module
 from typing import Callable
 
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
 # torch's CPU reductions split one output's elements across threads from this many on
@@ -62,46 +63,111 @@ def _round_bf16(value: np.float32) -> np.uint16:
     return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
+def r(value: np.float32) -> np.float32:
+    """The rounding of one torch operator's result, as formulas write it: the identity in a formula's float32
+    loops; in its bfloat16 loops (where :class:`Kernel` rebinds ``r``) to the nearest bfloat16, kept widened."""
+    return value
+
+
 @njit(cache=True)
+def _keep(value: np.float32) -> np.float32:
+    return value
+
+
+@njit(cache=True)
+def _to_bf16(value: np.float32) -> np.float32:
+    return _widen(_round_bf16(value))
+
+
 def _sign(v: np.float32) -> np.float32:
     return _ONE if v >= _ZERO else -_ONE
 
 
-@njit(cache=True)
 def _approx_sign_derivative(v: np.float32) -> np.float32:
-    r = _TWO - _TWO * abs(v)
-    return _ZERO if r < _ZERO else r
+    t = r(_TWO - _TWO * abs(v))
+    return _ZERO if t < _ZERO else t
 
 
-@njit(cache=True)
 def _clip_derivative(v: np.float32) -> np.float32:
     return _ONE if abs(v) <= _ONE else _ZERO
 
 
+def _load(element):
+    """An input element as float32: bfloat16 bits widened, float32 as is."""
+
+
+@overload(_load)
+def _load_typed(element):  # pragma: no cover - compiled
+    if isinstance(element, types.Integer):
+        return lambda element: _widen(element)
+    return lambda element: element
+
+
+def _store(value, out):
+    """``value`` as an element of ``out``: rounded to bfloat16 bits, or the float32 itself."""
+
+
+@overload(_store)
+def _store_typed(value, out):  # pragma: no cover - compiled
+    if isinstance(out.dtype, types.Integer):
+        return lambda value, out: _round_bf16(value)
+    return lambda value, out: value
+
+
+def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) -> Callable:
+    """``formula`` compiled with its global ``r`` bound to ``rounding``; the plain Python functions it calls (other
+    formulas) compiled the same way, its other globals as they are."""
+    compiled = {} if compiled is None else compiled
+    if formula not in compiled:
+        scope = dict(formula.__globals__, r=rounding)
+        for name in formula.__code__.co_names:
+            called = scope.get(name)
+            if isinstance(called, types_module.FunctionType) and name != "r":
+                scope[name] = _with_rounding(called, rounding, compiled)
+        code = types_module.FunctionType(formula.__code__, scope, formula.__name__, formula.__defaults__, formula.__closure__)
+        compiled[formula] = njit(code)
+    return compiled[formula]
+
+
+def _loop(formula: Callable, inputs: int, outputs: int) -> Callable:
+    """The one-pass loop of ``formula`` over ``inputs`` arrays into ``outputs`` arrays, parameters passed through."""
+    a = [f"a{j}" for j in range(inputs)]
+    o = [f"o{j}" for j in range(outputs)]
+    call = f"formula({', '.join(f'_load({n}[i])' for n in a)}, *params)"
+    body = f"        o0[i] = _store({call}, o0)\n" if outputs == 1 else (
+        f"        v = {call}\n" + "".join(f"        {n}[i] = _store(v[{j}], {n})\n" for j, n in enumerate(o))
+    )
+    scope = {"formula": formula, "_load": _load, "_store": _store}
+    exec(f"def loop({', '.join(a + o)}, params):\n    for i in range(o0.size):\n{body}", scope)  # noqa: S102
+    return njit(nogil=True)(scope["loop"])
+
+
 class Kernel:
-    """A float32 formula (an njit function) compiled twice: over float32 arrays, and over bfloat16 bits (widened, rounded
-    back once).  Compiled on first use in each process, not cached on disk: numba's cache cannot key a loop on the
-    formula it closes over, and would add entries on every run."""
+    """An element-wise formula in float32, compiled into one-pass loops: a float32 one, and a bfloat16 one in which
+    the formula's ``r(...)`` rounds to bfloat16 (once per torch operator the formula writes it for).
 
-    def __init__(self, name: str, formula: Callable[[np.float32], np.float32]) -> None:
-        self.name = name
+    ``formula(*elements, *params) -> value`` (or a tuple of ``outputs`` values) is a plain Python function over
+    float32 scalars, the input tensors' elements first (bfloat16 ones widened), then the kernel's scalar parameters
+    (float32 values, or :func:`bf16_table` arrays); a result stored into a bfloat16 tensor is rounded there.
+    Compiled on first use in each process, not cached on disk: numba's cache cannot key a loop on the formula it
+    closes over, and would add entries on every run."""
 
-        @njit(nogil=True)
-        def float32(src, out):  # pragma: no cover - compiled
-            for i in range(src.size):
-                out[i] = formula(src[i])
-
-        @njit(nogil=True)
-        def bfloat16(src, out):  # pragma: no cover - compiled
-            for i in range(src.size):
-                out[i] = _round_bf16(formula(_widen(src[i])))
-
-        self._loops = {torch.float32: (float32, np.float32), torch.bfloat16: (bfloat16, np.uint16)}
+    def __init__(self, name: str, formula: Callable, outputs: int = 1) -> None:
+        self.name, self.outputs = name, outputs
+        self._formulas = {torch.float32: _with_rounding(formula, _keep), torch.bfloat16: _with_rounding(formula, _to_bf16)}
+        self._loops: dict[tuple[torch.dtype, int], Callable] = {}
 
     def run(self, x: Tensor, out: Tensor) -> None:
         """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
-        loop, dtype = self._loops[x.dtype]
-        loop(_flat(x, dtype), _flat(out, dtype))
+        self(x.dtype, (x,), (out,))
+
+    def __call__(self, mode: torch.dtype, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: tuple = ()) -> None:
+        """The formula over dense tensors of one shape and strides, rounding as torch does in ``mode``."""
+        key = (mode, len(inputs))
+        if key not in self._loops:
+            self._loops[key] = _loop(self._formulas[mode], len(inputs), self.outputs)
+        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *outputs)]
+        self._loops[key](*arrays, tuple(params))
 
     def __repr__(self) -> str:
         return f"Kernel({self.name!r})"
@@ -113,6 +179,8 @@ APPROX_SIGN_DERIVATIVE = Kernel("approx_sign_derivative", _approx_sign_derivativ
 """max(0, 2 - 2|x|): torch rounds a bfloat16 ``2 - 2|x|`` once (2|x| is exact, the clamp too)."""
 CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
+
+_NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
 
 
 def _flat(x: Tensor, dtype: np.dtype) -> np.ndarray:
@@ -146,6 +214,81 @@ def unary(kernel: Kernel, x: Tensor) -> Tensor | None:
     if x.numel():
         kernel.run(x, out)
     return out
+
+
+def apply(
+    kernel: Kernel, *inputs: Tensor, params: tuple = (), mode: torch.dtype | None = None, out: tuple[Tensor, ...] | None = None
+) -> Tensor | tuple[Tensor, ...] | None:
+    """``kernel``'s formula over ``inputs`` (each covered, one shape and strides), rounding as torch does in ``mode``
+    (default: the first input's dtype), into ``out`` (default: new tensors like the first input, of dtype ``mode``;
+    an input may be an output too: element i is read before it is written), or None where it does not cover them."""
+    first = inputs[0]
+    mode = first.dtype if mode is None else mode
+    if not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in inputs):
+        return None
+    if out is None:
+        out = tuple(torch.empty_like(first, dtype=mode) for _ in range(kernel.outputs))
+        if out[0].stride() != first.stride():
+            return None
+    elif not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in out):
+        return None
+    if first.numel():
+        kernel(mode, inputs, out, params)
+    return out[0] if kernel.outputs == 1 else out
+
+
+def operand(value: float | Tensor, mode: torch.dtype, opmath: bool) -> np.float32:
+    """The float32 value a scalar operand has in a torch operator on a ``mode`` tensor (measured over every
+    bfloat16 pattern and 200 scalars, tests/test_fused_surrogates.py): float32(value) in float32, and in bfloat16
+    where torch computes with the scalar in float32 ("opmath", ``opmath=True``: ``tensor * s``, ``tensor / s``,
+    ``float * tensor``), else the scalar rounded to bfloat16 first (``tensor0d * tensor``, every ``+``/``-``), via
+    float32 as c10's BFloat16 takes a double."""
+    single = np.float32(float(value))
+    if mode == torch.bfloat16 and not opmath:
+        return _widen(_round_bf16(single))
+    return single
+
+
+_EVERY_BF16 = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # element i: the bits i
+_TABLES: dict[tuple, np.ndarray] = {}
+
+
+def _scalar_key(value: float | Tensor) -> tuple:
+    """What a formula's scalar changes in torch's arithmetic: its value, and whether (and which) 0-dim tensor it is."""
+    return (value.dtype if isinstance(value, Tensor) else type(value), float(value))
+
+
+def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor) -> np.ndarray:
+    """torch's ``formula(x, *scalars)`` at every bfloat16 value x, as the bfloat16 bits indexed by x's bits, computed
+    by torch once per formula and scalars and kept (the last 64)."""
+    key = (formula, *map(_scalar_key, scalars))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        table = _TABLES[key] = formula(_EVERY_BF16, *scalars).view(torch.int16).numpy().view(np.uint16)
+    return table
+
+
+def _looked_up(x: np.float32, table: np.ndarray) -> np.float32:
+    return _widen(table[_bits_of(x) >> np.uint32(16)])
+
+
+LOOKUP = Kernel("lookup", _looked_up)
+"""table[x]: a :func:`bf16_table` at each bfloat16 element."""
+
+
+def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tensor) -> Tensor | None:
+    """``formula(x, *scalars)`` for a bfloat16 x the kernels cover, looked up in its :func:`bf16_table` in one pass;
+    None otherwise.
+
+    Bit for bit the formula where each of its torch operators gives every element a value that depends on that
+    element's value alone, not on where it sits (torch's vectorised body and scalar tail agree): true of the
+    arithmetic and of tanh, cos and pow here (tests/test_fused_surrogates.py checks each formula's scalar tail on
+    every bfloat16 value), not of bfloat16 cosh."""
+    if x.dtype != torch.bfloat16 or not covered(x):
+        return None
+    return apply(LOOKUP, x, params=(bf16_table(formula, *scalars),))
 
 
 _SIGN_BIT = {torch.float32: (np.uint32, 31, 0x3F800000), torch.bfloat16: (np.uint16, 15, 0x3F80)}  # bits, shift, +1
@@ -241,6 +384,12 @@ __all__ = [
     "APPROX_SIGN_DERIVATIVE",
     "CLIP_DERIVATIVE",
     "Kernel",
+    "apply",
+    "LOOKUP",
+    "bf16_table",
+    "tabulated",
+    "operand",
+    "r",
     "REDUCTION_GRAIN",
     "SIGN",
     "covered",

@@ -1,0 +1,96 @@
+"""The fused surrogate derivatives (one-pass kernels around torch's transcendental passes) give, bit for bit, the
+torch formulas they replace: float32 and bfloat16, edge values, every bfloat16 pattern, scheduled scalars at the
+schedules' ends and between, as 0-dim float64 tensors (a layer's progress buffer) and as floats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bnnbench
+import bnnbench.elementwise as elementwise
+import bnnbench.methods.irnet as irnet
+
+EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
+EDGES += [1.0, -1.0, 1.0 + 2**-23, -(1.0 + 2**-23), 1.0 - 2**-24, 0.5, -0.5, 0.9999, 1e-30, 3e38, -3e38, 0.1, -0.1, 1.5, -1.5]
+EDGES += [float(np.float32(0.1)), float(np.nextafter(np.float32(0.1), np.float32(1))), 0.10009765625, 0.099609375, 1.5 + 2**-7]
+EVERY_BF16 = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+PROGRESS = [0.0, 1.0, 0.5, 0.3141, 0.999]
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape, strides and bits (NaN where NaN, the sign of zeros included)."""
+    if not (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a.isnan(), b.isnan())):
+        return False
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
+    keep = ~a.isnan()
+    return torch.equal(a.view(ints)[keep], b.view(ints)[keep])
+
+
+def inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.tensor(EDGES).to(dtype),
+        EVERY_BF16.to(dtype),
+        (2 * torch.randn(3, 5, 7, 11, generator=generator)).to(dtype),
+        (torch.randn(4, 6, 5, 3, generator=generator)).to(dtype).contiguous(memory_format=torch.channels_last),
+        torch.randn(0, 3, dtype=dtype),
+        (torch.randn(6, 9, generator=generator)).to(dtype)[:, ::2],  # not dense: the torch formula
+    ]
+
+
+def reference(call, x, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise, "covered", lambda x: False)
+        return call(x)
+
+
+def schedules(method, names):
+    """(progress kinds, the method's scheduled scalars) at PROGRESS, as float64 buffers and as floats."""
+    for p in PROGRESS:
+        for progress in (torch.tensor(p, dtype=torch.float64), p):
+            yield progress
+
+
+def check(derivative, dtype, monkeypatch):
+    """derivative (kernels on) equals derivative with every kernel off, on every input; dense ones took a kernel."""
+    calls = []
+    run = elementwise.Kernel.__call__
+    for x in inputs(dtype):
+        with monkeypatch.context() as patch:
+            patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self), run(self, *a))[1])
+            fast = derivative(x)
+        assert identical(fast, reference(derivative, x, monkeypatch)), (x.shape, x.dtype)
+    assert calls, "no kernel ran"
+
+
+def in_the_scalar_tail(formula, *scalars) -> torch.Tensor:
+    """formula over every bfloat16 value laid out in rows of 63 (a strided view), where torch's vectorised loops
+    (64 bfloat16 per step) run none: every element through the scalar path."""
+    rows = torch.cat([EVERY_BF16, EVERY_BF16[:63 * 1041 - 2**16]]).reshape(1041, 63)
+    padded = torch.zeros(1041, 64, dtype=torch.bfloat16)
+    padded[:, :63] = rows
+    return formula(padded[:, :63], *scalars).reshape(-1)[: 2**16]
+
+
+def check_table(formula, *scalars):
+    """The formula's table (computed on the contiguous patterns) is what torch's scalar tail gives each value too."""
+    table = torch.from_numpy(elementwise.bf16_table(formula, *scalars).view(np.int16)).view(torch.bfloat16)
+    assert identical(in_the_scalar_tail(formula, *scalars), table)
+
+
+@DTYPES
+@pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
+def test_irnet_ede_is_the_torch_formula(dtype, hp, monkeypatch):
+    method = bnnbench.get_method("irnet", **hp)
+    for progress in schedules(method, ("k", "t")):
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
+def test_irnet_table_holds_in_torchs_scalar_tail(hp):
+    method = bnnbench.get_method("irnet", **hp)
+    for progress in schedules(method, ("k", "t")):
+        check_table(irnet._ede, method.k(progress), method.t(progress))
