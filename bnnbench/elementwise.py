@@ -253,12 +253,12 @@ _EVERY_BF16 = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.
 _TABLES: dict[tuple, np.ndarray] = {}
 
 
-def _scalar_key(value: float | Tensor) -> tuple:
+def _scalar_key(value: float | Tensor | None) -> tuple:
     """What a formula's scalar changes in torch's arithmetic: its value, and whether (and which) 0-dim tensor it is."""
-    return (value.dtype if isinstance(value, Tensor) else type(value), float(value))
+    return (value.dtype if isinstance(value, Tensor) else type(value), None if value is None else float(value))
 
 
-def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor) -> np.ndarray:
+def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) -> np.ndarray:
     """torch's ``formula(x, *scalars)`` at every bfloat16 value x, as the bfloat16 bits indexed by x's bits, computed
     by torch once per formula and scalars and kept (the last 64)."""
     key = (formula, *map(_scalar_key, scalars))
@@ -278,7 +278,7 @@ LOOKUP = Kernel("lookup", _looked_up)
 """table[x]: a :func:`bf16_table` at each bfloat16 element."""
 
 
-def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tensor) -> Tensor | None:
+def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tensor | None) -> Tensor | None:
     """``formula(x, *scalars)`` for a bfloat16 x the kernels cover, looked up in its :func:`bf16_table` in one pass;
     None otherwise.
 

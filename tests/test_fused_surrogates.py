@@ -10,6 +10,7 @@ import torch
 
 import bnnbench
 import bnnbench.elementwise as elementwise
+import bnnbench.methods.fda as fda
 import bnnbench.methods.irnet as irnet
 
 EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
@@ -94,3 +95,18 @@ def test_irnet_table_holds_in_torchs_scalar_tail(hp):
     method = bnnbench.get_method("irnet", **hp)
     for progress in schedules(method, ("k", "t")):
         check_table(irnet._ede, method.k(progress), method.t(progress))
+
+
+@DTYPES
+def test_fda_series_is_the_torch_formula(dtype, monkeypatch):
+    method = bnnbench.get_method("fda")
+    for progress in schedules(method, ("n",)):
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+    for n in (0, 3, 9):  # an integer n, no max_n
+        check(lambda x: fda.fourier_sign_derivative(x, 0.1, n), dtype, monkeypatch)
+
+
+def test_fda_table_holds_in_torchs_scalar_tail():
+    method = bnnbench.get_method("fda")
+    for progress in (torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64), 0.5):
+        check_table(fda._fourier, method.omega, method.n_terms(progress), method.n_start + method.n_growth)
