@@ -12,6 +12,7 @@ import bnnbench
 import bnnbench.elementwise as elementwise
 import bnnbench.methods.fda as fda
 import bnnbench.methods.irnet as irnet
+import bnnbench.methods.reste as reste
 
 EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
 EDGES += [1.0, -1.0, 1.0 + 2**-23, -(1.0 + 2**-23), 1.0 - 2**-24, 0.5, -0.5, 0.9999, 1e-30, 3e38, -3e38, 0.1, -0.1, 1.5, -1.5]
@@ -110,3 +111,12 @@ def test_fda_table_holds_in_torchs_scalar_tail():
     method = bnnbench.get_method("fda")
     for progress in (torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64), 0.5):
         check_table(fda._fourier, method.omega, method.n_terms(progress), method.n_start + method.n_growth)
+
+
+@DTYPES
+@pytest.mark.parametrize("hp", [{}, {"o_end": 2.0, "t": 1.0 + 2**-7, "interval": 0.25}], ids=["default", "other"])
+def test_reste_estimator_is_the_torch_formula(dtype, hp, monkeypatch):
+    method = bnnbench.get_method("reste", **hp)
+    for progress in schedules(method, ("o",)):
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+
