@@ -125,21 +125,23 @@ def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) ->
             if isinstance(called, types_module.FunctionType) and name != "r":
                 scope[name] = _with_rounding(called, rounding, compiled)
         code = types_module.FunctionType(formula.__code__, scope, formula.__name__, formula.__defaults__, formula.__closure__)
-        compiled[formula] = njit(code)
+        compiled[formula] = njit(error_model="numpy")(code)  # IEEE division (inf, NaN), as torch's
     return compiled[formula]
 
 
-def _loop(formula: Callable, inputs: int, outputs: int) -> Callable:
-    """The one-pass loop of ``formula`` over ``inputs`` arrays into ``outputs`` arrays, parameters passed through."""
-    a = [f"a{j}" for j in range(inputs)]
-    o = [f"o{j}" for j in range(outputs)]
-    call = f"formula({', '.join(f'_load({n}[i])' for n in a)}, *params)"
+def _loop(formula: Callable, inputs: int, outputs: int, params: int) -> Callable:
+    """The one-pass loop of ``formula`` over ``inputs`` arrays into ``outputs`` arrays, with ``params`` scalars (or
+    tables) unpacked once, outside the loop (an array taken from the tuple per element would be reference-counted
+    per element)."""
+    a, o, p = [f"a{j}" for j in range(inputs)], [f"o{j}" for j in range(outputs)], [f"p{j}" for j in range(params)]
+    call = f"formula({', '.join([f'_load({n}[i])' for n in a] + p)})"
     body = f"        o0[i] = _store({call}, o0)\n" if outputs == 1 else (
         f"        v = {call}\n" + "".join(f"        {n}[i] = _store(v[{j}], {n})\n" for j, n in enumerate(o))
     )
+    unpack = f"    {', '.join(p)}, = params\n" if p else ""
     scope = {"formula": formula, "_load": _load, "_store": _store}
-    exec(f"def loop({', '.join(a + o)}, params):\n    for i in range(o0.size):\n{body}", scope)  # noqa: S102
-    return njit(nogil=True)(scope["loop"])
+    exec(f"def loop({', '.join(a + o)}, params):\n{unpack}    for i in range(o0.size):\n{body}", scope)  # noqa: S102
+    return njit(nogil=True, error_model="numpy")(scope["loop"])
 
 
 class Kernel:
@@ -155,7 +157,7 @@ class Kernel:
     def __init__(self, name: str, formula: Callable, outputs: int = 1) -> None:
         self.name, self.outputs = name, outputs
         self._formulas = {torch.float32: _with_rounding(formula, _keep), torch.bfloat16: _with_rounding(formula, _to_bf16)}
-        self._loops: dict[tuple[torch.dtype, int], Callable] = {}
+        self._loops: dict[tuple[torch.dtype, int, int], Callable] = {}
 
     def run(self, x: Tensor, out: Tensor) -> None:
         """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
@@ -163,9 +165,9 @@ class Kernel:
 
     def __call__(self, mode: torch.dtype, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: tuple = ()) -> None:
         """The formula over dense tensors of one shape and strides, rounding as torch does in ``mode``."""
-        key = (mode, len(inputs))
+        key = (mode, len(inputs), len(params))
         if key not in self._loops:
-            self._loops[key] = _loop(self._formulas[mode], len(inputs), self.outputs)
+            self._loops[key] = _loop(self._formulas[mode], len(inputs), self.outputs, len(params))
         arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *outputs)]
         self._loops[key](*arrays, tuple(params))
 
@@ -270,8 +272,14 @@ def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) 
     return table
 
 
-def _looked_up(x: np.float32, table: np.ndarray) -> np.float32:
+@njit(cache=True)
+def lookup(table: np.ndarray, x: np.float32) -> np.float32:
+    """A :func:`bf16_table` at a bfloat16 value ``x`` (widened), for formulas: torch's result there."""
     return _widen(table[_bits_of(x) >> np.uint32(16)])
+
+
+def _looked_up(x: np.float32, table: np.ndarray) -> np.float32:
+    return lookup(table, x)
 
 
 LOOKUP = Kernel("lookup", _looked_up)
@@ -387,6 +395,7 @@ __all__ = [
     "apply",
     "LOOKUP",
     "bf16_table",
+    "lookup",
     "tabulated",
     "operand",
     "r",

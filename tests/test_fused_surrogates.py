@@ -13,6 +13,7 @@ import bnnbench.elementwise as elementwise
 import bnnbench.methods.fda as fda
 import bnnbench.methods.irnet as irnet
 import bnnbench.methods.reste as reste
+import bnnbench.methods.swish_sign as swish_sign
 
 EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
 EDGES += [1.0, -1.0, 1.0 + 2**-23, -(1.0 + 2**-23), 1.0 - 2**-24, 0.5, -0.5, 0.9999, 1e-30, 3e38, -3e38, 0.1, -0.1, 1.5, -1.5]
@@ -120,3 +121,22 @@ def test_reste_estimator_is_the_torch_formula(dtype, hp, monkeypatch):
     for progress in schedules(method, ("o",)):
         check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
 
+
+
+@DTYPES
+def test_rbnn_derivative_is_the_torch_formula(dtype, monkeypatch):
+    method = bnnbench.get_method("rbnn")
+    for progress in schedules(method, ("k", "t")):
+        check(lambda x: method.weight_derivative(x, progress), dtype, monkeypatch)
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+
+
+@DTYPES
+@pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
+def test_swish_sign_derivative_is_the_torch_formula(dtype, beta, monkeypatch):
+    check(lambda x: swish_sign.swish_sign_derivative(x, beta), dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
+def test_swish_sign_numerator_table_holds_in_torchs_scalar_tail(beta):
+    check_table(swish_sign._numerator, beta)
