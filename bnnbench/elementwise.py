@@ -129,18 +129,23 @@ def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) ->
     return compiled[formula]
 
 
-def _loop(formula: Callable, inputs: int, outputs: int, params: int) -> Callable:
+def _loop(formula: Callable, inputs: int, outputs: int, params: int, rows: int = 0) -> Callable:
     """The one-pass loop of ``formula`` over ``inputs`` arrays into ``outputs`` arrays, with ``params`` scalars (or
     tables) unpacked once, outside the loop (an array taken from the tuple per element would be reference-counted
-    per element)."""
-    a, o, p = [f"a{j}" for j in range(inputs)], [f"o{j}" for j in range(outputs)], [f"p{j}" for j in range(params)]
-    call = f"formula({', '.join([f'_load({n}[i])' for n in a] + p)})"
-    body = f"        o0[i] = _store({call}, o0)\n" if outputs == 1 else (
-        f"        v = {call}\n" + "".join(f"        {n}[i] = _store(v[{j}], {n})\n" for j, n in enumerate(o))
+    per element), and ``rows`` arrays of one value per row (the elements split into as many rows of equal length
+    as those have values: a per-channel tensor against a contiguous NC... one), passed after the elements."""
+    a, o, p, q = ([f"{c}{j}" for j in range(n)] for c, n in (("a", inputs), ("o", outputs), ("p", params), ("q", rows)))
+    call = f"formula({', '.join([f'_load({n}[i])' for n in a] + [f'_load({n}[row])' for n in q] + p)})"
+    store = f"o0[i] = _store({call}, o0)" if outputs == 1 else (
+        f"v = {call}; " + "; ".join(f"{n}[i] = _store(v[{j}], {n})" for j, n in enumerate(o))
     )
-    unpack = f"    {', '.join(p)}, = params\n" if p else ""
+    head = f"    {', '.join(p)}, = params\n" if p else ""
+    if q:
+        head += "    length = o0.size // q0.size\n    for row in range(q0.size):\n        for i in range(row * length, (row + 1) * length):\n"
+    else:
+        head += "    for row in range(1):\n        for i in range(o0.size):\n"
     scope = {"formula": formula, "_load": _load, "_store": _store}
-    exec(f"def loop({', '.join(a + o)}, params):\n{unpack}    for i in range(o0.size):\n{body}", scope)  # noqa: S102
+    exec(f"def loop({', '.join(a + o + q)}, params):\n{head}            {store}\n", scope)  # noqa: S102
     return njit(nogil=True, error_model="numpy")(scope["loop"])
 
 
@@ -157,18 +162,21 @@ class Kernel:
     def __init__(self, name: str, formula: Callable, outputs: int = 1) -> None:
         self.name, self.outputs = name, outputs
         self._formulas = {torch.float32: _with_rounding(formula, _keep), torch.bfloat16: _with_rounding(formula, _to_bf16)}
-        self._loops: dict[tuple[torch.dtype, int, int], Callable] = {}
+        self._loops: dict[tuple[torch.dtype, int, int, int], Callable] = {}
 
     def run(self, x: Tensor, out: Tensor) -> None:
         """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
         self(x.dtype, (x,), (out,))
 
-    def __call__(self, mode: torch.dtype, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: tuple = ()) -> None:
-        """The formula over dense tensors of one shape and strides, rounding as torch does in ``mode``."""
-        key = (mode, len(inputs), len(params))
+    def __call__(
+        self, mode: torch.dtype, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: tuple = (), rows: tuple[Tensor, ...] = ()
+    ) -> None:
+        """The formula over dense tensors of one shape and strides (and contiguous ``rows``, see :func:`_loop`),
+        rounding as torch does in ``mode``."""
+        key = (mode, len(inputs), len(params), len(rows))
         if key not in self._loops:
-            self._loops[key] = _loop(self._formulas[mode], len(inputs), self.outputs, len(params))
-        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *outputs)]
+            self._loops[key] = _loop(self._formulas[mode], len(inputs), self.outputs, len(params), len(rows))
+        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *outputs, *rows)]
         self._loops[key](*arrays, tuple(params))
 
     def __repr__(self) -> str:
@@ -183,6 +191,22 @@ CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
 
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
+
+
+def _shifted_sign(x: np.float32, shift: np.float32) -> np.float32:
+    return _sign(r(x + shift))
+
+
+def _shifted_approx_sign_grad(x: np.float32, grad: np.float32, shift: np.float32) -> tuple[np.float32, np.float32]:
+    """``grad * max(0, 2 - 2|x + shift|)``, twice (stored in the sum's dtype and in x's)."""
+    g = r(grad * _approx_sign_derivative(r(x + shift)))
+    return g, g
+
+
+SHIFTED_SIGN = Kernel("shifted_sign", _shifted_sign)
+"""sign(x + shift), the shift one value per row (ReActNet's per-channel threshold)."""
+SHIFTED_APPROX_SIGN_GRAD = Kernel("shifted_approx_sign_grad", _shifted_approx_sign_grad, outputs=2)
+"""grad * max(0, 2 - 2|x + shift|), the shift one value per row."""
 
 
 def _flat(x: Tensor, dtype: np.dtype) -> np.ndarray:
@@ -219,23 +243,35 @@ def unary(kernel: Kernel, x: Tensor) -> Tensor | None:
 
 
 def apply(
-    kernel: Kernel, *inputs: Tensor, params: tuple = (), mode: torch.dtype | None = None, out: tuple[Tensor, ...] | None = None
+    kernel: Kernel,
+    *inputs: Tensor,
+    params: tuple = (),
+    mode: torch.dtype | None = None,
+    out: tuple[Tensor, ...] | None = None,
+    rows: tuple[Tensor, ...] = (),
+    dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> Tensor | tuple[Tensor, ...] | None:
     """``kernel``'s formula over ``inputs`` (each covered, one shape and strides), rounding as torch does in ``mode``
-    (default: the first input's dtype), into ``out`` (default: new tensors like the first input, of dtype ``mode``;
-    an input may be an output too: element i is read before it is written), or None where it does not cover them."""
+    (default: the first input's dtype), into ``out`` (default: new tensors like the first input, of ``dtypes``,
+    default all ``mode``; an input may be an output too: element i is read before it is written), with ``rows``
+    (contiguous, one value per row of a contiguous first input, see :func:`_loop`), or None where it does not
+    cover them."""
     first = inputs[0]
     mode = first.dtype if mode is None else mode
     if not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in inputs):
         return None
+    if rows and not (first.is_contiguous() and all(covered(q) and q.is_contiguous() and q.numel() == rows[0].numel() for q in rows)):
+        return None
+    if rows and (rows[0].numel() == 0 or first.numel() % rows[0].numel()):
+        return None
     if out is None:
-        out = tuple(torch.empty_like(first, dtype=mode) for _ in range(kernel.outputs))
+        out = tuple(torch.empty_like(first, dtype=dtype) for dtype in (dtypes or (mode,) * kernel.outputs))
         if out[0].stride() != first.stride():
             return None
     elif not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in out):
         return None
     if first.numel():
-        kernel(mode, inputs, out, params)
+        kernel(mode, inputs, out, params, rows)
     return out[0] if kernel.outputs == 1 else out
 
 
@@ -400,6 +436,8 @@ __all__ = [
     "operand",
     "r",
     "REDUCTION_GRAIN",
+    "SHIFTED_APPROX_SIGN_GRAD",
+    "SHIFTED_SIGN",
     "SIGN",
     "covered",
     "pack_signs",

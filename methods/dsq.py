@@ -114,7 +114,7 @@ class DSQ(Method):
         """sign(w) forward; phi(clip(w, -u, u)) backward (to w, u and alpha)."""
         u = self._u(tensors["u"]) if "u" in tensors else w.abs().max().detach()
         alpha = self._alpha(tensors["alpha"]) if "alpha" in tensors else torch.tensor(self.alpha_init, dtype=w.dtype)
-        return straight_through(sign(w), soft_quantizer(w, u.to(w.dtype), alpha.to(w.dtype)))
+        return straight_through(sign(w.detach()), soft_quantizer(w, u.to(w.dtype), alpha.to(w.dtype)))  # the sign: no gradient
 
     def weight_scale(self, w: Tensor, **tensors: Tensor) -> Tensor:
         return self._u(tensors["u"]).to(w.dtype) if "u" in tensors else w.abs().max().detach()
@@ -129,7 +129,7 @@ class DSQ(Method):
             return a
         u = self._u(u).to(a.dtype) if u is not None else torch.tensor(self.act_bound, dtype=a.dtype)
         alpha = self._alpha(alpha).to(a.dtype) if alpha is not None else torch.tensor(self.alpha_init, dtype=a.dtype)
-        return straight_through(sign(a), soft_quantizer(a, u, alpha))
+        return straight_through(sign(a.detach()), soft_quantizer(a, u, alpha))  # the sign: no gradient
 
 
 def dsq_slope(alpha: float, u: float) -> float:

@@ -140,3 +140,39 @@ def test_swish_sign_derivative_is_the_torch_formula(dtype, beta, monkeypatch):
 @pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
 def test_swish_sign_numerator_table_holds_in_torchs_scalar_tail(beta):
     check_table(swish_sign._numerator, beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (4, 9), (2, 3, 5)], ids=["conv", "linear", "3d"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_shifted_surrogate_sign_is_autograd_through_the_sum(dtype, shape, layout, monkeypatch):
+    """ReActNet's sign(x + beta): forward and both gradients against autograd through the sum with every kernel off,
+    a bfloat16 x with a float32 shift included (the sum in float32, x's gradient rounded to bfloat16)."""
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-d")
+    generator = torch.Generator().manual_seed(5)
+    x = (1.2 * torch.randn(*shape, generator=generator)).to(dtype)
+    x.view(-1)[:8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -1.0, 1.0, 0.5, -1e-40])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    shift = (0.3 * torch.randn(shape[1], *([1] * (len(shape) - 2)), generator=generator))
+    shift.view(-1)[0] = -0.5
+    grad = torch.randn(*shape, generator=generator)
+
+    def run():
+        leaf, beta = x.clone().requires_grad_(), shift.clone().requires_grad_()
+        out = bnnbench.functional.surrogate_sign(leaf, bnnbench.functional.approx_sign_derivative, shift=beta)
+        out.backward(grad.to(out.dtype))
+        return out.detach(), leaf.grad, beta.grad
+
+    calls = []
+    run_kernel = elementwise.Kernel.__call__
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
+        fast = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise, "covered", lambda x: False)
+        slow = run()
+    assert all(identical(a, b) for a, b in zip(fast, slow))
+    if layout == "contiguous":
+        assert {"shifted_sign", "shifted_approx_sign_grad"} <= set(calls)
