@@ -48,6 +48,17 @@ def _float_of(typingctx, bits):
     return types.float32(types.uint32), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a b + c rounded once (LLVM's fma, as the FMA instructions torch's vectorised kernels use), for formulas."""
+
+    def codegen(context, builder, signature, args):
+        single = ir.FloatType()
+        return builder.call(builder.module.declare_intrinsic("llvm.fma", [single], ir.FunctionType(single, [single] * 3)), args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
 @njit(cache=True)
 def _widen(bits: np.uint16) -> np.float32:
     """A bfloat16 (its 16 bits) as float32: exact."""
@@ -431,6 +442,7 @@ __all__ = [
     "apply",
     "LOOKUP",
     "bf16_table",
+    "fma",
     "lookup",
     "tabulated",
     "operand",

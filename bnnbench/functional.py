@@ -99,6 +99,8 @@ def _shifted(kernel: elementwise.Kernel, x: Tensor, shift: Tensor, tensors: tupl
     x of shape (N, C, ...) and a shift of shape (C, 1, ...); None otherwise.  The sum ``x + shift`` rounds in its
     result dtype (float32 for a bfloat16 x and a float32 shift), the mode of the kernel; a second output is
     rounded to x's dtype."""
+    if not elementwise.covered(x):
+        return None
     mode = torch.result_type(x, shift)
     if x.dim() < 2 or shift.shape != (x.shape[1], *([1] * (x.dim() - 2))) or shift.dtype not in (torch.float32, torch.bfloat16):
         return None

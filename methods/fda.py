@@ -82,8 +82,10 @@ def _fourier_float32(x: Tensor, omega: float, n: int | Tensor, max_n: int | None
     """The terms i <= n only: a term beyond n adds cos * 0, +-0 where its argument is finite, which leaves a partial
     sum unchanged unless it were -0, which none is (0 + t is +0 for t = -0, an exact cancellation rounds to +0),
     and NaN where the argument overflows (:func:`_fourier_last` checks the largest)."""
+    if x.dtype != torch.float32 or not elementwise.covered(x) or x.numel() == 0:
+        return None
     last = min(int(n), int(n) if max_n is None else max_n)
-    if x.dtype != torch.float32 or not elementwise.covered(x) or last < 0 or x.numel() == 0:
+    if last < 0:
         return None
     coefficient = lambda i: np.float32((2 * i + 1) * omega)  # noqa: E731  (a float times x: float32 opmath)
     beyond = coefficient(max_n) if max_n is not None and max_n > last else np.float32(0.0)

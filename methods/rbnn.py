@@ -80,10 +80,11 @@ def rbnn_derivative(x: Tensor, k: float | Tensor, t: float | Tensor) -> Tensor:
     """k max(0, sqrt(2) t - t^2 |x|): the torch formula, or bit for bit its value in one pass (:data:`RBNN_DERIVATIVE`)
     where the kernels cover x."""
     peak, slope = math.sqrt(2.0) * t, t * t
-    mode = x.dtype
-    params = [elementwise.operand(k, mode, not isinstance(k, Tensor)), elementwise.operand(peak, mode, False)]
-    params.append(elementwise.operand(slope, mode, not isinstance(slope, Tensor)))  # ``slope * |x|``, ``peak - y``, ``k * y``
-    fused = elementwise.apply(RBNN_DERIVATIVE, x, params=tuple(params)) if elementwise.covered(x) else None
+    fused = None
+    if elementwise.covered(x):  # the scalars as torch uses them in ``slope * |x|``, ``peak - y``, ``k * y``
+        opmath = [not isinstance(v, Tensor) for v in (k, slope)]
+        params = (elementwise.operand(k, x.dtype, opmath[0]), elementwise.operand(peak, x.dtype, False), elementwise.operand(slope, x.dtype, opmath[1]))
+        fused = elementwise.apply(RBNN_DERIVATIVE, x, params=params)
     return fused if fused is not None else k * (peak - slope * x.abs()).clamp(min=0)
 
 

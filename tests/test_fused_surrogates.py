@@ -176,3 +176,33 @@ def test_shifted_surrogate_sign_is_autograd_through_the_sum(dtype, shape, layout
     assert all(identical(a, b) for a, b in zip(fast, slow))
     if layout == "contiguous":
         assert {"shifted_sign", "shifted_approx_sign_grad"} <= set(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("u, alpha", [(1.0, 0.2), (0.37, 0.9999), (2.5, 1e-4), (0.8, 0.55)])
+def test_dsq_soft_quantized_sign_is_autograd_through_the_soft_quantizer(dtype, u, alpha, monkeypatch):
+    """The sign forward and the gradients to x, u and alpha (through the clamps and the dtype conversions, as
+    DSQ's activation takes them) against autograd through straight_through(sign, soft_quantizer), bit for bit."""
+    import bnnbench.methods.dsq as dsq
+
+    method = bnnbench.get_method("dsq")
+    for x in inputs(dtype)[:4]:
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype).contiguous(memory_format=torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format)
+
+        def run():
+            leaf, lu, la = x.clone().requires_grad_(), torch.tensor(u, requires_grad=True), torch.tensor(alpha, requires_grad=True)
+            out = method.activation(leaf, 0.5, u=lu, alpha=la)
+            out.backward(grad)
+            return out.detach(), leaf.grad, lu.grad, la.grad
+
+        calls = []
+        run_kernel = elementwise.Kernel.__call__
+        with monkeypatch.context() as patch:
+            patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
+            fast = run()
+        with monkeypatch.context() as patch:
+            patch.setattr(elementwise, "covered", lambda x: False)
+            slow = run()
+        assert all(identical(a, b) for a, b in zip(fast, slow)), (x.shape, [identical(a, b) for a, b in zip(fast, slow)])
+        assert any(name.startswith("dsq_gradients") for name in calls)
+    assert dsq.soft_quantized_sign  # the function the method runs
