@@ -136,7 +136,9 @@ def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) ->
             if isinstance(called, types_module.FunctionType) and name != "r":
                 scope[name] = _with_rounding(called, rounding, compiled)
         code = types_module.FunctionType(formula.__code__, scope, formula.__name__, formula.__defaults__, formula.__closure__)
-        compiled[formula] = njit(error_model="numpy")(code)  # IEEE division (inf, NaN), as torch's
+        # IEEE division (inf, NaN), as torch's; inlined into the loop, where the reference counting of a table
+        # passed down to a called formula cancels out (a call per element would count it per element)
+        compiled[formula] = njit(error_model="numpy", inline="always")(code)
     return compiled[formula]
 
 
@@ -319,7 +321,7 @@ def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) 
     return table
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def lookup(table: np.ndarray, x: np.float32) -> np.float32:
     """A :func:`bf16_table` at a bfloat16 value ``x`` (widened), for formulas: torch's result there."""
     return _widen(table[_bits_of(x) >> np.uint32(16)])

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from bnnbench import elementwise
-from bnnbench.elementwise import fma, lookup, r
+from bnnbench.elementwise import fma, r
 from bnnbench.functional import sign
 from bnnbench.method import Method, Progress, straight_through
 from bnnbench.registry import register_method
@@ -79,7 +79,7 @@ def soft_quantized_sign(x: Tensor, u: Tensor, alpha: Tensor) -> Tensor:
     soft quantizer (to x, u and alpha) backward, bit for bit.
 
     Where the kernels cover x, the element-wise part is one autograd node (:class:`_SoftQuantizedSign`) that keeps
-    only x and recomputes in the backward, in one pass (float32: after torch's tanh), what autograd's nodes of
+    only x and recomputes in the backward, in one pass after torch's tanh (bfloat16: looked up), what autograd's nodes of
     the clip, the product with k, tanh and the product with s give, the gradients to the scalars as the same
     tensors torch sums; the scalar part (s, k and -u from u and alpha) stays autograd's, built in the same order."""
     hard = sign(x.detach())
@@ -106,14 +106,8 @@ def _dsq_gradients(x, grad, th, u, neg_u, s, k):  # -> (to x, to u, to -u, to s,
     return (grad_c if inside else zero), (outside if positive else zero), (zero if positive else outside), r(grad * th), r(grad_z * c)
 
 
-def _dsq_gradients_bf16(x, grad, u, neg_u, s, k, tanh):
-    """:func:`_dsq_gradients` with torch's bfloat16 tanh looked up."""
-    return _dsq_gradients(x, grad, lookup(tanh, _dsq_argument(x, u, neg_u, k)), u, neg_u, s, k)
-
-
 DSQ_ARGUMENT = elementwise.Kernel("dsq_argument", _dsq_argument)
 DSQ_GRADIENTS = elementwise.Kernel("dsq_gradients", _dsq_gradients, outputs=5)
-DSQ_GRADIENTS_BF16 = elementwise.Kernel("dsq_gradients_bf16", _dsq_gradients_bf16, outputs=5)
 
 
 class _SoftQuantizedSign(torch.autograd.Function):
@@ -128,13 +122,11 @@ class _SoftQuantizedSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, u, neg_u, s, k = ctx.saved_tensors
-        scalars = tuple(np.float32(float(v)) for v in (u, neg_u, s, k))
-        if x.dtype == torch.bfloat16:
-            table = elementwise.bf16_table(torch.tanh)
-            parts = elementwise.apply(DSQ_GRADIENTS_BF16, x, grad, params=(*scalars, table))
-        else:
-            z = elementwise.apply(DSQ_ARGUMENT, x, params=(scalars[0], scalars[1], scalars[3]))
-            parts = None if z is None else elementwise.apply(DSQ_GRADIENTS, x, grad, torch.tanh_(z), params=scalars, out=(*(torch.empty_like(x) for _ in range(4)), z))
+        scalars = tuple(np.float32(float(v)) for v in (u, neg_u, s, k))  # 0-dim tensors of x's dtype: exact
+        z, parts = elementwise.apply(DSQ_ARGUMENT, x, params=(scalars[0], scalars[1], scalars[3])), None
+        if z is not None:  # torch's tanh: bfloat16 looked up (a pass of its own: a gather keeps a loop scalar)
+            th = elementwise.apply(elementwise.LOOKUP, z, params=(elementwise.bf16_table(torch.tanh),), out=(z,)) if z.dtype == torch.bfloat16 else torch.tanh_(z)
+            parts = elementwise.apply(DSQ_GRADIENTS, x, grad, th, params=scalars, out=(*(torch.empty_like(x) for _ in range(4)), th))
         if parts is None:
             return (*_autograd_of_formula(x, u, neg_u, s, k, grad), None)
         return parts[0], parts[1].sum(), parts[2].sum(), parts[3].sum(), parts[4].sum(), None
