@@ -1,17 +1,25 @@
 """One-pass CPU kernels (numba) for the binary layer's element-wise math, bit for bit what torch's ops give.
 
 Eager torch runs a formula such as ``max(0, 2 - 2|x|)`` as one pass per operator, each
-allocating its result; the kernels here read the input once and write the result once.
+allocating its result; the kernels here read the inputs once and write the results once.
 They are exact, not approximations: each is compiled without ``fastmath`` (no reassociation,
-no contraction into FMA) and evaluates the formula in float32, as torch's float32 and
-bfloat16 kernels do, rounding a bfloat16 result to nearest-even once per torch operator
-that would round (for the formulas here: once, see :data:`APPROX_SIGN_DERIVATIVE`).  The tests
-compare every kernel with the torch formula it replaces, bit for bit, on edge values
-(signed zeros, NaN, infinities, subnormals), odd shapes and both memory formats.
+no contraction into FMA; :func:`fma` where torch's own kernel fuses one) and evaluates the
+formula in float32, as torch's float32 and bfloat16 kernels do, rounding a bfloat16 result to
+nearest-even once per torch operator that rounds: a :class:`Kernel`'s formula is a plain Python
+function over float32 scalars that writes ``r(...)`` around each such operator, compiled twice
+(``r`` the identity, ``r`` the bfloat16 rounding), with any number of input tensors, outputs,
+scalar parameters (:func:`operand`: the value torch gives a 0-dim tensor or Python scalar in
+each operator) and per-row values (a per-channel tensor).  A transcendental (tanh, cos, cosh,
+pow) stays one torch pass around which the kernels run: numba cannot reproduce torch's SLEEF
+vectorised functions bit for bit.  In bfloat16 a formula of x alone whose torch operators give
+each element a value that depends on that value only is a table of the 65,536 bfloat16 values
+that torch computes once (:func:`bf16_table`, :func:`tabulated`: one lookup pass).  The tests
+compare every kernel with the torch formula it replaces, bit for bit, on edge values (signed
+zeros, NaN, infinities, subnormals), every bfloat16 pattern, odd shapes and both memory formats.
 
-:func:`unary` applies a kernel where it covers the input (a CPU float32 or bfloat16 tensor,
-dense in its memory format, that autograd does not track) and returns None otherwise,
-so the caller runs its torch formula; :func:`per_sample_variance` is torch's
+:func:`unary` and :func:`apply` run a kernel where it covers the inputs (CPU float32 or bfloat16
+tensors, dense in their memory format, that autograd does not track, outside torch.compile) and
+return None otherwise, so the caller runs its torch formula; :func:`per_sample_variance` is torch's
 ``x.var(dims 1..)`` (Welford in float64, one pass per sample in memory order, as torch's
 CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 tensor in
 1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input).

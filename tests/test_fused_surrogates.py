@@ -50,8 +50,9 @@ def reference(call, x, monkeypatch):
         return call(x)
 
 
-def schedules(method, names):
-    """(progress kinds, the method's scheduled scalars) at PROGRESS, as float64 buffers and as floats."""
+def schedules():
+    """The progress values PROGRESS as a layer's float64 buffer and as floats (the schedules' scalars then come as
+    0-dim tensors or as floats, which torch rounds differently in bfloat16)."""
     for p in PROGRESS:
         for progress in (torch.tensor(p, dtype=torch.float64), p):
             yield progress
@@ -88,21 +89,21 @@ def check_table(formula, *scalars):
 @pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
 def test_irnet_ede_is_the_torch_formula(dtype, hp, monkeypatch):
     method = bnnbench.get_method("irnet", **hp)
-    for progress in schedules(method, ("k", "t")):
+    for progress in schedules():
         check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
 def test_irnet_table_holds_in_torchs_scalar_tail(hp):
     method = bnnbench.get_method("irnet", **hp)
-    for progress in schedules(method, ("k", "t")):
+    for progress in schedules():
         check_table(irnet._ede, method.k(progress), method.t(progress))
 
 
 @DTYPES
 def test_fda_series_is_the_torch_formula(dtype, monkeypatch):
     method = bnnbench.get_method("fda")
-    for progress in schedules(method, ("n",)):
+    for progress in schedules():
         check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
     for n in (0, 3, 9):  # an integer n, no max_n
         check(lambda x: fda.fourier_sign_derivative(x, 0.1, n), dtype, monkeypatch)
@@ -118,7 +119,7 @@ def test_fda_table_holds_in_torchs_scalar_tail():
 @pytest.mark.parametrize("hp", [{}, {"o_end": 2.0, "t": 1.0 + 2**-7, "interval": 0.25}], ids=["default", "other"])
 def test_reste_estimator_is_the_torch_formula(dtype, hp, monkeypatch):
     method = bnnbench.get_method("reste", **hp)
-    for progress in schedules(method, ("o",)):
+    for progress in schedules():
         check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
 
 
@@ -126,7 +127,7 @@ def test_reste_estimator_is_the_torch_formula(dtype, hp, monkeypatch):
 @DTYPES
 def test_rbnn_derivative_is_the_torch_formula(dtype, monkeypatch):
     method = bnnbench.get_method("rbnn")
-    for progress in schedules(method, ("k", "t")):
+    for progress in schedules():
         check(lambda x: method.weight_derivative(x, progress), dtype, monkeypatch)
         check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
 
@@ -206,3 +207,26 @@ def test_dsq_soft_quantized_sign_is_autograd_through_the_soft_quantizer(dtype, u
         assert all(identical(a, b) for a, b in zip(fast, slow)), (x.shape, [identical(a, b) for a, b in zip(fast, slow)])
         assert any(name.startswith("dsq_gradients") for name in calls)
     assert dsq.soft_quantized_sign  # the function the method runs
+
+
+def test_operand_is_the_scalar_torch_computes_with_in_bfloat16():
+    """Over every bfloat16 pattern and many scalars: ``tensor * s``, ``tensor / s`` and ``float * tensor`` use the scalar
+    in float32, ``tensor0d * tensor``, ``+``, ``-`` and comparisons the scalar rounded to bfloat16 (through float32)."""
+    rng = np.random.default_rng(0)
+    values = [0.1, 10.0, 1e-3, 1 / 3, 2.0**0.5, 1.0 + 2**-8 + 2**-30, 1.0 + 2**-8] + list(10 ** rng.uniform(-3, 1, 40))
+    x = EVERY_BF16
+    wide = x.float()
+
+    def expect(op, value, opmath):
+        return op(wide, float(elementwise.operand(value, torch.bfloat16, opmath))).to(torch.bfloat16)
+
+    for value in values:
+        for scalar in (value, torch.tensor(value, dtype=torch.float64), torch.tensor(value, dtype=torch.float32)):
+            is_float = not isinstance(scalar, torch.Tensor)
+            assert identical(x * scalar, expect(torch.mul, value, True))
+            assert identical(x / scalar, expect(torch.div, value, True))
+            assert identical(scalar * x, expect(torch.mul, value, is_float))
+            assert identical(scalar - x, expect(lambda a, b: b - a, value, False))
+            assert identical(x + scalar, expect(torch.add, value, False))
+            assert torch.equal(x <= scalar, wide <= float(elementwise.operand(value, torch.bfloat16, False)))
+            assert identical(x.float() * scalar, wide * float(elementwise.operand(value, torch.float32, True)))
