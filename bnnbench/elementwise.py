@@ -76,10 +76,9 @@ def _widen(bits: np.uint16) -> np.float32:
 @njit(cache=True)
 def _round_bf16(value: np.float32) -> np.uint16:
     """float32 to bfloat16 bits, rounded to nearest-even (c10's round_to_nearest_even; NaN to 0x7FC0)."""
-    if value != value:
-        return np.uint16(0x7FC0)
     u = _bits_of(value)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(0x7FC0) if value != value else rounded  # a select, not a branch: loops stay vectorised
 
 
 def r(value: np.float32) -> np.float32:
@@ -154,19 +153,21 @@ def _loop(formula: Callable, inputs: int, outputs: int, params: int, rows: int =
     """The one-pass loop of ``formula`` over ``inputs`` arrays into ``outputs`` arrays, with ``params`` scalars (or
     tables) unpacked once, outside the loop (an array taken from the tuple per element would be reference-counted
     per element), and ``rows`` arrays of one value per row (the elements split into as many rows of equal length
-    as those have values: a per-channel tensor against a contiguous NC... one), passed after the elements."""
+    as those have values: a per-channel tensor against a contiguous NC... one), passed after the elements.  Each
+    row's elements are a slice indexed from 0, so that the vectorised inner loop needs no negative-index check."""
     a, o, p, q = ([f"{c}{j}" for j in range(n)] for c, n in (("a", inputs), ("o", outputs), ("p", params), ("q", rows)))
-    call = f"formula({', '.join([f'_load({n}[i])' for n in a] + [f'_load({n}[row])' for n in q] + p)})"
-    store = f"o0[i] = _store({call}, o0)" if outputs == 1 else (
-        f"v = {call}; " + "; ".join(f"{n}[i] = _store(v[{j}], {n})" for j, n in enumerate(o))
+    call = f"formula({', '.join([f'_load(row_{n}[i])' for n in a] + [f'_load({n}[row])' for n in q] + p)})"
+    store = f"row_o0[i] = _store({call}, row_o0)" if outputs == 1 else (
+        f"v = {call}; " + "; ".join(f"row_{n}[i] = _store(v[{j}], row_{n})" for j, n in enumerate(o))
     )
-    head = f"    {', '.join(p)}, = params\n" if p else ""
-    if q:
-        head += "    length = o0.size // q0.size\n    for row in range(q0.size):\n        for i in range(row * length, (row + 1) * length):\n"
-    else:
-        head += "    for row in range(1):\n        for i in range(o0.size):\n"
+    count = "q0.size" if q else "1"
+    source = [f"def loop({', '.join(a + o + q)}, params):"]
+    source += [f"    {', '.join(p)}, = params"] if p else []
+    source += [f"    length = o0.size // {count}", f"    for row in range({count}):", "        start = row * length"]
+    source += [f"        row_{n} = {n}[start:start + length]" for n in a + o]
+    source += ["        for i in range(length):", f"            {store}"]
     scope = {"formula": formula, "_load": _load, "_store": _store}
-    exec(f"def loop({', '.join(a + o + q)}, params):\n{head}            {store}\n", scope)  # noqa: S102
+    exec("\n".join(source) + "\n", scope)  # noqa: S102
     return njit(nogil=True, error_model="numpy")(scope["loop"])
 
 
