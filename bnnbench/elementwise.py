@@ -38,7 +38,7 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 # torch's CPU reductions split one output's elements across threads from this many on
-# (at::internal::GRAIN_SIZE); below it, or on one thread, each output is one sequential pass.
+# (at::internal::GRAIN_SIZE), as its element-wise loops split a pass; below it, or on one thread, one sequential pass.
 REDUCTION_GRAIN = 32768
 
 _ONE, _TWO, _ZERO = np.float32(1.0), np.float32(2.0), np.float32(0.0)
@@ -344,17 +344,57 @@ LOOKUP = Kernel("lookup", _looked_up)
 """table[x]: a :func:`bf16_table` at each bfloat16 element."""
 
 
+# bfloat16 elements per step of torch's vectorised CPU loops (two Vectorized<BFloat16>, AVX-512 or AVX2): of one
+# pass over n elements on one thread, the last n % step run through its scalar code instead
+_STEP = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+_SCALAR_ROWS = 31  # elements no vectorised loop step covers (< 32)
+_TAILS: dict[tuple, np.ndarray | None] = {}
+
+
+def bf16_tail_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) -> np.ndarray | None:
+    """:func:`bf16_table` as torch's scalar code computes it (the formula on every bfloat16 value, in tensors too
+    short for one vectorised step, so that each of its operators runs its scalar code), or None where that is the
+    vectorised body's table: every operator of the formula gives each element a value that depends on that value
+    alone (the arithmetic, tanh and cos here, but for the payload of a NaN, which the tests do not compare; not
+    bfloat16 cosh and pow, whose vectorised and scalar code round some values differently)."""
+    key = (formula, *map(_scalar_key, scalars))
+    if key not in _TAILS:
+        if len(_TAILS) >= 64:
+            _TAILS.clear()
+        tail = torch.cat([formula(chunk.clone(), *scalars) for chunk in _EVERY_BF16.split(_SCALAR_ROWS)])
+        tail = tail.view(torch.int16).numpy().view(np.uint16)
+        nan = lambda bits: (bits & np.uint16(0x7FFF)) > np.uint16(0x7F80)  # noqa: E731
+        body = bf16_table(formula, *scalars)
+        _TAILS[key] = None if np.all((tail == body) | (nan(tail) & nan(body))) else tail  # a NaN's payload aside
+    return _TAILS[key]
+
+
 def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tensor | None) -> Tensor | None:
     """``formula(x, *scalars)`` for a bfloat16 x the kernels cover, looked up in its :func:`bf16_table` in one pass;
     None otherwise.
 
-    Bit for bit the formula where each of its torch operators gives every element a value that depends on that
-    element's value alone, not on where it sits (torch's vectorised body and scalar tail agree): true of the
-    arithmetic and of tanh, cos and pow here (tests/test_fused_surrogates.py checks each formula's scalar tail on
-    every bfloat16 value), not of bfloat16 cosh."""
+    Bit for bit torch's formula: each of its torch operators gives an element a value that depends on the
+    element's value and on whether torch's vectorised body or its scalar tail computes it, nothing else.  Where
+    the two differ (:func:`bf16_tail_table`), the elements in the tail (the last n % ``_STEP`` in memory order,
+    where one pass covers all n: one thread, or fewer elements than torch splits between threads) are looked
+    up in the tail's table; with more threads such a formula is not covered."""
     if x.dtype != torch.bfloat16 or not covered(x):
         return None
-    return apply(LOOKUP, x, params=(bf16_table(formula, *scalars),))
+    body, tail = bf16_table(formula, *scalars), bf16_tail_table(formula, *scalars)
+    if tail is None:
+        return apply(LOOKUP, x, params=(body,))
+    n = x.numel()
+    if _STEP is None or (torch.get_num_threads() > 1 and n >= REDUCTION_GRAIN):
+        return None
+    out = torch.empty_like(x)
+    if out.stride() != x.stride():
+        return None
+    flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
+    split = n - n % _STEP
+    for part, table in ((slice(0, split), body), (slice(split, n), tail)):
+        if part.stop > part.start:
+            apply(LOOKUP, flat_x[part], params=(table,), out=(flat_out[part],))
+    return out
 
 
 _SIGN_BIT = {torch.float32: (np.uint32, 31, 0x3F800000), torch.bfloat16: (np.uint16, 15, 0x3F80)}  # bits, shift, +1
@@ -453,6 +493,7 @@ __all__ = [
     "apply",
     "LOOKUP",
     "bf16_table",
+    "bf16_tail_table",
     "fma",
     "lookup",
     "tabulated",

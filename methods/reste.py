@@ -35,10 +35,11 @@ from bnnbench.registry import register_method
 def reste_derivative(x: Tensor, o: float | Tensor, interval: float, t: float) -> Tensor:
     """(1/o)|x|^((1-o)/o) on interval < |x| <= t, interval^(1/o) / interval on |x| <= interval, 0 beyond t.
 
-    The torch formula, or bit for bit its value in three passes where the kernels cover x: :data:`RESTE_BASE`,
-    torch's pow in place, :data:`RESTE_PIECES` (not a bfloat16 table: torch's bfloat16 pow differs between its
-    vectorised body and its scalar tail for some exponents)."""
-    fused = _fused_reste(x, o, interval, t)
+    The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
+    (:func:`bnnbench.elementwise.tabulated`; torch's bfloat16 pow rounds some values differently in its scalar
+    tail for some exponents, -1/2 among them), else :data:`RESTE_BASE`, torch's pow in place, :data:`RESTE_PIECES`."""
+    fused = elementwise.tabulated(_reste, x, o, interval, t)
+    fused = _fused_reste(x, o, interval, t) if fused is None else fused
     return fused if fused is not None else _reste(x, o, interval, t)
 
 

@@ -29,12 +29,17 @@ from bnnbench.registry import register_method
 def swish_sign_derivative(x: Tensor, beta: float) -> Tensor:
     """d SS_beta / dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)).
 
-    The torch formula, or bit for bit its value in fewer passes where the kernels cover x: torch's tanh and cosh
-    in place, the rest in :data:`SWISH_HALF` and :data:`SWISH_SIGN` (bfloat16: the numerator looked up,
-    :func:`bnnbench.elementwise.bf16_table`, then :data:`SWISH_QUOTIENT`; cosh stays a torch pass, its bfloat16
-    tail rounds differently)."""
-    fused = _fused_swish_sign(x, beta)
-    return fused if fused is not None else _numerator(x, beta) / (1.0 + torch.cosh(beta * x))
+    The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
+    (:func:`bnnbench.elementwise.tabulated`, torch's bfloat16 cosh rounding some values differently in its scalar
+    tail); else torch's tanh and cosh, the rest in :data:`SWISH_HALF` and :data:`SWISH_SIGN` (bfloat16: the
+    numerator looked up, :func:`bnnbench.elementwise.bf16_table`, then :data:`SWISH_QUOTIENT`)."""
+    fused = elementwise.tabulated(_swish_sign, x, beta)
+    fused = _fused_swish_sign(x, beta) if fused is None else fused
+    return fused if fused is not None else _swish_sign(x, beta)
+
+
+def _swish_sign(x: Tensor, beta: float) -> Tensor:
+    return _numerator(x, beta) / (1.0 + torch.cosh(beta * x))
 
 
 def _numerator(x: Tensor, beta: float) -> Tensor:
@@ -47,7 +52,7 @@ def _swish_half(x: np.float32, beta: np.float32) -> np.float32:
     return r(r(beta * x) / np.float32(2.0))
 
 
-def _swish_sign(x: np.float32, th: np.float32, cosh: np.float32, beta: np.float32) -> np.float32:
+def _swish_sign_tail(x: np.float32, th: np.float32, cosh: np.float32, beta: np.float32) -> np.float32:
     """``beta * (2.0 - bx * th) / (1.0 + cosh)`` after torch's tanh and cosh."""
     return r(r(beta * r(np.float32(2.0) - r(r(beta * x) * r(th)))) / r(np.float32(1.0) + cosh))
 
@@ -58,7 +63,7 @@ def _swish_quotient(numerator: np.float32, cosh: np.float32) -> np.float32:
 
 
 SWISH_HALF = elementwise.Kernel("swish_half", _swish_half)
-SWISH_SIGN = elementwise.Kernel("swish_sign", _swish_sign)
+SWISH_SIGN = elementwise.Kernel("swish_sign", _swish_sign_tail)
 SWISH_QUOTIENT = elementwise.Kernel("swish_quotient", _swish_quotient)
 
 

@@ -70,19 +70,19 @@ def check(derivative, dtype, monkeypatch):
     assert calls, "no kernel ran"
 
 
-def in_the_scalar_tail(formula, *scalars) -> torch.Tensor:
-    """formula over every bfloat16 value laid out in rows of 63 (a strided view), where torch's vectorised loops
-    (64 bfloat16 per step) run none: every element through the scalar path."""
-    rows = torch.cat([EVERY_BF16, EVERY_BF16[:63 * 1041 - 2**16]]).reshape(1041, 63)
-    padded = torch.zeros(1041, 64, dtype=torch.bfloat16)
-    padded[:, :63] = rows
-    return formula(padded[:, :63], *scalars).reshape(-1)[: 2**16]
-
-
-def check_table(formula, *scalars):
-    """The formula's table (computed on the contiguous patterns) is what torch's scalar tail gives each value too."""
-    table = torch.from_numpy(elementwise.bf16_table(formula, *scalars).view(np.int16)).view(torch.bfloat16)
-    assert identical(in_the_scalar_tail(formula, *scalars), table)
+def check_tabulated(formula, *scalars, threads: int = 1):
+    """The lookup equals torch's formula with every bfloat16 value in torch's scalar tail (tensors of 64 + 63
+    elements: one vectorised step, then 63 elements of scalar code) and in its vectorised body."""
+    filler = EVERY_BF16[1000:1064]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for chunk in EVERY_BF16.split(63):
+            for x in (torch.cat([filler, chunk]), torch.cat([chunk, filler])):
+                fast = elementwise.tabulated(formula, x, *scalars)
+                assert fast is not None and identical(fast, formula(x, *scalars)), chunk[:3]
+    finally:
+        torch.set_num_threads(previous)
 
 
 @DTYPES
@@ -96,8 +96,8 @@ def test_irnet_ede_is_the_torch_formula(dtype, hp, monkeypatch):
 @pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
 def test_irnet_table_holds_in_torchs_scalar_tail(hp):
     method = bnnbench.get_method("irnet", **hp)
-    for progress in schedules():
-        check_table(irnet._ede, method.k(progress), method.t(progress))
+    for progress in (torch.tensor(0.0, dtype=torch.float64), 0.5, torch.tensor(1.0, dtype=torch.float64)):
+        check_tabulated(irnet._ede, method.k(progress), method.t(progress))
 
 
 @DTYPES
@@ -112,7 +112,7 @@ def test_fda_series_is_the_torch_formula(dtype, monkeypatch):
 def test_fda_table_holds_in_torchs_scalar_tail():
     method = bnnbench.get_method("fda")
     for progress in (torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64), 0.5):
-        check_table(fda._fourier, method.omega, method.n_terms(progress), method.n_start + method.n_growth)
+        check_tabulated(fda._fourier, method.omega, method.n_terms(progress), method.n_start + method.n_growth)
 
 
 @DTYPES
@@ -139,8 +139,31 @@ def test_swish_sign_derivative_is_the_torch_formula(dtype, beta, monkeypatch):
 
 
 @pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
-def test_swish_sign_numerator_table_holds_in_torchs_scalar_tail(beta):
-    check_table(swish_sign._numerator, beta)
+def test_swish_sign_tables_hold_in_torchs_scalar_tail(beta):
+    """The numerator's table serves body and tail alike; the whole derivative's (cosh) has a tail table of its own."""
+    assert elementwise.bf16_tail_table(swish_sign._numerator, beta) is None
+    assert elementwise.bf16_tail_table(swish_sign._swish_sign, beta) is not None
+    check_tabulated(swish_sign._swish_sign, beta)
+
+
+def test_reste_tables_hold_in_torchs_scalar_tail():
+    """o = 2 makes torch's pow an rsqrt whose bfloat16 tail rounds differently: a tail table of its own."""
+    method = bnnbench.get_method("reste", o_end=2.0, t=1.0 + 2**-7, interval=0.25)
+    assert elementwise.bf16_tail_table(reste._reste, method.o(1.0), method.interval, method.t) is not None
+    for progress in (1.0, torch.tensor(0.3141, dtype=torch.float64)):
+        check_tabulated(reste._reste, method.o(progress), method.interval, method.t)
+
+
+def test_a_formula_whose_tail_differs_is_not_covered_on_several_threads():
+    x = EVERY_BF16.repeat(2)  # more elements than torch passes to one thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert elementwise.tabulated(swish_sign._swish_sign, x, 5.0) is None
+        assert elementwise.tabulated(swish_sign._numerator, x, 5.0) is not None
+        assert identical(swish_sign.swish_sign_derivative(x, 5.0), swish_sign._swish_sign(x, 5.0))
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
