@@ -149,22 +149,26 @@ def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) ->
     return compiled[formula]
 
 
-def _loop(formula: Callable, inputs: int, outputs: int, params: int, rows: int = 0) -> Callable:
-    """The one-pass loop of ``formula`` over ``inputs`` arrays into ``outputs`` arrays, with ``params`` scalars (or
-    tables) unpacked once, outside the loop (an array taken from the tuple per element would be reference-counted
-    per element), and ``rows`` arrays of one value per row (the elements split into as many rows of equal length
-    as those have values: a per-channel tensor against a contiguous NC... one), passed after the elements.  Each
-    row's elements are a slice indexed from 0, so that the vectorised inner loop needs no negative-index check."""
-    a, o, p, q = ([f"{c}{j}" for j in range(n)] for c, n in (("a", inputs), ("o", outputs), ("p", params), ("q", rows)))
+def _loop(formula: Callable, inputs: int, outputs: tuple[int | None, ...], params: int, rows: int = 0) -> Callable:
+    """The one-pass loop of ``formula`` over ``inputs`` arrays into one array per entry of ``outputs`` (an input's
+    index where the output is that input, written in place: the same array, so that the vectoriser sees element i
+    read and then written, not two arrays that might overlap, which would keep the loop scalar), with ``params``
+    scalars (or tables) unpacked once, outside the loop (an array taken from the tuple per element would be
+    reference-counted per element), and ``rows`` arrays of one value per row (the elements split into as many rows
+    of equal length as those have values: a per-channel tensor against a contiguous NC... one), passed after the
+    elements.  Each row's elements are a slice indexed from 0, so that the inner loop needs no negative-index check."""
+    a, p, q = ([f"{c}{j}" for j in range(n)] for c, n in (("a", inputs), ("p", params), ("q", rows)))
+    o = [f"a{alias}" if alias is not None else f"o{j}" for j, alias in enumerate(outputs)]
     call = f"formula({', '.join([f'_load(row_{n}[i])' for n in a] + [f'_load({n}[row])' for n in q] + p)})"
-    store = f"row_o0[i] = _store({call}, row_o0)" if outputs == 1 else (
+    store = f"row_{o[0]}[i] = _store({call}, row_{o[0]})" if len(o) == 1 else (
         f"v = {call}; " + "; ".join(f"row_{n}[i] = _store(v[{j}], row_{n})" for j, n in enumerate(o))
     )
-    count = "q0.size" if q else "1"
-    source = [f"def loop({', '.join(a + o + q)}, params):"]
+    own = [n for n in o if n.startswith("o")]
+    count, size = ("q0.size" if q else "1"), f"{a[0]}.size"
+    source = [f"def loop({', '.join(a + own + q)}, params):"]
     source += [f"    {', '.join(p)}, = params"] if p else []
-    source += [f"    length = o0.size // {count}", f"    for row in range({count}):", "        start = row * length"]
-    source += [f"        row_{n} = {n}[start:start + length]" for n in a + o]
+    source += [f"    length = {size} // {count}", f"    for row in range({count}):", "        start = row * length"]
+    source += [f"        row_{n} = {n}[start:start + length]" for n in a + own]
     source += ["        for i in range(length):", f"            {store}"]
     scope = {"formula": formula, "_load": _load, "_store": _store}
     exec("\n".join(source) + "\n", scope)  # noqa: S102
@@ -184,7 +188,7 @@ class Kernel:
     def __init__(self, name: str, formula: Callable, outputs: int = 1) -> None:
         self.name, self.outputs = name, outputs
         self._formulas = {torch.float32: _with_rounding(formula, _keep), torch.bfloat16: _with_rounding(formula, _to_bf16)}
-        self._loops: dict[tuple[torch.dtype, int, int, int], Callable] = {}
+        self._loops: dict[tuple, Callable] = {}
 
     def run(self, x: Tensor, out: Tensor) -> None:
         """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
@@ -195,10 +199,12 @@ class Kernel:
     ) -> None:
         """The formula over dense tensors of one shape and strides (and contiguous ``rows``, see :func:`_loop`),
         rounding as torch does in ``mode``."""
-        key = (mode, len(inputs), len(params), len(rows))
+        aliases = tuple(next((j for j, t in enumerate(inputs) if _same(t, out)), None) for out in outputs)
+        key = (mode, len(inputs), aliases, len(params), len(rows))
         if key not in self._loops:
-            self._loops[key] = _loop(self._formulas[mode], len(inputs), self.outputs, len(params), len(rows))
-        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *outputs, *rows)]
+            self._loops[key] = _loop(self._formulas[mode], len(inputs), aliases, len(params), len(rows))
+        own = [out for out, alias in zip(outputs, aliases) if alias is None]
+        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *own, *rows)]
         self._loops[key](*arrays, tuple(params))
 
     def __repr__(self) -> str:
@@ -213,6 +219,11 @@ CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
 
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same elements (an output written in place over an input)."""
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.stride() == b.stride() and a.shape == b.shape
 
 
 def _shifted_sign(x: np.float32, shift: np.float32) -> np.float32:
@@ -330,18 +341,24 @@ def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) 
     return table
 
 
-@njit(cache=True, inline="always")
-def lookup(table: np.ndarray, x: np.float32) -> np.float32:
-    """A :func:`bf16_table` at a bfloat16 value ``x`` (widened), for formulas: torch's result there."""
-    return _widen(table[_bits_of(x) >> np.uint32(16)])
+@njit(nogil=True, cache=True)
+def _gather(bits: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    for i in range(bits.size):
+        out[i] = table[bits[i]]
 
 
-def _looked_up(x: np.float32, table: np.ndarray) -> np.float32:
-    return lookup(table, x)
-
-
-LOOKUP = Kernel("lookup", _looked_up)
-"""table[x]: a :func:`bf16_table` at each bfloat16 element."""
+def look_up(table: np.ndarray, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """``table`` (a :func:`bf16_table`) at each element of a bfloat16 ``x`` the kernels cover, into ``out`` (default
+    new, like x; x itself for in place), or None: a gather over the bits, a pass of its own (a gather in a formula's
+    loop would keep that loop scalar)."""
+    if x.dtype != torch.bfloat16 or not covered(x):
+        return None
+    out = torch.empty_like(x) if out is None else out
+    if out.stride() != x.stride() or out.dtype != x.dtype:
+        return None
+    if x.numel():
+        _gather(_flat(x, np.uint16), table, _flat(out, np.uint16))
+    return out
 
 
 # bfloat16 elements per step of torch's vectorised CPU loops (two Vectorized<BFloat16>, AVX-512 or AVX2): of one
@@ -382,7 +399,7 @@ def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tenso
         return None
     body, tail = bf16_table(formula, *scalars), bf16_tail_table(formula, *scalars)
     if tail is None:
-        return apply(LOOKUP, x, params=(body,))
+        return look_up(body, x)
     n = x.numel()
     if _STEP is None or (torch.get_num_threads() > 1 and n >= REDUCTION_GRAIN):
         return None
@@ -393,7 +410,7 @@ def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tenso
     split = n - n % _STEP
     for part, table in ((slice(0, split), body), (slice(split, n), tail)):
         if part.stop > part.start:
-            apply(LOOKUP, flat_x[part], params=(table,), out=(flat_out[part],))
+            look_up(table, flat_x[part], flat_out[part])
     return out
 
 
@@ -491,11 +508,10 @@ __all__ = [
     "CLIP_DERIVATIVE",
     "Kernel",
     "apply",
-    "LOOKUP",
     "bf16_table",
     "bf16_tail_table",
     "fma",
-    "lookup",
+    "look_up",
     "tabulated",
     "operand",
     "r",

@@ -125,7 +125,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
         scalars = tuple(np.float32(float(v)) for v in (u, neg_u, s, k))  # 0-dim tensors of x's dtype: exact
         z, parts = elementwise.apply(DSQ_ARGUMENT, x, params=(scalars[0], scalars[1], scalars[3])), None
         if z is not None:  # torch's tanh: bfloat16 looked up (a pass of its own: a gather keeps a loop scalar)
-            th = elementwise.apply(elementwise.LOOKUP, z, params=(elementwise.bf16_table(torch.tanh),), out=(z,)) if z.dtype == torch.bfloat16 else torch.tanh_(z)
+            th = elementwise.look_up(elementwise.bf16_table(torch.tanh), z, z) if z.dtype == torch.bfloat16 else torch.tanh_(z)
             parts = elementwise.apply(DSQ_GRADIENTS, x, grad, th, params=scalars, out=(*(torch.empty_like(x) for _ in range(4)), th))
         if parts is None:
             return (*_autograd_of_formula(x, u, neg_u, s, k, grad), None)
