@@ -392,25 +392,23 @@ def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tenso
 
     Bit for bit torch's formula: each of its torch operators gives an element a value that depends on the
     element's value and on whether torch's vectorised body or its scalar tail computes it, nothing else.  Where
-    the two differ (:func:`bf16_tail_table`), the elements in the tail (the last n % ``_STEP`` in memory order,
-    where one pass covers all n: one thread, or fewer elements than torch splits between threads) are looked
-    up in the tail's table; with more threads such a formula is not covered."""
+    one pass covers all n elements (one thread, or fewer elements than torch splits between threads), the body
+    is the first n - n % ``_STEP`` in memory order (looked up) and the tail the rest (the torch formula on
+    those few elements alone, all scalar code); with more threads only a formula whose tail rounds as its body
+    (:func:`bf16_tail_table`) is covered."""
     if x.dtype != torch.bfloat16 or not covered(x):
         return None
-    body, tail = bf16_table(formula, *scalars), bf16_tail_table(formula, *scalars)
-    if tail is None:
-        return look_up(body, x)
-    n = x.numel()
-    if _STEP is None or (torch.get_num_threads() > 1 and n >= REDUCTION_GRAIN):
-        return None
+    n, body = x.numel(), bf16_table(formula, *scalars)
+    split = None if _STEP is None else n - n % _STEP
+    if split is None or (torch.get_num_threads() > 1 and n >= REDUCTION_GRAIN):
+        return look_up(body, x) if bf16_tail_table(formula, *scalars) is None else None
     out = torch.empty_like(x)
     if out.stride() != x.stride():
         return None
     flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
-    split = n - n % _STEP
-    for part, table in ((slice(0, split), body), (slice(split, n), tail)):
-        if part.stop > part.start:
-            look_up(table, flat_x[part], flat_out[part])
+    look_up(body, flat_x[:split], flat_out[:split])
+    if split < n:
+        flat_out[split:] = formula(flat_x[split:], *scalars)
     return out
 
 
