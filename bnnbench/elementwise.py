@@ -1,17 +1,25 @@
 """One-pass CPU kernels (numba) for the binary layer's element-wise math, bit for bit what torch's ops give.
 
 Eager torch runs a formula such as ``max(0, 2 - 2|x|)`` as one pass per operator, each
-allocating its result; the kernels here read the input once and write the result once.
+allocating its result; the kernels here read the inputs once and write the results once.
 They are exact, not approximations: each is compiled without ``fastmath`` (no reassociation,
-no contraction into FMA) and evaluates the formula in float32, as torch's float32 and
-bfloat16 kernels do, rounding a bfloat16 result to nearest-even once per torch operator
-that would round (for the formulas here: once, see :data:`APPROX_SIGN_DERIVATIVE`).  The tests
-compare every kernel with the torch formula it replaces, bit for bit, on edge values
-(signed zeros, NaN, infinities, subnormals), odd shapes and both memory formats.
+no contraction into FMA; :func:`fma` where torch's own kernel fuses one) and evaluates the
+formula in float32, as torch's float32 and bfloat16 kernels do, rounding a bfloat16 result to
+nearest-even once per torch operator that rounds: a :class:`Kernel`'s formula is a plain Python
+function over float32 scalars that writes ``r(...)`` around each such operator, compiled twice
+(``r`` the identity, ``r`` the bfloat16 rounding), with any number of input tensors, outputs,
+scalar parameters (:func:`operand`: the value torch gives a 0-dim tensor or Python scalar in
+each operator) and per-row values (a per-channel tensor).  A transcendental (tanh, cos, cosh,
+pow) stays one torch pass around which the kernels run: numba cannot reproduce torch's SLEEF
+vectorised functions bit for bit.  In bfloat16 a formula of x alone whose torch operators give
+each element a value that depends on that value only is a table of the 65,536 bfloat16 values
+that torch computes once (:func:`bf16_table`, :func:`tabulated`: one lookup pass).  The tests
+compare every kernel with the torch formula it replaces, bit for bit, on edge values (signed
+zeros, NaN, infinities, subnormals), every bfloat16 pattern, odd shapes and both memory formats.
 
-:func:`unary` applies a kernel where it covers the input (a CPU float32 or bfloat16 tensor,
-dense in its memory format, that autograd does not track) and returns None otherwise,
-so the caller runs its torch formula; :func:`per_sample_variance` is torch's
+:func:`unary` and :func:`apply` run a kernel where it covers the inputs (CPU float32 or bfloat16
+tensors, dense in their memory format, that autograd does not track, outside torch.compile) and
+return None otherwise, so the caller runs its torch formula; :func:`per_sample_variance` is torch's
 ``x.var(dims 1..)`` (Welford in float64, one pass per sample in memory order, as torch's
 CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 tensor in
 1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input).
@@ -19,17 +27,18 @@ CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 
 
 from __future__ import annotations
 
+import types as types_module
 from typing import Callable
 
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
 # torch's CPU reductions split one output's elements across threads from this many on
-# (at::internal::GRAIN_SIZE); below it, or on one thread, each output is one sequential pass.
+# (at::internal::GRAIN_SIZE), as its element-wise loops split a pass; below it, or on one thread, one sequential pass.
 REDUCTION_GRAIN = 32768
 
 _ONE, _TWO, _ZERO = np.float32(1.0), np.float32(2.0), np.float32(0.0)
@@ -47,6 +56,17 @@ def _float_of(typingctx, bits):
     return types.float32(types.uint32), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a b + c rounded once (LLVM's fma, as the FMA instructions torch's vectorised kernels use), for formulas."""
+
+    def codegen(context, builder, signature, args):
+        single = ir.FloatType()
+        return builder.call(builder.module.declare_intrinsic("llvm.fma", [single], ir.FunctionType(single, [single] * 3)), args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
 @njit(cache=True)
 def _widen(bits: np.uint16) -> np.float32:
     """A bfloat16 (its 16 bits) as float32: exact."""
@@ -56,52 +76,136 @@ def _widen(bits: np.uint16) -> np.float32:
 @njit(cache=True)
 def _round_bf16(value: np.float32) -> np.uint16:
     """float32 to bfloat16 bits, rounded to nearest-even (c10's round_to_nearest_even; NaN to 0x7FC0)."""
-    if value != value:
-        return np.uint16(0x7FC0)
     u = _bits_of(value)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(0x7FC0) if value != value else rounded  # a select, not a branch: loops stay vectorised
+
+
+def r(value: np.float32) -> np.float32:
+    """The rounding of one torch operator's result, as formulas write it: the identity in a formula's float32
+    loops; in its bfloat16 loops (where :class:`Kernel` rebinds ``r``) to the nearest bfloat16, kept widened."""
+    return value
 
 
 @njit(cache=True)
+def _keep(value: np.float32) -> np.float32:
+    return value
+
+
+@njit(cache=True)
+def _to_bf16(value: np.float32) -> np.float32:
+    return _widen(_round_bf16(value))
+
+
 def _sign(v: np.float32) -> np.float32:
     return _ONE if v >= _ZERO else -_ONE
 
 
-@njit(cache=True)
 def _approx_sign_derivative(v: np.float32) -> np.float32:
-    r = _TWO - _TWO * abs(v)
-    return _ZERO if r < _ZERO else r
+    t = r(_TWO - _TWO * abs(v))
+    return _ZERO if t < _ZERO else t
 
 
-@njit(cache=True)
 def _clip_derivative(v: np.float32) -> np.float32:
     return _ONE if abs(v) <= _ONE else _ZERO
 
 
+def _load(element):
+    """An input element as float32: bfloat16 bits widened, float32 as is."""
+
+
+@overload(_load)
+def _load_typed(element):  # pragma: no cover - compiled
+    if isinstance(element, types.Integer):
+        return lambda element: _widen(element)
+    return lambda element: element
+
+
+def _store(value, out):
+    """``value`` as an element of ``out``: rounded to bfloat16 bits, or the float32 itself."""
+
+
+@overload(_store)
+def _store_typed(value, out):  # pragma: no cover - compiled
+    if isinstance(out.dtype, types.Integer):
+        return lambda value, out: _round_bf16(value)
+    return lambda value, out: value
+
+
+def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) -> Callable:
+    """``formula`` compiled with its global ``r`` bound to ``rounding``; the plain Python functions it calls (other
+    formulas) compiled the same way, its other globals as they are."""
+    compiled = {} if compiled is None else compiled
+    if formula not in compiled:
+        scope = dict(formula.__globals__, r=rounding)
+        for name in formula.__code__.co_names:
+            called = scope.get(name)
+            if isinstance(called, types_module.FunctionType) and name != "r":
+                scope[name] = _with_rounding(called, rounding, compiled)
+        code = types_module.FunctionType(formula.__code__, scope, formula.__name__, formula.__defaults__, formula.__closure__)
+        # IEEE division (inf, NaN), as torch's; inlined into the loop, where the reference counting of a table
+        # passed down to a called formula cancels out (a call per element would count it per element)
+        compiled[formula] = njit(error_model="numpy", inline="always")(code)
+    return compiled[formula]
+
+
+def _loop(formula: Callable, inputs: int, outputs: tuple[int | None, ...], params: int, rows: int = 0) -> Callable:
+    """The one-pass loop of ``formula`` over ``inputs`` arrays into one array per entry of ``outputs`` (an input's
+    index where the output is that input, written in place: the same array, so that the vectoriser sees element i
+    read and then written, not two arrays that might overlap, which would keep the loop scalar), with ``params``
+    scalars (or tables) unpacked once, outside the loop (an array taken from the tuple per element would be
+    reference-counted per element), and ``rows`` arrays of one value per row (the elements split into as many rows
+    of equal length as those have values: a per-channel tensor against a contiguous NC... one), passed after the
+    elements.  Each row's elements are a slice indexed from 0, so that the inner loop needs no negative-index check."""
+    a, p, q = ([f"{c}{j}" for j in range(n)] for c, n in (("a", inputs), ("p", params), ("q", rows)))
+    o = [f"a{alias}" if alias is not None else f"o{j}" for j, alias in enumerate(outputs)]
+    call = f"formula({', '.join([f'_load(row_{n}[i])' for n in a] + [f'_load({n}[row])' for n in q] + p)})"
+    store = f"row_{o[0]}[i] = _store({call}, row_{o[0]})" if len(o) == 1 else (
+        f"v = {call}; " + "; ".join(f"row_{n}[i] = _store(v[{j}], row_{n})" for j, n in enumerate(o))
+    )
+    own = [n for n in o if n.startswith("o")]
+    count, size = ("q0.size" if q else "1"), f"{a[0]}.size"
+    source = [f"def loop({', '.join(a + own + q)}, params):"]
+    source += [f"    {', '.join(p)}, = params"] if p else []
+    source += [f"    length = {size} // {count}", f"    for row in range({count}):", "        start = row * length"]
+    source += [f"        row_{n} = {n}[start:start + length]" for n in a + own]
+    source += ["        for i in range(length):", f"            {store}"]
+    scope = {"formula": formula, "_load": _load, "_store": _store}
+    exec("\n".join(source) + "\n", scope)  # noqa: S102
+    return njit(nogil=True, error_model="numpy")(scope["loop"])
+
+
 class Kernel:
-    """A float32 formula (an njit function) compiled twice: over float32 arrays, and over bfloat16 bits (widened, rounded
-    back once).  Compiled on first use in each process, not cached on disk: numba's cache cannot key a loop on the
-    formula it closes over, and would add entries on every run."""
+    """An element-wise formula in float32, compiled into one-pass loops: a float32 one, and a bfloat16 one in which
+    the formula's ``r(...)`` rounds to bfloat16 (once per torch operator the formula writes it for).
 
-    def __init__(self, name: str, formula: Callable[[np.float32], np.float32]) -> None:
-        self.name = name
+    ``formula(*elements, *params) -> value`` (or a tuple of ``outputs`` values) is a plain Python function over
+    float32 scalars, the input tensors' elements first (bfloat16 ones widened), then the kernel's scalar parameters
+    (float32 values, or :func:`bf16_table` arrays); a result stored into a bfloat16 tensor is rounded there.
+    Compiled on first use in each process, not cached on disk: numba's cache cannot key a loop on the formula it
+    closes over, and would add entries on every run."""
 
-        @njit(nogil=True)
-        def float32(src, out):  # pragma: no cover - compiled
-            for i in range(src.size):
-                out[i] = formula(src[i])
-
-        @njit(nogil=True)
-        def bfloat16(src, out):  # pragma: no cover - compiled
-            for i in range(src.size):
-                out[i] = _round_bf16(formula(_widen(src[i])))
-
-        self._loops = {torch.float32: (float32, np.float32), torch.bfloat16: (bfloat16, np.uint16)}
+    def __init__(self, name: str, formula: Callable, outputs: int = 1) -> None:
+        self.name, self.outputs = name, outputs
+        self._formulas = {torch.float32: _with_rounding(formula, _keep), torch.bfloat16: _with_rounding(formula, _to_bf16)}
+        self._loops: dict[tuple, Callable] = {}
 
     def run(self, x: Tensor, out: Tensor) -> None:
         """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
-        loop, dtype = self._loops[x.dtype]
-        loop(_flat(x, dtype), _flat(out, dtype))
+        self(x.dtype, (x,), (out,))
+
+    def __call__(
+        self, mode: torch.dtype, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: tuple = (), rows: tuple[Tensor, ...] = ()
+    ) -> None:
+        """The formula over dense tensors of one shape and strides (and contiguous ``rows``, see :func:`_loop`),
+        rounding as torch does in ``mode``."""
+        aliases = tuple(next((j for j, t in enumerate(inputs) if _same(t, out)), None) for out in outputs)
+        key = (mode, len(inputs), aliases, len(params), len(rows))
+        if key not in self._loops:
+            self._loops[key] = _loop(self._formulas[mode], len(inputs), aliases, len(params), len(rows))
+        own = [out for out, alias in zip(outputs, aliases) if alias is None]
+        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *own, *rows)]
+        self._loops[key](*arrays, tuple(params))
 
     def __repr__(self) -> str:
         return f"Kernel({self.name!r})"
@@ -113,6 +217,29 @@ APPROX_SIGN_DERIVATIVE = Kernel("approx_sign_derivative", _approx_sign_derivativ
 """max(0, 2 - 2|x|): torch rounds a bfloat16 ``2 - 2|x|`` once (2|x| is exact, the clamp too)."""
 CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
+
+_NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same elements (an output written in place over an input)."""
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.stride() == b.stride() and a.shape == b.shape
+
+
+def _shifted_sign(x: np.float32, shift: np.float32) -> np.float32:
+    return _sign(r(x + shift))
+
+
+def _shifted_approx_sign_grad(x: np.float32, grad: np.float32, shift: np.float32) -> tuple[np.float32, np.float32]:
+    """``grad * max(0, 2 - 2|x + shift|)``, twice (stored in the sum's dtype and in x's)."""
+    g = r(grad * _approx_sign_derivative(r(x + shift)))
+    return g, g
+
+
+SHIFTED_SIGN = Kernel("shifted_sign", _shifted_sign)
+"""sign(x + shift), the shift one value per row (ReActNet's per-channel threshold)."""
+SHIFTED_APPROX_SIGN_GRAD = Kernel("shifted_approx_sign_grad", _shifted_approx_sign_grad, outputs=2)
+"""grad * max(0, 2 - 2|x + shift|), the shift one value per row."""
 
 
 def _flat(x: Tensor, dtype: np.dtype) -> np.ndarray:
@@ -145,6 +272,143 @@ def unary(kernel: Kernel, x: Tensor) -> Tensor | None:
         return None
     if x.numel():
         kernel.run(x, out)
+    return out
+
+
+def apply(
+    kernel: Kernel,
+    *inputs: Tensor,
+    params: tuple = (),
+    mode: torch.dtype | None = None,
+    out: tuple[Tensor, ...] | None = None,
+    rows: tuple[Tensor, ...] = (),
+    dtypes: tuple[torch.dtype, ...] | None = None,
+) -> Tensor | tuple[Tensor, ...] | None:
+    """``kernel``'s formula over ``inputs`` (each covered, one shape and strides), rounding as torch does in ``mode``
+    (default: the first input's dtype), into ``out`` (default: new tensors like the first input, of ``dtypes``,
+    default all ``mode``; an input may be an output too: element i is read before it is written), with ``rows``
+    (contiguous, one value per row of a contiguous first input, see :func:`_loop`), or None where it does not
+    cover them."""
+    first = inputs[0]
+    mode = first.dtype if mode is None else mode
+    if not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in inputs):
+        return None
+    if rows and not (first.is_contiguous() and all(covered(q) and q.is_contiguous() and q.numel() == rows[0].numel() for q in rows)):
+        return None
+    if rows and (rows[0].numel() == 0 or first.numel() % rows[0].numel()):
+        return None
+    if out is None:
+        out = tuple(torch.empty_like(first, dtype=dtype) for dtype in (dtypes or (mode,) * kernel.outputs))
+        if out[0].stride() != first.stride():
+            return None
+    elif not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in out):
+        return None
+    if first.numel():
+        kernel(mode, inputs, out, params, rows)
+    return out[0] if kernel.outputs == 1 else out
+
+
+def operand(value: float | Tensor, mode: torch.dtype, opmath: bool) -> np.float32:
+    """The float32 value a scalar operand has in a torch operator on a ``mode`` tensor (measured over every
+    bfloat16 pattern and 200 scalars, tests/test_fused_surrogates.py): float32(value) in float32, and in bfloat16
+    where torch computes with the scalar in float32 ("opmath", ``opmath=True``: ``tensor * s``, ``tensor / s``,
+    ``float * tensor``), else the scalar rounded to bfloat16 first (``tensor0d * tensor``, every ``+``/``-``), via
+    float32 as c10's BFloat16 takes a double."""
+    single = np.float32(float(value))
+    if mode == torch.bfloat16 and not opmath:
+        return _widen(_round_bf16(single))
+    return single
+
+
+_EVERY_BF16 = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # element i: the bits i
+_TABLES: dict[tuple, np.ndarray] = {}
+
+
+def _scalar_key(value: float | Tensor | None) -> tuple:
+    """What a formula's scalar changes in torch's arithmetic: its value, and whether (and which) 0-dim tensor it is."""
+    return (value.dtype if isinstance(value, Tensor) else type(value), None if value is None else float(value))
+
+
+def bf16_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) -> np.ndarray:
+    """torch's ``formula(x, *scalars)`` at every bfloat16 value x, as the bfloat16 bits indexed by x's bits, computed
+    by torch once per formula and scalars and kept (the last 64)."""
+    key = (formula, *map(_scalar_key, scalars))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        table = _TABLES[key] = formula(_EVERY_BF16, *scalars).view(torch.int16).numpy().view(np.uint16)
+    return table
+
+
+@njit(nogil=True, cache=True)
+def _gather(bits: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    for i in range(bits.size):
+        out[i] = table[bits[i]]
+
+
+def look_up(table: np.ndarray, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """``table`` (a :func:`bf16_table`) at each element of a bfloat16 ``x`` the kernels cover, into ``out`` (default
+    new, like x; x itself for in place), or None: a gather over the bits, a pass of its own (a gather in a formula's
+    loop would keep that loop scalar)."""
+    if x.dtype != torch.bfloat16 or not covered(x):
+        return None
+    out = torch.empty_like(x) if out is None else out
+    if out.stride() != x.stride() or out.dtype != x.dtype:
+        return None
+    if x.numel():
+        _gather(_flat(x, np.uint16), table, _flat(out, np.uint16))
+    return out
+
+
+# bfloat16 elements per step of torch's vectorised CPU loops (two Vectorized<BFloat16>, AVX-512 or AVX2): of one
+# pass over n elements on one thread, the last n % step run through its scalar code instead
+_STEP = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+_SCALAR_ROWS = 31  # elements no vectorised loop step covers (< 32)
+_TAILS: dict[tuple, np.ndarray | None] = {}
+
+
+def bf16_tail_table(formula: Callable[..., Tensor], *scalars: float | Tensor | None) -> np.ndarray | None:
+    """:func:`bf16_table` as torch's scalar code computes it (the formula on every bfloat16 value, in tensors too
+    short for one vectorised step, so that each of its operators runs its scalar code), or None where that is the
+    vectorised body's table: every operator of the formula gives each element a value that depends on that value
+    alone (the arithmetic, tanh and cos here, but for the payload of a NaN, which the tests do not compare; not
+    bfloat16 cosh and pow, whose vectorised and scalar code round some values differently)."""
+    key = (formula, *map(_scalar_key, scalars))
+    if key not in _TAILS:
+        if len(_TAILS) >= 64:
+            _TAILS.clear()
+        tail = torch.cat([formula(chunk.clone(), *scalars) for chunk in _EVERY_BF16.split(_SCALAR_ROWS)])
+        tail = tail.view(torch.int16).numpy().view(np.uint16)
+        nan = lambda bits: (bits & np.uint16(0x7FFF)) > np.uint16(0x7F80)  # noqa: E731
+        body = bf16_table(formula, *scalars)
+        _TAILS[key] = None if np.all((tail == body) | (nan(tail) & nan(body))) else tail  # a NaN's payload aside
+    return _TAILS[key]
+
+
+def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tensor | None) -> Tensor | None:
+    """``formula(x, *scalars)`` for a bfloat16 x the kernels cover, looked up in its :func:`bf16_table` in one pass;
+    None otherwise.
+
+    Bit for bit torch's formula: each of its torch operators gives an element a value that depends on the
+    element's value and on whether torch's vectorised body or its scalar tail computes it, nothing else.  Where
+    one pass covers all n elements (one thread, or fewer elements than torch splits between threads), the body
+    is the first n - n % ``_STEP`` in memory order (looked up) and the tail the rest (the torch formula on
+    those few elements alone, all scalar code); with more threads only a formula whose tail rounds as its body
+    (:func:`bf16_tail_table`) is covered."""
+    if x.dtype != torch.bfloat16 or not covered(x):
+        return None
+    n, body = x.numel(), bf16_table(formula, *scalars)
+    split = None if _STEP is None else n - n % _STEP
+    if split is None or (torch.get_num_threads() > 1 and n >= REDUCTION_GRAIN):
+        return look_up(body, x) if bf16_tail_table(formula, *scalars) is None else None
+    out = torch.empty_like(x)
+    if out.stride() != x.stride():
+        return None
+    flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
+    look_up(body, flat_x[:split], flat_out[:split])
+    if split < n:
+        flat_out[split:] = formula(flat_x[split:], *scalars)
     return out
 
 
@@ -242,7 +506,17 @@ __all__ = [
     "CLIP_DERIVATIVE",
     "EXCEPTION_SHARE",
     "Kernel",
+    "apply",
+    "bf16_table",
+    "bf16_tail_table",
+    "fma",
+    "look_up",
+    "tabulated",
+    "operand",
+    "r",
     "REDUCTION_GRAIN",
+    "SHIFTED_APPROX_SIGN_GRAD",
+    "SHIFTED_SIGN",
     "SIGN",
     "covered",
     "pack_signs",

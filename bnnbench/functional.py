@@ -72,19 +72,44 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
     """Forward ``sign(x + shift)``; backward ``grad * derivative(x + shift)`` to x, summed to shift's shape to shift.
 
     What autograd computes through ``surrogate_sign(x + shift)``, bit for bit, but keeping x (which the
-    layer before holds anyway) and the small shift instead of the activation-sized sum."""
+    layer before holds anyway) and the small shift instead of the activation-sized sum.  For a per-channel
+    shift of a contiguous x, the sum is never made: the sign, and with ApproxSign's derivative the gradient
+    (in the sum's dtype, and rounded to x's, which autograd would cast it to), are one pass each
+    (:func:`_shifted`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, shift: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, shift)
         ctx.derivative = derivative
-        return sign(x + shift)
+        fused = _shifted(elementwise.SHIFTED_SIGN, x, shift, ())
+        return sign(x + shift) if fused is None else fused
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, shift = ctx.saved_tensors
+        fused = _shifted(elementwise.SHIFTED_APPROX_SIGN_GRAD, x, shift, (grad_output,)) if ctx.derivative is approx_sign_derivative else None
+        if fused is not None:
+            grad, grad_x = fused
+            return grad_x, grad.sum_to_size(shift.shape), None
         grad = grad_output * _surrogate(ctx.derivative, x + shift)
         return grad, grad.sum_to_size(shift.shape), None
+
+
+def _shifted(kernel: elementwise.Kernel, x: Tensor, shift: Tensor, tensors: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...] | None:
+    """``kernel`` over x (and ``tensors`` of the sum's shape) with the shift as one value per row: for a contiguous
+    x of shape (N, C, ...) and a shift of shape (C, 1, ...); None otherwise.  The sum ``x + shift`` rounds in its
+    result dtype (float32 for a bfloat16 x and a float32 shift), the mode of the kernel; a second output is
+    rounded to x's dtype."""
+    if not elementwise.covered(x):
+        return None
+    mode = torch.result_type(x, shift)
+    if x.dim() < 2 or shift.shape != (x.shape[1], *([1] * (x.dim() - 2))) or shift.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if any(t.dtype != mode for t in tensors):
+        return None
+    rows = shift.detach().reshape(1, -1).expand(x.shape[0], -1).contiguous()
+    dtypes = (mode,) if kernel.outputs == 1 else (mode, x.dtype)
+    return elementwise.apply(kernel, x, *tensors, mode=mode, rows=(rows,), dtypes=dtypes)
 
 
 def surrogate_sign(x: Tensor, derivative: Derivative, shift: Tensor | None = None) -> Tensor:

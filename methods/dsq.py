@@ -47,9 +47,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from bnnbench import elementwise
+from bnnbench.elementwise import fma, r
 from bnnbench.functional import sign
 from bnnbench.method import Method, Progress, straight_through
 from bnnbench.registry import register_method
@@ -62,9 +65,79 @@ def inclusive_clip(x: Tensor, u: Tensor) -> Tensor:
 
 def soft_quantizer(x: Tensor, u: Tensor, alpha: Tensor) -> Tensor:
     """phi(clip(x, -u, u)) = s tanh(k clip(x)), s = 1/(1 - alpha), k = ln(2/alpha - 1) / (2u): in [-1, 1]."""
-    s = 1.0 / (1.0 - alpha)
-    k = torch.log(2.0 / alpha - 1.0) / (2.0 * u)
+    s, k = soft_quantizer_scales(u, alpha)
     return s * torch.tanh(k * inclusive_clip(x, u))
+
+
+def soft_quantizer_scales(u: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """s = 1/(1 - alpha), k = ln(2/alpha - 1) / (2u)."""
+    return 1.0 / (1.0 - alpha), torch.log(2.0 / alpha - 1.0) / (2.0 * u)
+
+
+def soft_quantized_sign(x: Tensor, u: Tensor, alpha: Tensor) -> Tensor:
+    """``straight_through(sign(x), soft_quantizer(x, u, alpha))``: the sign forward, autograd's gradients through the
+    soft quantizer (to x, u and alpha) backward, bit for bit.
+
+    Where the kernels cover x, the element-wise part is one autograd node (:class:`_SoftQuantizedSign`) that keeps
+    only x and recomputes in the backward, in one pass after torch's tanh (bfloat16: looked up), what autograd's nodes of
+    the clip, the product with k, tanh and the product with s give, the gradients to the scalars as the same
+    tensors torch sums; the scalar part (s, k and -u from u and alpha) stays autograd's, built in the same order."""
+    hard = sign(x.detach())
+    if not elementwise.covered(x.detach()) or torch.compiler.is_compiling():
+        return straight_through(hard, soft_quantizer(x, u, alpha))
+    s, k = soft_quantizer_scales(u, alpha)
+    return _SoftQuantizedSign.apply(x, u, -u, s, k, hard)
+
+
+def _dsq_argument(x: np.float32, u: np.float32, neg_u: np.float32, k: np.float32) -> np.float32:
+    """``k * inclusive_clip(x, u)``."""
+    return r(k * (x if abs(x) <= u else (u if x >= np.float32(0.0) else neg_u)))
+
+
+def _dsq_gradients(x, grad, th, u, neg_u, s, k):  # -> (to x, to u, to -u, to s, to k): the last four summed by torch
+    """Autograd's nodes backward: ``s * th`` (grad * s; grad * th), TanhBackward (grad (1 - th^2), torch's FMA),
+    ``k * c`` (grad * k; grad * c), the two wheres (the gradient where the condition holds, else 0)."""
+    inside, positive = abs(x) <= u, x >= np.float32(0.0)
+    c = x if inside else (u if positive else neg_u)
+    grad_z = r(r(grad * s) * fma(-th, th, np.float32(1.0)))
+    grad_c = r(grad_z * k)
+    outside = np.float32(0.0) if inside else grad_c
+    zero = np.float32(0.0)
+    return (grad_c if inside else zero), (outside if positive else zero), (zero if positive else outside), r(grad * th), r(grad_z * c)
+
+
+DSQ_ARGUMENT = elementwise.Kernel("dsq_argument", _dsq_argument)
+DSQ_GRADIENTS = elementwise.Kernel("dsq_gradients", _dsq_gradients, outputs=5)
+
+
+class _SoftQuantizedSign(torch.autograd.Function):
+    """Forward ``hard`` (x's sign); backward the soft quantizer's gradients to x, u, -u, s and k (see
+    :func:`soft_quantized_sign`); where the kernels do not cover the gradient, autograd's through the formula."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor, hard: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, u, neg_u, s, k)
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, u, neg_u, s, k = ctx.saved_tensors
+        scalars = tuple(np.float32(float(v)) for v in (u, neg_u, s, k))  # 0-dim tensors of x's dtype: exact
+        z, parts = elementwise.apply(DSQ_ARGUMENT, x, params=(scalars[0], scalars[1], scalars[3])), None
+        if z is not None:  # torch's tanh: bfloat16 looked up (a pass of its own: a gather keeps a loop scalar)
+            th = elementwise.look_up(elementwise.bf16_table(torch.tanh), z, z) if z.dtype == torch.bfloat16 else torch.tanh_(z)
+            parts = elementwise.apply(DSQ_GRADIENTS, x, grad, th, params=scalars, out=(*(torch.empty_like(x) for _ in range(4)), th))
+        if parts is None:
+            return (*_autograd_of_formula(x, u, neg_u, s, k, grad), None)
+        return parts[0], parts[1].sum(), parts[2].sum(), parts[3].sum(), parts[4].sum(), None
+
+
+def _autograd_of_formula(x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
+    leaves = [t.detach().requires_grad_() for t in (x, u, neg_u, s, k)]
+    with torch.enable_grad():
+        lx, lu, ln, ls, lk = leaves
+        soft = ls * torch.tanh(lk * torch.where(lx.abs() <= lu, lx, torch.where(lx >= 0, lu, ln)))
+        return torch.autograd.grad(soft, leaves, grad)
 
 
 @register_method("dsq")
@@ -114,7 +187,7 @@ class DSQ(Method):
         """sign(w) forward; phi(clip(w, -u, u)) backward (to w, u and alpha)."""
         u = self._u(tensors["u"]) if "u" in tensors else w.abs().max().detach()
         alpha = self._alpha(tensors["alpha"]) if "alpha" in tensors else torch.tensor(self.alpha_init, dtype=w.dtype)
-        return straight_through(sign(w), soft_quantizer(w, u.to(w.dtype), alpha.to(w.dtype)))
+        return soft_quantized_sign(w, u.to(w.dtype), alpha.to(w.dtype))
 
     def weight_scale(self, w: Tensor, **tensors: Tensor) -> Tensor:
         return self._u(tensors["u"]).to(w.dtype) if "u" in tensors else w.abs().max().detach()
@@ -129,7 +202,7 @@ class DSQ(Method):
             return a
         u = self._u(u).to(a.dtype) if u is not None else torch.tensor(self.act_bound, dtype=a.dtype)
         alpha = self._alpha(alpha).to(a.dtype) if alpha is not None else torch.tensor(self.alpha_init, dtype=a.dtype)
-        return straight_through(sign(a), soft_quantizer(a, u, alpha))
+        return soft_quantized_sign(a, u, alpha)
 
 
 def dsq_slope(alpha: float, u: float) -> float:

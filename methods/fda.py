@@ -24,9 +24,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from bnnbench import elementwise
+from bnnbench.elementwise import r
 from bnnbench.method import Method, Progress, as_progress, mean_abs, per_output_dims
 from bnnbench.registry import register_method
 
@@ -37,10 +40,64 @@ def fourier_sign_derivative(x: Tensor, omega: float, n: int | Tensor, max_n: int
     ``n`` may be a 0-dim tensor (a schedule of the training progress) that never exceeds
     ``max_n``: the terms ``i <= max_n`` are evaluated and those beyond ``n`` multiplied by 0,
     which leaves the sum bit for bit as with the integer ``n``.
+
+    The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
+    (:func:`bnnbench.elementwise.tabulated`), float32 as one torch cos in place and one fused pass per term.
     """
+    fused = elementwise.tabulated(_fourier, x, omega, n, max_n) if x.dtype == torch.bfloat16 else _fourier_float32(x, omega, n, max_n)
+    return fused if fused is not None else _fourier(x, omega, n, max_n)
+
+
+def _fourier(x: Tensor, omega: float, n: int | Tensor, max_n: int | None = None) -> Tensor:
     last = int(n) if max_n is None else max_n
     series = sum(torch.cos((2 * i + 1) * omega * x) * (i <= n) for i in range(last + 1))
     return (4.0 * omega / math.pi) * series * (x.abs() <= 1).to(x.dtype)
+
+
+def _fourier_step(cos: np.float32, x: np.float32, total: np.float32, c: np.float32) -> tuple[np.float32, np.float32]:
+    """One term of the sum, ``total + cos * 1`` (the term's ``* (i <= n)``), and the next cosine's argument ``c x``."""
+    return r(total + r(cos * np.float32(1.0))), r(c * x)
+
+
+def _fourier_first(cos: np.float32, x: np.float32, c: np.float32) -> tuple[np.float32, np.float32]:
+    """The first term: Python's ``sum`` starts from 0, ``0 + t``."""
+    return _fourier_step(cos, x, np.float32(0.0), c)
+
+
+def _fourier_last(cos: np.float32, x: np.float32, total: np.float32, scale: np.float32, beyond: np.float32) -> np.float32:
+    """The last term, ``(4 omega / pi) * series``, times ``(|x| <= 1)`` as 1 or 0; NaN where a term not evaluated
+    (the largest coefficient ``beyond``, 0 for none) has an infinite argument: cos(inf) * 0 is NaN."""
+    series = _fourier_step(cos, x, total, np.float32(0.0))[0]
+    if abs(r(beyond * x)) == np.float32(np.inf):
+        series = np.float32(np.nan)
+    return r(r(scale * series) * (np.float32(1.0) if abs(x) <= np.float32(1.0) else np.float32(0.0)))
+
+
+FOURIER_FIRST = elementwise.Kernel("fourier_first", _fourier_first, outputs=2)
+FOURIER_STEP = elementwise.Kernel("fourier_step", _fourier_step, outputs=2)
+FOURIER_LAST = elementwise.Kernel("fourier_last", _fourier_last)
+
+
+def _fourier_float32(x: Tensor, omega: float, n: int | Tensor, max_n: int | None) -> Tensor | None:
+    """The terms i <= n only: a term beyond n adds cos * 0, +-0 where its argument is finite, which leaves a partial
+    sum unchanged unless it were -0, which none is (0 + t is +0 for t = -0, an exact cancellation rounds to +0),
+    and NaN where the argument overflows (:func:`_fourier_last` checks the largest)."""
+    if x.dtype != torch.float32 or not elementwise.covered(x) or x.numel() == 0:
+        return None
+    last = min(int(n), int(n) if max_n is None else max_n)
+    if last < 0:
+        return None
+    coefficient = lambda i: np.float32((2 * i + 1) * omega)  # noqa: E731  (a float times x: float32 opmath)
+    beyond = coefficient(max_n) if max_n is not None and max_n > last else np.float32(0.0)
+    argument = omega * x  # the torch formula's (2 * 0 + 1) * omega * x
+    total = torch.zeros_like(x) if last == 0 else torch.empty_like(x)  # one term: 0 + t in the last pass
+    for i in range(last + 1):
+        torch.cos(argument, out=argument)
+        if i == last:
+            return elementwise.apply(FOURIER_LAST, argument, x, total, params=(np.float32(4.0 * omega / math.pi), beyond), out=(total,))
+        kernel, inputs = (FOURIER_FIRST, (argument, x)) if i == 0 else (FOURIER_STEP, (argument, x, total))
+        elementwise.apply(kernel, *inputs, params=(coefficient(i + 1),), out=(total, argument))
+    return None
 
 
 @register_method("fda")

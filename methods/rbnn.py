@@ -49,9 +49,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from bnnbench import elementwise
+from bnnbench.elementwise import r
 from bnnbench.functional import sign
 from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
 from bnnbench.registry import register_method
@@ -74,8 +77,23 @@ def random_orthogonal(n: int, dtype: torch.dtype) -> Tensor:
 
 
 def rbnn_derivative(x: Tensor, k: float | Tensor, t: float | Tensor) -> Tensor:
-    """k max(0, sqrt(2) t - t^2 |x|)."""
-    return k * (math.sqrt(2.0) * t - t * t * x.abs()).clamp(min=0)
+    """k max(0, sqrt(2) t - t^2 |x|): the torch formula, or bit for bit its value in one pass (:data:`RBNN_DERIVATIVE`)
+    where the kernels cover x."""
+    peak, slope = math.sqrt(2.0) * t, t * t
+    fused = None
+    if elementwise.covered(x):  # the scalars as torch uses them in ``slope * |x|``, ``peak - y``, ``k * y``
+        opmath = [not isinstance(v, Tensor) for v in (k, slope)]
+        params = (elementwise.operand(k, x.dtype, opmath[0]), elementwise.operand(peak, x.dtype, False), elementwise.operand(slope, x.dtype, opmath[1]))
+        fused = elementwise.apply(RBNN_DERIVATIVE, x, params=params)
+    return fused if fused is not None else k * (peak - slope * x.abs()).clamp(min=0)
+
+
+def _rbnn_derivative(x: np.float32, k: np.float32, peak: np.float32, slope: np.float32) -> np.float32:
+    v = r(peak - r(slope * abs(x)))
+    return r(k * (np.float32(0.0) if v < np.float32(0.0) else v))
+
+
+RBNN_DERIVATIVE = elementwise.Kernel("rbnn_derivative", _rbnn_derivative)
 
 
 @register_method("rbnn")

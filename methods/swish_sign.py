@@ -16,17 +16,66 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from bnnbench import elementwise
+from bnnbench.elementwise import r
 from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
 
 def swish_sign_derivative(x: Tensor, beta: float) -> Tensor:
-    """d SS_beta / dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+    """d SS_beta / dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)).
+
+    The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
+    (:func:`bnnbench.elementwise.tabulated`, torch's bfloat16 cosh rounding some values differently in its scalar
+    tail); else torch's tanh and cosh, the rest in :data:`SWISH_HALF` and :data:`SWISH_SIGN` (bfloat16: the
+    numerator looked up, :func:`bnnbench.elementwise.bf16_table`, then :data:`SWISH_QUOTIENT`)."""
+    fused = elementwise.tabulated(_swish_sign, x, beta)
+    fused = _fused_swish_sign(x, beta) if fused is None else fused
+    return fused if fused is not None else _swish_sign(x, beta)
+
+
+def _swish_sign(x: Tensor, beta: float) -> Tensor:
+    return _numerator(x, beta) / (1.0 + torch.cosh(beta * x))
+
+
+def _numerator(x: Tensor, beta: float) -> Tensor:
     bx = beta * x
-    return beta * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))
+    return beta * (2.0 - bx * torch.tanh(bx / 2.0))
+
+
+def _swish_half(x: np.float32, beta: np.float32) -> np.float32:
+    """``bx / 2.0``, bx = ``beta * x`` (a float times a tensor, a tensor over a float: float32 scalars)."""
+    return r(r(beta * x) / np.float32(2.0))
+
+
+def _swish_sign_tail(x: np.float32, th: np.float32, cosh: np.float32, beta: np.float32) -> np.float32:
+    """``beta * (2.0 - bx * th) / (1.0 + cosh)`` after torch's tanh and cosh."""
+    return r(r(beta * r(np.float32(2.0) - r(r(beta * x) * r(th)))) / r(np.float32(1.0) + cosh))
+
+
+def _swish_quotient(numerator: np.float32, cosh: np.float32) -> np.float32:
+    """``numerator / (1.0 + cosh)``."""
+    return r(numerator / r(np.float32(1.0) + cosh))
+
+
+SWISH_HALF = elementwise.Kernel("swish_half", _swish_half)
+SWISH_SIGN = elementwise.Kernel("swish_sign", _swish_sign_tail)
+SWISH_QUOTIENT = elementwise.Kernel("swish_quotient", _swish_quotient)
+
+
+def _fused_swish_sign(x: Tensor, beta: float) -> Tensor | None:
+    if not elementwise.covered(x) or x.numel() == 0:
+        return None
+    cosh = torch.cosh(beta * x)  # not in place: torch's bfloat16 cosh_ runs 2x slower than its cosh
+    if x.dtype == torch.bfloat16:  # the numerator looked up in a pass of its own (a gather keeps a loop scalar)
+        numerator = elementwise.look_up(elementwise.bf16_table(_numerator, beta), x)
+        return elementwise.apply(SWISH_QUOTIENT, numerator, cosh, out=(cosh,))
+    th = torch.tanh_(elementwise.apply(SWISH_HALF, x, params=(np.float32(beta),)))
+    return elementwise.apply(SWISH_SIGN, x, th, cosh, params=(np.float32(beta),), out=(cosh,))
 
 
 @register_method("swish-sign")

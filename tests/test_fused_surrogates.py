@@ -1,0 +1,256 @@
+"""The fused surrogate derivatives (one-pass kernels around torch's transcendental passes) give, bit for bit, the
+torch formulas they replace: float32 and bfloat16, edge values, every bfloat16 pattern, scheduled scalars at the
+schedules' ends and between, as 0-dim float64 tensors (a layer's progress buffer) and as floats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bnnbench
+import bnnbench.elementwise as elementwise
+import bnnbench.methods.fda as fda
+import bnnbench.methods.irnet as irnet
+import bnnbench.methods.reste as reste
+import bnnbench.methods.swish_sign as swish_sign
+
+EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
+EDGES += [1.0, -1.0, 1.0 + 2**-23, -(1.0 + 2**-23), 1.0 - 2**-24, 0.5, -0.5, 0.9999, 1e-30, 3e38, -3e38, 0.1, -0.1, 1.5, -1.5]
+EDGES += [float(np.float32(0.1)), float(np.nextafter(np.float32(0.1), np.float32(1))), 0.10009765625, 0.099609375, 1.5 + 2**-7]
+EVERY_BF16 = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+PROGRESS = [0.0, 1.0, 0.5, 0.3141, 0.999]
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape, strides and bits (NaN where NaN, the sign of zeros included)."""
+    if not (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a.isnan(), b.isnan())):
+        return False
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
+    keep = ~a.isnan()
+    return torch.equal(a.view(ints)[keep], b.view(ints)[keep])
+
+
+def inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.tensor(EDGES).to(dtype),
+        EVERY_BF16.to(dtype),
+        (2 * torch.randn(3, 5, 7, 11, generator=generator)).to(dtype),
+        (torch.randn(4, 6, 5, 3, generator=generator)).to(dtype).contiguous(memory_format=torch.channels_last),
+        torch.randn(0, 3, dtype=dtype),
+        (torch.randn(6, 9, generator=generator)).to(dtype)[:, ::2],  # not dense: the torch formula
+    ]
+
+
+def reference(call, x, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise, "covered", lambda x: False)
+        return call(x)
+
+
+def schedules():
+    """The progress values PROGRESS as a layer's float64 buffer and as floats (the schedules' scalars then come as
+    0-dim tensors or as floats, which torch rounds differently in bfloat16)."""
+    for p in PROGRESS:
+        for progress in (torch.tensor(p, dtype=torch.float64), p):
+            yield progress
+
+
+def check(derivative, dtype, monkeypatch):
+    """derivative (kernels on) equals derivative with every kernel off, on every input; dense ones took a kernel."""
+    calls = []
+    run, gather = elementwise.Kernel.__call__, elementwise.look_up
+    for x in inputs(dtype):
+        with monkeypatch.context() as patch:
+            patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self), run(self, *a))[1])
+            patch.setattr(elementwise, "look_up", lambda *a: (calls.append("look_up"), gather(*a))[1])
+            fast = derivative(x)
+        assert identical(fast, reference(derivative, x, monkeypatch)), (x.shape, x.dtype)
+    assert calls, "no kernel ran"
+
+
+def check_tabulated(formula, *scalars, threads: int = 1):
+    """The lookup equals torch's formula with every bfloat16 value in torch's scalar tail (tensors of 64 + 63
+    elements: one vectorised step, then 63 elements of scalar code) and in its vectorised body."""
+    filler = EVERY_BF16[1000:1064]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for chunk in EVERY_BF16.split(63):
+            for x in (torch.cat([filler, chunk]), torch.cat([chunk, filler])):
+                fast = elementwise.tabulated(formula, x, *scalars)
+                assert fast is not None and identical(fast, formula(x, *scalars)), chunk[:3]
+    finally:
+        torch.set_num_threads(previous)
+
+
+@DTYPES
+@pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
+def test_irnet_ede_is_the_torch_formula(dtype, hp, monkeypatch):
+    method = bnnbench.get_method("irnet", **hp)
+    for progress in schedules():
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("hp", [{}, {"t_min": 1e-3}], ids=["paper", "upstream"])
+def test_irnet_table_holds_in_torchs_scalar_tail(hp):
+    method = bnnbench.get_method("irnet", **hp)
+    for progress in (torch.tensor(0.0, dtype=torch.float64), 0.5, torch.tensor(1.0, dtype=torch.float64)):
+        check_tabulated(irnet._ede, method.k(progress), method.t(progress))
+
+
+@DTYPES
+def test_fda_series_is_the_torch_formula(dtype, monkeypatch):
+    method = bnnbench.get_method("fda")
+    for progress in schedules():
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+    for n in (0, 3, 9):  # an integer n, no max_n
+        check(lambda x: fda.fourier_sign_derivative(x, 0.1, n), dtype, monkeypatch)
+
+
+def test_fda_table_holds_in_torchs_scalar_tail():
+    method = bnnbench.get_method("fda")
+    for progress in (torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64), 0.5):
+        check_tabulated(fda._fourier, method.omega, method.n_terms(progress), method.n_start + method.n_growth)
+
+
+@DTYPES
+@pytest.mark.parametrize("hp", [{}, {"o_end": 2.0, "t": 1.0 + 2**-7, "interval": 0.25}], ids=["default", "other"])
+def test_reste_estimator_is_the_torch_formula(dtype, hp, monkeypatch):
+    method = bnnbench.get_method("reste", **hp)
+    for progress in schedules():
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+
+
+
+@DTYPES
+def test_rbnn_derivative_is_the_torch_formula(dtype, monkeypatch):
+    method = bnnbench.get_method("rbnn")
+    for progress in schedules():
+        check(lambda x: method.weight_derivative(x, progress), dtype, monkeypatch)
+        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+
+
+@DTYPES
+@pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
+def test_swish_sign_derivative_is_the_torch_formula(dtype, beta, monkeypatch):
+    check(lambda x: swish_sign.swish_sign_derivative(x, beta), dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
+def test_swish_sign_tables_hold_in_torchs_scalar_tail(beta):
+    """The numerator's table serves body and tail alike; the whole derivative's (cosh) has a tail table of its own."""
+    assert elementwise.bf16_tail_table(swish_sign._numerator, beta) is None
+    assert elementwise.bf16_tail_table(swish_sign._swish_sign, beta) is not None
+    check_tabulated(swish_sign._swish_sign, beta)
+
+
+def test_reste_tables_hold_in_torchs_scalar_tail():
+    """o = 2 makes torch's pow an rsqrt whose bfloat16 tail rounds differently: a tail table of its own."""
+    method = bnnbench.get_method("reste", o_end=2.0, t=1.0 + 2**-7, interval=0.25)
+    assert elementwise.bf16_tail_table(reste._reste, method.o(1.0), method.interval, method.t) is not None
+    for progress in (1.0, torch.tensor(0.3141, dtype=torch.float64)):
+        check_tabulated(reste._reste, method.o(progress), method.interval, method.t)
+
+
+def test_a_formula_whose_tail_differs_is_not_covered_on_several_threads():
+    x = torch.cat([EVERY_BF16.repeat(2), EVERY_BF16[:37]])  # more elements than torch passes to one thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert elementwise.tabulated(swish_sign._swish_sign, x, 5.0) is None
+        assert identical(elementwise.tabulated(swish_sign._numerator, x, 5.0), swish_sign._numerator(x, 5.0))
+        assert identical(swish_sign.swish_sign_derivative(x, 5.0), swish_sign._swish_sign(x, 5.0))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (4, 9), (2, 3, 5)], ids=["conv", "linear", "3d"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_shifted_surrogate_sign_is_autograd_through_the_sum(dtype, shape, layout, monkeypatch):
+    """ReActNet's sign(x + beta): forward and both gradients against autograd through the sum with every kernel off,
+    a bfloat16 x with a float32 shift included (the sum in float32, x's gradient rounded to bfloat16)."""
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-d")
+    generator = torch.Generator().manual_seed(5)
+    x = (1.2 * torch.randn(*shape, generator=generator)).to(dtype)
+    x.view(-1)[:8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -1.0, 1.0, 0.5, -1e-40])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    shift = (0.3 * torch.randn(shape[1], *([1] * (len(shape) - 2)), generator=generator))
+    shift.view(-1)[0] = -0.5
+    grad = torch.randn(*shape, generator=generator)
+
+    def run():
+        leaf, beta = x.clone().requires_grad_(), shift.clone().requires_grad_()
+        out = bnnbench.functional.surrogate_sign(leaf, bnnbench.functional.approx_sign_derivative, shift=beta)
+        out.backward(grad.to(out.dtype))
+        return out.detach(), leaf.grad, beta.grad
+
+    calls = []
+    run_kernel = elementwise.Kernel.__call__
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
+        fast = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise, "covered", lambda x: False)
+        slow = run()
+    assert all(identical(a, b) for a, b in zip(fast, slow))
+    if layout == "contiguous":
+        assert {"shifted_sign", "shifted_approx_sign_grad"} <= set(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("u, alpha", [(1.0, 0.2), (0.37, 0.9999), (2.5, 1e-4), (0.8, 0.55)])
+def test_dsq_soft_quantized_sign_is_autograd_through_the_soft_quantizer(dtype, u, alpha, monkeypatch):
+    """The sign forward and the gradients to x, u and alpha (through the clamps and the dtype conversions, as
+    DSQ's activation takes them) against autograd through straight_through(sign, soft_quantizer), bit for bit."""
+    import bnnbench.methods.dsq as dsq
+
+    method = bnnbench.get_method("dsq")
+    for x in inputs(dtype)[:4]:
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype).contiguous(memory_format=torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format)
+
+        def run():
+            leaf, lu, la = x.clone().requires_grad_(), torch.tensor(u, requires_grad=True), torch.tensor(alpha, requires_grad=True)
+            out = method.activation(leaf, 0.5, u=lu, alpha=la)
+            out.backward(grad)
+            return out.detach(), leaf.grad, lu.grad, la.grad
+
+        calls = []
+        run_kernel = elementwise.Kernel.__call__
+        with monkeypatch.context() as patch:
+            patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
+            fast = run()
+        with monkeypatch.context() as patch:
+            patch.setattr(elementwise, "covered", lambda x: False)
+            slow = run()
+        assert all(identical(a, b) for a, b in zip(fast, slow)), (x.shape, [identical(a, b) for a, b in zip(fast, slow)])
+        assert any(name.startswith("dsq_gradients") for name in calls)
+    assert dsq.soft_quantized_sign  # the function the method runs
+
+
+def test_operand_is_the_scalar_torch_computes_with_in_bfloat16():
+    """Over every bfloat16 pattern and many scalars: ``tensor * s``, ``tensor / s`` and ``float * tensor`` use the scalar
+    in float32, ``tensor0d * tensor``, ``+``, ``-`` and comparisons the scalar rounded to bfloat16 (through float32)."""
+    rng = np.random.default_rng(0)
+    values = [0.1, 10.0, 1e-3, 1 / 3, 2.0**0.5, 1.0 + 2**-8 + 2**-30, 1.0 + 2**-8] + list(10 ** rng.uniform(-3, 1, 40))
+    x = EVERY_BF16
+    wide = x.float()
+
+    def expect(op, value, opmath):
+        return op(wide, float(elementwise.operand(value, torch.bfloat16, opmath))).to(torch.bfloat16)
+
+    for value in values:
+        for scalar in (value, torch.tensor(value, dtype=torch.float64), torch.tensor(value, dtype=torch.float32)):
+            is_float = not isinstance(scalar, torch.Tensor)
+            assert identical(x * scalar, expect(torch.mul, value, True))
+            assert identical(x / scalar, expect(torch.div, value, True))
+            assert identical(scalar * x, expect(torch.mul, value, is_float))
+            assert identical(scalar - x, expect(lambda a, b: b - a, value, False))
+            assert identical(x + scalar, expect(torch.add, value, False))
+            assert torch.equal(x <= scalar, wide <= float(elementwise.operand(value, torch.bfloat16, False)))
+            assert identical(x.float() * scalar, wide * float(elementwise.operand(value, torch.float32, True)))
