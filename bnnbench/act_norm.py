@@ -36,10 +36,11 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .elementwise import REDUCTION_GRAIN, _round_bf16, _widen, covered
+from .elementwise import REDUCTION_GRAIN, _keep, _round_bf16, _to_bf16, _widen, _with_rounding, covered
 
 Formula = Callable[[np.float32], np.float32]
-"""A surrogate's float32 formula, an njit function (e.g. ``elementwise._approx_sign_derivative``)."""
+"""A surrogate's float32 formula as :class:`~bnnbench.elementwise.Kernel` takes them, ``r()`` around each rounding
+operator (e.g. ``elementwise._approx_sign_derivative``)."""
 _LEVELS, _ILP = 4, 4  # SumKernel.cpp's cascade depth and vectors in flight
 
 
@@ -141,7 +142,7 @@ def _backward_loop(bf16: bool, lanes: int, formula: Formula | None):
     row (in cache; a bfloat16 sample's float32 copy in another), which :func:`_row_sum` then reduces."""
     products_sum, values_sum = _row_sum(lanes, 2 if bf16 else 1), _row_sum(lanes, 1)
     evaluate = formula is not None
-    at = formula if evaluate else _widen  # a placeholder the folded branch never calls
+    at = _with_rounding(formula, _to_bf16 if bf16 else _keep) if evaluate else _widen  # _widen: a placeholder the folded branch never calls
 
     @njit(nogil=True, error_model="numpy")
     def widen(v):  # pragma: no cover - compiled
