@@ -356,16 +356,6 @@ def _job_blocks(job: int, group: int, chunks: int, row_blocks: int) -> tuple[int
     return first, min(first + group, row_blocks)
 
 
-@njit(cache=True)
-def _run_job(job, group, chunk, chunks, row_blocks, flat, tables, kernel_h, run_words, pitch, panels, offsets, out, scale, shift, residual, bits, variant):  # type: ignore[no-untyped-def]
-    """Job ``job`` of :func:`_job_grid`: its row blocks x its chunk of panels."""
-    first_block, end_block = _job_blocks(job, group, chunks, row_blocks)
-    first_panel = (job % chunks) * chunk
-    for block in range(first_block, end_block):
-        for panel in range(first_panel, min(first_panel + chunk, panels.shape[0])):
-            _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, scale, shift, residual, bits, variant)
-
-
 @njit(parallel=True, cache=True)
 def _gemm(packed, tables, kernel_h, kernel_w, stride, panels, offsets, out, scale, shift, residual, bits, variant):  # type: ignore[no-untyped-def]
     """The GEMM of a :class:`GemmVariant` over the row blocks of ``tables``; see :func:`xnor_gemm` and :func:`fused_gemm`."""
@@ -375,7 +365,11 @@ def _gemm(packed, tables, kernel_h, kernel_w, stride, panels, offsets, out, scal
     run_words = kernel_w * packed.shape[3]
     pitch = packed.shape[2] * packed.shape[3]
     for job in prange(jobs):
-        _run_job(job, group, chunk, chunks, row_blocks, flat, tables, kernel_h, run_words, pitch, panels, offsets, out, scale, shift, residual, bits, variant)
+        first_block, end_block = _job_blocks(job, group, chunks, row_blocks)
+        first_panel = (job % chunks) * chunk
+        for block in range(first_block, end_block):  # inline: through a called function the loop ran 3.5% slower
+            for panel in range(first_panel, min(first_panel + chunk, panels.shape[0])):
+                _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, scale, shift, residual, bits, variant)
 
 
 @lru_cache(maxsize=256)
@@ -462,8 +456,13 @@ def pack_and_gemm(x, channels_last, padding, packed_shape, tables, kernel_h, ker
                 low, high = top * stride, bottom * stride + kernel_h  # padded input rows [low, high) feed output rows top..bottom
                 packed[b, low:high] = 0
                 pack_rows(x, channels_last, padding, b, max(low - padding, 0), min(high - padding, height), packed)
+            flat = buffers[band]
             for job in range(first_job, end_job):
-                _run_job(job, group, chunk, chunks, row_blocks, buffers[band], tables, kernel_h, run_words, pitch, panels, offsets, out, _NO_VECTOR, _NO_VECTOR, _NO_MATRIX, _NO_BITS, variant)
+                first_block, end_block = _job_blocks(job, group, chunks, row_blocks)
+                first_panel = (job % chunks) * chunk
+                for block in range(first_block, end_block):
+                    for panel in range(first_panel, min(first_panel + chunk, panels.shape[0])):
+                        _gemm_block(flat, tables, block, kernel_h, run_words, pitch, panels, panel, offsets, out, _NO_VECTOR, _NO_VECTOR, _NO_MATRIX, _NO_BITS, variant)
 
 
 def fused_gemm(
