@@ -167,6 +167,20 @@ def test_a_formula_whose_tail_differs_is_not_covered_on_several_threads():
         torch.set_num_threads(previous)
 
 
+def with_and_without_kernels(run, monkeypatch):
+    """``run()`` with the kernels (recording the names of those that ran) and with every kernel off (the torch
+    formulas): (fast result, reference result, kernel names)."""
+    calls = []
+    run_kernel = elementwise.Kernel.__call__
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
+        fast = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(elementwise, "covered", lambda x: False)
+        slow = run()
+    return fast, slow, calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "shape,layout",
@@ -191,14 +205,7 @@ def test_shifted_surrogate_sign_is_autograd_through_the_sum(dtype, shape, layout
         out.backward(grad.to(out.dtype))
         return out.detach(), leaf.grad, beta.grad
 
-    calls = []
-    run_kernel = elementwise.Kernel.__call__
-    with monkeypatch.context() as patch:
-        patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
-        fast = run()
-    with monkeypatch.context() as patch:
-        patch.setattr(elementwise, "covered", lambda x: False)
-        slow = run()
+    fast, slow, calls = with_and_without_kernels(run, monkeypatch)
     assert all(identical(a, b) for a, b in zip(fast, slow))
     if layout == "contiguous":
         assert {"shifted_sign", "shifted_approx_sign_grad"} <= set(calls)
@@ -221,14 +228,7 @@ def test_dsq_soft_quantized_sign_is_autograd_through_the_soft_quantizer(dtype, u
             out.backward(grad)
             return out.detach(), leaf.grad, lu.grad, la.grad
 
-        calls = []
-        run_kernel = elementwise.Kernel.__call__
-        with monkeypatch.context() as patch:
-            patch.setattr(elementwise.Kernel, "__call__", lambda self, *a: (calls.append(self.name), run_kernel(self, *a))[1])
-            fast = run()
-        with monkeypatch.context() as patch:
-            patch.setattr(elementwise, "covered", lambda x: False)
-            slow = run()
+        fast, slow, calls = with_and_without_kernels(run, monkeypatch)
         assert all(identical(a, b) for a, b in zip(fast, slow)), (x.shape, [identical(a, b) for a, b in zip(fast, slow)])
         assert any(name.startswith("dsq_gradients") for name in calls)
     assert dsq.soft_quantized_sign  # the function the method runs

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from test_methods import DTYPE, PROGRESS, activation_and_grad, assert_close, assert_exact, elementwise, kink_tensor, random_like, sign_scalar
+from test_methods import DTYPE, PROGRESS, activation_and_grad, assert_close, assert_exact, elementwise, kink_tensor, sign_scalar
 from test_methods_extra import ede, irnet_reference
 from test_methods_more import orthogonal, rbnn_reference, rbnn_surrogate, rbnn_t, weight_with
 from tiny import tiny_recipe, tiny_run
@@ -24,7 +24,7 @@ import bnnbench
 from bnnbench import build_model, get_method, list_methods, regularization_loss
 from bnnbench.errors import ConfigError
 from bnnbench.runners.experiments import Task, plan, run_task
-from bnnbench.runners.spec import Machine, RunSpec
+from bnnbench.runners.spec import RunSpec
 from bnnbench.runners.teachers import TeacherMissing, find_teacher, load_teacher
 
 LCR = ["lcr-irnet", "lcr-rbnn"]
