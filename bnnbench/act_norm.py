@@ -24,7 +24,7 @@ which need not be the CPU's widest (8 on an AVX-512 machine with torch 2.14): :f
 it by summing rows whose float32 result depends on it.  Over several threads torch splits the
 samples between them, each reduced whole, so the order holds for any thread count, except for a single
 sample of :data:`~bnnbench.elementwise.REDUCTION_GRAIN` elements or more (reduced in per-thread parts:
-not covered).
+not covered); the sweep splits the samples between torch's threads likewise (:mod:`bnnbench.omp`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from . import omp
 from .elementwise import REDUCTION_GRAIN, _keep, _round_bf16, _to_bf16, _widen, _with_rounding, covered
 
 Formula = Callable[[np.float32], np.float32]
@@ -258,7 +259,8 @@ def backward(x: Tensor, root: Tensor, grad: Tensor, surrogate: Tensor | Formula)
     if key not in _loops:
         _loops[key] = _backward_loop(x.dtype == torch.bfloat16, lanes, formula)
     values = _rows(grad if formula else surrogate)  # not read with a formula
-    _loops[key](_rows(x), _rows(grad), values, roots, scale, _rows(grad_x), _rows(grad_var_x))
+    rows = [omp.Split(t) for t in (_rows(x), _rows(grad), values, roots)]
+    omp.run(_loops[key], x.shape[0], *rows, scale, omp.Split(_rows(grad_x)), omp.Split(_rows(grad_var_x)), work=x.numel())
     return grad_x, grad_var_x
 
 

@@ -23,6 +23,8 @@ return None otherwise, so the caller runs its torch formula; :func:`per_sample_v
 ``x.var(dims 1..)`` (Welford in float64, one pass per sample in memory order, as torch's
 CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 tensor in
 1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input).
+On several torch threads every kernel's elements (rows, samples) are split between torch's own
+OpenMP threads (:mod:`bnnbench.omp`), into ranges whose results do not depend on the split.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
+
+from . import omp
 
 # torch's CPU reductions split one output's elements across threads from this many on
 # (at::internal::GRAIN_SIZE), as its element-wise loops split a pass; below it, or on one thread, one sequential pass.
@@ -204,8 +208,9 @@ class Kernel:
         if key not in self._loops:
             self._loops[key] = _loop(self._formulas[mode], len(inputs), aliases, len(params), len(rows))
         own = [out for out, alias in zip(outputs, aliases) if alias is None]
-        arrays = [_flat(t, _NUMPY[t.dtype]) for t in (*inputs, *own, *rows)]
-        self._loops[key](*arrays, tuple(params))
+        arrays = [omp.Split(_flat(t, _NUMPY[t.dtype])) for t in (*inputs, *own, *rows)]
+        items = rows[0].numel() if rows else inputs[0].numel()  # rows or elements, each thread a range of them
+        omp.run(self._loops[key], items, *arrays, tuple(params), work=inputs[0].numel(), grain=1 if rows else _ALIGN)
 
     def __repr__(self) -> str:
         return f"Kernel({self.name!r})"
@@ -219,6 +224,7 @@ CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
 
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
+_ALIGN = 512  # elements per unit of a thread's share (whole cache lines, whole bytes of packed signs)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -357,7 +363,7 @@ def look_up(table: np.ndarray, x: Tensor, out: Tensor | None = None) -> Tensor |
     if out.stride() != x.stride() or out.dtype != x.dtype:
         return None
     if x.numel():
-        _gather(_flat(x, np.uint16), table, _flat(out, np.uint16))
+        omp.run(_gather, x.numel(), omp.Split(_flat(x, np.uint16)), table, omp.Split(_flat(out, np.uint16)), grain=_ALIGN)
     return out
 
 
@@ -450,7 +456,10 @@ def pack_signs(a: Tensor) -> Tensor | None:
     bits, shift, _ = _SIGN_BIT[a.dtype]
     out = torch.empty((a.numel() + 7) // 8, dtype=torch.uint8)
     if a.numel():
-        _pack_sign_bits(_flat(a, bits), shift, out.numpy())
+        src, dst, full = _flat(a, bits), out.numpy(), a.numel() // 8
+        omp.run(_pack_sign_bits, full, omp.Split(src[: 8 * full]), shift, omp.Split(dst[:full]), work=a.numel(), grain=_ALIGN)
+        if full < dst.size:
+            _pack_sign_bits(src[8 * full :], shift, dst[full:])
     return out
 
 
@@ -460,7 +469,10 @@ def unpack_signs(packed: Tensor, shape: torch.Size, stride: tuple[int, ...], dty
     out = torch.empty_strided(shape, stride, dtype=dtype)
     bits, shift, one = _SIGN_BIT[dtype]
     if out.numel():
-        _unpack_sign_bits(packed.numpy(), shift, bits(one), _flat(out, bits))
+        src, dst, full = packed.numpy(), _flat(out, bits), out.numel() // 8
+        omp.run(_unpack_sign_bits, full, omp.Split(src[:full]), shift, bits(one), omp.Split(dst[: 8 * full]), work=out.numel(), grain=_ALIGN)
+        if full < src.size:
+            _unpack_sign_bits(src[full:], shift, bits(one), dst[8 * full :])
     return out
 
 
@@ -497,7 +509,7 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
     rows = x.reshape(x.shape[0], per_sample)
     rows = rows.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else rows.numpy()
     out = np.empty(x.shape[0])
-    _welford_rows(rows, x.dtype == torch.bfloat16, 1, out)
+    omp.run(_welford_rows, x.shape[0], omp.Split(rows), x.dtype == torch.bfloat16, 1, omp.Split(out), work=x.numel())
     return torch.from_numpy(out).to(torch.float32).to(x.dtype).view(x.shape[0], *([1] * (x.dim() - 1)))
 
 
@@ -559,32 +571,36 @@ def _scaling(bf16: bool):
         return (value(o) * inverse + _NEAREST_INTEGER) - _NEAREST_INTEGER
 
     @njit(nogil=True, error_model="numpy")
-    def forward(y, alpha, inner, out, indices, values):  # pragma: no cover - compiled
-        """out = y * alpha[channel] (rows of ``inner`` elements, channels cycling); the exceptions' indices and
-        elements go to ``indices``/``values`` when they fit.  Returns the exceptions' count."""
-        count, channels = 0, alpha.size
+    def forward(y, alpha, inner, out, exceptions):  # pragma: no cover - compiled
+        """out = y * alpha[channel] (rows of ``inner`` elements, channels cycling from the first row), and per
+        row the count of elements y cannot be recovered from."""
+        channels = alpha.size
         for row in range(y.size // inner):
             a = alpha[row % channels]
             inverse = np.float32(1.0) / a
             src, dst = y[row * inner : row * inner + inner], out[row * inner : row * inner + inner]
+            count = 0
             for j in range(inner):  # (over a row's view: indices known non-negative, the loop vectorises)
                 o = rounded(value(src[j]) * a)
                 dst[j] = o
                 count += _bits_of(recovered(o, inverse)) != _bits_of(value(src[j]))
-        if 0 < count <= indices.size:  # a second sweep collects them
-            e = 0
-            for row in range(y.size // inner):
-                inverse = np.float32(1.0) / alpha[row % channels]
-                for j in range(inner):
-                    i = row * inner + j
-                    if _bits_of(recovered(out[i], inverse)) != _bits_of(value(y[i])):
-                        indices[e], values[e] = i, y[i]
-                        e += 1
-        return count
+            exceptions[row] = count
 
     @njit(nogil=True, error_model="numpy")
-    def backward(out, grad, alpha, inner, indices, values, grad_y, product):  # pragma: no cover - compiled
-        """grad_y = grad * alpha[channel] and product = grad * y, y recovered from out, the exceptions patched in."""
+    def collect(y, alpha, inner, out, indices, values):  # pragma: no cover - compiled
+        """The exceptions' indices and elements, in order, into ``indices``/``values`` (which hold them all)."""
+        e, channels = 0, alpha.size
+        for row in range(y.size // inner):
+            inverse = np.float32(1.0) / alpha[row % channels]
+            for j in range(inner):
+                i = row * inner + j
+                if _bits_of(recovered(out[i], inverse)) != _bits_of(value(y[i])):
+                    indices[e], values[e] = i, y[i]
+                    e += 1
+
+    @njit(nogil=True, error_model="numpy")
+    def backward(out, grad, alpha, inner, grad_y, product):  # pragma: no cover - compiled
+        """grad_y = grad * alpha[channel] and product = grad * y, y recovered from out."""
         channels = alpha.size
         for row in range(out.size // inner):
             a = alpha[row % channels]
@@ -595,11 +611,15 @@ def _scaling(bf16: bool):
                 gj = value(g[j])
                 gy[j] = rounded(gj * a)
                 p[j] = rounded(gj * recovered(o[j], inverse))
-        for e in range(indices.size):  # the exceptions' products, from their kept y
+
+    @njit(nogil=True, error_model="numpy")
+    def patch(grad, indices, values, product):  # pragma: no cover - compiled
+        """The exceptions' products, from their kept y."""
+        for e in range(indices.size):
             i = indices[e]
             product[i] = rounded(value(grad[i]) * value(values[e]))
 
-    return forward, backward
+    return forward, collect, backward, patch
 
 
 _SCALING = {torch.float32: (_scaling(False), np.float32), torch.bfloat16: (_scaling(True), np.uint16)}
@@ -621,16 +641,21 @@ def scale_channels(y: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor] | 
     inner = _channel_layout(y, alpha)
     if inner is None or not y.numel():
         return None
-    (forward, _), bits = _SCALING[y.dtype]
+    (forward, collect, _, _), bits = _SCALING[y.dtype]
     out = torch.empty_like(y)
     a = alpha.detach().reshape(-1).float().numpy()
-    indices = np.empty(y.numel() // EXCEPTION_SHARE, dtype=np.int64)
-    values = np.empty(indices.size, dtype=bits)
-    count = forward(_flat(y, bits), a, inner, _flat(out, bits), indices, values)
-    if count > indices.size:
+    flat_y, flat_out, rows = _flat(y, bits), _flat(out, bits), y.numel() // inner
+    exceptions = np.empty(rows, dtype=np.int64)
+    # each thread's rows start at a multiple of the channels: row % channels stays the row's channel
+    omp.run(forward, rows, omp.Split(flat_y), a, inner, omp.Split(flat_out), omp.Split(exceptions), work=y.numel(), grain=a.size)
+    count = int(exceptions.sum())
+    if count > y.numel() // EXCEPTION_SHARE:
         return None
-    kept = torch.from_numpy(values[:count].copy())
-    return out, torch.from_numpy(indices[:count].copy()), kept.view(torch.bfloat16) if y.dtype == torch.bfloat16 else kept
+    indices, values = np.empty(count, dtype=np.int64), np.empty(count, dtype=bits)
+    if count:
+        collect(flat_y, a, inner, flat_out, indices, values)
+    kept = torch.from_numpy(values)
+    return out, torch.from_numpy(indices), kept.view(torch.bfloat16) if y.dtype == torch.bfloat16 else kept
 
 
 def scale_channels_backward(out: Tensor, alpha: Tensor, indices: Tensor, values: Tensor, grad: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -639,9 +664,13 @@ def scale_channels_backward(out: Tensor, alpha: Tensor, indices: Tensor, values:
     inner = _channel_layout(grad, alpha)
     if inner is None or grad.shape != out.shape or grad.dtype != out.dtype:
         return None
-    (_, backward), bits = _SCALING[out.dtype]
+    (_, _, backward, patch), bits = _SCALING[out.dtype]
     grad_y, product = torch.empty_like(out), torch.empty_like(out)
     kept = values.view(torch.int16).numpy().view(np.uint16) if out.dtype == torch.bfloat16 else values.numpy()
     a = alpha.detach().reshape(-1).float().numpy()
-    backward(_flat(out, bits), _flat(grad, bits), a, inner, indices.numpy(), kept, _flat(grad_y, bits), _flat(product, bits))
+    flat_grad, flat_product, rows = _flat(grad, bits), _flat(product, bits), out.numel() // inner
+    split = [omp.Split(t) for t in (_flat(out, bits), flat_grad)]
+    omp.run(backward, rows, *split, a, inner, omp.Split(_flat(grad_y, bits)), omp.Split(flat_product), work=out.numel(), grain=a.size)
+    if indices.numel():
+        patch(flat_grad, indices.numpy(), kept, flat_product)
     return grad_y, product

@@ -143,14 +143,15 @@ ACT_NORM_SHAPES = [(5, 3), (6, 40), (4, 7, 5, 3), (3, 16, 8, 8), (2, 1, 1, 17), 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", ACT_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, threads):
+def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, threads, monkeypatch):
     """normalized_surrogate_sign's one-pass backward (bnnbench.act_norm) against autograd through the torch formula,
     bit for bit, for ApproxSign (its formula evaluated in the sweep) and RBNN's surrogate (its values passed in) (a 0-dim float64 parameter), per-sample sizes below and above
-    the reduction grain, on 1 and 2 threads; the kernel must have run wherever it covers the tensors."""
+    the reduction grain, on 1 and 2 threads (the kernels' work split between them); the kernel must have run wherever it covers the tensors."""
     import math
 
-    from bnnbench import act_norm
+    from bnnbench import act_norm, omp
 
+    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # the kernels split even these small tensors between the threads
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -8,7 +8,8 @@ Every assertion is a ratio against a baseline timed in the same test (never an
 absolute time); thresholds can be tightened on a quiet machine through the
 environment variables BNNBENCH_PERF_MIN_CONV_SPEEDUP (default 4),
 BNNBENCH_PERF_MIN_GEMM_SHARE (0.5), BNNBENCH_PERF_MIN_MODEL_SPEEDUP (1.5),
-BNNBENCH_PERF_MAX_STEP_SLOWDOWN (4), BNNBENCH_PERF_MAX_PLAIN_STEP_SLOWDOWN (1.45)
+BNNBENCH_PERF_MAX_STEP_SLOWDOWN (4), BNNBENCH_PERF_MAX_PLAIN_STEP_SLOWDOWN (1.45),
+BNNBENCH_PERF_MIN_KERNEL_THREAD_SCALING (1.5)
 and the kernels' BNNBENCH_PERF_MIN_<KERNEL>_SPEEDUP (see test_perf_training.py).
 """
 

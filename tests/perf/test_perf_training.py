@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import bnnbench
@@ -9,7 +11,7 @@ from bnnbench.runners.bench import time_interleaved
 from bnnbench.runners.bench_train import StepSettings, training_step
 from bnnbench.runners.train import bf16_hardware
 
-from .helpers import fixture_best, threshold
+from .helpers import busy_cpus, fixture_best, threshold
 
 BATCH = 32
 # Methods whose binarizer is only the one-pass kernels (sign, ApproxSign/clip derivatives, bit-packed conv input):
@@ -105,3 +107,37 @@ def test_elementwise_kernel_beats_the_torch_formula_it_replaces(benchmark, name,
     speedup = baseline / fixture_best(benchmark)
     benchmark.extra_info.update({"speedup_vs_torch": speedup})
     assert speedup >= threshold(f"BNNBENCH_PERF_MIN_{name.upper()}_SPEEDUP", floor)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_act_norm_backward_scales_to_two_torch_threads(benchmark, dtype):
+    """act_norm's backward sweep (the largest kernel of a step) on torch's 2 OpenMP threads against 1
+    (bnnbench.omp), same bits; skipped when other work keeps a CPU busy."""
+    import torch
+
+    from bnnbench import act_norm, elementwise, functional, omp
+
+    if not omp.available():
+        pytest.skip("torch runs no libgomp pool in this process")
+    busy = busy_cpus()
+    if busy > 0.5:
+        pytest.skip(f"other work keeps {busy:.1f} CPUs busy: a 2-thread time would measure it")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, 32, 32, generator=generator).to(getattr(torch, dtype))
+    grad = torch.randn(x.shape, generator=generator).to(x.dtype)
+    root = torch.sqrt(elementwise.per_sample_variance(x) + 1e-5)
+    formula = functional._FORMULAS[functional.approx_sign_derivative]
+    sweep = lambda: act_norm.backward(x, root, grad, formula)  # noqa: E731
+    one = time_interleaved({"one": sweep}, 1.0)["one"].best
+    expected = sweep()
+    torch.set_num_threads(2)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(sweep(), expected))
+        benchmark.pedantic(sweep, rounds=50, warmup_rounds=3)
+    finally:
+        torch.set_num_threads(1)
+    one = min(one, time_interleaved({"one": sweep}, 1.0)["one"].best)
+    scaling = one / fixture_best(benchmark)
+    benchmark.extra_info.update({"one_thread_s": one, "scaling": scaling})
+    assert scaling >= threshold("BNNBENCH_PERF_MIN_KERNEL_THREAD_SCALING", 1.5)
