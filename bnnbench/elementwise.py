@@ -567,6 +567,10 @@ def _scaling(bf16: bool):
         return _round_bf16(v) if bf16 else v
 
     @njit(nogil=True, error_model="numpy")
+    def widened(v):  # pragma: no cover - compiled
+        return _widen(_round_bf16(v)) if bf16 else v
+
+    @njit(nogil=True, error_model="numpy")
     def recovered(o, inverse):  # pragma: no cover - compiled
         return (value(o) * inverse + _NEAREST_INTEGER) - _NEAREST_INTEGER
 
@@ -600,7 +604,8 @@ def _scaling(bf16: bool):
 
     @njit(nogil=True, error_model="numpy")
     def backward(out, grad, alpha, inner, grad_y, product):  # pragma: no cover - compiled
-        """grad_y = grad * alpha[channel] and product = grad * y, y recovered from out."""
+        """grad_y = grad * alpha[channel] and product = grad * y (float32: a bfloat16 product rounded, then
+        widened, as torch's sum of it widens it first), y recovered from out."""
         channels = alpha.size
         for row in range(out.size // inner):
             a = alpha[row % channels]
@@ -610,14 +615,14 @@ def _scaling(bf16: bool):
             for j in range(inner):
                 gj = value(g[j])
                 gy[j] = rounded(gj * a)
-                p[j] = rounded(gj * recovered(o[j], inverse))
+                p[j] = widened(gj * recovered(o[j], inverse))
 
     @njit(nogil=True, error_model="numpy")
     def patch(grad, indices, values, product):  # pragma: no cover - compiled
         """The exceptions' products, from their kept y."""
         for e in range(indices.size):
             i = indices[e]
-            product[i] = rounded(value(grad[i]) * value(values[e]))
+            product[i] = widened(value(grad[i]) * value(values[e]))
 
     return forward, collect, backward, patch
 
@@ -660,15 +665,17 @@ def scale_channels(y: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor] | 
 
 def scale_channels_backward(out: Tensor, alpha: Tensor, indices: Tensor, values: Tensor, grad: Tensor) -> tuple[Tensor, Tensor] | None:
     """(grad * alpha, grad * y) for ``out = y * alpha`` from :func:`scale_channels`, or None where the kernel
-    does not cover grad (same layout as out)."""
+    does not cover grad (same layout as out).  grad * y comes in float32, each element rounded to out's dtype
+    first: the copy torch's ``sum`` of a bfloat16 tensor over several dims makes before it adds (summing it
+    gives that sum's float32 value, which rounds to its result)."""
     inner = _channel_layout(grad, alpha)
     if inner is None or grad.shape != out.shape or grad.dtype != out.dtype:
         return None
     (_, _, backward, patch), bits = _SCALING[out.dtype]
-    grad_y, product = torch.empty_like(out), torch.empty_like(out)
+    grad_y, product = torch.empty_like(out), torch.empty_like(out, dtype=torch.float32)
     kept = values.view(torch.int16).numpy().view(np.uint16) if out.dtype == torch.bfloat16 else values.numpy()
     a = alpha.detach().reshape(-1).float().numpy()
-    flat_grad, flat_product, rows = _flat(grad, bits), _flat(product, bits), out.numel() // inner
+    flat_grad, flat_product, rows = _flat(grad, bits), _flat(product, np.float32), out.numel() // inner
     split = [omp.Split(t) for t in (_flat(out, bits), flat_grad)]
     omp.run(backward, rows, *split, a, inner, omp.Split(_flat(grad_y, bits)), omp.Split(flat_product), work=out.numel(), grain=a.size)
     if indices.numel():

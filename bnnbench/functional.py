@@ -266,8 +266,8 @@ class _ScaledChannels(torch.autograd.Function):
             return grad_output * alpha, (grad_output * y).sum_to_size(alpha.shape)
         out, alpha, indices, values = ctx.saved_tensors
         fused = elementwise.scale_channels_backward(out, alpha, indices, values, grad_output)  # a contiguous grad
-        if fused is not None:
-            return fused[0], fused[1].sum_to_size(alpha.shape)
+        if fused is not None:  # (grad * y in float32: bfloat16 values, which torch's sum would widen itself)
+            return fused[0], fused[1].sum_to_size(alpha.shape).to(alpha.dtype)
         nearest = float(elementwise._NEAREST_INTEGER)  # the kernel's recovery, as torch formulas
         y = (out.float() * alpha.float().reciprocal()).add_(nearest).sub_(nearest).to(out.dtype)
         # (grad * y keeps grad's layout, so that its sum runs in autograd's order)
