@@ -69,7 +69,13 @@ class _SurrogateSign(torch.autograd.Function):
 
 
 class _ShiftedSurrogateSign(torch.autograd.Function):
-    """Forward ``sign(x + shift)``; backward ``grad * derivative(x + shift)`` to x, summed to shift's shape to shift.
+    """Forward ``sign(x + shift)``, in x's dtype; backward ``grad * derivative(x + shift)`` to x, summed to shift's
+    shape to shift.
+
+    The sign's +-1 values are exact in every floating dtype, so x's dtype changes none of them; a float32 shift
+    (a learned parameter) against a bfloat16 x under autocast would otherwise make the sign, and its gradient,
+    float32, which the binary conv converts back to bfloat16: two activation-sized passes more.  The gradient
+    arriving in bfloat16 has the values the float32 one had (the conv's bfloat16 gradient, widened).
 
     What autograd computes through ``surrogate_sign(x + shift)``, bit for bit, but keeping x (which the
     layer before holds anyway) and the small shift instead of the activation-sized sum.  For a per-channel
@@ -82,7 +88,7 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
         ctx.save_for_backward(x, shift)
         ctx.derivative = derivative
         fused = _shifted(elementwise.SHIFTED_SIGN, x, shift, ())
-        return sign(x + shift) if fused is None else fused
+        return sign(x + shift).to(x.dtype) if fused is None else fused
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -98,17 +104,18 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
 def _shifted(kernel: elementwise.Kernel, x: Tensor, shift: Tensor, tensors: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...] | None:
     """``kernel`` over x (and ``tensors`` of the sum's shape) with the shift as one value per row: for a contiguous
     x of shape (N, C, ...) and a shift of shape (C, 1, ...); None otherwise.  The sum ``x + shift`` rounds in its
-    result dtype (float32 for a bfloat16 x and a float32 shift), the mode of the kernel; a second output is
-    rounded to x's dtype."""
+    result dtype (float32 for a bfloat16 x and a float32 shift), the mode of the kernel, which ``tensors`` have
+    or x's dtype (a bfloat16 gradient, widened as torch's float32 product widens it).  One output is stored in
+    x's dtype (the sign), two in the sum's and in x's (the gradient)."""
     if not elementwise.covered(x):
         return None
     mode = torch.result_type(x, shift)
     if x.dim() < 2 or shift.shape != (x.shape[1], *([1] * (x.dim() - 2))) or shift.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if any(t.dtype != mode for t in tensors):
+    if any(t.dtype not in (mode, x.dtype) for t in tensors):
         return None
     rows = shift.detach().reshape(1, -1).expand(x.shape[0], -1).contiguous()
-    dtypes = (mode,) if kernel.outputs == 1 else (mode, x.dtype)
+    dtypes = (x.dtype,) if kernel.outputs == 1 else (mode, x.dtype)
     return elementwise.apply(kernel, x, *tensors, mode=mode, rows=(rows,), dtypes=dtypes)
 
 
@@ -118,8 +125,8 @@ def surrogate_sign(x: Tensor, derivative: Derivative, shift: Tensor | None = Non
     ``derivative`` is the surrogate d sign(x) / dx of a binarizer, evaluated on
     the saved input, e.g. ``lambda x: (x.abs() <= 1).to(x)`` for the clipped STE
     (Eq. 5).  With ``shift`` (a tensor broadcasting to x, e.g. ReActNet's learned
-    per-channel threshold), ``sign(x + shift)`` with the derivative at x + shift,
-    for x and for the shift.
+    per-channel threshold), ``sign(x + shift)`` in x's dtype with the derivative at
+    x + shift, for x and for the shift.
     """
     if shift is None:
         return _SurrogateSign.apply(x, derivative)

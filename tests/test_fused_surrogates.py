@@ -189,7 +189,8 @@ def with_and_without_kernels(run, monkeypatch):
 )
 def test_shifted_surrogate_sign_is_autograd_through_the_sum(dtype, shape, layout, monkeypatch):
     """ReActNet's sign(x + beta): forward and both gradients against autograd through the sum with every kernel off,
-    a bfloat16 x with a float32 shift included (the sum in float32, x's gradient rounded to bfloat16)."""
+    a bfloat16 x with a float32 shift included (the sum in float32, the sign in bfloat16, x's gradient rounded to
+    bfloat16)."""
     generator = torch.Generator().manual_seed(5)
     x = (1.2 * torch.randn(*shape, generator=generator)).to(dtype)
     x.view(-1)[:8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -1.0, 1.0, 0.5, -1e-40])
@@ -207,6 +208,7 @@ def test_shifted_surrogate_sign_is_autograd_through_the_sum(dtype, shape, layout
 
     fast, slow, calls = with_and_without_kernels(run, monkeypatch)
     assert all(identical(a, b) for a, b in zip(fast, slow))
+    assert fast[0].dtype == x.dtype  # the +-1 values in x's dtype, whatever the shift's
     if layout == "contiguous":
         assert {"shifted_sign", "shifted_approx_sign_grad"} <= set(calls)
 
