@@ -163,7 +163,10 @@ def _trampoline(kernel: Callable, kinds: tuple, words: int, floats: int):
         counter = [2, 0]
         names = _unpacking(kinds, counter, lines)
         lines.append(f"    kernel({', '.join(names)})")
-        scope = {"np": np, "carray": carray, "_pointer": _pointer, "kernel": kernel, "_num_threads": _NUM_THREADS, "_thread_num": _THREAD_NUM}
+        # the kernel's own copy, compiled for the views (C-contiguous, writable): the cfunc then reads no shared
+        # dispatcher's table of compiled signatures, which numba's on-disk cache may have filled in other processes
+        private = njit(**{k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")})(kernel.py_func)
+        scope = {"np": np, "carray": carray, "_pointer": _pointer, "kernel": private, "_num_threads": _NUM_THREADS, "_thread_num": _THREAD_NUM}
         exec("\n".join(lines) + "\n", scope)  # noqa: S102
         _TRAMPOLINES[key] = cfunc(types.void(types.voidptr), error_model="numpy")(scope["body"])
     return _TRAMPOLINES[key]

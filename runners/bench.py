@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench import hardware
+from bnnbench import hardware, omp
 from bnnbench.io import write_text
 from bnnbench.kernels import SELECTED, binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
 from bnnbench.kernels.buffers import aligned_empty, stream_threshold, streams
@@ -141,6 +141,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "numba": numba.__version__,
         "numba_threading_layer": _threading_layer(),
+        "elementwise_on_torch_threads": omp.available(),  # the training kernels' threads (bnnbench.omp)
         "python": platform.python_version(),
         "date": datetime.now().isoformat(timespec="seconds"),
     }
