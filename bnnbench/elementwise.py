@@ -392,29 +392,40 @@ def bf16_tail_table(formula: Callable[..., Tensor], *scalars: float | Tensor | N
     return _TAILS[key]
 
 
+def _scalar_tails(n: int) -> list[tuple[int, int]]:
+    """The (start, stop) ranges of a contiguous n-element pass that torch's scalar code computes: torch splits the
+    pass between its threads as ``at::parallel_for`` does (from :data:`REDUCTION_GRAIN` elements on, one range
+    of ceil(n / t) elements per thread, t = min(threads, ceil(n / grain))), and the last ``len % _STEP`` of each
+    range run through its scalar code."""
+    threads = torch.get_num_threads()
+    ranges = [(0, n)]
+    if n >= REDUCTION_GRAIN and threads > 1:
+        size = -(-n // min(threads, -(-n // REDUCTION_GRAIN)))
+        ranges = [(start, min(n, start + size)) for start in range(0, n, size)]
+    return [(stop - (stop - start) % _STEP, stop) for start, stop in ranges if (stop - start) % _STEP]
+
+
 def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tensor | None) -> Tensor | None:
     """``formula(x, *scalars)`` for a bfloat16 x the kernels cover, looked up in its :func:`bf16_table` in one pass;
     None otherwise.
 
     Bit for bit torch's formula: each of its torch operators gives an element a value that depends on the
-    element's value and on whether torch's vectorised body or its scalar tail computes it, nothing else.  Where
-    one pass covers all n elements (one thread, or fewer elements than torch splits between threads), the body
-    is the first n - n % ``_STEP`` in memory order (looked up) and the tail the rest (the torch formula on
-    those few elements alone, all scalar code); with more threads only a formula whose tail rounds as its body
-    (:func:`bf16_tail_table`) is covered."""
+    element's value and on whether torch's vectorised body or its scalar tail computes it, nothing else.  The
+    tails are the last n % ``_STEP`` elements of each thread's range (:func:`_scalar_tails`), computed by the
+    torch formula on those few elements alone (all scalar code).  Where torch's vectorised step is unknown,
+    only a formula whose tail rounds as its body (:func:`bf16_tail_table`) is covered."""
     if x.dtype != torch.bfloat16 or not covered(x):
         return None
-    n, body = x.numel(), bf16_table(formula, *scalars)
-    split = None if _STEP is None else n - n % _STEP
-    if split is None or (torch.get_num_threads() > 1 and n >= REDUCTION_GRAIN):
+    body = bf16_table(formula, *scalars)
+    if _STEP is None:
         return look_up(body, x) if bf16_tail_table(formula, *scalars) is None else None
-    out = torch.empty_like(x)
-    if out.stride() != x.stride():
+    out = look_up(body, x)
+    if out is None:
         return None
+    n = x.numel()
     flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
-    look_up(body, flat_x[:split], flat_out[:split])
-    if split < n:
-        flat_out[split:] = formula(flat_x[split:], *scalars)
+    for start, stop in _scalar_tails(n):
+        flat_out[start:stop] = formula(flat_x[start:stop], *scalars)
     return out
 
 

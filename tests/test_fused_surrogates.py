@@ -155,14 +155,38 @@ def test_reste_tables_hold_in_torchs_scalar_tail():
         check_tabulated(reste._reste, method.o(progress), method.interval, method.t)
 
 
-def test_a_formula_whose_tail_differs_is_not_covered_on_several_threads():
-    x = torch.cat([EVERY_BF16.repeat(2), EVERY_BF16[:37]])  # more elements than torch passes to one thread
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_tables_hold_in_each_threads_scalar_tail(threads):
+    """On several threads torch runs the last n % 64 elements of each thread's range through its scalar code: a
+    formula whose tail rounds otherwise (SwishSign's cosh, ReSTE's rsqrt at o = 2) must match there, filled with
+    exactly the values whose tail differs, for sizes that give each thread a range ending mid-step."""
+    method = bnnbench.get_method("reste", o_end=2.0, t=1.0 + 2**-7, interval=0.25)
+    cases = [(swish_sign._swish_sign, (5.0,)), (reste._reste, (method.o(1.0), method.interval, method.t))]
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
-        assert elementwise.tabulated(swish_sign._swish_sign, x, 5.0) is None
-        assert identical(elementwise.tabulated(swish_sign._numerator, x, 5.0), swish_sign._numerator(x, 5.0))
-        assert identical(swish_sign.swish_sign_derivative(x, 5.0), swish_sign._swish_sign(x, 5.0))
+        for formula, scalars in cases:
+            tail = torch.from_numpy(elementwise.bf16_tail_table(formula, *scalars).view(np.int16))
+            body = torch.from_numpy(elementwise.bf16_table(formula, *scalars).view(np.int16))
+            differing = EVERY_BF16[(tail != body).nonzero().view(-1)]
+            assert differing.numel() > 0
+            for n in (2 * elementwise.REDUCTION_GRAIN + 37, 100_003, 3 * 65_536 + 1):
+                x = differing.repeat(n // differing.numel() + 1)[:n]
+                assert identical(elementwise.tabulated(formula, x, *scalars), formula(x, *scalars)), n
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_scalar_tails_follow_torchs_split_between_threads():
+    """100,003 elements on 3 threads: ranges of 33,335, 33,335 and 33,333 elements, whose last 55, 55 and 53 are
+    scalar code; below 32,768 elements or on one thread, one range."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert elementwise._scalar_tails(100_003) == [(33_280, 33_335), (66_615, 66_670), (99_950, 100_003)]
+        assert elementwise._scalar_tails(32_767) == [(32_704, 32_767)]
+        torch.set_num_threads(1)
+        assert elementwise._scalar_tails(100_003) == [(99_968, 100_003)]
     finally:
         torch.set_num_threads(previous)
 
