@@ -82,11 +82,10 @@ def soft_quantized_sign(x: Tensor, u: Tensor, alpha: Tensor) -> Tensor:
     only x and recomputes in the backward, in one pass after torch's tanh (bfloat16: looked up), what autograd's nodes of
     the clip, the product with k, tanh and the product with s give, the gradients to the scalars as the same
     tensors torch sums; the scalar part (s, k and -u from u and alpha) stays autograd's, built in the same order."""
-    hard = sign(x.detach())
     if not elementwise.covered(x.detach()) or torch.compiler.is_compiling():
-        return straight_through(hard, soft_quantizer(x, u, alpha))
+        return straight_through(sign(x.detach()), soft_quantizer(x, u, alpha))
     s, k = soft_quantizer_scales(u, alpha)
-    return _SoftQuantizedSign.apply(x, u, -u, s, k, hard)
+    return _SoftQuantizedSign.apply(x, u, -u, s, k)
 
 
 def _dsq_argument(x: np.float32, u: np.float32, neg_u: np.float32, k: np.float32) -> np.float32:
@@ -111,13 +110,13 @@ DSQ_GRADIENTS = elementwise.Kernel("dsq_gradients", _dsq_gradients, outputs=5)
 
 
 class _SoftQuantizedSign(torch.autograd.Function):
-    """Forward ``hard`` (x's sign); backward the soft quantizer's gradients to x, u, -u, s and k (see
+    """Forward x's sign; backward the soft quantizer's gradients to x, u, -u, s and k (see
     :func:`soft_quantized_sign`); where the kernels do not cover the gradient, autograd's through the formula."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor, hard: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, u, neg_u, s, k)
-        return hard.clone()
+        return sign(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -128,8 +127,8 @@ class _SoftQuantizedSign(torch.autograd.Function):
             th = elementwise.look_up(elementwise.bf16_table(torch.tanh), z, z) if z.dtype == torch.bfloat16 else torch.tanh_(z)
             parts = elementwise.apply(DSQ_GRADIENTS, x, grad, th, params=scalars, out=(*(torch.empty_like(x) for _ in range(4)), th))
         if parts is None:
-            return (*_autograd_of_formula(x, u, neg_u, s, k, grad), None)
-        return parts[0], parts[1].sum(), parts[2].sum(), parts[3].sum(), parts[4].sum(), None
+            return _autograd_of_formula(x, u, neg_u, s, k, grad)
+        return parts[0], parts[1].sum(), parts[2].sum(), parts[3].sum(), parts[4].sum()
 
 
 def _autograd_of_formula(x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
