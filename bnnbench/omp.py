@@ -163,12 +163,11 @@ def _trampoline(kernel: Callable, kinds: tuple, words: int, floats: int):
         counter = [2, 0]
         names = _unpacking(kinds, counter, lines)
         lines.append(f"    kernel({', '.join(names)})")
-        # a kernel cached on disk is called through its own copy: the table of signatures of such a dispatcher,
-        # filled from numba's cache, was seen inconsistent after a full test run (numba's KeyError on reading it)
-        options = kernel.targetoptions
-        if options.get("cache"):
-            kernel = njit(**{k: v for k, v in options.items() if k not in ("cache", "nopython")})(kernel.py_func)
-        scope = {"np": np, "carray": carray, "_pointer": _pointer, "kernel": kernel, "_num_threads": _NUM_THREADS, "_thread_num": _THREAD_NUM}
+        # the kernel's own copy, compiled for the views: the cfunc then reads no shared dispatcher's table of
+        # compiled signatures, which a full test run left inconsistent for a kernel cached on disk (numba's
+        # KeyError on reading it; numba keeps no flag of the caching in the options to single those out)
+        private = njit(**{k: v for k, v in kernel.targetoptions.items() if k != "nopython"})(kernel.py_func)
+        scope = {"np": np, "carray": carray, "_pointer": _pointer, "kernel": private, "_num_threads": _NUM_THREADS, "_thread_num": _THREAD_NUM}
         exec("\n".join(lines) + "\n", scope)  # noqa: S102
         _TRAMPOLINES[key] = cfunc(types.void(types.voidptr), error_model="numpy")(scope["body"])
     return _TRAMPOLINES[key]
