@@ -223,6 +223,20 @@ APPROX_SIGN_DERIVATIVE = Kernel("approx_sign_derivative", _approx_sign_derivativ
 CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
 
+
+def _approx_sign_gradient(x: np.float32, grad: np.float32) -> np.float32:
+    return r(grad * _approx_sign_derivative(x))
+
+
+def _clip_gradient(x: np.float32, grad: np.float32) -> np.float32:
+    return r(grad * _clip_derivative(x))
+
+
+APPROX_SIGN_GRADIENT = Kernel("approx_sign_gradient", _approx_sign_gradient)
+"""grad * max(0, 2 - 2|x|): the surrogate rounded, then the product (two torch operators)."""
+CLIP_GRADIENT = Kernel("clip_gradient", _clip_gradient)
+"""grad * 1{|x| <= 1}."""
+
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
 _ALIGN = 512  # elements per unit of a thread's share (whole cache lines, whole bytes of packed signs)
 

@@ -53,18 +53,48 @@ def _surrogate(derivative: Derivative, x: Tensor) -> Tensor:
     return value
 
 
+_RECIPE = "_bnnbench_sign_recipe"
+
+
+def _signs_of(out: Tensor, recompute: Callable[..., Tensor], *sources: Tensor) -> Tensor:
+    """``out``, a binarizer's +-1 output, marked as ``recompute(*sources)`` (bit for bit) while neither it nor the
+    sources change in place: the binary conv after it keeps the sources, which the binarizer's backward keeps
+    anyway, instead of a packed copy of the signs (:class:`_ConvOfSigns`)."""
+    if not torch.compiler.is_compiling():
+        setattr(out, _RECIPE, (recompute, sources, out._version, [t._version for t in sources]))
+    return out
+
+
+def _recipe_of(a: Tensor) -> tuple[Callable[..., Tensor], tuple[Tensor, ...]] | None:
+    """(recompute, sources) where ``a`` is a marked binarizer output that nothing changed since, else None."""
+    recipe = getattr(a, _RECIPE, None)
+    if recipe is None or torch.compiler.is_compiling():
+        return None
+    recompute, sources, version, versions = recipe
+    if a._version != version or [t._version for t in sources] != versions:
+        return None
+    return recompute, sources
+
+
 class _SurrogateSign(torch.autograd.Function):
-    """Forward ``sign(x)``; backward ``grad * derivative(x)``."""
+    """Forward ``sign(x)``; backward ``grad * derivative(x)``: in one pass where a kernel knows the derivative
+    (:data:`_GRADIENTS`), the gradient itself for the STE's (``grad * 1``, bit for bit, with nothing kept)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+        if derivative is not identity_derivative:
+            ctx.save_for_backward(x)
         ctx.derivative = derivative
-        return sign(x)
+        return _signs_of(sign(x), sign, x)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if ctx.derivative is identity_derivative:
+            return grad_output, None
         (x,) = ctx.saved_tensors
+        kernel = _GRADIENTS.get(ctx.derivative)
+        if kernel is not None and grad_output.dtype == x.dtype and (fused := elementwise.apply(kernel, x, grad_output)) is not None:
+            return fused, None
         return grad_output * _surrogate(ctx.derivative, x), None
 
 
@@ -87,8 +117,7 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
     def forward(ctx, x: Tensor, shift: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, shift)
         ctx.derivative = derivative
-        fused = _shifted(elementwise.SHIFTED_SIGN, x, shift, ())
-        return sign(x + shift).to(x.dtype) if fused is None else fused
+        return _signs_of(_shifted_sign(x, shift), _shifted_sign, x, shift)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -99,6 +128,12 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
             return grad_x, grad.sum_to_size(shift.shape), None
         grad = grad_output * _surrogate(ctx.derivative, x + shift)
         return grad, grad.sum_to_size(shift.shape), None
+
+
+def _shifted_sign(x: Tensor, shift: Tensor) -> Tensor:
+    """``sign(x + shift)`` in x's dtype (one pass where :func:`_shifted` covers x)."""
+    fused = _shifted(elementwise.SHIFTED_SIGN, x, shift, ())
+    return sign(x + shift).to(x.dtype) if fused is None else fused
 
 
 def _shifted(kernel: elementwise.Kernel, x: Tensor, shift: Tensor, tensors: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...] | None:
@@ -154,6 +189,12 @@ def approx_sign_derivative(x: Tensor) -> Tensor:
 _FORMULAS: dict[Derivative, act_norm.Formula] = {approx_sign_derivative: elementwise._approx_sign_derivative}
 """Surrogates whose float32 formula act_norm's backward evaluates in its own sweep."""
 
+_GRADIENTS: dict[Derivative, elementwise.Kernel] = {
+    approx_sign_derivative: elementwise.APPROX_SIGN_GRADIENT,
+    clip_derivative: elementwise.CLIP_GRADIENT,
+}
+"""Surrogates whose ``grad * derivative(x)`` one kernel computes (the two torch operators' roundings)."""
+
 
 def _reusing(t: Tensor, op: Callable[..., Tensor], other: Tensor) -> Tensor:
     """``op(t, other)`` for a temporary ``t``, written into t where that rounds alike (the result has t's dtype and
@@ -182,7 +223,7 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
         root = torch.sqrt((x.var(dim=dims, keepdim=True) if variance is None else variance) + eps)
         ctx.save_for_backward(x, root)
         ctx.derivative, ctx.dims = derivative, dims
-        return sign(x)  # sign(x / root) = sign(x): root > 0
+        return _signs_of(sign(x), sign, x)  # sign(x / root) = sign(x): root > 0
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -210,12 +251,15 @@ def normalized_surrogate_sign(x: Tensor, derivative: Derivative, eps: float) -> 
 
 
 class _ConvOfSigns(torch.autograd.Function):
-    """``conv2d(a, w)`` for an input of +-1 values, kept for the backward in 1 bit each
-    (:func:`bnnbench.elementwise.pack_signs`; as int8, 1 byte, where the kernels do not cover a).
+    """``conv2d(a, w)`` for an input of +-1 values, which the weight gradient needs.
 
-    The weight gradient needs the input; a binary layer's input is the sign its binarizer just made, a new
-    tensor nothing else keeps: storing its signs and widening them again in the backward gives the same
-    gradients, bit for bit.  Under autocast the convolution runs in the autocast dtype, as F.conv2d does.
+    A binary layer's input is the sign its binarizer just made, a new tensor nothing else keeps.  Where the
+    binarizer marked it as a recipe of its own input (``sign(x)``, kept by the binarizer's backward anyway:
+    :func:`_signs_of`), the conv keeps that input and makes the signs again in its backward (one pass, as
+    unpacking is, and none in the forward); otherwise it keeps them in 1 bit each
+    (:func:`bnnbench.elementwise.pack_signs`; as int8, 1 byte, where the kernels do not cover a) and widens them
+    again.  Either gives the same gradients, bit for bit.  Under autocast the convolution runs in the autocast
+    dtype, as F.conv2d does.
     """
 
     @staticmethod
@@ -223,17 +267,23 @@ class _ConvOfSigns(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
         with torch.autocast(a.device.type, enabled=False):
             out = F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
-        packed = elementwise.pack_signs(a) if dtype in (torch.float32, torch.bfloat16) else None
-        ctx.save_for_backward(a.to(torch.int8) if packed is None else packed, weight)
+        recipe = _recipe_of(a)
+        packed = elementwise.pack_signs(a) if recipe is None and dtype in (torch.float32, torch.bfloat16) else None
+        kept = recipe[1] if recipe is not None else (a.to(torch.int8) if packed is None else packed,)
+        ctx.save_for_backward(*kept, weight)
+        ctx.recompute = None if recipe is None else recipe[0]
         ctx.layout = None if packed is None else (a.shape, a.stride())  # to unpack to
         ctx.conv = (dtype, a.dtype, None if bias is None else bias.shape, stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        signs, weight = ctx.saved_tensors
+        *kept, weight = ctx.saved_tensors
         dtype, input_dtype, bias_shape, stride, padding, dilation, groups = ctx.conv
-        signs = signs.to(dtype) if ctx.layout is None else elementwise.unpack_signs(signs, *ctx.layout, dtype)
+        if ctx.recompute is not None:
+            signs = ctx.recompute(*kept).to(dtype)
+        else:
+            signs = kept[0].to(dtype) if ctx.layout is None else elementwise.unpack_signs(kept[0], *ctx.layout, dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_output.to(dtype), signs, weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask

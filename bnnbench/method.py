@@ -84,7 +84,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .functional import approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
+from .functional import Derivative, approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
 
 SCALES: tuple[str, ...] = (
     "none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two",
@@ -137,6 +137,11 @@ class Method:
     positive: ClassVar[tuple[str, ...]] = ()
     # True: trains against a frozen full-precision teacher of the same backbone (feature_loss).
     teacher: ClassVar[bool] = False
+    # The activation surrogate d sign(a)/da as a function of a alone: Bi-Real's ApproxSign (Eq. 7) unless a method
+    # names another (staticmethod(clip_derivative), ...).  surrogate_sign receives the function itself, so the
+    # one-pass backwards it knows apply (functional: ApproxSign, clipped STE, and the STE handing the gradient on).
+    # A surrogate that depends on the training progress or a hyper-parameter overrides activation_derivative.
+    activation_surrogate: ClassVar[Derivative] = staticmethod(approx_sign_derivative)
 
     def __post_init__(self) -> None:
         """Refuse out-of-range hyper-parameters when the method is made (subclasses call this first)."""
@@ -170,7 +175,10 @@ class Method:
         """+-1 weights whose backward is the method's surrogate (no scale).
 
         ``tensors``: the layer's ``weight_params`` and ``weight_state`` (none for most methods)."""
-        return surrogate_sign(self.pre_sign(w, progress, **tensors), lambda x: self.weight_derivative(x, progress))
+        derivative = (  # the function itself where not overridden (the STE hands the gradient on)
+            identity_derivative if type(self).weight_derivative is Method.weight_derivative else lambda x: self.weight_derivative(x, progress)
+        )
+        return surrogate_sign(self.pre_sign(w, progress, **tensors), derivative)
 
     def weight(self, w: Tensor, progress: Progress = 0.0, stage: int = 2, **tensors: Tensor) -> Tensor:
         """Forward weight of a binary layer at training progress ``progress`` in [0, 1].
@@ -212,8 +220,8 @@ class Method:
 
     # ------------------------------------------------------------- activations
     def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
-        """Surrogate d sign(a)/da; Bi-Real's ApproxSign (Eq. 7) unless overridden."""
-        return approx_sign_derivative(x)
+        """Surrogate d sign(a)/da: :attr:`activation_surrogate` unless overridden."""
+        return self.activation_surrogate(x)
 
     def activation(self, a: Tensor, progress: Progress = 0.0, normalize: float | None = None) -> Tensor:
         """Binary activations sign(a) (+-1 values: the layer stores them in 1 bit each) with the method's surrogate backward.
@@ -225,8 +233,8 @@ class Method:
         """
         if not self.binary_activations:
             return a
-        derivative = (  # the function itself where not overridden: act_norm's backward knows its formula
-            approx_sign_derivative
+        derivative = (  # the function itself where not overridden: the fused backwards know their formulas
+            self.activation_surrogate
             if type(self).activation_derivative is Method.activation_derivative
             else lambda x: self.activation_derivative(x, progress)
         )

@@ -74,8 +74,7 @@ class RAD(Method):
     activation_backward = "1{|a| <= 1}; + lambda * distribution loss of a, mean over layers"
     loss_reduction = "mean"
 
-    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
-        return clip_derivative(x)
+    activation_surrogate = staticmethod(clip_derivative)
 
     def activation_loss(self, a: Tensor, stage: int, progress: Progress) -> Tensor | None:
         if self.loss_weight == 0:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from bnnbench.functional import identity_derivative
-from bnnbench.method import Method, Progress
+from bnnbench.method import Method
 from bnnbench.registry import register_method
 
 
@@ -26,5 +24,4 @@ class SignSTE(Method):
     paper = "Bengio et al. 2013 (STE); Courbariaux et al., BinaryConnect, NeurIPS 2015"
     activation_backward = "1"
 
-    def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
-        return identity_derivative(x)
+    activation_surrogate = staticmethod(identity_derivative)

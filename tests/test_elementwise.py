@@ -17,6 +17,10 @@ FORMULAS = {
     "approx_sign_derivative": (elementwise.APPROX_SIGN_DERIVATIVE, lambda x: (2 - 2 * x.abs()).clamp(min=0)),
     "clip_derivative": (elementwise.CLIP_DERIVATIVE, lambda x: (x.abs() <= 1).to(x.dtype)),
 }
+GRADIENTS = {  # kernel, derivative: the kernel is grad * derivative(x), two torch operators
+    "approx_sign_gradient": (elementwise.APPROX_SIGN_GRADIENT, FORMULAS["approx_sign_derivative"][1]),
+    "clip_gradient": (elementwise.CLIP_GRADIENT, FORMULAS["clip_derivative"][1]),
+}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
@@ -51,6 +55,51 @@ def test_kernel_equals_its_torch_formula_bit_for_bit(name, dtype):
             assert out is None
             continue
         assert out is not None and identical(out, formula(x)), (name, x.shape)
+
+
+def gradients_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A gradient of x's shape, dtype and strides: random values with edge values (NaN, infinities, zeros) among them."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = 4 * torch.randn(x.shape, generator=generator)
+    edges = torch.tensor(EDGES)
+    flat = grad.view(-1)
+    flat[: min(flat.numel(), edges.numel())] = edges[: flat.numel()]
+    return torch.empty_like(x).copy_(grad.flip(0) if grad.dim() else grad)
+
+
+@DTYPES
+@pytest.mark.parametrize("name", list(GRADIENTS))
+def test_gradient_kernel_equals_grad_times_the_torch_derivative_bit_for_bit(name, dtype):
+    kernel, derivative = GRADIENTS[name]
+    for seed, x in enumerate(inputs(dtype)):
+        grad = gradients_like(x, seed)
+        out = elementwise.apply(kernel, x, grad)
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            assert out is None
+            continue
+        assert out is not None and identical(out, grad * derivative(x)), (name, x.shape)
+
+
+@DTYPES
+@pytest.mark.parametrize("derivative", ["approx", "clip", "identity", "other"])
+def test_surrogate_sign_backward_is_grad_times_the_derivative_bit_for_bit(derivative, dtype):
+    """Known derivatives run as one kernel, the STE hands the gradient on and keeps nothing, any other
+    derivative runs as the torch formula: the gradient is grad * derivative(x) in every case."""
+    function = {
+        "approx": functional.approx_sign_derivative,
+        "clip": functional.clip_derivative,
+        "identity": functional.identity_derivative,
+        "other": lambda x: 1 - x.tanh() ** 2,
+    }[derivative]
+    for seed, x in enumerate(inputs(dtype)[:4]):
+        leaf = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+            out = functional.surrogate_sign(leaf, function)
+        assert (saved == []) == (derivative == "identity")
+        grad = gradients_like(x, seed)
+        (fast,) = torch.autograd.grad(out, leaf, grad)
+        assert identical(out.detach(), functional.sign(x)) and identical(fast, grad * function(x)), (derivative, x.shape)
 
 
 @DTYPES
@@ -133,7 +182,8 @@ def test_signs_packed_in_bits_unpack_to_the_same_values_shape_and_strides(dtype,
 
 
 def test_the_conv_of_signs_keeps_one_bit_per_input_and_the_same_gradients():
-    """The binary layer's conv saves its +-1 input packed (8x less than int8) and gives F.conv2d's gradients bit for bit."""
+    """The binary layer's conv saves a +-1 input it knows nothing of packed (8x less than int8) and gives F.conv2d's
+    gradients bit for bit."""
     generator = torch.Generator().manual_seed(4)
     a = functional.sign(torch.randn(3, 4, 9, 7, generator=generator)).requires_grad_()
     weight = torch.randn(5, 4, 3, 3, generator=generator, requires_grad=True)
@@ -145,3 +195,46 @@ def test_the_conv_of_signs_keeps_one_bit_per_input_and_the_same_gradients():
     fast = torch.autograd.grad(out, (a, weight), grad)
     reference = torch.autograd.grad(torch.nn.functional.conv2d(a, weight, None, 1, 1), (a, weight), grad)
     assert all(torch.equal(f, r) for f, r in zip(fast, reference))
+
+
+@pytest.mark.parametrize("binarizer", ["sign", "shifted", "normalized"])
+@pytest.mark.parametrize("changed", [None, "signs", "source"])
+@DTYPES
+def test_the_conv_of_a_binarizers_signs_keeps_its_input_and_the_same_gradients(binarizer, changed, dtype):
+    """A binarizer's output is the sign of its input, which its own backward keeps: the conv keeps that input and
+    makes the signs again (nothing packed), unless the signs or the input changed in place since (then it packs
+    the signs as they are); the gradients are autograd's through F.conv2d, bit for bit, either way."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 9, 7, generator=generator).to(dtype).requires_grad_()
+    shift = (0.3 * torch.randn(4, 1, 1, generator=generator)).requires_grad_()
+    weight = torch.randn(5, 4, 3, 3, generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 9, 7, generator=generator).to(dtype)
+
+    def gradients(conv):
+        source = x * 1  # a tensor of the graph that may change in place
+        a = {
+            "sign": lambda: functional.surrogate_sign(source, functional.approx_sign_derivative),
+            "shifted": lambda: functional.surrogate_sign(source, functional.approx_sign_derivative, shift),
+            "normalized": lambda: functional.normalized_surrogate_sign(source, functional.approx_sign_derivative, 1e-5),
+        }[binarizer]()
+        if changed == "signs":
+            a = a.mul_(1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+            out = conv(a, weight, None, (1, 1), (1, 1), (1, 1), 1)
+        if changed == "source":
+            with torch.no_grad():
+                source.mul_(1)  # its values the same, its version not: the backward of the binarizer refuses it
+        return saved, out, a
+
+    saved, out, a = gradients(functional.conv2d_of_signs)
+    packed = [t for t in saved if t.dtype == torch.uint8]
+    assert (packed != []) == (changed == "signs")
+    if changed == "source":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out, (x, weight), grad)
+        return
+    fast = torch.autograd.grad(out, (x, weight), grad)
+    _, out, a = gradients(torch.nn.functional.conv2d)
+    reference = torch.autograd.grad(out, (x, weight), grad)
+    assert all(identical(f, r) for f, r in zip(fast, reference))

@@ -30,9 +30,24 @@ def reference_normalized(x: torch.Tensor, derivative, eps: float) -> torch.Tenso
     return functional.surrogate_sign(x / torch.sqrt(x.var(dim=dims, keepdim=True) + eps), derivative)
 
 
+class ReferenceSurrogateSign(torch.autograd.Function):
+    """surrogate_sign of 2026-11: keeps x, backward ``grad * derivative(x)`` as two torch operators (the STE's too)."""
+
+    @staticmethod
+    def forward(ctx, x, derivative):
+        ctx.save_for_backward(x)
+        ctx.derivative = derivative
+        return reference_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * ctx.derivative(x), None
+
+
 def reference_surrogate(x: torch.Tensor, derivative, shift=None) -> torch.Tensor:
     """surrogate_sign of 2026-11: a threshold was added by autograd before the sign."""
-    return functional._SurrogateSign.apply(x if shift is None else x + shift, derivative)
+    return ReferenceSurrogateSign.apply(x if shift is None else x + shift, derivative)
 
 
 def reference_conv(a, weight, bias, stride, padding, dilation, groups):
@@ -43,6 +58,7 @@ def reference_conv(a, weight, bias, stride, padding, dilation, groups):
 def use_reference(monkeypatch) -> None:
     monkeypatch.setattr(elementwise, "covered", lambda x: False)  # every one-pass kernel off: the torch formulas
     monkeypatch.setattr(functional, "sign", reference_sign)
+    monkeypatch.setattr(functional, "_SurrogateSign", ReferenceSurrogateSign)
     monkeypatch.setattr(functional, "conv2d_of_signs", reference_conv)
     monkeypatch.setattr(bnnbench.method, "normalized_surrogate_sign", reference_normalized)
     monkeypatch.setattr(reactnet, "surrogate_sign", reference_surrogate)
@@ -85,8 +101,9 @@ def train_steps(method: str, steps: int = 3, amp: bool = False) -> dict[str, tor
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("method", [m for m in bnnbench.list_methods() if m != "fp"])
 def test_training_steps_are_bit_identical_to_the_reference_formulas(method, amp, monkeypatch):
-    """The fast path (one-pass kernels for the sign, the surrogates and act_norm's variance, act_norm keeping only x
-    and the per-sample scale, the conv keeping its +-1 input as int8) gives today's weights after 3 SGD steps, bit for bit, in fp32 and under bf16 autocast."""
+    """The fast path (one-pass kernels for the sign, the surrogates and their products with the gradient, the STE
+    handing the gradient on, act_norm's variance, act_norm keeping only x and the per-sample scale, the conv keeping
+    the binarizer's input or its +-1 input in bits) gives today's weights after 3 SGD steps, bit for bit, in fp32 and under bf16 autocast."""
     fast = train_steps(method, amp=amp)
     use_reference(monkeypatch)
     reference = train_steps(method, amp=amp)
