@@ -29,8 +29,10 @@ OpenMP threads (:mod:`bnnbench.omp`), into ranges whose results do not depend on
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types as types_module
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -381,6 +383,74 @@ def look_up(table: np.ndarray, x: Tensor, out: Tensor | None = None) -> Tensor |
     return out
 
 
+_CHUNK = 512  # elements gathered into a buffer at a time, then multiplied in a loop that vectorises
+
+
+@njit(nogil=True, cache=True)
+def _gather_product(bits: np.ndarray, table: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """out = grad * table[bits] in bfloat16 (the product in float32, rounded once): each chunk's lookups (scalar
+    loads) first, then its products (over views indexed from 0, so that the loop vectorises)."""
+    looked_up = np.empty(_CHUNK, dtype=np.uint16)
+    for start in range(0, bits.size, _CHUNK):
+        stop = min(bits.size, start + _CHUNK)
+        b, g, o = bits[start:stop], grad[start:stop], out[start:stop]
+        for i in range(stop - start):
+            looked_up[i] = table[b[i]]
+        for i in range(stop - start):
+            o[i] = _round_bf16(_widen(g[i]) * _widen(looked_up[i]))
+
+
+class Product:
+    """A gradient waiting, in :func:`multiplying`, to be multiplied into the lookup of a formula of ``x``."""
+
+    def __init__(self, x: Tensor, grad: Tensor) -> None:
+        self.x, self.grad = x, grad
+        self.result: Tensor | None = None
+        self._version = -1
+
+    def take(self, x: Tensor) -> Tensor | None:
+        """A new tensor like x for the product, if it is still waiting for this very ``x`` and the gradient has x's
+        dtype and layout; None otherwise."""
+        grad = self.grad
+        if self.result is not None or x is not self.x or not covered(grad):
+            return None
+        if grad.dtype != x.dtype or grad.shape != x.shape or grad.stride() != x.stride():
+            return None
+        result = torch.empty_like(x)
+        if result.stride() != x.stride():
+            return None
+        self.result = result
+        return result
+
+    def finish(self) -> Tensor:
+        """The product, written: its version now is the one :meth:`is_result` expects."""
+        assert self.result is not None
+        self._version = self.result._version
+        return self.result
+
+    def is_result(self, value: Tensor) -> bool:
+        """True when ``value`` is the product itself, unchanged since: the formula's value was the lookup."""
+        return value is self.result and value._version == self._version
+
+
+_WAITING = threading.local()
+
+
+@contextlib.contextmanager
+def multiplying(x: Tensor, grad: Tensor) -> Iterator[Product]:
+    """Within it, the first :func:`tabulated` formula of ``x`` itself returns ``grad * formula(x)`` (torch's
+    product of the two, bit for bit) in the lookup's pass instead of ``formula(x)``: a surrogate's backward
+    (``grad * derivative(x)``) where the derivative is a table lookup.  The caller checks
+    :meth:`Product.is_result` on what the derivative returned, and computes the derivative again, plainly, where
+    the product went into anything else."""
+    previous = getattr(_WAITING, "product", None)
+    _WAITING.product = product = Product(x, grad)
+    try:
+        yield product
+    finally:
+        _WAITING.product = previous
+
+
 # bfloat16 elements per step of torch's vectorised CPU loops (two Vectorized<BFloat16>, AVX-512 or AVX2): of one
 # pass over n elements on one thread, the last n % step run through its scalar code instead
 _STEP = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
@@ -431,11 +501,22 @@ def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tenso
     if x.dtype != torch.bfloat16 or not covered(x):
         return None
     body = bf16_table(formula, *scalars)
-    if _STEP is None:
-        return look_up(body, x) if bf16_tail_table(formula, *scalars) is None else None
-    out = look_up(body, x)
-    if out is None:
+    if _STEP is None and bf16_tail_table(formula, *scalars) is not None:
         return None
+    waiting = getattr(_WAITING, "product", None)
+    product = None if waiting is None else waiting.take(x)
+    if product is not None:  # grad * formula(x): torch's product of the formula's values, its tails' included
+        n = x.numel()
+        if n:
+            bits, grad, out = (omp.Split(_flat(t, np.uint16)) for t in (x, waiting.grad, product))
+            omp.run(_gather_product, n, bits, body, grad, out, grain=_ALIGN)
+        flat_x, flat_grad, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, waiting.grad, product))
+        for start, stop in [] if _STEP is None else _scalar_tails(n):
+            flat_out[start:stop] = flat_grad[start:stop] * formula(flat_x[start:stop], *scalars)
+        return waiting.finish()
+    out = look_up(body, x)
+    if out is None or _STEP is None:
+        return out
     n = x.numel()
     flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
     for start, stop in _scalar_tails(n):

@@ -78,7 +78,8 @@ def _recipe_of(a: Tensor) -> tuple[Callable[..., Tensor], tuple[Tensor, ...]] | 
 
 class _SurrogateSign(torch.autograd.Function):
     """Forward ``sign(x)``; backward ``grad * derivative(x)``: in one pass where a kernel knows the derivative
-    (:data:`_GRADIENTS`), the gradient itself for the STE's (``grad * 1``, bit for bit, with nothing kept)."""
+    (:data:`_GRADIENTS`) or the derivative is a bfloat16 table lookup (:func:`bnnbench.elementwise.multiplying`),
+    the gradient itself for the STE's (``grad * 1``, bit for bit, with nothing kept)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
@@ -95,7 +96,15 @@ class _SurrogateSign(torch.autograd.Function):
         kernel = _GRADIENTS.get(ctx.derivative)
         if kernel is not None and grad_output.dtype == x.dtype and (fused := elementwise.apply(kernel, x, grad_output)) is not None:
             return fused, None
-        return grad_output * _surrogate(ctx.derivative, x), None
+        if x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
+            return grad_output * _surrogate(ctx.derivative, x), None
+        with elementwise.multiplying(x, grad_output) as product:  # a derivative looked up in a table: one pass
+            value = _surrogate(ctx.derivative, x)
+        if product.is_result(value):
+            return value, None
+        if product.result is not None:  # the product went into something else: the derivative again, plainly
+            value = _surrogate(ctx.derivative, x)
+        return grad_output * value, None
 
 
 class _ShiftedSurrogateSign(torch.autograd.Function):

@@ -281,3 +281,75 @@ def test_operand_is_the_scalar_torch_computes_with_in_bfloat16():
             assert identical(x + scalar, expect(torch.add, value, False))
             assert torch.equal(x <= scalar, wide <= float(elementwise.operand(value, torch.bfloat16, False)))
             assert identical(x.float() * scalar, wide * float(elementwise.operand(value, torch.float32, True)))
+
+
+def tabulated_derivatives():
+    """(name, a bfloat16 activation surrogate that is a table lookup), for each method that has one, SwishSign's and
+    ReSTE's in the scalar-tail variants whose tails round otherwise."""
+    reste_tail = bnnbench.get_method("reste", o_end=2.0, t=1.0 + 2**-7, interval=0.25)
+    return [
+        ("irnet", lambda x: bnnbench.get_method("irnet").activation_derivative(x, 0.3141)),
+        ("fda", lambda x: bnnbench.get_method("fda").activation_derivative(x, 0.5)),
+        ("reste", lambda x: bnnbench.get_method("reste").activation_derivative(x, 0.3141)),
+        ("reste-o2", lambda x: reste_tail.activation_derivative(x, 1.0)),
+        ("swish-sign", lambda x: swish_sign.swish_sign_derivative(x, 5.0)),
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", [name for name, _ in tabulated_derivatives()])
+def test_a_looked_up_surrogate_takes_the_gradient_into_its_pass(name, threads, monkeypatch):
+    """surrogate_sign's bfloat16 backward with a derivative that is a table lookup multiplies the gradient in the
+    lookup's pass (no separate lookup, no torch product): torch's grad * derivative(x), bit for bit, on every
+    bfloat16 value in the vectorised body and in each thread's scalar tail, with NaN, infinite and zero gradients."""
+    derivative = dict(tabulated_derivatives())[name]
+    generator = torch.Generator().manual_seed(7)
+    filler = EVERY_BF16[1000:1064]
+    sizes = [torch.cat([filler, chunk, filler[:n]]) for n, chunk in zip((0, 5, 63), EVERY_BF16.split(21_846))]
+    cases = sizes + [EVERY_BF16.repeat(2)[: 2 * elementwise.REDUCTION_GRAIN + 37]]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in cases:
+            grad = (4 * torch.randn(x.shape, generator=generator)).to(torch.bfloat16)
+            grad[:: 97] = float("nan")
+            grad[1:: 89] = float("inf")
+            grad[2:: 83] = 0.0
+            leaf = x.clone().requires_grad_()
+            lookups = []
+            gather = elementwise.look_up
+            with monkeypatch.context() as patch:
+                patch.setattr(elementwise, "look_up", lambda *a: (lookups.append(1), gather(*a))[1])
+                (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
+            expected = grad * reference(derivative, x, monkeypatch)
+            assert identical(fast, expected), (name, x.numel())
+            assert lookups == [], "the derivative was looked up in a pass of its own"
+    finally:
+        torch.set_num_threads(previous)
+
+
+def tanh_of(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x), looked up where the kernels cover x."""
+    looked_up = elementwise.tabulated(torch.tanh, x)
+    return torch.tanh(x) if looked_up is None else looked_up
+
+
+@pytest.mark.parametrize(
+    "derivative",
+    [
+        lambda x: 2 * tanh_of(x),  # the lookup an intermediate
+        lambda x: tanh_of(x).mul_(3),  # the lookup changed in place
+        lambda x: tanh_of(x).view(x.shape),  # a view of it
+        lambda x: tanh_of(x * 1) + tanh_of(x),  # of another x first
+    ],
+    ids=["intermediate", "in-place", "view", "other-x"],
+)
+def test_a_gradient_taken_into_a_lookup_never_changes_what_the_derivative_computes(derivative, monkeypatch):
+    """Where the lookup of x is not what the derivative returns, unchanged, the backward computes the derivative
+    again without the gradient and multiplies: torch's grad * derivative(x) in every case."""
+    x = EVERY_BF16[30_000:40_000].clone()
+    x = x[~x.isnan()]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    leaf = x.clone().requires_grad_()
+    (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
+    assert identical(fast, grad * reference(derivative, x, monkeypatch))
