@@ -56,10 +56,11 @@ def _surrogate(derivative: Derivative, x: Tensor) -> Tensor:
 _RECIPE = "_bnnbench_sign_recipe"
 
 
-def _signs_of(out: Tensor, recompute: Callable[..., Tensor], *sources: Tensor) -> Tensor:
+def signs_of(out: Tensor, recompute: Callable[..., Tensor], *sources: Tensor) -> Tensor:
     """``out``, a binarizer's +-1 output, marked as ``recompute(*sources)`` (bit for bit) while neither it nor the
     sources change in place: the binary conv after it keeps the sources, which the binarizer's backward keeps
-    anyway, instead of a packed copy of the signs (:class:`_ConvOfSigns`)."""
+    anyway, instead of a packed copy of the signs (:class:`_ConvOfSigns`).  For a method's own autograd Function
+    whose forward returns ``sign(x)`` and saves x (DSQ's)."""
     if not torch.compiler.is_compiling():
         setattr(out, _RECIPE, (recompute, sources, out._version, [t._version for t in sources]))
     return out
@@ -86,7 +87,7 @@ class _SurrogateSign(torch.autograd.Function):
         if derivative is not identity_derivative:
             ctx.save_for_backward(x)
         ctx.derivative = derivative
-        return _signs_of(sign(x), sign, x)
+        return signs_of(sign(x), sign, x)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -126,7 +127,7 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
     def forward(ctx, x: Tensor, shift: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, shift)
         ctx.derivative = derivative
-        return _signs_of(_shifted_sign(x, shift), _shifted_sign, x, shift)
+        return signs_of(_shifted_sign(x, shift), _shifted_sign, x, shift)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -232,7 +233,7 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
         root = torch.sqrt((x.var(dim=dims, keepdim=True) if variance is None else variance) + eps)
         ctx.save_for_backward(x, root)
         ctx.derivative, ctx.dims = derivative, dims
-        return _signs_of(sign(x), sign, x)  # sign(x / root) = sign(x): root > 0
+        return signs_of(sign(x), sign, x)  # sign(x / root) = sign(x): root > 0
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -264,7 +265,7 @@ class _ConvOfSigns(torch.autograd.Function):
 
     A binary layer's input is the sign its binarizer just made, a new tensor nothing else keeps.  Where the
     binarizer marked it as a recipe of its own input (``sign(x)``, kept by the binarizer's backward anyway:
-    :func:`_signs_of`), the conv keeps that input and makes the signs again in its backward (one pass, as
+    :func:`signs_of`), the conv keeps that input and makes the signs again in its backward (one pass, as
     unpacking is, and none in the forward); otherwise it keeps them in 1 bit each
     (:func:`bnnbench.elementwise.pack_signs`; as int8, 1 byte, where the kernels do not cover a) and widens them
     again.  Either gives the same gradients, bit for bit.  Under autocast the convolution runs in the autocast

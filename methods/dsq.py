@@ -53,7 +53,7 @@ from torch import Tensor
 
 from bnnbench import elementwise
 from bnnbench.elementwise import fma, r
-from bnnbench.functional import sign
+from bnnbench.functional import sign, signs_of
 from bnnbench.method import Method, Progress, straight_through
 from bnnbench.registry import register_method
 
@@ -116,7 +116,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, u, neg_u, s, k)
-        return sign(x)
+        return signs_of(sign(x), sign, x)  # the binary conv keeps x, not the signs
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
