@@ -22,8 +22,9 @@ tensors, dense in their memory format, that autograd does not track, outside tor
 return None otherwise, so the caller runs its torch formula; :func:`per_sample_variance` is torch's
 ``x.var(dims 1..)`` (Welford in float64, one pass per sample in memory order, as torch's
 CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 tensor in
-1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input).
-On several torch threads every kernel's elements (rows, samples) are split between torch's own
+1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input);
+within :func:`multiplying`, a :func:`tabulated` formula of the given x returns its product with a
+gradient in the lookup's pass (a surrogate's backward).  On several torch threads every kernel's elements (rows, samples) are split between torch's own
 OpenMP threads (:mod:`bnnbench.omp`), into ranges whose results do not depend on the split.
 """
 
@@ -621,7 +622,10 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
 
 __all__ = [
     "APPROX_SIGN_DERIVATIVE",
+    "APPROX_SIGN_GRADIENT",
     "CLIP_DERIVATIVE",
+    "CLIP_GRADIENT",
+    "Product",
     "EXCEPTION_SHARE",
     "Kernel",
     "apply",
@@ -629,6 +633,7 @@ __all__ = [
     "bf16_tail_table",
     "fma",
     "look_up",
+    "multiplying",
     "tabulated",
     "operand",
     "r",

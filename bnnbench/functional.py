@@ -3,7 +3,8 @@
 ``sign`` and ``surrogate_sign`` are what every method builds on;
 ``normalized_surrogate_sign`` is the same with the per-sample normalisation of
 upstream BiPer/ReCU activations, and ``conv2d_of_signs`` the binary layer's
-convolution of +-1 inputs, kept for the backward in one bit each.  The element-wise
+convolution of +-1 inputs, which it keeps for the backward as the binarizer's input they are
+the signs of (:func:`signs_of`), or in one bit each.  The element-wise
 formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
 formulas) where those cover the tensor, as the torch formulas otherwise; act_norm's backward runs in
 one pass per sample (:mod:`bnnbench.act_norm`).  This module imports nothing else from the package.
