@@ -145,7 +145,7 @@ def test_a_looked_up_surrogate_takes_the_gradient_faster_than_lookup_then_produc
     speedup = baseline / fixture_best(benchmark)
     benchmark.extra_info.update({"speedup_vs_separate": speedup})
     # measured on the same Xeon, one thread: 1.5x in a probe on an idle machine (2026-12-01 23:20 UTC), 1.26x in
-    # this test with both cores training (00:15 UTC)
+    # this test with both cores training (00:12 UTC)
     assert speedup >= threshold("BNNBENCH_PERF_MIN_LOOKUP_PRODUCT_SPEEDUP", 1.1)
 
 
