@@ -505,24 +505,24 @@ def tabulated(formula: Callable[..., Tensor], x: Tensor, *scalars: float | Tenso
     if _STEP is None and bf16_tail_table(formula, *scalars) is not None:
         return None
     waiting = getattr(_WAITING, "product", None)
-    product = None if waiting is None else waiting.take(x)
-    if product is not None:  # grad * formula(x): torch's product of the formula's values, its tails' included
-        n = x.numel()
-        if n:
-            bits, grad, out = (omp.Split(_flat(t, np.uint16)) for t in (x, waiting.grad, product))
-            omp.run(_gather_product, n, bits, body, grad, out, grain=_ALIGN)
-        flat_x, flat_grad, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, waiting.grad, product))
-        for start, stop in [] if _STEP is None else _scalar_tails(n):
-            flat_out[start:stop] = flat_grad[start:stop] * formula(flat_x[start:stop], *scalars)
-        return waiting.finish()
-    out = look_up(body, x)
-    if out is None or _STEP is None:
-        return out
+    product = None if waiting is None else waiting.take(x)  # grad * formula(x) instead: torch's product of them
     n = x.numel()
-    flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
-    for start, stop in _scalar_tails(n):
-        flat_out[start:stop] = formula(flat_x[start:stop], *scalars)
-    return out
+    if product is None:
+        out = look_up(body, x)
+        if out is None:
+            return None
+    else:
+        out = product
+        if n:
+            bits, grad, result = (omp.Split(_flat(t, np.uint16)) for t in (x, waiting.grad, product))
+            omp.run(_gather_product, n, bits, body, grad, result, grain=_ALIGN)
+    if _STEP is not None:
+        flat_x, flat_out = (torch.as_strided(t, (n,), (1,), t.storage_offset()) for t in (x, out))
+        flat_grad = None if product is None else torch.as_strided(waiting.grad, (n,), (1,), waiting.grad.storage_offset())
+        for start, stop in _scalar_tails(n):
+            tail = formula(flat_x[start:stop], *scalars)
+            flat_out[start:stop] = tail if flat_grad is None else flat_grad[start:stop] * tail
+    return out if product is None else waiting.finish()
 
 
 _SIGN_BIT = {torch.float32: (np.uint32, 31, 0x3F800000), torch.bfloat16: (np.uint16, 15, 0x3F80)}  # bits, shift, +1

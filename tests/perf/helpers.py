@@ -37,3 +37,21 @@ def busy_cpus(interval_s: float = 0.5) -> float:
         return os.getloadavg()[0]
     elapsed = total1 - total0
     return 0.0 if elapsed <= 0 else (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
+
+
+def skip_if_busy() -> None:
+    """Skip a 2-thread measurement while other work keeps more than half a CPU busy (it would measure that work)."""
+    busy = busy_cpus()
+    if busy > 0.5:
+        pytest.skip(f"other work keeps {busy:.1f} CPUs busy: a 2-thread time would measure it")
+
+
+def speedup_over(benchmark, fast, reference, rounds: int = 20, warmup_rounds: int = 2) -> float:
+    """How many times faster ``fast`` (timed by pytest-benchmark) runs than ``reference`` (timed in the same
+    session just before and just after it, the better of the two)."""
+    from bnnbench.runners.bench import time_interleaved
+
+    before = time_interleaved({"reference": reference}, 1.0)["reference"].best
+    benchmark.pedantic(fast, rounds=rounds, warmup_rounds=warmup_rounds)
+    baseline = min(before, time_interleaved({"reference": reference}, 1.0)["reference"].best)
+    return baseline / fixture_best(benchmark)

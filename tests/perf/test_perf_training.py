@@ -11,7 +11,7 @@ from bnnbench.runners.bench import time_interleaved
 from bnnbench.runners.bench_train import StepSettings, training_step
 from bnnbench.runners.train import bf16_hardware
 
-from .helpers import busy_cpus, fixture_best, threshold
+from .helpers import fixture_best, skip_if_busy, speedup_over, threshold
 
 BATCH = 32
 # Methods whose binarizer is only the one-pass kernels (sign, grad * ApproxSign/clip derivative, the conv remaking the signs):
@@ -47,10 +47,7 @@ def test_sign_fast_path_beats_the_boolean_mask(benchmark):
         return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
     assert torch.equal(bnnbench.sign(x), reference())
-    before = time_interleaved({"reference": reference}, 1.0)["reference"].best
-    benchmark.pedantic(lambda: bnnbench.sign(x), rounds=20, warmup_rounds=2)
-    baseline = min(before, time_interleaved({"reference": reference}, 1.0)["reference"].best)
-    speedup = baseline / fixture_best(benchmark)
+    speedup = speedup_over(benchmark, lambda: bnnbench.sign(x), reference)
     benchmark.extra_info.update({"speedup_vs_where": speedup})
     assert speedup >= threshold("BNNBENCH_PERF_MIN_SIGN_SPEEDUP", 10.0)
 
@@ -60,10 +57,7 @@ def test_bf16_autocast_speeds_up_the_fp_step_where_the_cpu_has_bf16(benchmark):
     """On CPUs with bf16 hardware runs default to bf16 autocast: it must pay for the full-precision step."""
     fp32 = training_step("fp", StepSettings(batch=BATCH, amp=False))
     bf16 = training_step("fp", StepSettings(batch=BATCH, amp=True))
-    before = time_interleaved({"fp32": fp32}, 1.0)["fp32"].best
-    benchmark.pedantic(bf16, rounds=10, warmup_rounds=1)
-    baseline = min(before, time_interleaved({"fp32": fp32}, 1.0)["fp32"].best)
-    speedup = baseline / fixture_best(benchmark)
+    speedup = speedup_over(benchmark, bf16, fp32, rounds=10, warmup_rounds=1)
     benchmark.extra_info.update({"bf16_speedup": speedup})
     assert speedup >= threshold("BNNBENCH_PERF_MIN_BF16_SPEEDUP", 1.2)
 
@@ -109,10 +103,7 @@ def test_elementwise_kernel_beats_the_torch_formula_it_replaces(benchmark, name,
     x = bnnbench.sign(torch.randn(128, 16, 32, 32)) if name == "signs_in_bits" else torch.randn(128, 16, 32, 32)
     x = x.to(getattr(torch, dtype))
     assert torch.equal(fast(x), formula(x))
-    before = time_interleaved({"formula": lambda: formula(x)}, 1.0)["formula"].best
-    benchmark.pedantic(lambda: fast(x), rounds=20, warmup_rounds=2)
-    baseline = min(before, time_interleaved({"formula": lambda: formula(x)}, 1.0)["formula"].best)
-    speedup = baseline / fixture_best(benchmark)
+    speedup = speedup_over(benchmark, lambda: fast(x), lambda: formula(x))
     benchmark.extra_info.update({"speedup_vs_torch": speedup})
     assert speedup >= threshold(f"BNNBENCH_PERF_MIN_{name.upper()}_SPEEDUP", floor)
 
@@ -139,10 +130,7 @@ def test_a_looked_up_surrogate_takes_the_gradient_faster_than_lookup_then_produc
         return grad * irnet.ede_derivative(x, 1.0, 3.0)
 
     assert torch.equal(fused(), separate())
-    before = time_interleaved({"separate": separate}, 1.0)["separate"].best
-    benchmark.pedantic(fused, rounds=20, warmup_rounds=2)
-    baseline = min(before, time_interleaved({"separate": separate}, 1.0)["separate"].best)
-    speedup = baseline / fixture_best(benchmark)
+    speedup = speedup_over(benchmark, fused, separate)
     benchmark.extra_info.update({"speedup_vs_separate": speedup})
     # measured on the same Xeon, one thread: 1.5x in a probe on an idle machine (2026-12-01 23:20 UTC), 1.26x in
     # this test with both cores training (00:12 UTC)
@@ -160,9 +148,7 @@ def test_act_norm_backward_scales_to_two_torch_threads(benchmark, dtype):
 
     if not omp.available():
         pytest.skip("torch runs no libgomp pool in this process")
-    busy = busy_cpus()
-    if busy > 0.5:
-        pytest.skip(f"other work keeps {busy:.1f} CPUs busy: a 2-thread time would measure it")
+    skip_if_busy()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(128, 16, 32, 32, generator=generator).to(getattr(torch, dtype))
     grad = torch.randn(x.shape, generator=generator).to(x.dtype)
