@@ -78,13 +78,20 @@ def _row_sum(lanes: int, fold: int):
     span = ilp * lanes
 
     @njit(nogil=True, error_model="numpy")
-    def add(acc, values, start):  # pragma: no cover - compiled
-        for k in range(ilp):
-            for lane in range(lanes):
-                v = values[start + k * width + lane]
-                if fold == 2:
-                    v = v + values[start + k * width + lanes + lane]
-                acc[0, k * lanes + lane] += v
+    def add(acc, values, first, count):  # pragma: no cover - compiled
+        """Groups first .. first + count - 1 into the level-0 slots ``acc`` (a view: its size, unknown to the
+        compiler, keeps each lane loop a loop, which LLVM vectorises; unrolled, it stayed scalar)."""
+        lanes_here = acc.size // ilp
+        for g in range(first, first + count):
+            group = values[g * ilp * width : (g + 1) * ilp * width]
+            if fold == 1:
+                for c in range(acc.size):
+                    acc[c] += group[c]
+            else:
+                for k in range(ilp):
+                    slots, unit = acc[k * lanes_here : (k + 1) * lanes_here], group[k * width : (k + 1) * width]
+                    for lane in range(lanes_here):
+                        slots[lane] += unit[lane] + unit[lanes_here + lane]
 
     @njit(nogil=True, error_model="numpy")
     def row_sum(values, n):  # pragma: no cover - compiled
@@ -96,18 +103,15 @@ def _row_sum(lanes: int, fold: int):
         acc = np.zeros((levels, span), dtype=np.float32)
         i = 0
         while i + step <= groups:
-            for _ in range(step):
-                add(acc, values, i * ilp * width)
-                i += 1
+            add(acc[0], values, i, step)
+            i += step
             for level in range(1, levels):
                 for c in range(span):
                     acc[level, c] += acc[level - 1, c]
                     acc[level - 1, c] = np.float32(0.0)
                 if i & (mask << (level * power)):
                     break
-        while i < groups:
-            add(acc, values, i * ilp * width)
-            i += 1
+        add(acc[0], values, i, groups - i)
         for level in range(1, levels):
             for c in range(span):
                 acc[0, c] += acc[level, c]

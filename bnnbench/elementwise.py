@@ -65,13 +65,15 @@ def _float_of(typingctx, bits):
 
 @intrinsic
 def fma(typingctx, a, b, c):
-    """a b + c rounded once (LLVM's fma, as the FMA instructions torch's vectorised kernels use), for formulas."""
+    """a b + c rounded once (LLVM's fma, as the FMA instructions torch's vectorised kernels use), in float32 for
+    formulas, or in float64."""
+    kind = types.float64 if a == types.float64 else types.float32
 
     def codegen(context, builder, signature, args):
-        single = ir.FloatType()
-        return builder.call(builder.module.declare_intrinsic("llvm.fma", [single], ir.FunctionType(single, [single] * 3)), args)
+        value = ir.DoubleType() if kind == types.float64 else ir.FloatType()
+        return builder.call(builder.module.declare_intrinsic("llvm.fma", [value], ir.FunctionType(value, [value] * 3)), args)
 
-    return types.float32(types.float32, types.float32, types.float32), codegen
+    return kind(kind, kind, kind), codegen
 
 
 @njit(cache=True)
@@ -583,21 +585,61 @@ def unpack_signs(packed: Tensor, shape: torch.Size, stride: tuple[int, ...], dty
     return out
 
 
+_WELFORD_BLOCK = 32  # elements of each row copied into a block of columns, one element of every row per column
+
+
+@njit(nogil=True, cache=True)
+def _quotient(a: np.float64, n: np.float64, inverse: np.float64) -> np.float64:  # pragma: no cover - compiled
+    """a / n correctly rounded, for finite a and a whole n < 2^40 with ``inverse`` = 1 / n rounded, in three
+    products (a division's latency is the Welford chain's): q = a inverse is within 1.5 ulp of a / n, its
+    remainder a - q n comes exactly enough from an fma, and q + (a - q n) inverse, rounded once, differs from
+    a / n by under 3 2^-53 ulp, while a / n lies at least ulp / (2 n) from every rounding midpoint (it is a
+    multiple of ulp / n, and no midpoint: a has 53 bits).  A non-finite a gives NaN."""
+    q = a * inverse
+    return fma(fma(-q, n, a), inverse, q)
+
+
+@njit(nogil=True, cache=True)
+def _welford_row(row: np.ndarray, bf16: bool) -> np.float64:  # pragma: no cover - compiled
+    """torch's WelfordOps over one row in order (float64): the sum of squared deviations."""
+    mean = m2 = np.float64(0.0)
+    for i in range(row.size):
+        v = np.float64(_widen(row[i])) if bf16 else np.float64(row[i])
+        delta = v - mean
+        mean = mean + delta / np.float64(i + 1)
+        m2 = m2 + delta * (v - mean)
+    return m2
+
+
 @njit(nogil=True, cache=True)
 def _welford_rows(rows: np.ndarray, bf16: bool, correction: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Per row, torch's WelfordOps over the row in order (float64), the rows advanced together (independent chains)."""
+    """Per row, torch's WelfordOps over the row in order (float64), all rows advanced together (independent chains,
+    one vector lane each): blocks of each row's next elements are copied into columns, so that the loop over the
+    rows reads one column, and the update divides by the element count as :func:`_quotient` does.  A row with a
+    non-finite element (a non-finite sum) is summed again with divisions (its NaN or infinity as torch's)."""
     count, n = rows.shape
     mean, m2 = np.zeros(count), np.zeros(count)
-    for i in range(n):
-        nf = np.float64(i + 1)
+    block = np.empty((_WELFORD_BLOCK, count), dtype=rows.dtype)
+    for start in range(0, n, _WELFORD_BLOCK):
+        width = min(_WELFORD_BLOCK, n - start)
         for r in range(count):
-            v = np.float64(_widen(rows[r, i])) if bf16 else np.float64(rows[r, i])
-            delta = v - mean[r]
-            new_mean = mean[r] + delta / nf
-            m2[r] = m2[r] + delta * (v - new_mean)
-            mean[r] = new_mean
+            part = rows[r, start : start + width]
+            for j in range(width):
+                block[j, r] = part[j]
+        for j in range(width):
+            elements = np.float64(start + j + 1)
+            inverse = np.float64(1.0) / elements
+            column = block[j]
+            for r in range(count):
+                v = np.float64(_widen(column[r])) if bf16 else np.float64(column[r])
+                delta = v - mean[r]
+                new_mean = mean[r] + _quotient(delta, elements, inverse)
+                m2[r] = m2[r] + delta * (v - new_mean)
+                mean[r] = new_mean
     divisor = np.float64(max(n - correction, 0))
     for r in range(count):
+        if not np.isfinite(m2[r]):
+            m2[r] = _welford_row(rows[r], bf16)
         out[r] = m2[r] / divisor
 
 
@@ -617,7 +659,10 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
     rows = rows.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else rows.numpy()
     out = np.empty(x.shape[0])
     omp.run(_welford_rows, x.shape[0], omp.Split(rows), x.dtype == torch.bfloat16, 1, omp.Split(out), work=x.numel())
-    return torch.from_numpy(out).to(torch.float32).to(x.dtype).view(x.shape[0], *([1] * (x.dim() - 1)))
+    variance = torch.from_numpy(out).to(torch.float32).to(x.dtype)
+    if x.dtype == torch.bfloat16:  # torch rounds its result as c10 does one value: NaN to 0x7FC0 (its vector cast: 0xFFFF)
+        variance.view(torch.int16)[variance.isnan()] = 0x7FC0
+    return variance.view(x.shape[0], *([1] * (x.dim() - 1)))
 
 
 __all__ = [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -127,18 +130,46 @@ def test_per_sample_variance_is_torchs_var_bit_for_bit(shape, dtype, monkeypatch
     monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # on 2 threads, the samples split between them
     generator = torch.Generator().manual_seed(1)
     x = (2.5 * torch.randn(*shape, generator=generator) + 0.75).to(dtype)
+    wide = (torch.randn(*shape, generator=generator) * 1e30 - 3e29).to(dtype)  # chains far from their start
+    non_finite = x.clone()
+    for sample, value in zip(range(shape[0]), (math.inf, math.nan, -math.inf)):
+        non_finite[sample].view(-1)[-1] = value  # NaN variances, as torch writes them
     dims = tuple(range(1, x.dim()))
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            variance = elementwise.per_sample_variance(x)
-            if threads > 1 and x[0].numel() >= elementwise.REDUCTION_GRAIN:
-                assert variance is None  # torch splits such a sample across threads: not covered
-                continue
-            assert variance is not None and identical(variance, x.var(dim=dims, keepdim=True)), (shape, threads)
+            for t in (x, wide, non_finite):
+                variance = elementwise.per_sample_variance(t)
+                if threads > 1 and x[0].numel() >= elementwise.REDUCTION_GRAIN:
+                    assert variance is None  # torch splits such a sample across threads: not covered
+                    continue
+                assert variance is not None and identical(variance, t.var(dim=dims, keepdim=True)), (shape, threads)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_welfords_quotient_from_the_reciprocal_is_the_division():
+    """a / n from 1 / n and two fmas (the variance's update) is the correctly rounded quotient: random a over
+    the whole exponent range and whole n, and a within an ulp of n times a rounding midpoint (the hardest case)."""
+    from numba import njit
+
+    @njit
+    def mismatches(a, n):  # pragma: no cover - compiled
+        count = 0
+        for i in range(a.size):
+            count += elementwise._quotient(a[i], n[i], 1.0 / n[i]) != a[i] / n[i]
+        return count
+
+    rng = np.random.default_rng(5)
+    size = 400_000
+    a = (1.0 + rng.random(size)) * 2.0 ** rng.integers(-1000, 1000, size) * rng.choice([-1.0, 1.0], size)
+    n = rng.integers(1, 1 << 15, size).astype(np.float64)
+    assert mismatches(a, n) == 0 and mismatches(a, np.floor(n * 2.0**25)) == 0
+    q = (1.0 + rng.random(size)) * 2.0 ** rng.integers(-20, 20, size)
+    near = n * (q + np.spacing(q) / 2)  # n times the midpoint above q, rounded
+    for a in (near, np.nextafter(near, np.inf), np.nextafter(near, -np.inf)):
+        assert mismatches(a, n) == 0
 
 
 def test_per_sample_variance_covers_only_what_it_reproduces():
