@@ -195,9 +195,10 @@ class Kernel:
     closes over, and would add entries on every run."""
 
     def __init__(self, name: str, formula: Callable, outputs: int = 1) -> None:
-        self.name, self.outputs = name, outputs
+        self.name, self.outputs, self._formula = name, outputs, formula
         self._formulas = {torch.float32: _with_rounding(formula, _keep), torch.bfloat16: _with_rounding(formula, _to_bf16)}
         self._loops: dict[tuple, Callable] = {}
+        self._product: Kernel | None = None  # times_gradient's, made on first use
 
     def run(self, x: Tensor, out: Tensor) -> None:
         """out = formula(x) element-wise, both dense with the same strides (float32 or bfloat16)."""
@@ -216,6 +217,17 @@ class Kernel:
         arrays = [omp.Split(_flat(t, _NUMPY[t.dtype])) for t in (*inputs, *own, *rows)]
         items = rows[0].numel() if rows else inputs[0].numel()  # rows or elements, each thread a range of them
         omp.run(self._loops[key], items, *arrays, tuple(params), work=inputs[0].numel(), grain=1 if rows else _ALIGN)
+
+    def times_gradient(self) -> Kernel:
+        """The kernel of ``grad * formula(...)``, the gradient its first input: torch's product of a gradient with
+        the formula's value (rounded to the value's dtype first), in the formula's pass."""
+        if self._product is None:
+            formula = self._formula
+            arguments = ", ".join(f"v{j}" for j in range(formula.__code__.co_argcount))
+            scope = {"formula": formula, "r": r}
+            exec(f"def times_gradient(grad, {arguments}):\n    return r(grad * r(formula({arguments})))\n", scope)  # noqa: S102
+            self._product = Kernel(f"{self.name}_times_gradient", scope["times_gradient"])
+        return self._product
 
     def __repr__(self) -> str:
         return f"Kernel({self.name!r})"
@@ -308,12 +320,14 @@ def apply(
     out: tuple[Tensor, ...] | None = None,
     rows: tuple[Tensor, ...] = (),
     dtypes: tuple[torch.dtype, ...] | None = None,
+    final: bool = False,
 ) -> Tensor | tuple[Tensor, ...] | None:
     """``kernel``'s formula over ``inputs`` (each covered, one shape and strides), rounding as torch does in ``mode``
     (default: the first input's dtype), into ``out`` (default: new tensors like the first input, of ``dtypes``,
     default all ``mode``; an input may be an output too: element i is read before it is written), with ``rows``
     (contiguous, one value per row of a contiguous first input, see :func:`_loop`), or None where it does not
-    cover them."""
+    cover them.  ``final``: the value is what the formula calling it returns (a derivative's last pass), which
+    within :func:`multiplying` is written as its product with the waiting gradient instead (checked there)."""
     first = inputs[0]
     mode = first.dtype if mode is None else mode
     if not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in inputs):
@@ -328,6 +342,12 @@ def apply(
             return None
     elif not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in out):
         return None
+    waiting = getattr(_WAITING, "product", None) if final and kernel.outputs == 1 else None
+    grad = None if waiting is None else waiting.gradient_for(out[0])
+    if grad is not None:
+        if first.numel():
+            kernel.times_gradient()(mode, (grad, *inputs), out, params, rows)
+        return waiting.finish(out[0])
     if first.numel():
         kernel(mode, inputs, out, params, rows)
     return out[0] if kernel.outputs == 1 else out
@@ -404,20 +424,26 @@ def _gather_product(bits: np.ndarray, table: np.ndarray, grad: np.ndarray, out: 
 
 
 class Product:
-    """A gradient waiting, in :func:`multiplying`, to be multiplied into the lookup of a formula of ``x``."""
+    """A gradient waiting, in :func:`multiplying`, to be multiplied into the pass that makes the value of a formula
+    of ``x``: its :func:`tabulated` lookup of x, or its last kernel (``apply(..., final=True)``)."""
 
     def __init__(self, x: Tensor, grad: Tensor) -> None:
         self.x, self.grad = x, grad
         self.result: Tensor | None = None
         self._version = -1
 
-    def take(self, x: Tensor) -> Tensor | None:
-        """A new tensor like x for the product, if it is still waiting for this very ``x`` and the gradient has x's
-        dtype and layout; None otherwise."""
+    def gradient_for(self, value: Tensor) -> Tensor | None:
+        """The gradient, if the product is still waiting and the gradient has ``value``'s dtype, shape and strides
+        (torch's product of the two then has the same); None otherwise."""
         grad = self.grad
-        if self.result is not None or x is not self.x or not covered(grad):
+        if self.result is not None or not covered(grad) or grad.dtype != value.dtype:
             return None
-        if grad.dtype != x.dtype or grad.shape != x.shape or grad.stride() != x.stride():
+        return grad if grad.shape == value.shape and grad.stride() == value.stride() else None
+
+    def take(self, x: Tensor) -> Tensor | None:
+        """A new tensor like x for the product of a lookup of this very ``x``, if it is still waiting for it; None
+        otherwise."""
+        if x is not self.x or self.gradient_for(x) is None:
             return None
         result = torch.empty_like(x)
         if result.stride() != x.stride():
@@ -425,8 +451,10 @@ class Product:
         self.result = result
         return result
 
-    def finish(self) -> Tensor:
-        """The product, written: its version now is the one :meth:`is_result` expects."""
+    def finish(self, result: Tensor | None = None) -> Tensor:
+        """The product, written (into ``result``, or the tensor :meth:`take` gave): its version now is the one
+        :meth:`is_result` expects."""
+        self.result = self.result if result is None else result
         assert self.result is not None
         self._version = self.result._version
         return self.result
@@ -441,11 +469,11 @@ _WAITING = threading.local()
 
 @contextlib.contextmanager
 def multiplying(x: Tensor, grad: Tensor) -> Iterator[Product]:
-    """Within it, the first :func:`tabulated` formula of ``x`` itself returns ``grad * formula(x)`` (torch's
-    product of the two, bit for bit) in the lookup's pass instead of ``formula(x)``: a surrogate's backward
-    (``grad * derivative(x)``) where the derivative is a table lookup.  The caller checks
-    :meth:`Product.is_result` on what the derivative returned, and computes the derivative again, plainly, where
-    the product went into anything else."""
+    """Within it, the first :func:`tabulated` formula of ``x`` itself, or the first kernel applied with
+    ``final=True`` to tensors of grad's dtype and layout, returns ``grad * value`` (torch's product of the two,
+    bit for bit) in its pass instead of the value: a surrogate's backward (``grad * derivative(x)``) where the
+    derivative ends in a table lookup or a kernel.  The caller checks :meth:`Product.is_result` on what the
+    derivative returned, and computes the derivative again, plainly, where the product went into anything else."""
     previous = getattr(_WAITING, "product", None)
     _WAITING.product = product = Product(x, grad)
     try:

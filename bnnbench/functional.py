@@ -80,8 +80,9 @@ def _recipe_of(a: Tensor) -> tuple[Callable[..., Tensor], tuple[Tensor, ...]] | 
 
 class _SurrogateSign(torch.autograd.Function):
     """Forward ``sign(x)``; backward ``grad * derivative(x)``: in one pass where a kernel knows the derivative
-    (:data:`_GRADIENTS`) or the derivative is a bfloat16 table lookup (:func:`bnnbench.elementwise.multiplying`),
-    the gradient itself for the STE's (``grad * 1``, bit for bit, with nothing kept)."""
+    (:data:`_GRADIENTS`), the derivative's last pass where that is a bfloat16 table lookup or a kernel applied
+    with ``final=True`` (:func:`bnnbench.elementwise.multiplying`), the gradient itself for the STE's (``grad *
+    1``, bit for bit, with nothing kept)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
@@ -98,9 +99,9 @@ class _SurrogateSign(torch.autograd.Function):
         kernel = _GRADIENTS.get(ctx.derivative)
         if kernel is not None and grad_output.dtype == x.dtype and (fused := elementwise.apply(kernel, x, grad_output)) is not None:
             return fused, None
-        if x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return grad_output * _surrogate(ctx.derivative, x), None
-        with elementwise.multiplying(x, grad_output) as product:  # a derivative looked up in a table: one pass
+        with elementwise.multiplying(x, grad_output) as product:  # a derivative looked up, or ending in a kernel: one pass
             value = _surrogate(ctx.derivative, x)
         if product.is_result(value):
             return value, None

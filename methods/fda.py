@@ -94,7 +94,7 @@ def _fourier_float32(x: Tensor, omega: float, n: int | Tensor, max_n: int | None
     for i in range(last + 1):
         torch.cos(argument, out=argument)
         if i == last:
-            return elementwise.apply(FOURIER_LAST, argument, x, total, params=(np.float32(4.0 * omega / math.pi), beyond), out=(total,))
+            return elementwise.apply(FOURIER_LAST, argument, x, total, params=(np.float32(4.0 * omega / math.pi), beyond), out=(total,), final=True)
         kernel, inputs = (FOURIER_FIRST, (argument, x)) if i == 0 else (FOURIER_STEP, (argument, x, total))
         elementwise.apply(kernel, *inputs, params=(coefficient(i + 1),), out=(total, argument))
     return None

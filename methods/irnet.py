@@ -56,7 +56,7 @@ def _ede_float32(x: Tensor, k: float | Tensor, t: float | Tensor) -> Tensor | No
     if x.dtype != torch.float32 or not elementwise.covered(x):
         return None
     u = torch.tanh_(t * x)
-    return elementwise.apply(EDE_TAIL, u, params=(np.float32(float(k * t)),), out=(u,))
+    return elementwise.apply(EDE_TAIL, u, params=(np.float32(float(k * t)),), out=(u,), final=True)
 
 
 @register_method("irnet")

@@ -77,7 +77,7 @@ def _fused_reste(x: Tensor, o: float | Tensor, interval: float, t: float) -> Ten
     inner = torch.pow(torch.as_tensor(interval, dtype=torch.float64), 1.0 / o) / interval
     bounds = [elementwise.operand(v, mode, False) for v in (interval, t, inner)]
     params = (*bounds, elementwise.operand(scale, mode, not isinstance(scale, Tensor)))
-    return elementwise.apply(RESTE_PIECES, power, x, params=params, out=(power,))
+    return elementwise.apply(RESTE_PIECES, power, x, params=params, out=(power,), final=True)
 
 
 @register_method("reste")

@@ -73,9 +73,9 @@ def _fused_swish_sign(x: Tensor, beta: float) -> Tensor | None:
     cosh = torch.cosh(beta * x)  # not in place: torch's bfloat16 cosh_ runs 2x slower than its cosh
     if x.dtype == torch.bfloat16:  # the numerator looked up in a pass of its own (a gather keeps a loop scalar)
         numerator = elementwise.look_up(elementwise.bf16_table(_numerator, beta), x)
-        return elementwise.apply(SWISH_QUOTIENT, numerator, cosh, out=(cosh,))
+        return elementwise.apply(SWISH_QUOTIENT, numerator, cosh, out=(cosh,), final=True)
     th = torch.tanh_(elementwise.apply(SWISH_HALF, x, params=(np.float32(beta),)))
-    return elementwise.apply(SWISH_SIGN, x, th, cosh, params=(np.float32(beta),), out=(cosh,))
+    return elementwise.apply(SWISH_SIGN, x, th, cosh, params=(np.float32(beta),), out=(cosh,), final=True)
 
 
 @register_method("swish-sign")

@@ -14,6 +14,8 @@ import bnnbench.methods.fda as fda
 import bnnbench.methods.irnet as irnet
 import bnnbench.methods.reste as reste
 import bnnbench.methods.swish_sign as swish_sign
+from bnnbench import omp
+from bnnbench.elementwise import r
 
 EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
 EDGES += [1.0, -1.0, 1.0 + 2**-23, -(1.0 + 2**-23), 1.0 - 2**-24, 0.5, -0.5, 0.9999, 1e-30, 3e38, -3e38, 0.1, -0.1, 1.5, -1.5]
@@ -350,6 +352,68 @@ def test_a_gradient_taken_into_a_lookup_never_changes_what_the_derivative_comput
     x = EVERY_BF16[30_000:40_000].clone()
     x = x[~x.isnan()]
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    leaf = x.clone().requires_grad_()
+    (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
+    assert identical(fast, grad * reference(derivative, x, monkeypatch))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", [name for name, _ in tabulated_derivatives()])
+def test_a_surrogate_ending_in_a_kernel_takes_the_gradient_into_its_last_pass(name, threads, monkeypatch):
+    """surrogate_sign's float32 backward with a derivative whose last pass is a kernel (``apply(final=True)``)
+    multiplies the gradient in that pass (no torch product): torch's grad * derivative(x), bit for bit, on edge
+    values, every bfloat16 value widened and normals, with NaN, infinite and zero gradients."""
+    derivative = dict(tabulated_derivatives())[name]
+    generator = torch.Generator().manual_seed(9)
+    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # the kernels split even these between the threads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in inputs(torch.float32)[:4]:
+            grad = torch.empty_like(x).copy_(4 * torch.randn(x.shape, generator=generator))  # x's layout
+            in_memory_order = grad.view(-1) if grad.is_contiguous() else grad.permute(0, 2, 3, 1).view(-1)
+            in_memory_order[::97], in_memory_order[1::89], in_memory_order[2::83] = float("nan"), float("inf"), 0.0
+            leaf = x.clone().requires_grad_()
+            products = []
+            times = elementwise.Kernel.times_gradient
+            with monkeypatch.context() as patch:
+                patch.setattr(elementwise.Kernel, "times_gradient", lambda self: (products.append(self), times(self))[1])
+                (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
+            assert identical(fast, grad * reference(derivative, x, monkeypatch)), (name, x.shape)
+            assert len(products) == 1, "the gradient was not multiplied in the derivative's last pass"
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _square(v: np.float32) -> np.float32:
+    return r(v * v)
+
+
+SQUARE = elementwise.Kernel("square", _square)
+
+
+def squared(x: torch.Tensor) -> torch.Tensor:
+    """x * x as a derivative's last kernel (torch's product where the kernels do not cover x)."""
+    value = elementwise.apply(SQUARE, x, final=True)
+    return x * x if value is None else value
+
+
+@pytest.mark.parametrize(
+    "derivative",
+    [
+        lambda x: 3 * squared(x),  # the kernel's value an intermediate
+        lambda x: squared(x).mul_(3),  # changed in place
+        lambda x: squared(x).view(x.shape),  # a view of it
+        lambda x: squared(x * 1) + squared(x),  # two final kernels
+        lambda x: squared(squared(x)),  # one final kernel's value the next one's input
+    ],
+    ids=["intermediate", "in-place", "view", "two", "nested"],
+)
+def test_a_gradient_taken_into_a_final_kernel_never_changes_what_the_derivative_computes(derivative, monkeypatch):
+    """Where a final kernel's value is not what the derivative returns, unchanged, the backward computes the
+    derivative again without the gradient and multiplies: torch's grad * derivative(x) in every case."""
+    x = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(10))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
     leaf = x.clone().requires_grad_()
     (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
     assert identical(fast, grad * reference(derivative, x, monkeypatch))
