@@ -32,9 +32,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from bnnbench import elementwise
+from bnnbench.elementwise import r
 from bnnbench.functional import clip_derivative, saved_as_recipe
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
@@ -43,8 +46,22 @@ from bnnbench.registry import register_method
 def distribution_loss(a: Tensor, eps: float = 1e-10) -> Tensor:
     """L1 + L2 of the official ``Distrloss_layer`` for one layer's input (N, C, ...), in float32 at least.
 
-    The same autograd graph as the formula's, keeping for the backward only ``a`` and the per-channel means:
-    the square's saved input, the float32 centred copy (twice a bfloat16 activation), is recomputed."""
+    The per-channel mean and mean square come from :func:`channel_moments`; the rest is the formula."""
+    mean, mean_square = channel_moments(a)
+    var = mean_square + eps
+    std = var.abs().sqrt()
+    l1 = (2 - mean.abs() - std).clamp(min=0).pow(2).mean() + (std - 4).clamp(min=0).pow(2).mean()  # min(2-mu-sd, 2+mu-sd)
+    l2 = (mean.pow(2) - std.pow(2)).clamp(min=0).mean()
+    return l1 + l2
+
+
+def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu_c, mean_c((a_c - mu_c)^2)) over (N, H, W) in float32 at least: the formula's values and gradients,
+    bit for bit, in fewer passes where the kernels cover a contiguous a (:class:`_ChannelMoments`), else by
+    autograd through the formula (keeping a and the means, the float32 centred copy recomputed)."""
+    detached = a.detach()
+    if a.dim() >= 2 and elementwise.covered(detached) and detached.is_contiguous() and a.numel() and not torch.compiler.is_compiling():
+        return _ChannelMoments.apply(a, a)
     widen = a.dtype in (torch.float16, torch.bfloat16)
     x = a.float() if widen else a
     dims = (0, *range(2, x.dim()))
@@ -54,11 +71,69 @@ def distribution_loss(a: Tensor, eps: float = 1e-10) -> Tensor:
     # the square's backward reads the centred values: rebuilt then from a (which the layer keeps) and the mean
     with saved_as_recipe(centered, lambda a, m: (a.float() if widen else a) - m, a, per_channel):
         squared = centered**2
-    var = squared.mean(dim=dims) + eps
-    std = var.abs().sqrt()
-    l1 = (2 - mean.abs() - std).clamp(min=0).pow(2).mean() + (std - 4).clamp(min=0).pow(2).mean()  # min(2-mu-sd, 2+mu-sd)
-    l2 = (mean.pow(2) - std.pow(2)).clamp(min=0).mean()
-    return l1 + l2
+    return mean, squared.mean(dim=dims)
+
+
+def _square(a: np.float32, mean: np.float32) -> np.float32:
+    """``(x - mean) ** 2``: torch's square is a product."""
+    c = r(a - mean)
+    return r(c * c)
+
+
+def _negated_centred_gradient(a: np.float32, mean: np.float32, share: np.float32) -> np.float32:
+    """``-(grad * (2.0 * c.pow(1)))``, PowBackward's gradient of c = x - mean (negated: SubBackward's to the mean,
+    which is summed), grad being the mean square's share ``g / M`` of each element."""
+    c = r(a - mean)
+    return -r(share * r(np.float32(2.0) * c))
+
+
+def _input_gradient(negated: np.float32, share: np.float32) -> np.float32:
+    """The centred value's gradient plus the mean's share ``g_mu / M`` (two terms: in either order)."""
+    return r(-negated + share)
+
+
+SQUARE = elementwise.Kernel("rad_square", _square)
+NEGATED_CENTRED_GRADIENT = elementwise.Kernel("rad_negated_centred_gradient", _negated_centred_gradient)
+INPUT_GRADIENT = elementwise.Kernel("rad_input_gradient", _input_gradient)
+
+
+def _per_row(values: Tensor, a: Tensor) -> Tensor:
+    """One value per (sample, channel) row of a contiguous (N, C, ...) a, from one per channel."""
+    return values.reshape(1, -1).expand(a.shape[0], -1).contiguous()
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """:func:`channel_moments` in four passes forward (torch's float32 copy and its mean, the squares in one
+    kernel pass, their mean) and three backward (the centred gradient, negated, in one pass; torch's sum of it to
+    the channels; the input gradient in a's dtype in one pass), where autograd's graph through the formula
+    makes the centred copy, its square, the square's backward, the negation, the broadcasts of each mean's
+    gradient, their sum and the cast back, each a pass of its own.  The same torch operators' arithmetic in
+    the same order: the means and the sum are torch's own, on tensors of the formula's values and layout.
+
+    ``a`` comes in twice: a float32 a is the centred tensor's input itself, and its two gradient terms (the
+    centred value's, the mean's share) go back separately, so that autograd adds them to a's other gradient (the
+    binarizer's) in the order it did through the formula (floating-point addition is not associative); of a
+    bfloat16 a, the formula's float32 copy took both, added, then cast: one term, one pass."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, a_again: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        dims = (0, *range(2, a.dim()))
+        mean = (a.float() if a.dtype != torch.float32 else a).mean(dim=dims)
+        squares = elementwise.apply(SQUARE, a, mode=torch.float32, rows=(_per_row(mean, a),), dtypes=(torch.float32,))
+        ctx.save_for_backward(a, mean)
+        return mean, squares.mean(dim=dims)
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_mean_square: Tensor):  # type: ignore[override]
+        a, mean = ctx.saved_tensors
+        count = a.numel() // a.shape[1]  # elements per channel: MeanBackward's divisor
+        share = torch.zeros_like(mean) if grad_mean_square is None else grad_mean_square / count
+        negated = elementwise.apply(NEGATED_CENTRED_GRADIENT, a, mode=torch.float32, rows=(_per_row(mean, a), _per_row(share, a)), dtypes=(torch.float32,))
+        through_centred = negated.sum_to_size((1, a.shape[1], *([1] * (a.dim() - 2)))).view(-1)
+        mean_share = (through_centred if grad_mean is None else grad_mean + through_centred) / count
+        if a.dtype == torch.float32:  # a itself the centred tensor's input: its two terms go back as autograd's do
+            return negated.neg_(), mean_share.view(1, -1, *([1] * (a.dim() - 2))).expand_as(a)
+        return elementwise.apply(INPUT_GRADIENT, negated, mode=torch.float32, rows=(_per_row(mean_share, a),), dtypes=(a.dtype,)), None
 
 
 @register_method("rad")

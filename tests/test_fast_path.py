@@ -208,18 +208,36 @@ def reference_distribution_loss(a: torch.Tensor, eps: float = 1e-10) -> torch.Te
     return l1 + l2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (40, 16, 9, 9), (9, 4)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rad_loss_gives_the_formulas_value_and_gradient_bit_for_bit(dtype):
-    from bnnbench.methods.rad import distribution_loss
+def test_rad_loss_gives_the_formulas_value_and_gradient_bit_for_bit(dtype, shape, threads, monkeypatch):
+    """The distribution loss through its fused moments (bnnbench.methods.rad._ChannelMoments) against autograd
+    through the formula, the input's gradient also coming from another use of it (as the binarizer's does): the
+    same loss and gradient, bit for bit, on 1 and 2 threads, with exact zeros and one constant channel."""
+    from bnnbench import omp
+    from bnnbench.methods import rad
 
+    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # the kernels split even these small tensors between the threads
     generator = torch.Generator().manual_seed(3)
-    a = (torch.randn(6, 5, 7, 3, generator=generator) * 0.7 + 0.3).clamp(-1, 1).to(dtype)
-    results = []
-    for loss_of in (distribution_loss, reference_distribution_loss):
-        leaf = a.clone().requires_grad_()
-        loss = loss_of(leaf * 1)
-        loss.backward()
-        results.append((loss, leaf.grad))
+    a = (torch.randn(*shape, generator=generator) * 0.7 + 0.3).clamp(-1, 1)
+    a.view(-1)[::7] = 0.0
+    a[:, 1] = 0.25
+    a = a.to(dtype)
+    other = torch.randn(shape, generator=generator).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for loss_of in (rad.distribution_loss, reference_distribution_loss):
+            leaf = a.clone().requires_grad_()
+            b = leaf * 1
+            loss = loss_of(b) + (b * other).sum()
+            loss.backward()
+            results.append((loss, leaf.grad))
+        assert type(rad.channel_moments(a.clone().requires_grad_())[0].grad_fn).__name__ == "_ChannelMomentsBackward"
+    finally:
+        torch.set_num_threads(previous)
     (loss, grad), (ref_loss, ref_grad) = results
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
 
