@@ -23,8 +23,8 @@ return None otherwise, so the caller runs its torch formula; :func:`per_sample_v
 ``x.var(dims 1..)`` (Welford in float64, one pass per sample in memory order, as torch's
 CPU reduction runs it) over all samples at once; :func:`pack_signs` keeps a +-1 tensor in
 1 bit per element and :func:`unpack_signs` widens it again (the binary conv's saved input);
-within :func:`multiplying`, a :func:`tabulated` formula of the given x returns its product with a
-gradient in the lookup's pass (a surrogate's backward).  On several torch threads every kernel's elements (rows, samples) are split between torch's own
+within :func:`multiplying`, a :func:`tabulated` formula of the given x, or a kernel applied with ``final=True``,
+returns its product with a gradient in its pass (a surrogate's backward).  On several torch threads every kernel's elements (rows, samples) are split between torch's own
 OpenMP threads (:mod:`bnnbench.omp`), into ranges whose results do not depend on the split.
 """
 
@@ -217,6 +217,7 @@ class Kernel:
         arrays = [omp.Split(_flat(t, _NUMPY[t.dtype])) for t in (*inputs, *own, *rows)]
         items = rows[0].numel() if rows else inputs[0].numel()  # rows or elements, each thread a range of them
         omp.run(self._loops[key], items, *arrays, tuple(params), work=inputs[0].numel(), grain=1 if rows else _ALIGN)
+        _written(*outputs)
 
     def times_gradient(self) -> Kernel:
         """The kernel of ``grad * formula(...)``, the gradient its first input: torch's product of a gradient with
@@ -256,6 +257,15 @@ CLIP_GRADIENT = Kernel("clip_gradient", _clip_gradient)
 
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16}
 _ALIGN = 512  # elements per unit of a thread's share (whole cache lines, whole bytes of packed signs)
+
+
+def _written(*tensors: Tensor) -> None:
+    """Count a kernel's write into each tensor as torch counts an in-place operator's (through numpy, the tensor's
+    version would not change): autograd then refuses a saved tensor a kernel overwrote, and a :class:`Product`
+    one that changed after it was written."""
+    for t in tensors:
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -342,7 +352,7 @@ def apply(
             return None
     elif not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in out):
         return None
-    waiting = getattr(_WAITING, "product", None) if final and kernel.outputs == 1 else None
+    waiting = getattr(_WAITING, "product", None) if final and kernel.outputs == 1 and out[0].dtype == mode else None
     grad = None if waiting is None else waiting.gradient_for(out[0])
     if grad is not None:
         if first.numel():
@@ -403,6 +413,7 @@ def look_up(table: np.ndarray, x: Tensor, out: Tensor | None = None) -> Tensor |
         return None
     if x.numel():
         omp.run(_gather, x.numel(), omp.Split(_flat(x, np.uint16)), table, omp.Split(_flat(out, np.uint16)), grain=_ALIGN)
+        _written(out)
     return out
 
 
@@ -618,11 +629,13 @@ _WELFORD_BLOCK = 32  # elements of each row copied into a block of columns, one 
 
 @njit(nogil=True, cache=True)
 def _quotient(a: np.float64, n: np.float64, inverse: np.float64) -> np.float64:  # pragma: no cover - compiled
-    """a / n correctly rounded, for finite a and a whole n < 2^40 with ``inverse`` = 1 / n rounded, in three
-    products (a division's latency is the Welford chain's): q = a inverse is within 1.5 ulp of a / n, its
-    remainder a - q n comes exactly enough from an fma, and q + (a - q n) inverse, rounded once, differs from
-    a / n by under 3 2^-53 ulp, while a / n lies at least ulp / (2 n) from every rounding midpoint (it is a
-    multiple of ulp / n, and no midpoint: a has 53 bits).  A non-finite a gives NaN."""
+    """a / n correctly rounded, for a whole n < 2^40 with ``inverse`` = 1 / n rounded and a quotient a / n that is
+    normal or zero (the sign of a zero aside: -0 / n gives +0), in three products (a division's latency is the
+    Welford chain's): q = a inverse is within 1.5 ulp of a / n, its remainder a - q n comes exactly enough from
+    an fma, and q + (a - q n) inverse, rounded once, differs from a / n by under 3 2^-53 ulp, while a / n lies at
+    least ulp / (2 n) from every rounding midpoint (it is a multiple of ulp / n, and no midpoint: a has 53 bits;
+    a subnormal quotient, with fewer, can be one).  A non-finite a gives NaN.  In :func:`_welford_rows` the
+    deltas of float32 or bfloat16 values are zero or far above 2^-1022 n, and the mean is never -0."""
     q = a * inverse
     return fma(fma(-q, n, a), inverse, q)
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from bnnbench import elementwise
 from bnnbench.elementwise import r
@@ -121,18 +122,28 @@ class _ChannelMoments(torch.autograd.Function):
         mean = (a.float() if a.dtype != torch.float32 else a).mean(dim=dims)
         squares = elementwise.apply(SQUARE, a, mode=torch.float32, rows=(_per_row(mean, a),), dtypes=(torch.float32,))
         ctx.save_for_backward(a, mean)
+        ctx.set_materialize_grads(False)  # an output no loss uses sends nothing back, as in autograd's graph
         return mean, squares.mean(dim=dims)
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor, grad_mean_square: Tensor):  # type: ignore[override]
+    @once_differentiable  # the kernels take no tracked tensor: a gradient of this gradient is refused, not wrong
+    def backward(ctx, grad_mean: Tensor | None, grad_mean_square: Tensor | None):  # type: ignore[override]
         a, mean = ctx.saved_tensors
         count = a.numel() // a.shape[1]  # elements per channel: MeanBackward's divisor
-        share = torch.zeros_like(mean) if grad_mean_square is None else grad_mean_square / count
-        negated = elementwise.apply(NEGATED_CENTRED_GRADIENT, a, mode=torch.float32, rows=(_per_row(mean, a), _per_row(share, a)), dtypes=(torch.float32,))
-        through_centred = negated.sum_to_size((1, a.shape[1], *([1] * (a.dim() - 2)))).view(-1)
-        mean_share = (through_centred if grad_mean is None else grad_mean + through_centred) / count
+        channels = (1, a.shape[1], *([1] * (a.dim() - 2)))
+        negated = mean_share = None
+        if grad_mean_square is not None:
+            rows = (_per_row(mean, a), _per_row(grad_mean_square / count, a))
+            negated = elementwise.apply(NEGATED_CENTRED_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(torch.float32,))
+            through_centred = negated.sum_to_size(channels).view(-1)
+            mean_share = (through_centred if grad_mean is None else grad_mean + through_centred) / count
+        elif grad_mean is not None:
+            mean_share = grad_mean / count
+        spread = None if mean_share is None else mean_share.view(channels).expand_as(a)
         if a.dtype == torch.float32:  # a itself the centred tensor's input: its two terms go back as autograd's do
-            return negated.neg_(), mean_share.view(1, -1, *([1] * (a.dim() - 2))).expand_as(a)
+            return None if negated is None else negated.neg_(), spread
+        if negated is None:
+            return None if spread is None else spread.to(a.dtype), None
         return elementwise.apply(INPUT_GRADIENT, negated, mode=torch.float32, rows=(_per_row(mean_share, a),), dtypes=(a.dtype,)), None
 
 

@@ -144,14 +144,18 @@ def test_per_sample_variance_is_torchs_var_bit_for_bit(shape, dtype, monkeypatch
                 if threads > 1 and x[0].numel() >= elementwise.REDUCTION_GRAIN:
                     assert variance is None  # torch splits such a sample across threads: not covered
                     continue
-                assert variance is not None and identical(variance, t.var(dim=dims, keepdim=True)), (shape, threads)
+                expected = t.var(dim=dims, keepdim=True)
+                bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+                assert variance is not None and identical(variance, expected), (shape, threads)
+                assert torch.equal(variance.view(bits), expected.view(bits))  # NaN's bits too
     finally:
         torch.set_num_threads(previous)
 
 
 def test_welfords_quotient_from_the_reciprocal_is_the_division():
-    """a / n from 1 / n and two fmas (the variance's update) is the correctly rounded quotient: random a over
-    the whole exponent range and whole n, and a within an ulp of n times a rounding midpoint (the hardest case)."""
+    """a / n from 1 / n and two fmas (the variance's update) is the correctly rounded quotient wherever that is
+    normal or zero: random a over the exponent range and whole n, n = 1, zeros, and a within an ulp of n times a
+    rounding midpoint (the hardest case: a / n then lies closest to one)."""
     from numba import njit
 
     @njit
@@ -161,13 +165,19 @@ def test_welfords_quotient_from_the_reciprocal_is_the_division():
             count += elementwise._quotient(a[i], n[i], 1.0 / n[i]) != a[i] / n[i]
         return count
 
+    @njit
+    def times_midpoint(n, q, half_ulp):  # pragma: no cover - compiled
+        return np.array([elementwise.fma(n[i], q[i], n[i] * half_ulp[i]) for i in range(n.size)])  # n (q + ulp/2), rounded once
+
     rng = np.random.default_rng(5)
     size = 400_000
-    a = (1.0 + rng.random(size)) * 2.0 ** rng.integers(-1000, 1000, size) * rng.choice([-1.0, 1.0], size)
+    a = (1.0 + rng.random(size)) * 2.0 ** rng.integers(-900, 1000, size) * rng.choice([-1.0, 1.0], size)
     n = rng.integers(1, 1 << 15, size).astype(np.float64)
-    assert mismatches(a, n) == 0 and mismatches(a, np.floor(n * 2.0**25)) == 0
+    assert mismatches(a, n) == 0 and mismatches(a, np.floor(n * 2.0**25)) == 0 and mismatches(a, np.ones(size)) == 0
+    assert mismatches(np.zeros(7), np.arange(1.0, 8.0)) == 0
     q = (1.0 + rng.random(size)) * 2.0 ** rng.integers(-20, 20, size)
-    near = n * (q + np.spacing(q) / 2)  # n times the midpoint above q, rounded
+    near = times_midpoint(n, q, np.spacing(q) / 2)
+    assert np.count_nonzero(near != n * q) > size // 10  # the midpoints moved many products off n q
     for a in (near, np.nextafter(near, np.inf), np.nextafter(near, -np.inf)):
         assert mismatches(a, n) == 0
 

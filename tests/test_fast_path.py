@@ -239,7 +239,49 @@ def test_rad_loss_gives_the_formulas_value_and_gradient_bit_for_bit(dtype, shape
     finally:
         torch.set_num_threads(previous)
     (loss, grad), (ref_loss, ref_grad) = results
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert same_bits(loss, ref_loss) and same_bits(grad, ref_grad)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN where NaN (a NaN's sign and payload aside), the same bits elsewhere (the sign of zeros too)."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
+    keep = ~a.isnan()
+    return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.view(ints)[keep], b.view(ints)[keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("uses", ["mean", "mean-square"])
+def test_rad_moments_used_one_at_a_time_give_autograds_gradient(dtype, uses):
+    """Of the two moments, the one no loss uses sends nothing back, as through the formula: the same gradient, also
+    with an infinite input (where a zero gradient times it would be NaN)."""
+    from bnnbench.methods import rad
+
+    a = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(4)).to(dtype)
+    a[0, 0, 0, 0] = float("inf")
+    grads = []
+    for moments in (rad.channel_moments, reference_channel_moments):
+        leaf = a.clone().requires_grad_()
+        mean, mean_square = moments(leaf)
+        (mean if uses == "mean" else mean_square).sum().backward()
+        grads.append(leaf.grad)
+    assert same_bits(*grads)
+
+
+def reference_channel_moments(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = a.float() if a.dtype == torch.bfloat16 else a
+    dims = (0, *range(2, x.dim()))
+    mean = x.mean(dim=dims)
+    return mean, ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).mean(dim=dims)
+
+
+def test_rad_moments_refuse_a_second_derivative_clearly():
+    from bnnbench.methods import rad
+
+    leaf = torch.randn(4, 3, 2, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(rad.distribution_loss(leaf * 1), leaf, create_graph=True)
+    assert grad.shape == leaf.shape
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        grad.sum().backward()
 
 
 def test_a_saved_recipe_frees_the_tensor_and_rebuilds_it_for_the_backward():

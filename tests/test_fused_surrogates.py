@@ -358,29 +358,40 @@ def test_a_gradient_taken_into_a_lookup_never_changes_what_the_derivative_comput
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("name", [name for name, _ in tabulated_derivatives()])
-def test_a_surrogate_ending_in_a_kernel_takes_the_gradient_into_its_last_pass(name, threads, monkeypatch):
-    """surrogate_sign's float32 backward with a derivative whose last pass is a kernel (``apply(final=True)``)
-    multiplies the gradient in that pass (no torch product): torch's grad * derivative(x), bit for bit, on edge
-    values, every bfloat16 value widened and normals, with NaN, infinite and zero gradients."""
+@pytest.mark.parametrize(
+    "name, dtype",
+    [(name, torch.float32) for name, _ in tabulated_derivatives()]
+    + [(name, torch.bfloat16) for name in ("reste", "reste-o2", "swish-sign")],  # IR-Net's, FDA's: a lookup or torch's
+    ids=lambda v: {torch.float32: "fp32", torch.bfloat16: "bf16-no-tables"}.get(v, v),
+)
+def test_a_surrogate_ending_in_a_kernel_takes_the_gradient_into_its_last_pass(name, dtype, threads, monkeypatch):
+    """surrogate_sign's backward with a derivative whose last pass is a kernel (``apply(final=True)``: float32,
+    and bfloat16 where no table covers the formula) multiplies the gradient in that pass, the derivative
+    evaluated once and no torch product: torch's grad * derivative(x), bit for bit, on edge values, every
+    bfloat16 value and normals, with NaN, infinite and zero gradients."""
+    from bnnbench import functional
+
     derivative = dict(tabulated_derivatives())[name]
     generator = torch.Generator().manual_seed(9)
     monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # the kernels split even these between the threads
+    if dtype == torch.bfloat16:
+        monkeypatch.setattr(elementwise, "tabulated", lambda *a: None)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for x in inputs(torch.float32)[:4]:
+        for x in inputs(dtype)[:4]:
             grad = torch.empty_like(x).copy_(4 * torch.randn(x.shape, generator=generator))  # x's layout
             in_memory_order = grad.view(-1) if grad.is_contiguous() else grad.permute(0, 2, 3, 1).view(-1)
             in_memory_order[::97], in_memory_order[1::89], in_memory_order[2::83] = float("nan"), float("inf"), 0.0
             leaf = x.clone().requires_grad_()
-            products = []
-            times = elementwise.Kernel.times_gradient
+            products, evaluations = [], []
+            times, surrogate = elementwise.Kernel.times_gradient, functional._surrogate
             with monkeypatch.context() as patch:
                 patch.setattr(elementwise.Kernel, "times_gradient", lambda self: (products.append(self), times(self))[1])
+                patch.setattr(functional, "_surrogate", lambda *a: (evaluations.append(1), surrogate(*a))[1])
                 (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
             assert identical(fast, grad * reference(derivative, x, monkeypatch)), (name, x.shape)
-            assert len(products) == 1, "the gradient was not multiplied in the derivative's last pass"
+            assert len(products) == 1 and len(evaluations) == 1, "the gradient was not multiplied in the derivative's last pass"
     finally:
         torch.set_num_threads(previous)
 
@@ -398,6 +409,13 @@ def squared(x: torch.Tensor) -> torch.Tensor:
     return x * x if value is None else value
 
 
+def squared_again_in_place(s: torch.Tensor) -> torch.Tensor:
+    """s * s written over s by a kernel (not a final one), or by torch."""
+    if elementwise.apply(SQUARE, s, out=(s,)) is None:
+        s.mul_(s)
+    return s
+
+
 @pytest.mark.parametrize(
     "derivative",
     [
@@ -406,8 +424,9 @@ def squared(x: torch.Tensor) -> torch.Tensor:
         lambda x: squared(x).view(x.shape),  # a view of it
         lambda x: squared(x * 1) + squared(x),  # two final kernels
         lambda x: squared(squared(x)),  # one final kernel's value the next one's input
+        lambda x: squared_again_in_place(squared(x)),  # overwritten by a kernel, in place
     ],
-    ids=["intermediate", "in-place", "view", "two", "nested"],
+    ids=["intermediate", "in-place", "view", "two", "nested", "kernel-in-place"],
 )
 def test_a_gradient_taken_into_a_final_kernel_never_changes_what_the_derivative_computes(derivative, monkeypatch):
     """Where a final kernel's value is not what the derivative returns, unchanged, the backward computes the
