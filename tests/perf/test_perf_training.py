@@ -70,7 +70,8 @@ def _formulas():
     dims = (1, 2, 3)
     return {
         # name: (fast, the torch formula it replaces, minimum speed-up; measured 2026-12-01 on 1 thread of the
-        # Xeon (AMX) machine, load 2.4: sign 2.4x fp32 / 6.8x bf16, ApproxSign 3.9x / 4.7x, variance 5.0x / 6.2x, bits 0.9x int8)
+        # Xeon (AMX) machine, load 2.4: sign 2.4x fp32 / 6.8x bf16, ApproxSign 3.9x / 4.7x, variance 5.0x / 6.2x, bits 0.9x int8;
+        # the variance with its divisions from the reciprocal, idle: 7.3x / 7.6x, 2026-12-02 03:24 UTC)
         "sign": (lambda x: elementwise.unary(elementwise.SIGN, x), lambda x: torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_(), 1.6),
         "approx_sign_derivative": (
             lambda x: elementwise.unary(elementwise.APPROX_SIGN_DERIVATIVE, x),
@@ -84,7 +85,7 @@ def _formulas():
             lambda x: x * (2 - 2 * x.abs()).clamp(min=0),
             1.5,
         ),
-        "per_sample_variance": (elementwise.per_sample_variance, lambda x: x.var(dim=dims, keepdim=True), 2.5),
+        "per_sample_variance": (elementwise.per_sample_variance, lambda x: x.var(dim=dims, keepdim=True), 4.0),
         "signs_in_bits": (
             lambda x: elementwise.unpack_signs(elementwise.pack_signs(x), x.shape, x.stride(), x.dtype),
             lambda x: x.to(torch.int8).to(x.dtype),
@@ -135,8 +136,9 @@ def test_a_surrogate_takes_the_gradient_faster_than_its_value_then_product(bench
     speedup = speedup_over(benchmark, fused, separate)
     benchmark.extra_info.update({"speedup_vs_separate": speedup})
     # measured on the same Xeon, one thread: bf16 1.5x in a probe on an idle machine (2026-12-01 23:20 UTC), 1.26x
-    # in this test with both cores training (00:12 UTC); float32 FLOAT32_MEASURED
-    assert speedup >= threshold("BNNBENCH_PERF_MIN_LOOKUP_PRODUCT_SPEEDUP", 1.1)
+    # in this test with both cores training (00:12 UTC), 1.26-1.28x idle (12-02 03:24 UTC); float32 1.27-2.1x (three
+    # runs, 03:24-03:26 UTC)
+    assert speedup >= threshold("BNNBENCH_PERF_MIN_SURROGATE_PRODUCT_SPEEDUP", 1.1)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -165,8 +167,8 @@ def test_rads_fused_moments_beat_autograd_through_the_formula(benchmark, dtype):
     assert torch.equal(gradient(rad.distribution_loss), gradient(formula))
     speedup = speedup_over(benchmark, lambda: gradient(rad.distribution_loss), lambda: gradient(formula))
     benchmark.extra_info.update({"speedup_vs_formula": speedup})
-    # measured on the same Xeon, one thread: RAD_MEASURED
-    assert speedup >= threshold("BNNBENCH_PERF_MIN_RAD_MOMENTS_SPEEDUP", 1.3)
+    # measured on the same Xeon, one thread, idle: 2.4x bf16, 2.1x float32 (2026-12-02 03:24 UTC)
+    assert speedup >= threshold("BNNBENCH_PERF_MIN_RAD_MOMENTS_SPEEDUP", 1.6)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
