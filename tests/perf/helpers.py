@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -55,3 +58,27 @@ def speedup_over(benchmark, fast, reference, rounds: int = 20, warmup_rounds: in
     benchmark.pedantic(fast, rounds=rounds, warmup_rounds=warmup_rounds)
     baseline = min(before, time_interleaved({"reference": reference}, 1.0)["reference"].best)
     return baseline / fixture_best(benchmark)
+
+
+def thread_scaling(benchmark, call: Callable[[], Any], set_threads: Callable[[int], None], rounds: int, budget_s: float = 2.0) -> float:
+    """How many times faster ``call`` runs on 2 threads than on 1 (``set_threads(n)`` switches; 1 is restored):
+    pytest-benchmark times the 2-thread call; the ratio is of the best calls of the two counts timed in
+    alternating blocks for ``budget_s`` (the 2-thread best also over the fixture's rounds), so that a slow
+    spell of the machine's second CPU, which this guest cannot see (a sibling thread busy on the host), falls
+    on both counts alike instead of on one measurement."""
+    from bnnbench.runners.bench import time_interleaved
+
+    @contextmanager
+    def threads(n: int) -> Iterator[None]:
+        set_threads(n)
+        try:
+            yield
+        finally:
+            set_threads(1)
+
+    timings = time_interleaved({"one": call, "two": call}, budget_s, settings={"one": lambda: threads(1), "two": lambda: threads(2)})
+    with threads(2):
+        benchmark.pedantic(call, rounds=rounds, warmup_rounds=3)
+    one, two = timings["one"].best, min(timings["two"].best, fixture_best(benchmark))
+    benchmark.extra_info.update({"one_thread_s": one, "two_threads_s": two, "scaling": one / two})
+    return one / two

@@ -26,7 +26,7 @@ from bnnbench.packed import chain_in_bits, export_packed, set_backend
 from bnnbench.runners.bench import time_interleaved
 from bnnbench.runners.bench_model import randomise_batchnorm
 
-from .helpers import fixture_best, skip_if_busy, threshold
+from .helpers import fixture_best, skip_if_busy, thread_scaling, threshold
 
 # ImageNet ResNet-18, third stage: 256 -> 256 channels at 14x14, batch 1 (the issue's headline shape)
 CHANNELS, SIZE = 256, 14
@@ -90,18 +90,10 @@ def test_gemm_share_of_the_popcount_peak(benchmark):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2 or numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 CPUs")
 def test_packed_conv_scales_to_two_threads(benchmark):
-    """One thread against two (numba), best of many calls each; skipped when other work keeps a CPU busy."""
+    """One thread against two (numba), best of many calls each, interleaved; skipped when other work keeps a CPU busy."""
     skip_if_busy()
     x, _, packed = conv_case()
-    one = time_interleaved({"one": lambda: binary_conv2d_packed(x, packed, 1, 1)}, 1.0)["one"].best
-    numba.set_num_threads(2)
-    try:
-        benchmark.pedantic(binary_conv2d_packed, args=(x, packed, 1, 1), rounds=300, warmup_rounds=10)
-    finally:
-        numba.set_num_threads(1)
-    one = min(one, time_interleaved({"one": lambda: binary_conv2d_packed(x, packed, 1, 1)}, 1.0)["one"].best)
-    scaling = one / fixture_best(benchmark)
-    benchmark.extra_info.update({"one_thread_s": one, "scaling": scaling})
+    scaling = thread_scaling(benchmark, lambda: binary_conv2d_packed(x, packed, 1, 1), numba.set_num_threads, rounds=300)
     assert scaling >= floor("BNNBENCH_PERF_MIN_THREAD_SCALING")
 
 

@@ -11,7 +11,7 @@ from bnnbench.runners.bench import time_interleaved
 from bnnbench.runners.bench_train import StepSettings, training_step
 from bnnbench.runners.train import bf16_hardware
 
-from .helpers import fixture_best, skip_if_busy, speedup_over, threshold
+from .helpers import fixture_best, skip_if_busy, speedup_over, thread_scaling, threshold
 
 BATCH = 32
 # Methods whose binarizer is only the one-pass kernels (sign, grad * ApproxSign/clip derivative, the conv remaking the signs):
@@ -189,15 +189,11 @@ def test_act_norm_backward_scales_to_two_torch_threads(benchmark, dtype):
     root = torch.sqrt(elementwise.per_sample_variance(x) + 1e-5)
     formula = functional._FORMULAS[functional.approx_sign_derivative]
     sweep = lambda: act_norm.backward(x, root, grad, formula)  # noqa: E731
-    one = time_interleaved({"one": sweep}, 1.0)["one"].best
     expected = sweep()
     torch.set_num_threads(2)
     try:
         assert all(torch.equal(a, b) for a, b in zip(sweep(), expected))
-        benchmark.pedantic(sweep, rounds=50, warmup_rounds=3)
     finally:
         torch.set_num_threads(1)
-    one = min(one, time_interleaved({"one": sweep}, 1.0)["one"].best)
-    scaling = one / fixture_best(benchmark)
-    benchmark.extra_info.update({"one_thread_s": one, "scaling": scaling})
+    scaling = thread_scaling(benchmark, sweep, torch.set_num_threads, rounds=50)
     assert scaling >= threshold("BNNBENCH_PERF_MIN_KERNEL_THREAD_SCALING", 1.5)
