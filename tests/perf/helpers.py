@@ -1,11 +1,11 @@
-"""Helpers of the performance tests: thresholds and pytest-benchmark's best time."""
+"""Helpers of the performance tests: thresholds, a busy machine, and ratios of calls timed in alternating blocks."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -14,13 +14,6 @@ import pytest
 def threshold(name: str, default: float) -> float:
     """A ratio threshold, overridable with the environment variable ``name``."""
     return float(os.environ.get(name, default))
-
-
-def fixture_best(benchmark) -> float:
-    """Best (minimum) seconds per call measured by pytest-benchmark."""
-    if benchmark.stats is None:
-        pytest.skip("benchmarks are disabled (--benchmark-disable); run with --benchmark-only")
-    return benchmark.stats.stats.min
 
 
 def busy_cpus(interval_s: float = 0.5) -> float:
@@ -49,24 +42,39 @@ def skip_if_busy() -> None:
         pytest.skip(f"other work keeps {busy:.1f} CPUs busy: a 2-thread time would measure it")
 
 
-def speedup_over(benchmark, fast, reference, rounds: int = 20, warmup_rounds: int = 2) -> float:
-    """How many times faster ``fast`` (timed by pytest-benchmark) runs than ``reference`` (timed in the same
-    session just before and just after it, the better of the two)."""
+def interleaved_bests(
+    benchmark,
+    calls: dict[str, Callable[[], Any]],
+    timed: str,
+    rounds: int,
+    warmup_rounds: int = 2,
+    budget_s: float = 2.0,
+    settings: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, float]:
+    """The best call of each of ``calls``, timed in alternating blocks for ``budget_s``, so that a slow spell of
+    the machine (on a guest, also one it cannot see, as a host's sibling thread busy) falls on every contender
+    alike; a ratio of two of them is then the ratio of one measurement.  pytest-benchmark times ``calls[timed]``
+    too (within ``settings[timed]``), for its report and comparisons: a time measured apart from the others is
+    never in the ratio."""
     from bnnbench.runners.bench import time_interleaved
 
-    before = time_interleaved({"reference": reference}, 1.0)["reference"].best
-    benchmark.pedantic(fast, rounds=rounds, warmup_rounds=warmup_rounds)
-    baseline = min(before, time_interleaved({"reference": reference}, 1.0)["reference"].best)
-    return baseline / fixture_best(benchmark)
+    settings = settings or {}
+    bests = {name: t.best for name, t in time_interleaved(calls, budget_s, settings=settings).items()}
+    with settings[timed]() if timed in settings else nullcontext():
+        benchmark.pedantic(calls[timed], rounds=rounds, warmup_rounds=warmup_rounds)
+    benchmark.extra_info.update({f"{name}_s": best for name, best in bests.items()})
+    return bests
+
+
+def speedup_over(benchmark, fast, reference, rounds: int = 20, warmup_rounds: int = 2, budget_s: float = 2.0) -> float:
+    """How many times faster ``fast`` runs than ``reference`` (:func:`interleaved_bests`)."""
+    bests = interleaved_bests(benchmark, {"fast": fast, "reference": reference}, "fast", rounds, warmup_rounds, budget_s)
+    return bests["reference"] / bests["fast"]
 
 
 def thread_scaling(benchmark, call: Callable[[], Any], set_threads: Callable[[int], None], rounds: int, budget_s: float = 2.0) -> float:
-    """How many times faster ``call`` runs on 2 threads than on 1 (``set_threads(n)`` switches; 1 is restored):
-    pytest-benchmark times the 2-thread call; the ratio is of the best calls of the two counts timed in
-    alternating blocks for ``budget_s`` (the 2-thread best also over the fixture's rounds), so that a slow
-    spell of the machine's second CPU, which this guest cannot see (a sibling thread busy on the host), falls
-    on both counts alike instead of on one measurement."""
-    from bnnbench.runners.bench import time_interleaved
+    """How many times faster ``call`` runs on 2 threads than on 1 (``set_threads(n)`` switches; 1 is restored
+    after each block), :func:`interleaved_bests`."""
 
     @contextmanager
     def threads(n: int) -> Iterator[None]:
@@ -76,9 +84,7 @@ def thread_scaling(benchmark, call: Callable[[], Any], set_threads: Callable[[in
         finally:
             set_threads(1)
 
-    timings = time_interleaved({"one": call, "two": call}, budget_s, settings={"one": lambda: threads(1), "two": lambda: threads(2)})
-    with threads(2):
-        benchmark.pedantic(call, rounds=rounds, warmup_rounds=3)
-    one, two = timings["one"].best, min(timings["two"].best, fixture_best(benchmark))
-    benchmark.extra_info.update({"one_thread_s": one, "two_threads_s": two, "scaling": one / two})
-    return one / two
+    settings = {"one": lambda: threads(1), "two": lambda: threads(2)}
+    bests = interleaved_bests(benchmark, {"one": call, "two": call}, "two", rounds, 3, budget_s, settings)
+    benchmark.extra_info["scaling"] = bests["one"] / bests["two"]
+    return bests["one"] / bests["two"]

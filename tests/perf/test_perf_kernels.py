@@ -23,10 +23,9 @@ import bnnbench
 from bnnbench.kernels import binary_conv2d_packed, measure_peak, pack_channels, pack_weights, popcount_isa, xnor_gemm
 from bnnbench.kernels.isa import AVX512_VPOPCNTDQ
 from bnnbench.packed import chain_in_bits, export_packed, set_backend
-from bnnbench.runners.bench import time_interleaved
 from bnnbench.runners.bench_model import randomise_batchnorm
 
-from .helpers import fixture_best, skip_if_busy, thread_scaling, threshold
+from .helpers import interleaved_bests, skip_if_busy, thread_scaling, threshold
 
 # ImageNet ResNet-18, third stage: 256 -> 256 channels at 14x14, batch 1 (the issue's headline shape)
 CHANNELS, SIZE = 256, 14
@@ -53,37 +52,36 @@ def conv_case():
     return x, w, pack_weights(w)
 
 
-def float_conv_best(x_pm1: torch.Tensor, w: torch.Tensor) -> float:
-    """Best F.conv2d time of NCHW and channels-last inputs (the faster float baseline)."""
-    x_nchw = x_pm1.contiguous()
-    times = time_interleaved({"nchw": lambda: F.conv2d(x_nchw, w, padding=1), "cl": lambda: F.conv2d(x_pm1, w, padding=1)}, 1.0)
-    return min(t.best for t in times.values())
-
-
 def test_packed_conv_speedup_over_float_conv(benchmark):
+    """The packed conv against F.conv2d of the same signs, NCHW and channels-last inputs (the faster counts)."""
     x, w, packed = conv_case()
     x_pm1 = bnnbench.sign(x)
+    x_nchw = x_pm1.contiguous()
     assert torch.equal(binary_conv2d_packed(x, packed, 1, 1), F.conv2d(x_pm1, w, padding=1))
-    before = float_conv_best(x_pm1, w)
-    benchmark.pedantic(binary_conv2d_packed, args=(x, packed, 1, 1), rounds=300, warmup_rounds=10)
-    baseline = min(before, float_conv_best(x_pm1, w))
-    speedup = baseline / fixture_best(benchmark)
-    benchmark.extra_info.update({"float_conv_s": baseline, "speedup": speedup, "isa": popcount_isa()})
-    assert speedup >= floor("BNNBENCH_PERF_MIN_CONV_SPEEDUP"), f"packed {fixture_best(benchmark):.2e} s, F.conv2d {baseline:.2e} s"
+    calls = {
+        "packed": lambda: binary_conv2d_packed(x, packed, 1, 1),
+        "float_nchw": lambda: F.conv2d(x_nchw, w, padding=1),
+        "float_channels_last": lambda: F.conv2d(x_pm1, w, padding=1),
+    }
+    bests = interleaved_bests(benchmark, calls, "packed", rounds=300, warmup_rounds=10)
+    baseline = min(bests["float_nchw"], bests["float_channels_last"])
+    speedup = baseline / bests["packed"]
+    benchmark.extra_info.update({"speedup": speedup, "isa": popcount_isa()})
+    assert speedup >= floor("BNNBENCH_PERF_MIN_CONV_SPEEDUP"), f"packed {bests['packed']:.2e} s, F.conv2d {baseline:.2e} s"
 
 
 def test_gemm_share_of_the_popcount_peak(benchmark):
-    """The GEMM's binary GOPS over the fastest peak loop's, the loop timed just before and after."""
+    """The GEMM's binary GOPS over the fastest peak loop's, the two timed in alternating blocks."""
     x, _, packed = conv_case()
     bits = pack_channels(x.numpy(), 1)
     offsets = packed.offsets(SIZE, SIZE, 1, 1)
     out = np.empty((SIZE * SIZE, offsets.shape[1]), dtype=np.float32)
     loop = measure_peak(0.5).fastest
-    peak_call = loop.call()
-    before = time_interleaved({"peak": peak_call}, 0.5)["peak"].best
-    benchmark.pedantic(xnor_gemm, args=(bits, (3, 3), 1, packed.panels(), offsets, out), rounds=300, warmup_rounds=10)
-    peak = loop.ops_per_call / min(before, time_interleaved({"peak": peak_call}, 0.5)["peak"].best) / 1e9
-    gops = 2 * SIZE * SIZE * CHANNELS * CHANNELS * 9 / fixture_best(benchmark) / 1e9
+    panels = packed.panels()
+    calls = {"gemm": lambda: xnor_gemm(bits, (3, 3), 1, panels, offsets, out), "peak": loop.call()}
+    bests = interleaved_bests(benchmark, calls, "gemm", rounds=300, warmup_rounds=10)
+    peak = loop.ops_per_call / bests["peak"] / 1e9
+    gops = 2 * SIZE * SIZE * CHANNELS * CHANNELS * 9 / bests["gemm"] / 1e9
     benchmark.extra_info.update({"gemm_gops": gops, "popcount_peak_gops": peak, "share": gops / peak, "isa": popcount_isa()})
     assert gops / peak >= floor("BNNBENCH_PERF_MIN_GEMM_SHARE")
 
@@ -114,9 +112,7 @@ def test_packed_resnet18_speedup_over_its_float_path(benchmark, resnet18, conten
     fast, float_path = resnet18[contender], resnet18["float"]
     with torch.no_grad():
         assert torch.equal(fast(x_cl).argmax(1), resnet18["model"](x).argmax(1))
-        before = time_interleaved({"float": lambda: float_path(x)}, 2.0)["float"].best
-        benchmark.pedantic(fast, args=(x_cl,), rounds=30, warmup_rounds=2)
-        baseline = min(before, time_interleaved({"float": lambda: float_path(x)}, 2.0)["float"].best)
-    speedup = baseline / fixture_best(benchmark)
-    benchmark.extra_info.update({"float_path_s": baseline, "speedup": speedup, "isa": popcount_isa()})
+        bests = interleaved_bests(benchmark, {"fast": lambda: fast(x_cl), "float": lambda: float_path(x)}, "fast", rounds=30, budget_s=4.0)
+    speedup = bests["float"] / bests["fast"]
+    benchmark.extra_info.update({"speedup": speedup, "isa": popcount_isa()})
     assert speedup >= floor(floor_name)
