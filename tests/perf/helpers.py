@@ -86,5 +86,5 @@ def thread_scaling(benchmark, call: Callable[[], Any], set_threads: Callable[[in
 
     settings = {"one": lambda: threads(1), "two": lambda: threads(2)}
     bests = interleaved_bests(benchmark, {"one": call, "two": call}, "two", rounds, 3, budget_s, settings)
-    benchmark.extra_info["scaling"] = bests["one"] / bests["two"]
-    return bests["one"] / bests["two"]
+    scaling = benchmark.extra_info["scaling"] = bests["one"] / bests["two"]
+    return scaling
