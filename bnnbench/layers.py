@@ -16,6 +16,7 @@ as larq's layers take a kernel and an input quantizer.  Forward of a binary laye
                                      only a and the per-sample scale
                                      (``functional.normalized_surrogate_sign``): the
                                      same gradients, bit for bit, in less memory
+        = conv(a_b, w_b * alpha)     under bfloat16 autocast (:meth:`folds_scale`)
 
 ``activation_params`` are the learnable per-layer tensors the activation method asks for
 through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
@@ -134,12 +135,25 @@ class _BinaryMixin:
             with torch.no_grad():
                 self.method.update_state(self.weight.detach(), self.progress, self.stage, event, **self.weight_tensors())
 
-    def forward_weight(self) -> Tensor:
+    def folds_scale(self, x: Tensor) -> bool:
+        """True where alpha multiplies the weight instead of the output: a layer without bias under bfloat16 autocast.
+
+        conv(a, w * alpha) = conv(a, w) * alpha per output channel, and in bfloat16 the left side is the more
+        exact: a stage-2 layer's products are +-alpha (bfloat16: 8 significant bits) and every partial sum an
+        integer multiple of it, exact in the conv's float32 accumulator, so the output is y alpha rounded once,
+        where ``y * alpha`` rounds the integer y to bfloat16 first, then the product.  It costs a pass over
+        the weight instead of two over the output (forward, backward) and the per-channel sum of grad y.
+        Float32 keeps the product of the output, whose numbers are the reference formulas' bit for bit."""
+        device = x.device.type
+        return self.alpha is not None and self.bias is None and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+
+    def forward_weight(self, fold_scale: bool = False) -> Tensor:
+        """The weight the layer computes with: the method's (binary in stage 2), times alpha with ``fold_scale``."""
         tensors = self.weight_tensors()
         w = self.method.weight(self.weight, progress=self.progress, stage=self.stage, **tensors)
         if self.training and self._updates_state:
             self.update_state("step")
-        return w
+        return w * self.alpha.reshape(-1, *([1] * (w.dim() - 1))) if fold_scale else w
 
     def forward_input(self, x: Tensor) -> Tensor:
         if not self.binary_activations:
@@ -149,11 +163,12 @@ class _BinaryMixin:
         normalize = {"normalize": ACT_NORM_EPS} if self.act_norm and self.training else {}
         return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
-    def scale_output(self, y: Tensor) -> Tensor:
-        """``y * alpha`` in y's dtype: under bf16 autocast a float32 alpha would promote every later activation to float32.
-        The backward keeps the product (which the BatchNorm after keeps anyway) instead of y where y, an integer
-        in stage 2, can be recovered from it bit for bit (:func:`bnnbench.functional.scale_channels`)."""
-        return y if self.alpha is None else functional.scale_channels(y, self.alpha.to(y.dtype))
+    def scale_output(self, y: Tensor, folded: bool = False) -> Tensor:
+        """``y * alpha`` in y's dtype (y itself where there is no alpha or it is ``folded`` into the weight): a
+        float32 alpha would promote every later activation to float32.  The backward keeps the product (which
+        the BatchNorm after keeps anyway) instead of y where y, an integer in stage 2, can be recovered from it
+        bit for bit (:func:`bnnbench.functional.scale_channels`)."""
+        return y if self.alpha is None or folded else functional.scale_channels(y, self.alpha.to(y.dtype))
 
     def regularization(self) -> Tensor | None:
         return self.method.regularizer(self.weight, self.stage)
@@ -163,6 +178,7 @@ class _BinaryMixin:
         return f"method={self.method.name}{acts}, stage={self.stage}, act_norm={self.act_norm}, binary_activations={self.binary_activations}"
 
     alpha: nn.Parameter | None
+    bias: Tensor | None
     activation_params: nn.ParameterDict
     progress: Tensor
 
@@ -189,12 +205,13 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         self._setup_binary(method, act_method, in_channels, out_channels, 2, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, w = self.forward_input(x), self.forward_weight()
+        folded = self.folds_scale(x)
+        a, w = self.forward_input(x), self.forward_weight(folded)
         if self.binary_activations and self.padding_mode == "zeros":  # +-1 inputs: kept for the backward in 1 bit each
             y = functional.conv2d_of_signs(a, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = self._conv_forward(a, w, self.bias)
-        return self.scale_output(y)
+        return self.scale_output(y, folded)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_repr()}"
@@ -219,7 +236,8 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
         self._setup_binary(method, act_method, in_features, out_features, 0, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(), self.bias))
+        folded = self.folds_scale(x)
+        return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(folded), self.bias), folded)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_repr()}"

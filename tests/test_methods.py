@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench import BinaryConv2d, build_model, get_method, list_methods, registry
+from bnnbench import BinaryConv2d, BinaryLinear, build_model, get_method, list_methods, registry
 from bnnbench.cli import main as cli_main
 
 REQUIRED = ["sign-ste", "clip-ste", "polynomial", "reste", "recu", "biper"]
@@ -382,6 +382,58 @@ def test_learned_alpha_scales_conv_output(name: str) -> None:
     y.backward(g)
     # d<g, y>/d alpha_c = sum_{n,h,w} g * conv output
     assert_close(layer.alpha.grad, (g * plain).sum(dim=(0, 2, 3)).view(4, 1, 1))
+
+
+@pytest.mark.parametrize("stage", [2, 1])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_learned_alpha_folds_into_the_weight_under_bf16_autocast(kind: str, stage: int) -> None:
+    """Under bf16 autocast y = conv(a_b, w_b * alpha): in stage 2 bit for bit the exact y alpha rounded once to bfloat16
+    (+-alpha products, integer multiples of alpha summed exactly in float32); alpha's, the weight's and the input's
+    gradients within bfloat16's error of the float64 formula, as close to it as the output-scaling path's (within 10%)."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer = BinaryConv2d(64, 16, 3, padding=1, method="biper", stage=stage, act_norm=False)
+        x = torch.randn(4, 64, 6, 6)
+        ref_op, dims = (lambda a, w: F.conv2d(a, w, padding=1)), (0, 2, 3)
+    else:
+        layer = BinaryLinear(300, 16, method="biper", stage=stage, act_norm=False)
+        x = torch.randn(8, 300)
+        ref_op, dims = F.linear, (0,)
+    g = torch.randn_like(ref_op(x, layer.weight.detach()))
+
+    def run(fold: bool):
+        layer.zero_grad()
+        if not fold:
+            layer.folds_scale = lambda x: False
+        xa = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.folds_scale(xa) is fold
+            y = layer(xa)
+        y.float().backward(g)
+        if not fold:
+            del layer.folds_scale
+        return y, xa.grad, layer.alpha.grad.clone(), layer.weight.grad.clone()
+
+    folded, plain = run(True), run(False)
+    # float64 formula of the same bfloat16 operands: a_b, w_b and alpha as the layer casts them
+    a = torch.where(x >= 0, 1.0, -1.0).double().requires_grad_(True)
+    weight = layer.weight.detach().double().requires_grad_(True)
+    w = get_method("biper").weight(weight, stage=stage)
+    alpha = layer.alpha.detach().bfloat16().double().requires_grad_(True)
+    shape = (-1,) + (1,) * (len(dims) - 1) if kind == "conv" else (-1,)
+    y_ref = ref_op(a, w) * alpha.view(shape)
+    y_ref.backward(g.double())
+    assert folded[0].dtype == torch.bfloat16
+    if stage == 2:
+        assert torch.equal(folded[0], y_ref.detach().float().bfloat16())
+    for got, want in ((folded[0], y_ref), (folded[2], alpha.grad), (folded[3], weight.grad)):
+        want = want.detach()
+        torch.testing.assert_close(got.double().view_as(want), want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    error = [((got.double().view_as(want) - want).norm() / want.norm()).item() for got, want in ((folded[0], y_ref.detach()), (folded[2], alpha.grad))]
+    error_plain = [((got.double().view_as(want) - want).norm() / want.norm()).item() for got, want in ((plain[0], y_ref.detach()), (plain[2], alpha.grad))]
+    assert all(e <= 1.1 * p for e, p in zip(error, error_plain)), (error, error_plain)
+    x32 = x.clone().requires_grad_(True)
+    assert not layer.folds_scale(x32)  # float32: the product of the output, the reference formulas' numbers
 
 
 def test_act_norm_backward_matches_autograd_reference() -> None:
