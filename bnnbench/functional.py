@@ -7,21 +7,48 @@ convolution of +-1 inputs, which it keeps for the backward as the binarizer's in
 the signs of (:func:`signs_of`), or in one bit each.  The element-wise
 formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
 formulas) where those cover the tensor, as the torch formulas otherwise; act_norm's backward runs in
-one pass per sample (:mod:`bnnbench.act_norm`).  This module imports nothing else from the package.
+one pass per sample (:mod:`bnnbench.act_norm`), for bfloat16 in float32 sweeps (:mod:`bnnbench.act_norm_bf16`)
+unless :func:`bf16_formulas` says "torch".  This module imports nothing else from the package.
 """
 
 from __future__ import annotations
 
+import contextvars
 import weakref
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import act_norm, elementwise
+from . import act_norm, act_norm_bf16, elementwise
 
 Derivative = Callable[[Tensor], Tensor]
+
+BF16_FORMULAS = ("fused", "torch")
+"""How bfloat16 activations compute act_norm and a learned alpha: "fused" (float32 within one kernel,
+:mod:`bnnbench.act_norm_bf16`; alpha in the weight, :meth:`bnnbench.layers.BinaryConv2d.folds_scale`: each rounded
+once to bfloat16) or "torch" (torch's eager formulas bit for bit, every operator rounded to bfloat16: the numbers
+of runs before 2026-12-02).  Float32 is always the latter."""
+_bf16_formulas: contextvars.ContextVar[str] = contextvars.ContextVar("bf16_formulas", default="fused")
+
+
+@contextmanager
+def bf16_formulas(name: str) -> Iterator[None]:
+    """Within: bfloat16 computes act_norm and a learned alpha as ``name`` of :data:`BF16_FORMULAS` says."""
+    if name not in BF16_FORMULAS:
+        raise ValueError(f"bf16 formulas must be one of {BF16_FORMULAS}, got {name!r}")
+    token = _bf16_formulas.set(name)
+    try:
+        yield
+    finally:
+        _bf16_formulas.reset(token)
+
+
+def fused_bf16() -> bool:
+    """True where bfloat16 act_norm and alpha take the fused formulas (the default; see :data:`BF16_FORMULAS`)."""
+    return _bf16_formulas.get() == "fused"
 
 
 def sign(x: Tensor) -> Tensor:
@@ -225,20 +252,32 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     division's intermediates: one activation-sized tensor less per binary layer.  ``x`` comes in twice and its
     two gradient terms (through the division, through the variance) go back separately, so that autograd
     adds them to x's other gradients (a residual connection's) in the order it did before: floating-point
-    addition is not associative.
+    addition is not associative.  A bfloat16 x (with :func:`fused_bf16`) keeps x alone and gets one gradient
+    from float32 sweeps instead (:mod:`bnnbench.act_norm_bf16`: not bit for bit torch's bfloat16 formula).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, x_again: Tensor, derivative: Derivative, eps: float) -> Tensor:  # type: ignore[override]
         dims = tuple(range(1, x.dim()))
+        ctx.derivative, ctx.dims, ctx.eps = derivative, dims, eps
+        ctx.in_float32 = fused_bf16() and act_norm_bf16.covers(x)  # the statistics in the backward's sweeps
+        if ctx.in_float32:
+            ctx.save_for_backward(x)
+            return signs_of(sign(x), sign, x)
         variance = elementwise.per_sample_variance(x)  # torch's var, bit for bit, in one pass over all samples
         root = torch.sqrt((x.var(dim=dims, keepdim=True) if variance is None else variance) + eps)
         ctx.save_for_backward(x, root)
-        ctx.derivative, ctx.dims = derivative, dims
         return signs_of(sign(x), sign, x)  # sign(x / root) = sign(x): root > 0
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if ctx.in_float32:
+            (x,) = ctx.saved_tensors
+            formula = _FORMULAS.get(ctx.derivative)
+            if formula is not None:
+                return act_norm_bf16.backward(x, grad_output, ctx.eps, formula=formula), None, None, None
+            a0 = x.detach().float() / act_norm_bf16.roots(x, ctx.eps)
+            return act_norm_bf16.backward(x, grad_output, ctx.eps, surrogate=_surrogate(ctx.derivative, a0).float()), None, None, None
         x, root = ctx.saved_tensors
         dims = ctx.dims
         formula = _FORMULAS.get(ctx.derivative)  # the lines below in one pass per sample, the surrogate too

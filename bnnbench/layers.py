@@ -143,9 +143,16 @@ class _BinaryMixin:
         integer multiple of it, exact in the conv's float32 accumulator, so the output is y alpha rounded once,
         where ``y * alpha`` rounds the integer y to bfloat16 first, then the product.  It costs a pass over
         the weight instead of two over the output (forward, backward) and the per-channel sum of grad y.
-        Float32 keeps the product of the output, whose numbers are the reference formulas' bit for bit."""
+        Float32, and bfloat16 within ``functional.bf16_formulas("torch")``, keep the product of the output, whose
+        numbers are the reference formulas' bit for bit."""
         device = x.device.type
-        return self.alpha is not None and self.bias is None and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        return (
+            self.alpha is not None
+            and self.bias is None
+            and torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.bfloat16
+            and functional.fused_bf16()
+        )
 
     def forward_weight(self, fold_scale: bool = False) -> Tensor:
         """The weight the layer computes with: the method's (binary in stage 2), times alpha with ``fold_scale``."""
@@ -251,6 +258,11 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | Binary
     for name, module in model.named_modules():
         if isinstance(module, BinaryLayer):
             yield name, module
+
+
+def takes_bf16_formulas(model: nn.Module) -> bool:
+    """True where ``functional.bf16_formulas`` changes the model's bfloat16 numbers: a layer with act_norm or alpha."""
+    return any(layer.act_norm or layer.alpha is not None for _, layer in binary_layers(model))
 
 
 def set_progress(model: nn.Module, progress: float) -> None:

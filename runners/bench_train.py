@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
+from bnnbench.functional import bf16_formulas
 
 from .bench import machine_info, set_threads, time_interleaved
 from .train import bf16_hardware
@@ -40,6 +41,7 @@ class StepSettings:
     batch: int = 128
     stage: int = 2
     amp: bool = False
+    bf16_formulas: str = "fused"  # bnnbench.functional.BF16_FORMULAS, under amp
     channels_last: bool = False
     compile: bool = False
     device: str = "cpu"
@@ -73,7 +75,7 @@ def training_step(method: str, settings: StepSettings, seed: int = 0) -> Callabl
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp), bf16_formulas(settings.bf16_formulas):
             logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels)
         extra = bnnbench.regularization_loss(model)
@@ -166,6 +168,7 @@ def train_benchmark(
                 "batch": settings.batch,
                 "device": settings.device,
                 "amp_bf16": settings.amp,
+                "bf16_formulas": settings.bf16_formulas if settings.amp else "",
                 "channels_last": settings.channels_last,
                 "compile": settings.compile,
                 "images_per_s": settings.batch / times[name].best,

@@ -8,8 +8,8 @@ given with ``--teacher``, else an ``fp`` run of the same backbone, data, recipe 
 change a run's numbers, and nothing else does: its canonical JSON (:meth:`RunSpec.key`) is the
 signature on which ``bnnbench table`` and ``bnnbench figure`` match finished runs.
 
-``Machine`` holds what must not change a run's identity: device, bf16 autocast,
-channels_last, torch.compile, threads, loader and workers, where the data and results live,
+``Machine`` holds what must not change a run's identity: device, bf16 autocast and its
+formulas for act_norm and a learned alpha, channels_last, torch.compile, threads, loader and workers, where the data and results live,
 and the run's directory name.  (bf16 changes the arithmetic, so its numbers differ slightly
 from fp32's; it is recorded in every ``config.json`` and in the tables' captions, but a run
 trained in bf16 answers for the same experiment.)
@@ -31,6 +31,7 @@ import torch
 
 from bnnbench.data import DATASETS, DataRequest
 from bnnbench.errors import ConfigError
+from bnnbench.functional import BF16_FORMULAS
 from bnnbench.models import ModelSpec
 
 from .defaults import DEFAULT_DATA, DEFAULT_NETS, default_recipe
@@ -204,6 +205,7 @@ class Machine:
 
     device: str = "auto"
     amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with bf16 hardware
+    bf16_formulas: str = "fused"  # act_norm and learned alpha under bf16: fused or torch (functional.BF16_FORMULAS)
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False
     threads: int | None = None  # torch threads (None: torch's default)
@@ -221,6 +223,8 @@ class Machine:
 
     def __post_init__(self) -> None:
         parse_device(self.device)
+        if self.bf16_formulas not in BF16_FORMULAS:
+            raise ConfigError(f"--bf16-formulas must be one of {', '.join(BF16_FORMULAS)}, got {self.bf16_formulas!r}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (load in the training process) or more, got {self.workers}")
         if self.threads is not None and self.threads < 1:

@@ -88,7 +88,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -99,9 +99,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnnbench
+from bnnbench import functional
 from bnnbench.data import open_data
 from bnnbench.errors import ConfigError
 from bnnbench.hardware import cpu_flags
+from bnnbench.layers import takes_bf16_formulas
 
 from . import distributed
 from .callbacks import EpochCallback, EpochReport
@@ -185,6 +187,7 @@ class StepContext:
     inference: nn.Module  # what runs the test batches: the module or its torch.compile wrapper
     device: torch.device
     amp: bool
+    bf16_formulas: str  # functional.BF16_FORMULAS
     channels_last: bool
     label_smoothing: float
     check_every: int
@@ -193,7 +196,13 @@ class StepContext:
     cost: CostEstimate
 
     def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        """bf16 autocast with its formulas (:data:`bnnbench.functional.BF16_FORMULAS`), where the run takes it."""
+        if not self.amp:
+            return nullcontext()
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        stack.enter_context(functional.bf16_formulas(self.bf16_formulas))
+        return stack
 
     def prepare(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
@@ -478,6 +487,7 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
     resolved = {
         "device": str(device),
         "amp_bf16": amp,
+        "bf16_formulas": machine.bf16_formulas if amp and takes_bf16_formulas(model) else None,  # None: no difference
         "channels_last": channels_last,
         "compile": machine.compile,
         "stage2_init": init_record,
@@ -511,6 +521,7 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
         inference,
         device,
         amp,
+        machine.bf16_formulas,
         channels_last,
         spec.recipe.label_smoothing,
         check_every,

@@ -79,7 +79,7 @@ def test_sign_is_the_reference_sign_on_every_edge_value_eager_and_compiled():
     assert bnnbench.sign(bf16).dtype == torch.bfloat16 and torch.equal(bnnbench.sign(bf16), reference_sign(bf16))
 
 
-def train_steps(method: str, steps: int = 3, amp: bool = False) -> dict[str, torch.Tensor]:
+def train_steps(method: str, steps: int = 3, amp: bool = False, formulas: str = "torch") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = bnnbench.build_model("resnet20", method, stage=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -87,7 +87,7 @@ def train_steps(method: str, steps: int = 3, amp: bool = False) -> dict[str, tor
     images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)
     set_progress(model, 0.5)
     for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), functional.bf16_formulas(formulas):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
         extra = bnnbench.regularization_loss(model)
@@ -103,12 +103,28 @@ def train_steps(method: str, steps: int = 3, amp: bool = False) -> dict[str, tor
 def test_training_steps_are_bit_identical_to_the_reference_formulas(method, amp, monkeypatch):
     """The fast path (one-pass kernels for the sign, the surrogates and their products with the gradient, the STE
     handing the gradient on, act_norm's variance, act_norm keeping only x and the per-sample scale, the conv keeping
-    the binarizer's input or its +-1 input in bits) gives today's weights after 3 SGD steps, bit for bit, in fp32 and under bf16 autocast."""
+    the binarizer's input or its +-1 input in bits) gives today's weights after 3 SGD steps, bit for bit, in fp32 and under bf16 autocast
+    with torch's bf16 formulas (the fused ones: next test)."""
     fast = train_steps(method, amp=amp)
     use_reference(monkeypatch)
     reference = train_steps(method, amp=amp)
     assert fast.keys() == reference.keys()
     assert all(torch.equal(fast[k], reference[k]) for k in fast), [k for k in fast if not torch.equal(fast[k], reference[k])]
+
+
+@pytest.mark.parametrize("method", ["biper", "rbnn"])
+def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
+    """act_norm and alpha in float32 kernels under bf16 (the default): 3 SGD steps end as near fp32's weights as with
+    torch's bf16 formulas, and not at them (the formulas do run)."""
+    exact = train_steps(method)
+    fused, torchs = train_steps(method, amp=True, formulas="fused"), train_steps(method, amp=True, formulas="torch")
+    floats = [k for k in exact if exact[k].is_floating_point()]
+
+    def distance(weights):
+        return sum((weights[k].double() - exact[k].double()).norm() ** 2 for k in floats).sqrt().item()
+
+    assert not all(torch.equal(fused[k], torchs[k]) for k in floats)
+    assert distance(fused) <= 1.25 * distance(torchs), (distance(fused), distance(torchs))
 
 
 def test_moving_the_progress_does_not_recompile_a_compiled_layer():
@@ -162,7 +178,7 @@ ACT_NORM_SHAPES = [(5, 3), (6, 40), (4, 7, 5, 3), (3, 16, 8, 8), (2, 1, 1, 17), 
 @pytest.mark.parametrize("shape", ACT_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, threads, monkeypatch):
     """normalized_surrogate_sign's one-pass backward (bnnbench.act_norm) against autograd through the torch formula,
-    bit for bit, for ApproxSign (its formula evaluated in the sweep) and RBNN's surrogate (its values passed in) (a 0-dim float64 parameter), per-sample sizes below and above
+    bit for bit (bf16 with torch's formulas), for ApproxSign (its formula evaluated in the sweep) and RBNN's surrogate (its values passed in) (a 0-dim float64 parameter), per-sample sizes below and above
     the reduction grain, on 1 and 2 threads (the kernels' work split between them); the kernel must have run wherever it covers the tensors."""
     import math
 
@@ -179,7 +195,8 @@ def test_act_norm_forward_and_gradient_are_autograd_bit_for_bit(shape, dtype, th
             results = []
             for normalized in (functional.normalized_surrogate_sign, reference_normalized):
                 leaf = x.clone().requires_grad_()
-                out = normalized(leaf, derivative, 1e-5)
+                with functional.bf16_formulas("torch"):  # the fused bf16 formulas: tests/test_act_norm_bf16.py
+                    out = normalized(leaf, derivative, 1e-5)
                 out.backward(grad)
                 results.append((out, leaf.grad))
             (out, g), (ref_out, ref_g) = results

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--stage", type=int, choices=(1, 2), default=2, help="training stage of the binary methods (default: 2)")
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as a run: on for CUDA and CPUs with AVX512-BF16/AMX)")
+    train.add_argument("--bf16-formulas", choices=("fused", "torch"), default="fused", help="act_norm and a learned alpha under bf16, as a run's --bf16-formulas")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: as a run: on for CUDA)")
     train.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     train.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per method)")
@@ -77,7 +78,15 @@ def main(args: argparse.Namespace) -> int:
     else:
         Machine(device=args.device).resolve_device()  # a run's device checks, before any timing
         settings = StepSettings.auto(
-            args.amp, args.channels_last, device=args.device, net=args.net, family=args.family, batch=args.batch, stage=args.stage, compile=args.compile
+            args.amp,
+            args.channels_last,
+            device=args.device,
+            net=args.net,
+            family=args.family,
+            batch=args.batch,
+            stage=args.stage,
+            compile=args.compile,
+            bf16_formulas=args.bf16_formulas,
         )
         rows, machine = train_benchmark(settings, methods=args.methods, threads=args.threads, budget_s=args.budget, memory=not args.no_memory)
         console.print(machine_line(machine))
@@ -161,7 +170,8 @@ def train_table(rows: list[dict[str, Any]]) -> Table:
     from rich.table import Table
 
     first = rows[0]
-    modes = ", ".join(name for name, on in (("bf16 autocast", first["amp_bf16"]), ("channels_last", first["channels_last"]), ("torch.compile", first["compile"])) if on) or "fp32 eager"
+    bf16 = "bf16 autocast" + (" (torch's formulas)" if first.get("bf16_formulas") == "torch" else "")
+    modes = ", ".join(name for name, on in ((bf16, first["amp_bf16"]), ("channels_last", first["channels_last"]), ("torch.compile", first["compile"])) if on) or "fp32 eager"
     table = Table(title=f"training step, {first['net']} stage {first['stage']}, batch {first['batch']}, {modes} (best; median in brackets)")
     for header in ("method", "images/s", "step ms", "step vs fp", "peak MiB", "vs fp"):
         table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)

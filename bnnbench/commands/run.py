@@ -39,7 +39,7 @@ SPEC_OPTIONS = (
     "act_hp", "skip", "act_norm", "real_activations", "stage", "init", "seed", "augment", "teacher",
 )  # fmt: skip
 MACHINE_OPTIONS = (
-    "data_dir", "device", "amp", "channels_last", "compile", "threads", "loader", "ffcv_dir", "workers", "skip_bad_images",
+    "data_dir", "device", "amp", "bf16_formulas", "channels_last", "compile", "threads", "loader", "ffcv_dir", "workers", "skip_bad_images",
     "download", "sync_bn", "name", "tensorboard", "out",
 )  # fmt: skip
 
@@ -136,6 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument("--download", action="store_true", default=None, help="cifar10: download torchvision's copy into the cache if none is found")
     machine.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
     machine.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA and for CPUs with AVX512-BF16/AMX)")
+    machine.add_argument(
+        "--bf16-formulas",
+        metavar="fused|torch",
+        help="under bf16: act_norm and a learned alpha in float32 kernels, rounded once (fused, the default), or torch's eager "
+        "formulas bit for bit (torch: the numbers of runs before 2026-12-02)",
+    )
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
     machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")
     machine.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
