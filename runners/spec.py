@@ -243,7 +243,11 @@ class Machine:
 
     @classmethod
     def from_saved(cls, saved: Mapping[str, Any]) -> Machine:
-        return cls.from_dict(saved["settings"] if "settings" in saved else saved["config"])
+        """The settings a run was saved with; one saved before ``bf16_formulas`` existed computed with torch's
+        bf16 formulas, and resumes with them."""
+        settings = dict(saved["settings"] if "settings" in saved else saved["config"])
+        settings.setdefault("bf16_formulas", "torch")
+        return cls.from_dict(settings)
 
     def replace(self, **changes: Any) -> Machine:
         return dataclasses.replace(self, **changes)

@@ -192,12 +192,14 @@ def test_per_sample_variance_covers_only_what_it_reproduces():
 @DTYPES
 def test_normalized_surrogate_sign_matches_autograd_through_the_formula(dtype, monkeypatch):
     """act_norm's forward and gradient (kernel variance, reused temporaries) against autograd through
-    surrogate_sign(x / sqrt(var + eps)) with every kernel off, on an odd shape: the same values, bit for bit."""
+    surrogate_sign(x / sqrt(var + eps)) with every kernel off, on an odd shape: the same values, bit for bit (bf16
+    with torch's formulas)."""
     generator = torch.Generator().manual_seed(2)
     x = (1.5 * torch.randn(3, 5, 7, 6, generator=generator)).to(dtype)
     grad = torch.randn(3, 5, 7, 6, generator=generator).to(dtype)
     fast_leaf = x.clone().requires_grad_()
-    fast = functional.normalized_surrogate_sign(fast_leaf, functional.approx_sign_derivative, 1e-5)
+    with functional.bf16_formulas("torch"):  # the fused bf16 formulas: tests/test_act_norm_bf16.py
+        fast = functional.normalized_surrogate_sign(fast_leaf, functional.approx_sign_derivative, 1e-5)
     fast.backward(grad)
     monkeypatch.setattr(elementwise, "covered", lambda x: False)
     leaf = x.clone().requires_grad_()

@@ -83,6 +83,16 @@ def test_legacy_config_json_reads_as_the_same_spec():
     assert Machine.from_saved(record.saved).device in ("auto", "cpu")
 
 
+def test_the_bf16_formulas_are_a_checked_machine_setting_and_old_runs_resume_with_torchs():
+    assert Machine().bf16_formulas == "fused"
+    with pytest.raises(ConfigError, match="--bf16-formulas must be one of fused, torch, got 'exact'"):
+        Machine(bf16_formulas="exact")
+    settings = Machine().to_dict()
+    del settings["bf16_formulas"]  # a config.json written before 2026-12-02
+    assert Machine.from_saved({"settings": settings}).bf16_formulas == "torch"
+    assert Machine.from_saved({"settings": {**settings, "bf16_formulas": "fused"}}).bf16_formulas == "fused"
+
+
 # Runs of the shipped tables that are not committed, and why.  A teacher job appears only for a
 # student still to train; it is missing in a fresh checkout (committed runs keep no checkpoints)
 # and finished where its run was trained.

@@ -503,3 +503,18 @@ def test_machine_labels_name_what_the_run_recorded_and_captions_count_runs_per_m
     assert record({"cpu": "x86_64", "cpu_count": 2}).machine_label == "an x86_64 CPU whose model was not recorded, 2 cores"
     assert record({"gpu": "NVIDIA H200"}).machine_label == "NVIDIA H200"
     assert record({}).machine_label == "unknown machine"
+
+
+def test_the_caption_names_fused_bf16_formulas_and_counts_a_mix():
+    from types import SimpleNamespace
+
+    from bnnbench.runners.tables import _arithmetic
+
+    def run(**resolved):
+        return SimpleNamespace(saved={"resolved": resolved})
+
+    before = run(amp_bf16=True)  # a config.json of before 2026-12-02: torch's formulas
+    fused, unaffected = run(amp_bf16=True, bf16_formulas="fused"), run(amp_bf16=True, bf16_formulas=None)
+    assert _arithmetic([before, unaffected]) == "bf16 autocast"
+    assert _arithmetic([fused]) == "bf16 autocast (act_norm and alpha fused)"
+    assert _arithmetic([before, fused, run(amp_bf16=False)]) == "bf16 autocast (1 runs); bf16 autocast (act_norm and alpha fused) (1 runs); fp32 (1 runs)"

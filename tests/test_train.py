@@ -309,6 +309,25 @@ def test_bf16_autocast_and_channels_last_paths_run_on_cpu(tmp_path):
     assert runs[True]["train_loss"] != runs[False]["train_loss"]
 
 
+def test_a_bf16_run_records_its_formulas_and_each_choice_trains(tmp_path):
+    """--bf16-formulas: recorded in config.json where it matters (act_norm or alpha: BiPer), null where it cannot
+    (sign-STE, and fp32); fused and torch give other numbers, both finite."""
+    rows = {}
+    for formulas in ("fused", "torch"):
+        cfg = tiny_config(tmp_path / formulas, amp=True, bf16_formulas=formulas, stages=[1])
+        cfg.recipe.train_subset, cfg.recipe.test_subset = 32, 20
+        run_training(cfg.spec, cfg.machine, quiet=True)
+        assert json.loads((run_dir(cfg) / "config.json").read_text())["resolved"]["bf16_formulas"] == formulas
+        (rows[formulas],) = read_rows(run_dir(cfg) / "metrics.csv")
+        assert math.isfinite(float(rows[formulas]["train_loss"]))
+    assert rows["fused"]["train_loss"] != rows["torch"]["train_loss"]
+    for changes in ({"amp": True, "method": "sign-ste"}, {"amp": False}):
+        cfg = tiny_config(tmp_path / str(len(changes)) / changes.get("method", "biper"), stages=[1], **changes)
+        cfg.recipe.train_subset, cfg.recipe.test_subset = 32, 20
+        run_training(cfg.spec, cfg.machine, quiet=True)
+        assert json.loads((run_dir(cfg) / "config.json").read_text())["resolved"]["bf16_formulas"] is None
+
+
 class NanIntoOneLatentWeight(EpochCallback):
     """Writes NaN into one gradient entry of the first binary layer in stage 2: the SGD step makes that
     latent weight NaN, which sign() maps to -1, so the loss stays finite."""
