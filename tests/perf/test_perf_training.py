@@ -194,3 +194,39 @@ def test_act_norm_backward_scales_to_two_torch_threads(benchmark, dtype):
         torch.set_num_threads(1)
     scaling = thread_scaling(benchmark, sweep, torch.set_num_threads, rounds=50)
     assert scaling >= threshold("BNNBENCH_PERF_MIN_KERNEL_THREAD_SCALING", 1.5)
+
+
+def test_fused_bf16_act_norm_beats_torchs_bf16_formulas(benchmark):
+    """act_norm under bf16, what a step pays for it (the forward's statistics and the backward): the fused float32
+    sweeps (bnnbench.act_norm_bf16) against the bit-exact reproduction of torch's bf16 formulas (the variance,
+    then the sweep of bnnbench.act_norm), on a ResNet-20 layer's activation."""
+    import torch
+
+    from bnnbench import act_norm, act_norm_bf16, elementwise, functional
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, 32, 32, generator=generator).bfloat16()
+    grad = torch.randn(x.shape, generator=generator).bfloat16()
+    formula = functional._FORMULAS[functional.approx_sign_derivative]
+
+    def torchs() -> tuple[torch.Tensor, torch.Tensor]:
+        return act_norm.backward(x, torch.sqrt(elementwise.per_sample_variance(x) + 1e-5), grad, formula)
+
+    def fused() -> torch.Tensor:
+        return act_norm_bf16.backward(x, grad, 1e-5, formula=formula)
+
+    exact = sum(t.double() for t in torchs())
+    assert ((fused().double() - exact).norm() / exact.norm()).item() < 0.01  # the same gradient, bf16 apart
+    speedup = speedup_over(benchmark, fused, torchs)
+    benchmark.extra_info.update({"speedup_vs_torch_formulas": speedup})
+    assert speedup >= threshold("BNNBENCH_PERF_MIN_FUSED_ACT_NORM_SPEEDUP", 3.0)
+
+
+@pytest.mark.parametrize("method", ["biper", "rbnn"])
+def test_fused_bf16_formulas_speed_up_the_act_norm_methods_step(benchmark, method):
+    """A step under bf16 autocast with the fused act_norm and alpha (the default) against torch's bf16 formulas."""
+    fused = training_step(method, StepSettings(batch=BATCH, amp=True))
+    torchs = training_step(method, StepSettings(batch=BATCH, amp=True, bf16_formulas="torch"))
+    speedup = speedup_over(benchmark, fused, torchs, rounds=10, warmup_rounds=1)
+    benchmark.extra_info.update({"speedup_vs_torch_formulas": speedup})
+    assert speedup >= threshold("BNNBENCH_PERF_MIN_FUSED_STEP_SPEEDUP", 1.15)
