@@ -34,7 +34,7 @@ from . import omp
 from .elementwise import _keep, _round_bf16, _widen, _with_rounding, covered
 
 SUMS = {"reassoc", "contract"}  # float32 sums in vector lanes (no nnan/ninf: NaN and infinity propagate as IEEE says)
-_kernels: dict[Callable | None, Callable] = {}
+_kernels: dict[tuple[Callable | None, int], Callable] = {}  # _backward_rows per formula and parameter count
 
 
 @njit(nogil=True, fastmath=SUMS, cache=True)
@@ -52,36 +52,54 @@ def _row_moments(row: np.ndarray, eps: np.float32) -> tuple[np.float32, np.float
     return mean, np.sqrt(squares / np.float32(n - 1) + eps)
 
 
-def _backward_rows(formula: Callable | None):
-    """The per-sample loop: surrogate from ``formula`` (a float32 njit formula) evaluated at a0, or read from a float32 array."""
+def _with_parameters(formula: Callable, count: int) -> Callable:
+    """``at(v, params) = formula(v, *params)`` for a tuple of ``count`` scalars, compiled (numba calls no compiled
+    formula with ``*params``: the tuple is unpacked by name)."""
+    names = [f"p{j}" for j in range(count)]
+    source = f"def at(v, params):\n    {''.join(n + ', ' for n in names)}= params\n    return formula({', '.join(['v', *names])})\n"
+    if not count:
+        source = "def at(v, params):\n    return formula(v)\n"
+    scope = {"formula": _with_rounding(formula, _keep)}
+    exec(source, scope)  # noqa: S102
+    return njit(error_model="numpy", inline="always")(scope["at"])
+
+
+def _backward_rows(formula: Callable | None, count: int):
+    """The per-sample loop: the surrogate from ``formula`` (a float32 njit formula, its ``count`` scalar parameters
+    after the element) evaluated at a0, or read from a float32 array; the moments computed here, or read from a
+    (rows, 2) array of (mean, root) where that has columns."""
     evaluate = formula is not None
-    at = _with_rounding(formula, _keep) if evaluate else _widen  # _widen: a placeholder the folded branch never calls
+    at = _with_parameters(formula, count) if evaluate else _widen  # _widen: a placeholder the folded branch never calls
 
     @njit(nogil=True, fastmath=SUMS)
-    def rows(x, grad, surrogate, eps, out):  # pragma: no cover - compiled
+    def rows(x, grad, surrogate, moments, eps, out, params):  # pragma: no cover - compiled
         count, n = x.shape
+        known = moments.shape[1] > 0
         for r in range(count):
             xr, gr, sr, o = x[r], grad[r], surrogate[r], out[r]
-            mean, root = _row_moments(xr, eps)  # as :func:`roots` computes it, bit for bit
+            if known:
+                mean, root = moments[r, 0], moments[r, 1]
+            else:
+                mean, root = _row_moments(xr, eps)
             inverse = np.float32(1.0) / root
             total = np.float32(0.0)
             for i in range(n):
                 v = _widen(xr[i])
-                d = at(v * inverse) if evaluate else sr[i]
+                d = at(v * inverse, params) if evaluate else sr[i]
                 total += _widen(gr[i]) * d * v
             coefficient = -total * inverse * inverse * inverse / np.float32(n - 1)
             for i in range(n):
                 v = _widen(xr[i])
-                d = at(v * inverse) if evaluate else sr[i]
+                d = at(v * inverse, params) if evaluate else sr[i]
                 o[i] = _round_bf16(_widen(gr[i]) * d * inverse + coefficient * (v - mean))
 
     return rows
 
 
 @njit(nogil=True, cache=True)
-def _moments_rows(x: np.ndarray, eps: np.float32, roots: np.ndarray) -> None:  # pragma: no cover - compiled
+def _moments_rows(x: np.ndarray, eps: np.float32, moments: np.ndarray) -> None:  # pragma: no cover - compiled
     for r in range(x.shape[0]):
-        roots[r] = _row_moments(x[r], eps)[1]
+        moments[r, 0], moments[r, 1] = _row_moments(x[r], eps)
 
 
 def _bits(t: Tensor) -> np.ndarray:
@@ -93,29 +111,46 @@ def covers(x: Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.dim() >= 2 and x.shape[0] > 0 and x[0].numel() >= 2 and x.is_contiguous() and covered(x.detach())
 
 
-def roots(x: Tensor, eps: float) -> Tensor:
-    """sqrt(var + eps) per sample of a covered x, float32 of shape (N, 1, ...), as :func:`backward` computes it."""
-    out = np.empty(x.shape[0], dtype=np.float32)
+def moments(x: Tensor, eps: float) -> np.ndarray:
+    """(mean, sqrt(var + eps)) per sample of a covered x, float32 of shape (N, 2), as :func:`backward` computes them."""
+    out = np.empty((x.shape[0], 2), dtype=np.float32)
     omp.run(_moments_rows, x.shape[0], omp.Split(_bits(x)), np.float32(eps), omp.Split(out), work=x.numel())
-    return torch.from_numpy(out).view(x.shape[0], *([1] * (x.dim() - 1)))
-
-
-def backward(x: Tensor, grad: Tensor, eps: float, formula: Callable | None = None, surrogate: Tensor | None = None) -> Tensor:
-    """g_x of the module docstring for a covered x and its gradient, as one bfloat16 tensor.
-
-    The surrogate is ``formula`` (float32, as :class:`~bnnbench.elementwise.Kernel` takes them, evaluated at a0 in
-    the sweep) or its float32 values ``surrogate`` at a0 = x / :func:`roots` (x, eps)."""
-    grad = grad.contiguous()
-    if grad.shape != x.shape or grad.dtype != torch.bfloat16:
-        grad = grad.to(torch.bfloat16).reshape(x.shape).contiguous()
-    if formula not in _kernels:
-        _kernels[formula] = _backward_rows(formula)
-    count = x.shape[0]
-    values = np.empty((count, 0), dtype=np.float32) if surrogate is None else surrogate.detach().reshape(count, -1).contiguous().numpy()
-    out = torch.empty_like(x)
-    split = [omp.Split(a) for a in (_bits(x), _bits(grad), values)]
-    omp.run(_kernels[formula], count, *split, np.float32(eps), omp.Split(_bits(out)), work=x.numel())
     return out
 
 
-__all__ = ["backward", "covers", "roots"]
+def roots(known: np.ndarray, x: Tensor) -> Tensor:
+    """The roots of :func:`moments` ``known`` of x, float32 of shape (N, 1, ...), to divide x by."""
+    return torch.from_numpy(known[:, 1].copy()).view(x.shape[0], *([1] * (x.dim() - 1)))
+
+
+def backward(
+    x: Tensor,
+    grad: Tensor,
+    eps: float,
+    formula: Callable | None = None,
+    params: tuple[float, ...] = (),
+    surrogate: Tensor | None = None,
+    known: np.ndarray | None = None,
+) -> Tensor:
+    """g_x of the module docstring for a covered x and its gradient, as one bfloat16 tensor.
+
+    The surrogate is ``formula`` (float32, as :class:`~bnnbench.elementwise.Kernel` takes them, evaluated at a0 in
+    the sweep, its scalar ``params`` after the element) or its float32 values ``surrogate`` at a0 = x / root, with
+    the ``known`` :func:`moments` it was evaluated with (swept again here where not given)."""
+    grad = grad.contiguous()
+    if grad.shape != x.shape or grad.dtype != torch.bfloat16:
+        grad = grad.to(torch.bfloat16).reshape(x.shape).contiguous()
+    key = (formula, len(params))
+    if key not in _kernels:
+        _kernels[key] = _backward_rows(formula, len(params))
+    count = x.shape[0]
+    values = np.empty((count, 0), dtype=np.float32) if surrogate is None else surrogate.detach().reshape(count, -1).contiguous().numpy()
+    known = np.empty((count, 0), dtype=np.float32) if known is None else known
+    out = torch.empty_like(x)
+    split = [omp.Split(a) for a in (_bits(x), _bits(grad), values, known)]
+    scalars = tuple(np.float32(p) for p in params)
+    omp.run(_kernels[key], count, *split, np.float32(eps), omp.Split(_bits(out)), scalars, work=x.numel())
+    return out
+
+
+__all__ = ["backward", "covers", "moments", "roots"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -228,6 +229,30 @@ def approx_sign_derivative(x: Tensor) -> Tensor:
 _FORMULAS: dict[Derivative, act_norm.Formula] = {approx_sign_derivative: elementwise._approx_sign_derivative}
 """Surrogates whose float32 formula act_norm's backward evaluates in its own sweep."""
 
+
+@dataclass(frozen=True)
+class ParametrizedSurrogate:
+    """A surrogate d sign(x)/dx with scalar parameters, given twice: ``function(x)``, its torch formula (the reference,
+    bit for bit), and ``formula(x, *parameters())``, the same in float32 scalars (as
+    :class:`~bnnbench.elementwise.Kernel` takes formulas), which act_norm's bfloat16 backward evaluates in its own
+    sweep instead of reading a surrogate tensor torch made.  ``parameters`` is called there only, in the backward on
+    the CPU: a scheduled parameter kept in a tensor is read once a layer a step, never in the forward."""
+
+    function: Derivative
+    formula: Callable[..., float]
+    parameters: Callable[[], tuple[float, ...]]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.function(x)
+
+
+def _sweep_formula(derivative: Derivative) -> tuple[Callable[..., float], tuple[float, ...]] | None:
+    """(float32 formula, its parameters) of a surrogate that act_norm's backward can evaluate in its sweep, else None."""
+    if isinstance(derivative, ParametrizedSurrogate):
+        return derivative.formula, derivative.parameters()
+    formula = _FORMULAS.get(derivative)
+    return None if formula is None else (formula, ())
+
 _GRADIENTS: dict[Derivative, elementwise.Kernel] = {
     approx_sign_derivative: elementwise.APPROX_SIGN_GRADIENT,
     clip_derivative: elementwise.CLIP_GRADIENT,
@@ -273,11 +298,12 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         if ctx.in_float32:
             (x,) = ctx.saved_tensors
-            formula = _FORMULAS.get(ctx.derivative)
-            if formula is not None:
-                return act_norm_bf16.backward(x, grad_output, ctx.eps, formula=formula), None, None, None
-            a0 = x.detach().float() / act_norm_bf16.roots(x, ctx.eps)
-            return act_norm_bf16.backward(x, grad_output, ctx.eps, surrogate=_surrogate(ctx.derivative, a0).float()), None, None, None
+            swept = _sweep_formula(ctx.derivative)
+            if swept is not None:
+                return act_norm_bf16.backward(x, grad_output, ctx.eps, formula=swept[0], params=swept[1]), None, None, None
+            known = act_norm_bf16.moments(x, ctx.eps)
+            surrogate = _surrogate(ctx.derivative, x.detach().float() / act_norm_bf16.roots(known, x)).float()
+            return act_norm_bf16.backward(x, grad_output, ctx.eps, surrogate=surrogate, known=known), None, None, None
         x, root = ctx.saved_tensors
         dims = ctx.dims
         formula = _FORMULAS.get(ctx.derivative)  # the lines below in one pass per sample, the surrogate too

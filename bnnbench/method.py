@@ -78,13 +78,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .functional import Derivative, approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
+from .functional import Derivative, ParametrizedSurrogate, approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
 
 SCALES: tuple[str, ...] = (
     "none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two",
@@ -223,6 +223,12 @@ class Method:
         """Surrogate d sign(a)/da: :attr:`activation_surrogate` unless overridden."""
         return self.activation_surrogate(x)
 
+    def activation_formula(self, progress: Progress) -> tuple[Callable[..., float], Callable[[], tuple[float, ...]]] | None:
+        """An overridden :meth:`activation_derivative` as a float32 scalar formula and a function giving its parameters
+        at ``progress`` (:class:`~bnnbench.functional.ParametrizedSurrogate`), which act_norm's bfloat16 backward
+        evaluates in its own sweep; None (the default): torch evaluates the surrogate there, one pass more."""
+        return None
+
     def activation(self, a: Tensor, progress: Progress = 0.0, normalize: float | None = None) -> Tensor:
         """Binary activations sign(a) (+-1 values: the layer stores them in 1 bit each) with the method's surrogate backward.
 
@@ -238,7 +244,11 @@ class Method:
             if type(self).activation_derivative is Method.activation_derivative
             else lambda x: self.activation_derivative(x, progress)
         )
-        return surrogate_sign(a, derivative) if normalize is None else normalized_surrogate_sign(a, derivative, normalize)
+        if normalize is None:
+            return surrogate_sign(a, derivative)
+        if derivative is not self.activation_surrogate and (formula := self.activation_formula(progress)) is not None:
+            derivative = ParametrizedSurrogate(derivative, *formula)
+        return normalized_surrogate_sign(a, derivative, normalize)
 
     def activation_parameters(self, in_channels: int, spatial_dims: int) -> dict[str, Tensor]:
         """Initial values of learnable per-layer tensors that :meth:`activation` takes.

@@ -23,7 +23,8 @@ rotation and the standardisation, by autograd) and activations:
     activations  d sign(x)/dx = max(0, sqrt(2) t_a - t_a^2 |x|),  t_a = max(t, 1)
     t(p) = 10^(log10 T_min + (log10 T_max - log10 T_min) p),  k = max(1/t, 1),
     T_min = 1e-2, T_max = 1e1 (upstream CIFAR defaults).
-No extra loss term.
+No extra loss term.  With act_norm on bfloat16 activations (``--bf16-formulas fused``) the activation surrogate
+is evaluated in act_norm's float32 sweep (:meth:`RBNN.activation_formula`), not by torch on a float32 copy.
 
 ``rotation_grad="paper"`` (default) differentiates w' with R1, R2 held fixed:
 d w'/d w_std = (1 - |sin theta|) + |sin theta| R1 (.) R2^T.  The official code detaches the
@@ -168,6 +169,13 @@ class RBNN(Method):
 
     def activation_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return rbnn_derivative(x, 1.0, self.t_activation(progress))
+
+    def activation_formula(self, progress: Progress):
+        def parameters() -> tuple[float, float, float]:  # (k, peak, slope) of _rbnn_derivative
+            t = float(self.t_activation(progress))
+            return 1.0, math.sqrt(2.0) * t, t * t
+
+        return _rbnn_derivative, parameters
 
     # ------------------------------------------------------------- rotations
     def rotation_rounds(self, w: Tensor, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
