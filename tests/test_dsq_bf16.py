@@ -12,7 +12,6 @@ from numba import njit
 
 import bnnbench
 import bnnbench.methods.dsq as dsq
-from bnnbench import omp
 from bnnbench.functional import bf16_formulas
 
 
@@ -88,16 +87,12 @@ def test_the_method_takes_it_under_the_fused_formulas_no_further_from_float64_th
     assert (fused[1].double() - want).norm() <= (eager[1].double() - want).norm()
 
 
-def test_the_same_on_one_and_two_threads(monkeypatch):
-    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)
+def test_the_same_on_one_and_two_threads(threads):
     x, grad = inputs(3, (7, 3, 5, 5))
-    previous, results = torch.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(gradients(x, grad, 1.0, 0.2, "fused"))
-    finally:
-        torch.set_num_threads(previous)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(gradients(x, grad, 1.0, 0.2, "fused"))
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnnbench import functional, omp
+from bnnbench import functional
 from bnnbench.methods import rad
 
 
@@ -47,16 +47,12 @@ def test_the_loss_and_gradient_are_the_formulas_within_rounding(shape):
     assert error < 0.004
 
 
-def test_the_same_on_one_and_two_threads(monkeypatch):
-    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # split even a small tensor's channels between the threads
+def test_the_same_on_one_and_two_threads(threads):
     a = activations((12, 8, 5, 5), 1)
-    previous, results = torch.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(fused_loss_and_gradient(a))
-    finally:
-        torch.set_num_threads(previous)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(fused_loss_and_gradient(a))
     (loss1, grad1), (loss2, grad2) = results
     assert torch.equal(loss1, loss2) and torch.equal(grad1, grad2)
 
