@@ -53,7 +53,7 @@ from numba import njit
 from torch import Tensor
 
 from bnnbench import elementwise, omp
-from bnnbench.elementwise import _round_bf16, _widen, fma, r
+from bnnbench.elementwise import _round_bf16, _widen, fma, r, tanh_float32
 from bnnbench.functional import fused_bf16, sign, signs_of
 from bnnbench.method import Method, Progress, straight_through
 from bnnbench.registry import register_method
@@ -135,24 +135,6 @@ class _SoftQuantizedSign(torch.autograd.Function):
         return parts[0], parts[1].sum(), parts[2].sum(), parts[3].sum(), parts[4].sum()
 
 
-# tanh(z) = z P(z^2) / Q(z^2) on |z| <= 7.905 (+-1 in float32 beyond): the rational approximation of Eigen's float
-# tanh (its published coefficients), within a few float32 ulps, in arithmetic a vector loop keeps in its lanes
-_TANH_CLAMP = np.float32(7.90531110763549805)
-_P13, _P11, _P9, _P7, _P5, _P3, _P1 = (np.float32(c) for c in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
-                                                                5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-                                                                4.89352455891786e-03))
-_Q6, _Q4, _Q2, _Q0 = (np.float32(c) for c in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03))
-
-
-@njit(inline="always", fastmath={"contract"}, error_model="numpy")  # IEEE division: no zero check, vectorised
-def _tanh(z: np.float32) -> np.float32:  # pragma: no cover - compiled
-    z = _TANH_CLAMP if z > _TANH_CLAMP else (-_TANH_CLAMP if z < -_TANH_CLAMP else z)  # selects: the loop stays vectorised
-    z2 = z * z
-    p = ((((((_P13 * z2 + _P11) * z2 + _P9) * z2 + _P7) * z2 + _P5) * z2 + _P3) * z2 + _P1) * z
-    q = ((_Q6 * z2 + _Q4) * z2 + _Q2) * z2 + _Q0
-    return p / q
-
-
 @njit(nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
 def _fused_rows(x, grad, out, sums, u, neg_u, s, k):  # pragma: no cover - compiled
     """Per row of bfloat16 bits: the gradient to x (rounded once to bfloat16) and the row's float32 sums of the
@@ -165,7 +147,7 @@ def _fused_rows(x, grad, out, sums, u, neg_u, s, k):  # pragma: no cover - compi
             v, g = _widen(xr[i]), _widen(gr[i])
             inside, positive = abs(v) <= u, v >= zero
             c = v if inside else (u if positive else neg_u)
-            th = _tanh(k * c)
+            th = tanh_float32(k * c)
             grad_z = g * s * (np.float32(1.0) - th * th)
             grad_c = grad_z * k
             outside = zero if inside else grad_c

@@ -1,6 +1,6 @@
 """DSQ's soft quantizer backward on bfloat16 activations with the fused bf16 formulas (bnnbench.methods.dsq.
 _fused_bf16_gradients): one float32 pass, within bfloat16's rounding of the float64 gradients to x, u and alpha;
-its tanh within a few float32 ulps; the same on one and two threads; the choice made in the forward's context.
+its tanh (bnnbench.elementwise.tanh_float32) within a few float32 ulps; the same on one and two threads; the choice made in the forward's context.
 torch's formulas (``bf16_formulas("torch")``) keep the bit-exact path (tests/test_fused_surrogates.py)."""
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from numba import njit
 
 import bnnbench
 import bnnbench.methods.dsq as dsq
+from bnnbench.elementwise import tanh_float32
 from bnnbench.functional import bf16_formulas
 
 
 @njit
 def _tanh_of(z, out):
     for i in range(z.size):
-        out[i] = dsq._tanh(z[i])
+        out[i] = tanh_float32(z[i])
 
 
 def test_the_float32_tanh_is_within_a_few_ulps():
