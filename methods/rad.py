@@ -216,7 +216,11 @@ class _ChannelMomentsBF16(torch.autograd.Function):
         twice_share = 2.0 * grad_mean_square.float() / count
         mean_share = torch.zeros_like(mean) if grad_mean is None else grad_mean.float() / count
         rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
-        return elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+        fused = elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+        if fused is None:  # the same formula by torch, where the kernels do not take a
+            channels = (1, -1, *([1] * (a.dim() - 2)))
+            fused = (twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)).to(a.dtype)
+        return fused
 
 
 @register_method("rad")
