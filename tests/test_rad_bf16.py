@@ -78,3 +78,12 @@ def test_a_run_with_rads_loss_records_its_bf16_formulas(method, act_method, take
 
     model = torch.nn.Sequential(BinaryConv2d(4, 4, 3, method=method, act_method=act_method))
     assert takes_bf16_formulas(model) is takes
+
+
+def test_where_the_kernels_do_not_take_the_input_torch_computes_the_same_gradient(monkeypatch):
+    a = activations((6, 4, 5, 5), 2)
+    _, want = fused_loss_and_gradient(a)
+    monkeypatch.setattr(rad.elementwise, "apply", lambda *args, **kwargs: None)
+    leaf = a.clone().requires_grad_(True)
+    rad.distribution_loss(leaf).backward()
+    torch.testing.assert_close(leaf.grad, want, rtol=2**-8, atol=0)
