@@ -13,7 +13,8 @@ statistics: r > 0) and the backward, per sample, sweeps it three times while it 
 
     1. mean(x)                        float32 sums, reassociated into vector lanes
     2. var(x) = sum (x - mean)^2 / (M - 1), r = sqrt(var + eps)
-    3. S = sum g d x, d at a0 = x / r (the surrogate's float32 formula, or its values from a tensor)
+    3. S = sum g d x, d at a0 = x / r (the surrogate's float32 formula with its scalar parameters, or its values
+       from a tensor torch made at :func:`moments`' roots, whose moments then come in and are not swept again)
     4. g_x as above, rounded once to bfloat16
 
 all in float32: more exact than the eager formula's (one rounding to bfloat16 instead of one per operator), not

@@ -28,9 +28,9 @@ from . import act_norm, act_norm_bf16, elementwise
 Derivative = Callable[[Tensor], Tensor]
 
 BF16_FORMULAS = ("fused", "torch")
-"""How bfloat16 activations compute act_norm and a learned alpha: "fused" (float32 within one kernel,
-:mod:`bnnbench.act_norm_bf16`; alpha in the weight, :meth:`bnnbench.layers.BinaryConv2d.folds_scale`: each rounded
-once to bfloat16) or "torch" (torch's eager formulas bit for bit, every operator rounded to bfloat16: the numbers
+"""How bfloat16 activations compute act_norm, a learned alpha and a method's own formulas that read
+:func:`fused_bf16` (RAD's moments): "fused" (float32 within one kernel, :mod:`bnnbench.act_norm_bf16`; alpha in the
+weight, :meth:`bnnbench.layers.BinaryConv2d.folds_scale`: each rounded once to bfloat16) or "torch" (torch's eager formulas bit for bit, every operator rounded to bfloat16: the numbers
 of runs before 2026-12-02).  Float32 is always the latter."""
 _bf16_formulas: contextvars.ContextVar[str] = contextvars.ContextVar("bf16_formulas", default="fused")
 
@@ -48,7 +48,8 @@ def bf16_formulas(name: str) -> Iterator[None]:
 
 
 def fused_bf16() -> bool:
-    """True where bfloat16 act_norm and alpha take the fused formulas (the default; see :data:`BF16_FORMULAS`)."""
+    """True where bfloat16 act_norm, alpha and a method's own formulas take the fused ones (the default; see
+    :data:`BF16_FORMULAS`)."""
     return _bf16_formulas.get() == "fused"
 
 

@@ -261,8 +261,12 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | Binary
 
 
 def takes_bf16_formulas(model: nn.Module) -> bool:
-    """True where ``functional.bf16_formulas`` changes the model's bfloat16 numbers: a layer with act_norm or alpha."""
-    return any(layer.act_norm or layer.alpha is not None for _, layer in binary_layers(model))
+    """True where ``functional.bf16_formulas`` changes the model's bfloat16 numbers: a layer with act_norm or alpha,
+    or whose method says so (:attr:`~bnnbench.method.Method.takes_bf16_formulas`)."""
+    return any(
+        layer.act_norm or layer.alpha is not None or layer.method.takes_bf16_formulas or layer.act_method.takes_bf16_formulas
+        for _, layer in binary_layers(model)
+    )
 
 
 def set_progress(model: nn.Module, progress: float) -> None:

@@ -34,12 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bnnbench import elementwise
-from bnnbench.elementwise import r
-from bnnbench.functional import clip_derivative, saved_as_recipe
+from bnnbench import elementwise, omp
+from bnnbench.elementwise import _widen, r
+from bnnbench.functional import clip_derivative, fused_bf16, saved_as_recipe
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
 
@@ -59,9 +60,13 @@ def distribution_loss(a: Tensor, eps: float = 1e-10) -> Tensor:
 def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     """(mu_c, mean_c((a_c - mu_c)^2)) over (N, H, W) in float32 at least: the formula's values and gradients,
     bit for bit, in fewer passes where the kernels cover a contiguous a (:class:`_ChannelMoments`), else by
-    autograd through the formula (keeping a and the means, the float32 centred copy recomputed)."""
+    autograd through the formula (keeping a and the means, the float32 centred copy recomputed).  A bfloat16 a
+    with the fused bf16 formulas (:func:`~bnnbench.functional.fused_bf16`) takes float32 sweeps instead
+    (:class:`_ChannelMomentsBF16`: not bit for bit torch's, within float32's rounding of the exact values)."""
     detached = a.detach()
     if a.dim() >= 2 and elementwise.covered(detached) and detached.is_contiguous() and a.numel() and not torch.compiler.is_compiling():
+        if a.dtype == torch.bfloat16 and fused_bf16():
+            return _ChannelMomentsBF16.apply(a)
         return _ChannelMoments.apply(a, a)
     widen = a.dtype in (torch.float16, torch.bfloat16)
     x = a.float() if widen else a
@@ -147,6 +152,77 @@ class _ChannelMoments(torch.autograd.Function):
         return elementwise.apply(INPUT_GRADIENT, negated, mode=torch.float32, rows=(_per_row(mean_share, a),), dtypes=(a.dtype,)), None
 
 
+@njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
+def _moments_of_channels(x: np.ndarray, channels: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """(mean, mean square about it) of the channels ``channels`` of x, (N, C, L) bfloat16 bits, into out's rows:
+    each sample's L elements summed in float32 vector lanes, the samples' sums added in float64; two sweeps."""
+    samples, _, length = x.shape
+    count = samples * length
+    for j in range(channels.size):
+        c = channels[j]
+        total = 0.0
+        for n in range(samples):
+            part = np.float32(0.0)
+            for i in range(length):
+                part += _widen(x[n, c, i])
+            total += part
+        mean = np.float32(total / count)
+        squares = 0.0
+        for n in range(samples):
+            part = np.float32(0.0)
+            for i in range(length):
+                d = _widen(x[n, c, i]) - mean
+                part += d * d
+            squares += part
+        out[j, 0], out[j, 1] = mean, np.float32(squares / count)
+
+
+def _fused_input_gradient(a: np.float32, mean: np.float32, twice_share: np.float32, mean_share: np.float32) -> np.float32:
+    """``2 (g_ms / M) (a - mu) + g_mu / M`` in float32, rounded once where stored."""
+    return twice_share * (a - mean) + mean_share
+
+
+FUSED_INPUT_GRADIENT = elementwise.Kernel("rad_fused_input_gradient", _fused_input_gradient)
+
+
+class _ChannelMomentsBF16(torch.autograd.Function):
+    """:func:`channel_moments` of a contiguous bfloat16 a in float32 sweeps: forward two read-only sweeps per channel
+    (:func:`_moments_of_channels`), no float32 copy of a; backward one pass, d/da_i = 2 (g_ms / M) (a_i - mu) +
+    g_mu / M, rounded once to bfloat16.  The term the formula's graph adds through the mean of the centred values,
+    -(2 g_ms / M) sum(a - mu) / M per channel, is zero in exact arithmetic and left out (torch's float32 value of it
+    is rounding noise)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        channels = a.shape[1]
+        bits = a.detach().reshape(a.shape[0], channels, -1).view(torch.int16).numpy().view(np.uint16)
+        out = np.empty((channels, 2), dtype=np.float32)
+        omp.run(_moments_of_channels, channels, bits, omp.Split(np.arange(channels)), omp.Split(out), work=a.numel())
+        moments = torch.from_numpy(out)
+        mean, mean_square = moments[:, 0].clone(), moments[:, 1].clone()
+        ctx.save_for_backward(a, mean)
+        ctx.set_materialize_grads(False)
+        return mean, mean_square
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mean: Tensor | None, grad_mean_square: Tensor | None):  # type: ignore[override]
+        if grad_mean is None and grad_mean_square is None:
+            return None
+        a, mean = ctx.saved_tensors
+        count = a.numel() // a.shape[1]
+        if grad_mean_square is None:  # the mean's share alone (no 0 (a - mu) term: NaN where a is infinite)
+            return (grad_mean.float() / count).view(1, -1, *([1] * (a.dim() - 2))).expand_as(a).to(a.dtype)
+        twice_share = 2.0 * grad_mean_square.float() / count
+        mean_share = torch.zeros_like(mean) if grad_mean is None else grad_mean.float() / count
+        rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
+        fused = elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+        if fused is None:  # the same formula by torch, where the kernels do not take a
+            channels = (1, -1, *([1] * (a.dim() - 2)))
+            fused = (twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)).to(a.dtype)
+        return fused
+
+
 @register_method("rad")
 @dataclass
 class RAD(Method):
@@ -159,6 +235,7 @@ class RAD(Method):
     weight_backward = "1"
     activation_backward = "1{|a| <= 1}; + lambda * distribution loss of a, mean over layers"
     loss_reduction = "mean"
+    takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsBF16 unless bf16_formulas("torch")
 
     activation_surrogate = staticmethod(clip_derivative)
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench.functional import bf16_formulas
+from bnnbench.errors import ConfigError
+from bnnbench.functional import BF16_FORMULAS, bf16_formulas
 
 from .bench import machine_info, set_threads, time_interleaved
 from .train import bf16_hardware
@@ -45,6 +46,10 @@ class StepSettings:
     channels_last: bool = False
     compile: bool = False
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.bf16_formulas not in BF16_FORMULAS:
+            raise ConfigError(f"--bf16-formulas must be one of {', '.join(BF16_FORMULAS)}, got {self.bf16_formulas!r}")
 
     @classmethod
     def auto(cls, amp: bool | None, channels_last: bool | None, device: str = "cpu", **fields: Any) -> StepSettings:

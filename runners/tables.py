@@ -339,14 +339,14 @@ def _recipe_summary(recipe: Recipe) -> str:
 
 
 def _arithmetic(records: list[RunRecord]) -> str:
-    """How the runs computed: fp32 or bf16 autocast (its act_norm and alpha formulas where fused), eager or
+    """How the runs computed: fp32 or bf16 autocast (with the fused bf16 formulas where a run took them), eager or
     torch.compile, with counts when they differ."""
     kinds: dict[str, int] = {}
     for r in records:
         resolved = r.saved.get("resolved") or {}
         kind = ("bf16 autocast" if resolved.get("amp_bf16") else "fp32") + (", torch.compile" if resolved.get("compile") else "")
         if resolved.get("amp_bf16") and resolved.get("bf16_formulas", "torch") == "fused":  # before 2026-12-02: torch's
-            kind += " (act_norm and alpha fused)"
+            kind += " (fused bf16 formulas)"
         kinds[kind] = kinds.get(kind, 0) + 1
     if len(kinds) == 1:
         return next(iter(kinds))

@@ -108,6 +108,20 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def threads(monkeypatch):
+    """``threads(n)`` sets torch's thread count for the rest of the test (restored after it), and omp splits any
+    amount of work between them (``omp.PARALLEL_WORK`` 1): a kernel's multi-threaded path on small tensors."""
+    import torch
+
+    from bnnbench import omp
+
+    previous = torch.get_num_threads()
+    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` need a CUDA GPU: without one they are skipped, saying so
     (``scripts/gpu-check`` runs them on a GPU machine: ``pytest -m cuda``)."""

@@ -5,8 +5,6 @@ to its sample only; float32 keeps the bit-exact path."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 import torch
@@ -16,16 +14,6 @@ from bnnbench.elementwise import r
 from bnnbench.registry import get_method
 
 EPS = 1e-5
-
-
-@contextmanager
-def torch_threads(threads: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def rbnn_like(x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +39,10 @@ def float64_gradient(x: torch.Tensor, grad: torch.Tensor, derivative) -> torch.T
 
 
 def gradient(x: torch.Tensor, grad: torch.Tensor, derivative, fused: bool, monkeypatch) -> torch.Tensor:
-    monkeypatch.setattr(act_norm_bf16, "covers", act_norm_bf16.covers if fused else (lambda x: False))
-    xa = x.detach().clone().requires_grad_(True)
-    functional.normalized_surrogate_sign(xa, derivative, EPS).backward(grad)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(act_norm_bf16, "covers", act_norm_bf16.covers if fused else (lambda x: False))
+        xa = x.detach().clone().requires_grad_(True)
+        functional.normalized_surrogate_sign(xa, derivative, EPS).backward(grad)
     return xa.grad
 
 
@@ -62,16 +50,16 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("count", [1, 2])
 @pytest.mark.parametrize("derivative", [functional.approx_sign_derivative, rbnn_like, triangle], ids=["formula", "tensor", "parametrized"])
 @pytest.mark.parametrize("shape", [(6, 16, 9, 9), (3, 5), (40, 64, 4, 4)])
-def test_the_gradient_is_the_formulas_within_bf16_rounding_and_closer_than_eager_bf16(shape, derivative, threads, monkeypatch):
+def test_the_gradient_is_the_formulas_within_bf16_rounding_and_closer_than_eager_bf16(shape, derivative, count, threads, monkeypatch):
     generator = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=generator) * 3 + 0.5).bfloat16()
     grad = torch.randn(shape, generator=generator).bfloat16()
-    with torch_threads(threads):
-        fused = gradient(x, grad, derivative, True, monkeypatch)
-        eager = gradient(x, grad, derivative, False, monkeypatch)  # torch's bf16 formula, bit for bit
+    threads(count)
+    fused = gradient(x, grad, derivative, True, monkeypatch)
+    eager = gradient(x, grad, derivative, False, monkeypatch)  # torch's bf16 formula, bit for bit
     want = float64_gradient(x, grad, derivative)
     assert fused.dtype == torch.bfloat16 and fused.shape == x.shape
     torch.testing.assert_close(fused.double(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
@@ -83,13 +71,13 @@ def test_the_gradient_is_the_formulas_within_bf16_rounding_and_closer_than_eager
     assert relative_error(fused, division_only) > 1.5 * relative_error(fused, want)
 
 
-def test_the_same_on_one_and_two_threads(monkeypatch):
+def test_the_same_on_one_and_two_threads(threads, monkeypatch):
     generator = torch.Generator().manual_seed(3)
     x, grad = torch.randn(7, 3, 33, 33, generator=generator).bfloat16(), torch.randn(7, 3, 33, 33, generator=generator).bfloat16()
     results = []
-    for threads in (1, 2):
-        with torch_threads(threads):
-            results.append(gradient(x, grad, functional.approx_sign_derivative, True, monkeypatch))
+    for count in (1, 2):
+        threads(count)
+        results.append(gradient(x, grad, functional.approx_sign_derivative, True, monkeypatch))
     assert torch.equal(*results)
 
 

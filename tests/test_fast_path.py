@@ -112,9 +112,10 @@ def test_training_steps_are_bit_identical_to_the_reference_formulas(method, amp,
     assert all(torch.equal(fast[k], reference[k]) for k in fast), [k for k in fast if not torch.equal(fast[k], reference[k])]
 
 
-@pytest.mark.parametrize("method", ["biper", "rbnn"])
+@pytest.mark.parametrize("method", ["biper", "rbnn", "dsq"])
 def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
-    """act_norm and alpha in float32 kernels under bf16 (the default): 3 SGD steps end as near fp32's weights as with
+    """act_norm, alpha and DSQ's soft quantizer in float32 kernels under bf16 (the default): 3 SGD steps end as near
+    fp32's weights as with
     torch's bf16 formulas, and not at them (the formulas do run)."""
     exact = train_steps(method)
     fused, torchs = train_steps(method, amp=True, formulas="fused"), train_steps(method, amp=True, formulas="torch")
@@ -125,6 +126,23 @@ def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
 
     assert not all(torch.equal(fused[k], torchs[k]) for k in floats)
     assert distance(fused) <= 1.25 * distance(torchs), (distance(fused), distance(torchs))
+
+
+def test_rads_fused_moments_run_in_training_and_end_where_torchs_do(monkeypatch):
+    """RAD's loss under bf16 takes the fused moments (they differ from torch's float32 ones in the last bits only):
+    3 SGD steps end at torch's formulas' weights, bit for bit on this input, or within bfloat16's rounding."""
+    from bnnbench.methods import rad
+
+    applied = []
+    original = rad._ChannelMomentsBF16.apply
+    monkeypatch.setattr(rad._ChannelMomentsBF16, "apply", lambda a: applied.append(a.shape) or original(a))
+    fused = train_steps("rad", amp=True, formulas="fused")
+    assert len(applied) == 3 * 18  # every binary layer's input, every step
+    monkeypatch.undo()
+    torchs = train_steps("rad", amp=True, formulas="torch")
+    for k in fused:
+        if fused[k].is_floating_point():
+            torch.testing.assert_close(fused[k], torchs[k], rtol=2**-7, atol=1e-3)
 
 
 def test_moving_the_progress_does_not_recompile_a_compiled_layer():
@@ -249,10 +267,12 @@ def test_rad_loss_gives_the_formulas_value_and_gradient_bit_for_bit(dtype, shape
         for loss_of in (rad.distribution_loss, reference_distribution_loss):
             leaf = a.clone().requires_grad_()
             b = leaf * 1
-            loss = loss_of(b) + (b * other).sum()
+            with functional.bf16_formulas("torch"):  # the fused bf16 formulas: tests/test_rad_bf16.py
+                loss = loss_of(b) + (b * other).sum()
             loss.backward()
             results.append((loss, leaf.grad))
-        assert type(rad.channel_moments(a.clone().requires_grad_())[0].grad_fn).__name__ == "_ChannelMomentsBackward"
+        with functional.bf16_formulas("torch"):
+            assert type(rad.channel_moments(a.clone().requires_grad_())[0].grad_fn).__name__ == "_ChannelMomentsBackward"
     finally:
         torch.set_num_threads(previous)
     (loss, grad), (ref_loss, ref_grad) = results
@@ -278,7 +298,8 @@ def test_rad_moments_used_one_at_a_time_give_autograds_gradient(dtype, uses):
     grads = []
     for moments in (rad.channel_moments, reference_channel_moments):
         leaf = a.clone().requires_grad_()
-        mean, mean_square = moments(leaf)
+        with functional.bf16_formulas("torch"):  # the fused bf16 formulas: tests/test_rad_bf16.py
+            mean, mean_square = moments(leaf)
         (mean if uses == "mean" else mean_square).sum().backward()
         grads.append(leaf.grad)
     assert same_bits(*grads)

@@ -14,15 +14,6 @@ from bnnbench import act_norm, omp
 needs_pool = pytest.mark.skipif(not omp.available(), reason="torch runs no libgomp pool in this process")
 
 
-@pytest.fixture
-def threads(monkeypatch):
-    """Sets torch's thread count (restored after the test) and lets omp split any amount of work."""
-    previous = torch.get_num_threads()
-    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)
-    yield torch.set_num_threads
-    torch.set_num_threads(previous)
-
-
 @njit(nogil=True)
 def _local_index(out):
     for i in range(out.size):

@@ -227,6 +227,12 @@ def test_bench_train_checks_its_device_before_timing(capsys):
     assert "'tpu'" in one_line_error(capsys)
 
 
+def test_bench_train_names_the_bf16_formulas_it_takes(capsys):
+    assert cli_main(["bench", "train", "--bf16-formulas", "exact", "--methods", "biper"]) == 2
+    error = one_line_error(capsys)
+    assert "--bf16-formulas" in error and "fused, torch" in error and "'exact'" in error
+
+
 def test_eval_threads_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exit:
         cli_main(["eval", "--packed", "x.pt", "--data", "digits", "--threads", "0"])

@@ -516,5 +516,5 @@ def test_the_caption_names_fused_bf16_formulas_and_counts_a_mix():
     before = run(amp_bf16=True)  # a config.json of before 2026-12-02: torch's formulas
     fused, unaffected = run(amp_bf16=True, bf16_formulas="fused"), run(amp_bf16=True, bf16_formulas=None)
     assert _arithmetic([before, unaffected]) == "bf16 autocast"
-    assert _arithmetic([fused]) == "bf16 autocast (act_norm and alpha fused)"
-    assert _arithmetic([before, fused, run(amp_bf16=False)]) == "bf16 autocast (1 runs); bf16 autocast (act_norm and alpha fused) (1 runs); fp32 (1 runs)"
+    assert _arithmetic([fused]) == "bf16 autocast (fused bf16 formulas)"
+    assert _arithmetic([before, fused, run(amp_bf16=False)]) == "bf16 autocast (1 runs); bf16 autocast (fused bf16 formulas) (1 runs); fp32 (1 runs)"

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--stage", type=int, choices=(1, 2), default=2, help="training stage of the binary methods (default: 2)")
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as a run: on for CUDA and CPUs with AVX512-BF16/AMX)")
-    train.add_argument("--bf16-formulas", choices=("fused", "torch"), default="fused", help="act_norm and a learned alpha under bf16, as a run's --bf16-formulas")
+    train.add_argument("--bf16-formulas", metavar="fused|torch", default="fused", help="the fused bf16 formulas or torch's, as a run's --bf16-formulas")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: as a run: on for CUDA)")
     train.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     train.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per method)")

@@ -139,8 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument(
         "--bf16-formulas",
         metavar="fused|torch",
-        help="under bf16: act_norm and a learned alpha in float32 kernels, rounded once (fused, the default), or torch's eager "
-        "formulas bit for bit (torch: the numbers of runs before 2026-12-02)",
+        help="under bf16: act_norm, a learned alpha, RAD's moments and DSQ's soft quantizer in float32 kernels, rounded once "
+        "(fused, the default), or torch's eager formulas bit for bit (torch: the numbers of runs before 2026-12-02)",
     )
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
     machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")

@@ -222,9 +222,10 @@ def test_fused_bf16_act_norm_beats_torchs_bf16_formulas(benchmark):
     assert speedup >= threshold("BNNBENCH_PERF_MIN_FUSED_ACT_NORM_SPEEDUP", 3.0)
 
 
-@pytest.mark.parametrize("method", ["biper", "rbnn"])
-def test_fused_bf16_formulas_speed_up_the_act_norm_methods_step(benchmark, method):
-    """A step under bf16 autocast with the fused act_norm and alpha (the default) against torch's bf16 formulas."""
+@pytest.mark.parametrize("method", ["biper", "rbnn", "rad", "dsq"])
+def test_fused_bf16_formulas_speed_up_the_step(benchmark, method):
+    """A step under bf16 autocast with the fused formulas (the default: act_norm and alpha, RAD's moments, DSQ's
+    soft quantizer) against torch's bf16 formulas."""
     fused = training_step(method, StepSettings(batch=BATCH, amp=True))
     torchs = training_step(method, StepSettings(batch=BATCH, amp=True, bf16_formulas="torch"))
     speedup = speedup_over(benchmark, fused, torchs, rounds=10, warmup_rounds=1)

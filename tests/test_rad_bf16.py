@@ -1,0 +1,89 @@
+"""RAD's distribution loss on bfloat16 activations with the fused bf16 formulas (bnnbench.methods.rad.
+_ChannelMomentsBF16): the channel moments in float32 sweeps and the input's gradient in one pass, within bfloat16's
+rounding of the float64 formula, the same on one and two threads, a moment no loss uses sending nothing back;
+torch's formulas (``bf16_formulas("torch")``) keep the bit-exact path (tests/test_fast_path.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnnbench import functional
+from bnnbench.methods import rad
+
+
+def float64_loss_and_gradient(a: torch.Tensor) -> tuple[float, torch.Tensor]:
+    x = a.double().requires_grad_(True)
+    loss = rad.distribution_loss(x)  # float64 takes autograd through the formula
+    loss.backward()
+    return loss.item(), x.grad
+
+
+def fused_loss_and_gradient(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = a.clone().requires_grad_(True)
+    loss = rad.distribution_loss(leaf)
+    assert type(rad.channel_moments(a.clone().requires_grad_())[0].grad_fn).__name__ == "_ChannelMomentsBF16Backward"
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def activations(shape, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    a = (torch.randn(*shape, generator=generator) * 0.7 + 0.2).clamp(-1, 1)
+    a.view(-1)[::5] = 0.0
+    a[:, 1] = 0.25  # a constant channel: variance 0, the loss at its kink
+    return a.bfloat16()
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (40, 16, 9, 9), (9, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_the_loss_and_gradient_are_the_formulas_within_rounding(shape):
+    a = activations(shape, sum(shape))
+    loss, grad = fused_loss_and_gradient(a)
+    want_loss, want_grad = float64_loss_and_gradient(a)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=2**-7, atol=2**-8 * want_grad.abs().max().item())
+    error = ((grad.double() - want_grad).norm() / want_grad.norm()).item()
+    assert error < 0.004
+
+
+def test_the_same_on_one_and_two_threads(threads):
+    a = activations((12, 8, 5, 5), 1)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(fused_loss_and_gradient(a))
+    (loss1, grad1), (loss2, grad2) = results
+    assert torch.equal(loss1, loss2) and torch.equal(grad1, grad2)
+
+
+@pytest.mark.parametrize("uses", ["mean", "mean-square"])
+def test_a_moment_no_loss_uses_sends_nothing_back(uses):
+    a = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(4)).bfloat16()
+    a[0, 0, 0, 0] = float("inf")
+    leaf = a.clone().requires_grad_()
+    mean, mean_square = rad.channel_moments(leaf)
+    (mean if uses == "mean" else mean_square).sum().backward()
+    if uses == "mean":  # 1/M everywhere, the infinite element too (no 0 * inf term)
+        assert torch.equal(leaf.grad, torch.full_like(a, 1 / 80))
+    else:  # 2 (a - mu) / M: not finite in the infinite element's channel only (its mean is infinite), as the formula's
+        assert not torch.isfinite(leaf.grad[:, 0]).any() and torch.isfinite(leaf.grad[:, 1:]).all()
+        centred = a[:, 1:].double() - a[:, 1:].double().mean(dim=(0, 2, 3), keepdim=True)
+        torch.testing.assert_close(leaf.grad[:, 1:].double(), 2 * centred / 80, rtol=2**-7, atol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "act_method", "takes"), [("rad", None, True), ("sign-ste", "rad", True), ("sign-ste", None, False)])
+def test_a_run_with_rads_loss_records_its_bf16_formulas(method, act_method, takes):
+    from bnnbench.layers import BinaryConv2d, takes_bf16_formulas
+
+    model = torch.nn.Sequential(BinaryConv2d(4, 4, 3, method=method, act_method=act_method))
+    assert takes_bf16_formulas(model) is takes
+
+
+def test_where_the_kernels_do_not_take_the_input_torch_computes_the_same_gradient(monkeypatch):
+    a = activations((6, 4, 5, 5), 2)
+    _, want = fused_loss_and_gradient(a)
+    monkeypatch.setattr(rad.elementwise, "apply", lambda *args, **kwargs: None)
+    leaf = a.clone().requires_grad_(True)
+    rad.distribution_loss(leaf).backward()
+    torch.testing.assert_close(leaf.grad, want, rtol=2**-8, atol=0)
