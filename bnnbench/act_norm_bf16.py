@@ -32,7 +32,7 @@ from numba import njit
 from torch import Tensor
 
 from . import omp
-from .elementwise import _keep, _round_bf16, _widen, _with_rounding, covered
+from .elementwise import _keep, _round_bf16, _widen, _with_rounding, bf16_bits, covered
 
 SUMS = {"reassoc", "contract"}  # float32 sums in vector lanes (no nnan/ninf: NaN and infinity propagate as IEEE says)
 _kernels: dict[tuple[Callable | None, int], Callable] = {}  # _backward_rows per formula and parameter count
@@ -104,7 +104,7 @@ def _moments_rows(x: np.ndarray, eps: np.float32, moments: np.ndarray) -> None: 
 
 
 def _bits(t: Tensor) -> np.ndarray:
-    return t.detach().reshape(t.shape[0], -1).view(torch.int16).numpy().view(np.uint16)
+    return bf16_bits(t, t.shape[0], -1)
 
 
 def covers(x: Tensor) -> bool:

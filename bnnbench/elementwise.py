@@ -315,6 +315,12 @@ def _flat(x: Tensor, dtype: np.dtype) -> np.ndarray:
     return (flat.view(torch.int16) if x.dtype == torch.bfloat16 else flat).numpy().view(dtype)
 
 
+def bf16_bits(x: Tensor, *shape: int) -> np.ndarray:
+    """A contiguous bfloat16 tensor's 16-bit patterns as a numpy uint16 view of ``shape`` (its memory, no copy):
+    what the compiled loops read with :func:`_widen` and write with :func:`_round_bf16`."""
+    return x.detach().reshape(shape).view(torch.int16).numpy().view(np.uint16)
+
+
 def _dense(x: Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 

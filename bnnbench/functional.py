@@ -29,8 +29,9 @@ Derivative = Callable[[Tensor], Tensor]
 
 BF16_FORMULAS = ("fused", "torch")
 """How bfloat16 activations compute act_norm, a learned alpha and a method's own formulas that read
-:func:`fused_bf16` (RAD's moments): "fused" (float32 within one kernel, :mod:`bnnbench.act_norm_bf16`; alpha in the
-weight, :meth:`bnnbench.layers.BinaryConv2d.folds_scale`: each rounded once to bfloat16) or "torch" (torch's eager formulas bit for bit, every operator rounded to bfloat16: the numbers
+:func:`fused_bf16` (RAD's moments, DSQ's soft quantizer): "fused" (float32 within one kernel,
+:mod:`bnnbench.act_norm_bf16`; alpha in the weight, :meth:`bnnbench.layers.BinaryConv2d.folds_scale`: each rounded
+once to bfloat16) or "torch" (torch's eager formulas bit for bit, every operator rounded to bfloat16: the numbers
 of runs before 2026-12-02).  Float32 is always the latter."""
 _bf16_formulas: contextvars.ContextVar[str] = contextvars.ContextVar("bf16_formulas", default="fused")
 

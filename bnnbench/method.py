@@ -137,7 +137,7 @@ class Method:
     positive: ClassVar[tuple[str, ...]] = ()
     # True: trains against a frozen full-precision teacher of the same backbone (feature_loss).
     teacher: ClassVar[bool] = False
-    # True: the method's own bfloat16 formulas follow functional.bf16_formulas (RAD's moments), as act_norm and
+    # True: the method's own bfloat16 formulas follow functional.bf16_formulas (RAD's moments, DSQ), as act_norm and
     # learned alpha do; a run records the choice (layers.takes_bf16_formulas).
     takes_bf16_formulas: ClassVar[bool] = False
     # The activation surrogate d sign(a)/da as a function of a alone: Bi-Real's ApproxSign (Eq. 7) unless a method

@@ -163,10 +163,9 @@ def _fused_bf16_gradients(x: Tensor, grad: Tensor, scalars: tuple[np.float32, ..
     """The soft quantizer's gradients for a contiguous bfloat16 x in one float32 pass (the fused bf16 formulas):
     to x as bfloat16, to u, -u, s and k summed in float32 per sample, then in float64, each rounded once."""
     rows = x.shape[0] if x.dim() > 1 else 1
-    bits = [t.reshape(rows, -1).view(torch.int16).numpy().view(np.uint16) for t in (x.detach(), grad)]
     out = torch.empty_like(x)
     sums = np.empty((rows, 4), dtype=np.float32)
-    split = [omp.Split(a) for a in (*bits, out.view(rows, -1).view(torch.int16).numpy().view(np.uint16), sums)]
+    split = [omp.Split(a) for a in (*(elementwise.bf16_bits(t, rows, -1) for t in (x, grad, out)), sums)]
     omp.run(_fused_rows, rows, *split, *scalars, work=x.numel())
     totals = torch.from_numpy(sums).double().sum(dim=0).to(x.dtype)
     return out, totals[0], totals[1], totals[2], totals[3]

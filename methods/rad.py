@@ -195,7 +195,7 @@ class _ChannelMomentsBF16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         channels = a.shape[1]
-        bits = a.detach().reshape(a.shape[0], channels, -1).view(torch.int16).numpy().view(np.uint16)
+        bits = elementwise.bf16_bits(a, a.shape[0], channels, -1)
         out = np.empty((channels, 2), dtype=np.float32)
         omp.run(_moments_of_channels, channels, bits, omp.Split(np.arange(channels)), omp.Split(out), work=a.numel())
         moments = torch.from_numpy(out)
