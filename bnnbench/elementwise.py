@@ -710,13 +710,14 @@ def _welford_rows(rows: np.ndarray, bf16: bool, correction: int, out: np.ndarray
         out[r] = m2[r] / divisor
 
 
-def per_sample_variance(x: Tensor) -> Tensor | None:
-    """``x.var(dim=(1, ..., x.dim() - 1), keepdim=True)`` (unbiased), bit for bit, or None where the kernel does not cover x.
+def per_sample_variance(x: Tensor, root: bool = False) -> Tensor | None:
+    """``x.var(dim=(1, ..., x.dim() - 1), keepdim=True)`` (unbiased), with ``root`` ``x.std(...)``, bit for bit, or
+    None where the kernel does not cover x.
 
     torch reduces each sample with Welford's update in float64, sequentially in memory order
     when a sample has fewer than :data:`REDUCTION_GRAIN` elements or torch runs one thread
-    (otherwise in per-thread chunks it then combines: not covered), then rounds to x's dtype
-    through float32."""
+    (otherwise in per-thread chunks it then combines: not covered), takes the root (std) in float64 too,
+    then rounds to x's dtype through float32."""
     if not (covered(x) and x.is_contiguous() and x.dim() >= 2 and x.shape[0] > 0):
         return None
     per_sample = x[0].numel()
@@ -726,6 +727,8 @@ def per_sample_variance(x: Tensor) -> Tensor | None:
     rows = rows.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else rows.numpy()
     out = np.empty(x.shape[0])
     omp.run(_welford_rows, x.shape[0], omp.Split(rows), x.dtype == torch.bfloat16, 1, omp.Split(out), work=x.numel())
+    if root:
+        np.sqrt(out, out=out)
     variance = torch.from_numpy(out).to(torch.float32).to(x.dtype)
     if x.dtype == torch.bfloat16:  # torch rounds its result as c10 does one value: NaN to 0x7FC0 (its vector cast: 0xFFFF)
         variance.view(torch.int16)[variance.isnan()] = 0x7FC0

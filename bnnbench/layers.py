@@ -25,8 +25,9 @@ activations are binary.  The weight method's per-layer tensors (``Method.weight_
 ``Method.weight_state``) live in ``layer.weight_params`` and in buffers named
 ``weight_state_<name>``; ``layer.weight_tensors()`` gives both, by name, as the weight hooks
 take them.  In a training forward the layer calls ``method.update_state(..., event="step")``
-after computing the binary weight, and evaluates ``act_method.activation_loss`` on its input
-(kept as ``layer.activation_loss_term`` for :func:`regularization_loss`); :func:`set_progress`
+after computing the binary weight, and evaluates ``act_method.activation_loss`` on its input, with the
+binarizer in one call (``Method.activation_with_loss``; kept as ``layer.activation_loss_term`` for
+:func:`regularization_loss`); :func:`set_progress`
 calls ``update_state(..., event="progress")``.  A method with such a threshold refuses ``act_norm``:
 sign(a0 + beta) would differ from sign(a + beta), so training and evaluation
 would run different networks.
@@ -165,9 +166,11 @@ class _BinaryMixin:
     def forward_input(self, x: Tensor) -> Tensor:
         if not self.binary_activations:
             return x
-        if self._activation_loss:
-            self.activation_loss_term = self.act_method.activation_loss(x, self.stage, self.progress) if self.training else None
         normalize = {"normalize": ACT_NORM_EPS} if self.act_norm and self.training else {}
+        if self._activation_loss and self.training:
+            out, self.activation_loss_term = self.act_method.activation_with_loss(x, self.stage, self.progress, **normalize, **self.activation_params)
+            return out
+        self.activation_loss_term = None
         return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
     def scale_output(self, y: Tensor, folded: bool = False) -> Tensor:

@@ -84,7 +84,15 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .functional import Derivative, ParametrizedSurrogate, approx_sign_derivative, identity_derivative, normalized_surrogate_sign, surrogate_sign
+from .functional import (
+    Derivative,
+    ParametrizedSurrogate,
+    approx_sign_derivative,
+    identity_derivative,
+    normalized_surrogate_sign,
+    per_output_variance,
+    surrogate_sign,
+)
 
 SCALES: tuple[str, ...] = (
     "none", "learned_alpha", "mean_abs_channel", "mean_abs_layer", "power_of_two",
@@ -277,6 +285,13 @@ class Method:
         :func:`bnnbench.regularization_loss` as ``loss_reduction`` says."""
         return None
 
+    def activation_with_loss(self, a: Tensor, stage: int, progress: Progress = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """``(activation(a, progress=progress, **kwargs), activation_loss(a, stage, progress))``, the loss evaluated
+        first, as a training forward of a layer with an activation loss asks for them: one call, so that a method
+        computing both in one node can (RAD's bfloat16 path)."""
+        loss = self.activation_loss(a, stage, progress)
+        return self.activation(a, progress=progress, **kwargs), loss
+
     # ------------------------------------------------------------- teacher
     def feature_parameters(self, num_features: int) -> dict[str, Tensor]:
         """Initial values of learnable tensors of the feature loss, for a backbone with
@@ -378,7 +393,14 @@ def per_output_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
+def standardized(w: Tensor) -> Tensor:
+    """(w - mean_c(w)) / std_c(w - mean_c(w)) per output channel c, the std unbiased and without eps (IR-Net's
+    and RBNN's weights, as upstream); torch's values and gradients (:func:`~bnnbench.functional.per_output_variance`)."""
+    centered = w - w.mean(dim=per_output_dims(w), keepdim=True)
+    return centered / per_output_variance(centered, root=True)
+
+
 __all__ = [
-    "LOSS_REDUCTIONS", "Method", "Progress", "SCALES", "as_progress", "forward_only_scale", "mean_abs", "per_output_dims",
+    "LOSS_REDUCTIONS", "Method", "Progress", "SCALES", "as_progress", "forward_only_scale", "mean_abs", "per_output_dims", "standardized",
     "scheduled", "straight_through",
 ]

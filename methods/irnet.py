@@ -27,7 +27,14 @@ from torch import Tensor
 
 from bnnbench import elementwise
 from bnnbench.elementwise import r
-from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
+from bnnbench.method import (
+    Method,
+    Progress,
+    as_progress,
+    per_output_dims,
+    scheduled,
+    standardized,
+)
 from bnnbench.registry import register_method
 
 
@@ -84,16 +91,11 @@ class IRNet(Method):
         """k(p) = max(1/t(p), 1)."""
         return scheduled(progress, torch.clamp(1.0 / as_progress(self.t(progress)), min=1.0))
 
-    def standardize(self, w: Tensor) -> Tensor:
-        dims = per_output_dims(w)
-        centered = w - w.mean(dim=dims, keepdim=True)
-        return centered / centered.std(dim=dims, keepdim=True)
-
     def pre_sign(self, w: Tensor, progress: Progress) -> Tensor:
-        return self.standardize(w)
+        return standardized(w)
 
     def weight_scale(self, w: Tensor) -> Tensor:
-        mean_abs_std = self.standardize(w).abs().mean(dim=per_output_dims(w), keepdim=True)
+        mean_abs_std = standardized(w.detach()).abs().mean(dim=per_output_dims(w), keepdim=True)
         return torch.pow(2.0, torch.round(torch.log2(mean_abs_std))).detach()
 
     def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:

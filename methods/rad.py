@@ -31,6 +31,7 @@ Binarized Deep Networks", CVPR 2019; official code: ruizhoud/DistributionLoss
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from bnnbench import elementwise, omp
 from bnnbench.elementwise import _widen, r
-from bnnbench.functional import clip_derivative, fused_bf16, saved_as_recipe
+from bnnbench.functional import clip_derivative, fused_bf16, saved_as_recipe, sign, signs_of
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
 
@@ -49,7 +50,11 @@ def distribution_loss(a: Tensor, eps: float = 1e-10) -> Tensor:
     """L1 + L2 of the official ``Distrloss_layer`` for one layer's input (N, C, ...), in float32 at least.
 
     The per-channel mean and mean square come from :func:`channel_moments`; the rest is the formula."""
-    mean, mean_square = channel_moments(a)
+    return loss_of_moments(*channel_moments(a), eps)
+
+
+def loss_of_moments(mean: Tensor, mean_square: Tensor, eps: float = 1e-10) -> Tensor:
+    """L1 + L2 from the per-channel mean and mean square about it (:func:`distribution_loss`)."""
     var = mean_square + eps
     std = var.abs().sqrt()
     l1 = (2 - mean.abs() - std).clamp(min=0).pow(2).mean() + (std - 4).clamp(min=0).pow(2).mean()  # min(2-mu-sd, 2+mu-sd)
@@ -64,9 +69,9 @@ def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     with the fused bf16 formulas (:func:`~bnnbench.functional.fused_bf16`) takes float32 sweeps instead
     (:class:`_ChannelMomentsBF16`: not bit for bit torch's, within float32's rounding of the exact values)."""
     detached = a.detach()
+    if fuses_bf16(a):
+        return _ChannelMomentsBF16.apply(a)
     if a.dim() >= 2 and elementwise.covered(detached) and detached.is_contiguous() and a.numel() and not torch.compiler.is_compiling():
-        if a.dtype == torch.bfloat16 and fused_bf16():
-            return _ChannelMomentsBF16.apply(a)
         return _ChannelMoments.apply(a, a)
     widen = a.dtype in (torch.float16, torch.bfloat16)
     x = a.float() if widen else a
@@ -194,12 +199,7 @@ class _ChannelMomentsBF16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        channels = a.shape[1]
-        bits = elementwise.bf16_bits(a, a.shape[0], channels, -1)
-        out = np.empty((channels, 2), dtype=np.float32)
-        omp.run(_moments_of_channels, channels, bits, omp.Split(np.arange(channels)), omp.Split(out), work=a.numel())
-        moments = torch.from_numpy(out)
-        mean, mean_square = moments[:, 0].clone(), moments[:, 1].clone()
+        mean, mean_square = _bf16_moments(a)
         ctx.save_for_backward(a, mean)
         ctx.set_materialize_grads(False)
         return mean, mean_square
@@ -223,6 +223,68 @@ class _ChannelMomentsBF16(torch.autograd.Function):
         return fused
 
 
+def _sign_and_moments_gradient(a: np.float32, g: np.float32, mean: np.float32, twice_share: np.float32, mean_share: np.float32) -> np.float32:
+    """``g 1{|a| <= 1} + 2 (g_ms / M) (a - mu) + g_mu / M`` in float32, rounded once where stored."""
+    passed = g if abs(a) <= np.float32(1.0) else g * np.float32(0.0)  # the clipped STE's product: NaN g stays NaN
+    return passed + (twice_share * (a - mean) + mean_share)
+
+
+SIGN_AND_MOMENTS_GRADIENT = elementwise.Kernel("rad_sign_and_moments_gradient", _sign_and_moments_gradient)
+
+
+def _bf16_moments(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu_c, mean_c((a_c - mu_c)^2)) of a contiguous bfloat16 a, (N, C, ...), from :func:`_moments_of_channels`."""
+    channels = a.shape[1]
+    bits = elementwise.bf16_bits(a, a.shape[0], channels, -1)
+    out = np.empty((channels, 2), dtype=np.float32)
+    omp.run(_moments_of_channels, channels, bits, omp.Split(np.arange(channels)), omp.Split(out), work=a.numel())
+    moments = torch.from_numpy(out)
+    return moments[:, 0].clone(), moments[:, 1].clone()
+
+
+def fuses_bf16(a: Tensor) -> bool:
+    """True where a's moments take the float32 sweeps: a contiguous bfloat16 (N, C, ...) a the kernels cover, with
+    :func:`~bnnbench.functional.fused_bf16`."""
+    detached = a.detach()
+    return (
+        a.dtype == torch.bfloat16 and fused_bf16() and a.dim() >= 2 and a.numel() > 0
+        and elementwise.covered(detached) and detached.is_contiguous() and not torch.compiler.is_compiling()
+    )
+
+
+class _SignAndMomentsBF16(torch.autograd.Function):
+    """RAD's binarizer and the moments of its input in one node, for a bfloat16 a (:func:`fuses_bf16`): forward
+    sign(a) and :func:`_bf16_moments`; backward the clipped STE's gradient and the moments' in one pass,
+    g 1{|a| <= 1} + 2 (g_ms / M)(a - mu) + g_mu / M (:data:`SIGN_AND_MOMENTS_GRADIENT`), where the two nodes apart
+    write two activation-sized gradients and autograd adds them: three passes.  The moments' gradient is
+    :class:`_ChannelMomentsBF16`'s, the sum rounded once to bfloat16."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        mean, mean_square = _bf16_moments(a)
+        ctx.save_for_backward(a, mean)
+        ctx.set_materialize_grads(False)
+        return signs_of(sign(a), sign, a), mean, mean_square
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_signs: Tensor | None, grad_mean: Tensor | None, grad_mean_square: Tensor | None):  # type: ignore[override]
+        a, mean = ctx.saved_tensors
+        if grad_signs is None and grad_mean is None and grad_mean_square is None:
+            return None
+        count = a.numel() // a.shape[1]
+        twice_share = torch.zeros_like(mean) if grad_mean_square is None else 2.0 * grad_mean_square.float() / count
+        mean_share = torch.zeros_like(mean) if grad_mean is None else grad_mean.float() / count
+        grad_signs = torch.zeros_like(a) if grad_signs is None else grad_signs
+        rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
+        fused = elementwise.apply(SIGN_AND_MOMENTS_GRADIENT, a, grad_signs, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+        if fused is None:  # the same formula by torch (a gradient in another layout)
+            channels = (1, -1, *([1] * (a.dim() - 2)))
+            centred = twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)
+            fused = (grad_signs.float() * clip_derivative(a).float() + centred).to(a.dtype)
+        return fused
+
+
 @register_method("rad")
 @dataclass
 class RAD(Method):
@@ -242,9 +304,21 @@ class RAD(Method):
     def activation_loss(self, a: Tensor, stage: int, progress: Progress) -> Tensor | None:
         if self.loss_weight == 0:
             return None
-        loss = distribution_loss(a)
+        return self._weighted(distribution_loss(a), progress)
+
+    def _weighted(self, loss: Tensor, progress: Progress) -> Tensor:
+        """lambda * loss while p < active_until, 0 afterwards (a tensor either way: no host read of p)."""
         on = (as_progress(progress) < self.active_until).to(device=loss.device, dtype=loss.dtype)
         return self.loss_weight * on * loss
+
+    def activation_with_loss(self, a: Tensor, stage: int, progress: Progress = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """A bfloat16 a with the fused bf16 formulas: the binarizer and the loss's moments in one node
+        (:class:`_SignAndMomentsBF16`), whose backward is one pass; otherwise the two apart."""
+        plain = self.activation_surrogate is clip_derivative and type(self).activation_derivative is Method.activation_derivative
+        if kwargs or self.loss_weight == 0 or not plain or not (a.requires_grad and torch.is_grad_enabled()) or not fuses_bf16(a):
+            return super().activation_with_loss(a, stage, progress, **kwargs)
+        signs, mean, mean_square = _SignAndMomentsBF16.apply(a)
+        return signs, self._weighted(loss_of_moments(mean, mean_square), progress)
 
     def schedule(self, progress: Progress) -> dict[str, float]:
         return {"lambda": self.loss_weight * float(as_progress(progress) < self.active_until)}

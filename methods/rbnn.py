@@ -57,7 +57,7 @@ from torch import Tensor
 from bnnbench import elementwise
 from bnnbench.elementwise import r
 from bnnbench.functional import sign
-from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
+from bnnbench.method import Method, Progress, as_progress, scheduled, standardized
 from bnnbench.registry import register_method
 
 ROTATION_GRADS = ("paper", "upstream")
@@ -144,11 +144,6 @@ class RBNN(Method):
         return {"r1": random_orthogonal(n1, w.dtype), "r2": random_orthogonal(n2, w.dtype)}
 
     # ---------------------------------------------------------------- weights
-    def standardize(self, w: Tensor) -> Tensor:
-        dims = per_output_dims(w)
-        centered = w - w.mean(dim=dims, keepdim=True)
-        return centered / centered.std(dim=dims, keepdim=True)
-
     def rotate(self, w_std: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
         """R1^T X_i R2 for every filter i, back in w's shape."""
         x = w_std.reshape(w_std.shape[0], r1.shape[0], r2.shape[0])
@@ -156,7 +151,7 @@ class RBNN(Method):
 
     def pre_sign(self, w: Tensor, progress: Progress, **tensors: Tensor) -> Tensor:
         """w' = w_std + |sin theta| (R1^T W_std R2 - w_std); w_std without the rotation tensors."""
-        w_std = self.standardize(w)
+        w_std = standardized(w)
         if not {"r1", "r2", "theta"} <= set(tensors):
             return w_std
         rotated = self.rotate(w_std, tensors["r1"], tensors["r2"])
@@ -180,7 +175,7 @@ class RBNN(Method):
     # ------------------------------------------------------------- rotations
     def rotation_rounds(self, w: Tensor, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         """``rounds`` rounds of the alternating update of (R1, R2) on the standardised weights."""
-        x = self.standardize(w.detach()).reshape(w.shape[0], r1.shape[0], r2.shape[0]).to(r1.dtype)
+        x = standardized(w.detach()).reshape(w.shape[0], r1.shape[0], r2.shape[0]).to(r1.dtype)
         for _ in range(self.rounds):
             b = sign(r1.t() @ x @ r2)
             u1, _, v1h = torch.linalg.svd((b @ r2.t() @ x.transpose(1, 2)).sum(dim=0))

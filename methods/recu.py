@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bnnbench.functional import per_output_variance
 from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
 from bnnbench.registry import register_method
 
@@ -56,7 +57,7 @@ class ReCU(Method):
     def standardize(self, w: Tensor) -> Tensor:
         dims = per_output_dims(w)
         z = w - w.mean(dim=dims, keepdim=True)
-        return z / (torch.sqrt(z.var(dim=dims, keepdim=True) + self.eps) / (2.0 * math.sqrt(2.0)))
+        return z / (torch.sqrt(per_output_variance(z) + self.eps) / (2.0 * math.sqrt(2.0)))
 
     def threshold(self, z1: Tensor, progress: Progress) -> Tensor:
         """Q = -mean|z1| ln(2 - 2 tau), detached (a constant for the backward); ln(2 - 2 tau) is

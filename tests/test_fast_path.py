@@ -79,14 +79,15 @@ def test_sign_is_the_reference_sign_on_every_edge_value_eager_and_compiled():
     assert bnnbench.sign(bf16).dtype == torch.bfloat16 and torch.equal(bnnbench.sign(bf16), reference_sign(bf16))
 
 
-def train_steps(method: str, steps: int = 3, amp: bool = False, formulas: str = "torch") -> dict[str, torch.Tensor]:
+def train_steps(method: str, steps: int = 3, amp: bool = False, formulas: str = "torch", gradients: bool = False) -> dict[str, torch.Tensor]:
+    """The state after ``steps`` SGD steps on a fixed batch; with ``gradients`` the last step's gradients instead."""
     torch.manual_seed(0)
     model = bnnbench.build_model("resnet20", method, stage=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)
     set_progress(model, 0.5)
-    for _ in range(steps):
+    for step in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), functional.bf16_formulas(formulas):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
@@ -94,6 +95,8 @@ def train_steps(method: str, steps: int = 3, amp: bool = False, formulas: str = 
         loss = loss if extra is None else loss + extra
         optimizer.zero_grad()
         loss.backward()
+        if gradients and step == steps - 1:
+            return {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
         optimizer.step()
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -128,21 +131,24 @@ def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
     assert distance(fused) <= 1.25 * distance(torchs), (distance(fused), distance(torchs))
 
 
-def test_rads_fused_moments_run_in_training_and_end_where_torchs_do(monkeypatch):
-    """RAD's loss under bf16 takes the fused moments (they differ from torch's float32 ones in the last bits only):
-    3 SGD steps end at torch's formulas' weights, bit for bit on this input, or within bfloat16's rounding."""
+def test_rads_fused_moments_run_in_training_within_rounding_of_torchs(monkeypatch):
+    """RAD's binarizer and loss under bf16 take the one node with fused moments, every layer, every step: the
+    gradients of one step are torch's bf16 formulas' within bfloat16's rounding (a 1-3% relative difference per
+    tensor, measured, where bfloat16 keeps 8 bits), and not equal to them (the node runs).  Several steps are not
+    compared: a rounding apart flips signs, and this 8-image network's weights then part (as fp32's and bf16's do)."""
     from bnnbench.methods import rad
 
     applied = []
-    original = rad._ChannelMomentsBF16.apply
-    monkeypatch.setattr(rad._ChannelMomentsBF16, "apply", lambda a: applied.append(a.shape) or original(a))
-    fused = train_steps("rad", amp=True, formulas="fused")
-    assert len(applied) == 3 * 18  # every binary layer's input, every step
+    original = rad._SignAndMomentsBF16.apply
+    monkeypatch.setattr(rad._SignAndMomentsBF16, "apply", lambda a: applied.append(a.shape) or original(a))
+    fused = train_steps("rad", steps=1, amp=True, formulas="fused", gradients=True)
+    assert len(applied) == 18  # every binary layer's input
     monkeypatch.undo()
-    torchs = train_steps("rad", amp=True, formulas="torch")
+    torchs = train_steps("rad", steps=1, amp=True, formulas="torch", gradients=True)
+    assert fused.keys() == torchs.keys()
+    assert not all(torch.equal(fused[k], torchs[k]) for k in fused)
     for k in fused:
-        if fused[k].is_floating_point():
-            torch.testing.assert_close(fused[k], torchs[k], rtol=2**-7, atol=1e-3)
+        assert (fused[k] - torchs[k]).norm() <= 0.05 * torchs[k].norm(), k
 
 
 def test_moving_the_progress_does_not_recompile_a_compiled_layer():

@@ -87,3 +87,75 @@ def test_where_the_kernels_do_not_take_the_input_torch_computes_the_same_gradien
     leaf = a.clone().requires_grad_(True)
     rad.distribution_loss(leaf).backward()
     torch.testing.assert_close(leaf.grad, want, rtol=2**-8, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the binarizer and the moments in one node (rad._SignAndMomentsBF16, through Method.activation_with_loss)
+
+
+def one_node_outputs(a: torch.Tensor, grad_signs: torch.Tensor, one_node: bool):
+    """(signs, loss, gradient to a) of RAD's activation with its loss, ``one_node`` or as two nodes apart."""
+    method = rad.RAD()
+    leaf = a.clone().requires_grad_(True)
+    if one_node:
+        signs, loss = method.activation_with_loss(leaf, 2, 0.0)
+        assert type(signs.grad_fn).__name__ == "_SignAndMomentsBF16Backward"
+    else:
+        loss, signs = method.activation_loss(leaf, 2, 0.0), method.activation(leaf)
+    ((signs.float() * grad_signs.float()).sum() + 50 * loss).backward()
+    return signs.detach(), loss.detach(), leaf.grad
+
+
+def float64_one_node_gradient(a: torch.Tensor, grad_signs: torch.Tensor) -> torch.Tensor:
+    x = a.double().requires_grad_(True)
+    (50 * rad.RAD().loss_weight * rad.distribution_loss(x)).backward()
+    return x.grad + grad_signs.double() * (x.detach().abs() <= 1).double()
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (40, 16, 9, 9), (9, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_one_node_gives_the_two_nodes_forward_and_a_gradient_within_one_rounding(shape):
+    a = activations(shape, sum(shape) + 1)
+    a.view(-1)[3] = 1.5  # outside the clipped STE's window (a layer's input need not come from a hardtanh)
+    grad_signs = torch.randn(shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+    signs, loss, grad = one_node_outputs(a, grad_signs, True)
+    want_signs, want_loss, two_nodes = one_node_outputs(a, grad_signs, False)
+    assert torch.equal(signs, want_signs) and torch.equal(loss, want_loss)
+    want = float64_one_node_gradient(a, grad_signs)
+    # one rounding of a float32 sum: within half a bfloat16 ulp of the float64 value, plus float32's noise
+    ulp = torch.where(want == 0, torch.zeros_like(want), 2.0 ** (torch.floor(torch.log2(want.abs())) - 7))
+    assert ((grad.double() - want).abs() <= 0.5 * ulp + 1e-6 * want.abs().max()).all()
+    assert grad.double().sub(want).norm() <= two_nodes.double().sub(want).norm()  # two roundings and a bf16 add
+
+
+def test_one_node_on_one_and_two_threads_and_torchs_formulas_keep_two(threads):
+    a = activations((12, 8, 5, 5), 3)
+    grad_signs = torch.randn(a.shape, generator=torch.Generator().manual_seed(8)).bfloat16()
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(one_node_outputs(a, grad_signs, True)[2])
+    assert torch.equal(*results)
+    with functional.bf16_formulas("torch"):
+        signs, _ = rad.RAD().activation_with_loss(a.clone().requires_grad_(True), 2, 0.0)
+    assert type(signs.grad_fn).__name__ == "_SurrogateSignBackward"
+
+
+def test_one_node_in_a_layer_and_where_the_kernels_do_not_take_the_gradient(monkeypatch):
+    from bnnbench.layers import BinaryConv2d
+
+    layer = BinaryConv2d(4, 6, 3, padding=1, method="rad").train()
+    x = torch.randn(3, 4, 6, 6, generator=torch.Generator().manual_seed(9)).clamp(-1, 1).requires_grad_(True)
+    calls = []
+    apply = rad._SignAndMomentsBF16.apply
+    monkeypatch.setattr(rad._SignAndMomentsBF16, "apply", lambda a: calls.append(a.shape) or apply(a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert calls == [x.shape] and layer.activation_loss_term is not None
+    monkeypatch.undo()
+    (y.float().sum() + layer.activation_loss_term).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    a = activations((6, 4, 5, 5), 4)
+    grad_signs = torch.randn(a.shape, generator=torch.Generator().manual_seed(10)).bfloat16()
+    want = one_node_outputs(a, grad_signs, True)[2]
+    monkeypatch.setattr(rad.elementwise, "apply", lambda *args, **kwargs: None)
+    torch.testing.assert_close(one_node_outputs(a, grad_signs, True)[2], want, rtol=2**-8, atol=1e-6)
