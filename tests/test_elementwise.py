@@ -152,6 +152,31 @@ def test_per_sample_variance_is_torchs_var_bit_for_bit(shape, dtype, monkeypatch
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("root", [False, True], ids=["var", "std"])
+@pytest.mark.parametrize("shape", [(16, 3, 3, 3), (64, 64, 3, 3), (10, 64), (5, 2)])
+def test_per_output_variance_is_torchs_var_and_std_with_their_gradients_bit_for_bit(shape, root):
+    """functional.per_output_variance (a weight's per-channel var or std from one Welford pass; IR-Net, RBNN, ReCU)
+    gives torch's values and autograd's gradients, bit for bit, a channel of equal values (std 0) included; a
+    float64 or one-element row takes torch's own reduction."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    w = (torch.randn(*shape, generator=generator) * 0.05 + 0.01).requires_grad_(True)
+    with torch.no_grad():
+        w[1] = 0.25
+    grad = torch.randn(shape[0], *([1] * (len(shape) - 1)), generator=generator)
+    dims = tuple(range(1, len(shape)))
+    expected = w.std(dim=dims, keepdim=True) if root else w.var(dim=dims, keepdim=True)
+    (expected_grad,) = torch.autograd.grad(expected, w, grad)
+    value = functional.per_output_variance(w, root=root)
+    assert type(value.grad_fn).__name__ == "_PerOutputVarianceBackward"
+    (value_grad,) = torch.autograd.grad(value, w, grad)
+    assert torch.equal(value, expected)
+    assert torch.equal(value_grad.view(torch.int32), expected_grad.view(torch.int32))  # NaN's bits too (std 0)
+    with torch.no_grad():
+        assert torch.equal(functional.per_output_variance(w, root=root), expected)
+    wide = w.detach().double().requires_grad_(True)
+    assert functional.per_output_variance(wide, root=root).grad_fn.name().startswith(("StdBackward", "VarBackward"))
+
+
 def test_welfords_quotient_from_the_reciprocal_is_the_division():
     """a / n from 1 / n and two fmas (the variance's update) is the correctly rounded quotient wherever that is
     normal or zero: random a over the exponent range and whole n, n = 1, zeros, and a within an ulp of n times a
