@@ -228,7 +228,7 @@ def test_fused_bf16_act_norm_beats_torchs_bf16_formulas(benchmark):
 
 
 # measured 2026-12-02 13:50 UTC on the 6/167 Xeon, idle, 1 thread: BiPer 1.31x, RBNN 1.33x, RAD 1.11x, DSQ 1.05-1.06x;
-# 15:20 UTC, RAD's binarizer and moments in one node: BiPer 1.33x, RBNN 1.30x, RAD 1.19x, DSQ 1.05x
+# 14:47 UTC, RAD's binarizer and moments in one node: BiPer 1.33x, RBNN 1.30x, RAD 1.19x, DSQ 1.05x
 @pytest.mark.parametrize(("method", "floor"), [("biper", 1.15), ("rbnn", 1.15), ("rad", 1.10), ("dsq", 1.02)])
 def test_fused_bf16_formulas_speed_up_the_step(benchmark, method, floor):
     """A step under bf16 autocast with the fused formulas (the default: act_norm and alpha, RAD's moments, DSQ's
