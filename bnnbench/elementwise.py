@@ -119,6 +119,13 @@ def _clip_derivative(v: np.float32) -> np.float32:
     return _ONE if abs(v) <= _ONE else _ZERO
 
 
+def _clamp_and_sign(v: np.float32) -> tuple[np.float32, np.float32]:
+    """``clamp(v, -1, 1)`` (NaN stays NaN, -0.0 stays -0.0, as torch's) and ``sign(v)``, which is the sign of the
+    clamped value too."""
+    clamped = _ONE if v > _ONE else v
+    return (-_ONE if clamped < -_ONE else clamped), _sign(v)
+
+
 def _load(element):
     """An input element as float32: bfloat16 bits widened, float32 as is."""
 
@@ -260,6 +267,8 @@ APPROX_SIGN_DERIVATIVE = Kernel("approx_sign_derivative", _approx_sign_derivativ
 """max(0, 2 - 2|x|): torch rounds a bfloat16 ``2 - 2|x|`` once (2|x| is exact, the clamp too)."""
 CLIP_DERIVATIVE = Kernel("clip_derivative", _clip_derivative)
 """1{|x| <= 1} (0 at NaN)."""
+CLAMP_AND_SIGN = Kernel("clamp_and_sign", _clamp_and_sign, outputs=2)
+"""clamp(x, -1, 1) (in place) and sign(x) in one pass, float32 (:func:`clamp_and_sign`)."""
 
 
 def _approx_sign_gradient(x: np.float32, grad: np.float32) -> np.float32:
@@ -623,6 +632,45 @@ def _unpack_sign_bits(bits, shift, one, out):  # pragma: no cover - compiled
         out[i] = one | (out.dtype.type((bits[full] >> np.uint8(i - 8 * full)) & np.uint8(1)) << shift)
 
 
+@njit(nogil=True, cache=True)
+def _clamp_and_sign_bf16(bits: np.ndarray, signs: np.ndarray) -> None:  # pragma: no cover - compiled
+    """clamp(x, -1, 1) in place and sign(x) on bfloat16 bits: |x| > 1 (its magnitude bits above 1's, infinity
+    included) becomes +-1, a NaN 0xFFFF (torch's vectorised clamp writes that), every other value stays; the sign
+    is -1 for a set sign bit (but -0.0) and NaN, else +1."""
+    for i in range(bits.size):
+        b = bits[i]
+        magnitude, negative = b & np.uint16(0x7FFF), b >> np.uint16(15)
+        nan = magnitude > np.uint16(0x7F80)
+        beyond = np.uint16(0xBF80) if negative else np.uint16(0x3F80)
+        bits[i] = np.uint16(0xFFFF) if nan else (beyond if magnitude > np.uint16(0x3F80) else b)
+        signs[i] = np.uint16(0xBF80) if nan or (negative and magnitude != np.uint16(0)) else np.uint16(0x3F80)
+
+
+def clamp_and_sign(x: Tensor) -> Tensor | None:
+    """``x.clamp_(-1, 1)`` and ``sign(x)`` (:data:`SIGN`'s values) in one pass, bit for bit torch's clamp (a NaN's bits
+    too: 0xFFFF in bfloat16 where torch's vectorised loop computes it, the input's in its scalar tails, which torch's
+    clamp computes here on those few elements), or None where the kernels do not cover x (or torch's vector step is
+    unknown, for bfloat16).  Counts as an in-place write of x."""
+    if not covered(x) or (x.dtype == torch.bfloat16 and _STEP is None):
+        return None
+    signs = torch.empty_like(x)
+    if signs.stride() != x.stride():
+        return None
+    n = x.numel()
+    if x.dtype == torch.float32:
+        if n:
+            CLAMP_AND_SIGN(torch.float32, (x,), (x, signs))
+        return signs
+    flat = torch.as_strided(x.detach(), (n,), (1,), x.storage_offset())
+    tails = [(start, stop, flat[start:stop].clone()) for start, stop in _scalar_tails(n)]
+    if n:
+        omp.run(_clamp_and_sign_bf16, n, omp.Split(_flat(x, np.uint16)), omp.Split(_flat(signs, np.uint16)), grain=_ALIGN)
+    for start, stop, original in tails:
+        flat[start:stop] = original.clamp_(-1.0, 1.0)
+    _written(x, signs)
+    return signs
+
+
 def pack_signs(a: Tensor) -> Tensor | None:
     """A tensor of +-1 values in 1 bit each (uint8, elements in memory order), or None where the kernels do not cover it."""
     if not covered(a):
@@ -740,6 +788,8 @@ __all__ = [
     "APPROX_SIGN_GRADIENT",
     "CLIP_DERIVATIVE",
     "CLIP_GRADIENT",
+    "CLAMP_AND_SIGN",
+    "clamp_and_sign",
     "Product",
     "EXCEPTION_SHARE",
     "Kernel",

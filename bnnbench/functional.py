@@ -69,6 +69,8 @@ def sign(x: Tensor) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    if (handed := _handed_signs(x)) is not None:
+        return handed
     fused = elementwise.unary(elementwise.SIGN, x)
     return fused if fused is not None else torch.nan_to_num(x, nan=-1.0).sign_().add_(0.5).sign_()
 
@@ -454,39 +456,69 @@ def scale_channels(y: Tensor, alpha: Tensor) -> Tensor:
     return _ScaledChannels.apply(y, alpha)
 
 
+_HANDED = "_bnnbench_handed_signs"
+
+
+def _handed_signs(x: Tensor) -> Tensor | None:
+    """The signs of ``x`` that the hardtanh which made it computed in its pass (:func:`hardtanh_` with ``signs``),
+    taken once (the binarizer after it owns them), while x has not changed since; else None."""
+    handed = x.__dict__.pop(_HANDED, None)
+    if handed is None or x._version != handed[1]:
+        return None
+    return handed[0]
+
+
 class _HardtanhInPlace(torch.autograd.Function):
     """``clamp_(x, -1, 1)`` in place whose backward reads its *output*: an input is strictly inside (-1, 1)
     exactly when the output is, so torch's ``hardtanh_backward`` on the output gives the same gradient, bit
     for bit.  torch's own in-place hardtanh keeps a copy instead, and the binarizer that reads the output
-    keeps the output too: one activation-sized tensor per binary layer this one saves."""
+    keeps the output too: one activation-sized tensor per binary layer this one saves.  With ``signs`` and where
+    the kernels cover x, the clamp and sign(x) are one pass (:func:`bnnbench.elementwise.clamp_and_sign`), the
+    signs a second, non-differentiable output."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, signs: bool) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
         ctx.mark_dirty(x)
-        x.clamp_(-1.0, 1.0)
+        made = elementwise.clamp_and_sign(x.detach()) if signs else None
+        if made is None:
+            x.clamp_(-1.0, 1.0)
+        else:
+            ctx.mark_non_differentiable(made)
         ctx.save_for_backward(x)
-        return x
+        return x, made
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor, grad_signs: None):  # type: ignore[override]
         (out,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad_output, out, -1.0, 1.0)
+        return torch.ops.aten.hardtanh_backward(grad_output, out, -1.0, 1.0), None
 
 
-def hardtanh_(x: Tensor) -> Tensor:
-    """In-place hardtanh (clamp to [-1, 1]) that keeps only its output for the backward."""
-    return _HardtanhInPlace.apply(x)
+def hardtanh_(x: Tensor, signs: bool = False) -> Tensor:
+    """In-place hardtanh (clamp to [-1, 1]) that keeps only its output for the backward.  With ``signs``, sign(x)
+    is made in the same pass and handed to the first :func:`sign` of the output (the binarizer after it), which
+    then reads nothing: for a non-linearity whose output a binary layer takes as it is."""
+    if torch.compiler.is_compiling():
+        signs = False
+    out, made = _HardtanhInPlace.apply(x, signs)
+    if made is not None:
+        out.__dict__[_HANDED] = (made, out._version)
+    return out
 
 
 class Hardtanh(nn.Hardtanh):
     """The non-linearity between binary layers: ``nn.Hardtanh(-1, 1, inplace=True)`` keeping only its output
-    for the backward (:func:`hardtanh_`)."""
+    for the backward (:func:`hardtanh_`); ``signs``: its output is a binary layer's input, whose sign it makes
+    in its own pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, signs: bool = False) -> None:
         super().__init__(-1.0, 1.0, inplace=True)
+        self.signs = signs
 
     def forward(self, x: Tensor) -> Tensor:
-        return hardtanh_(x)
+        return hardtanh_(x, self.signs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, signs={self.signs}"
 
 
 def saved_as_recipe(tensor: Tensor, recompute: Callable[..., Tensor], *sources: Tensor):

@@ -177,6 +177,35 @@ def test_per_output_variance_is_torchs_var_and_std_with_their_gradients_bit_for_
     assert functional.per_output_variance(wide, root=root).grad_fn.name().startswith(("StdBackward", "VarBackward"))
 
 
+@pytest.mark.parametrize("n", [1, 63, 65, 40_000, 3 * 65_536 + 77])
+def test_clamp_and_sign_is_torchs_clamp_and_the_sign_bit_for_bit(n, monkeypatch):
+    """The hardtanh's clamp with the next layer's signs in one pass: torch's ``clamp_(-1, 1)`` bit for bit (every
+    bfloat16 pattern; NaN's bits too, which torch's vector loop and its scalar tail write differently; float32 NaN
+    payloads, signed zeros), and :func:`functional.sign`'s values, on 1 and 2 threads and channels_last."""
+    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    generator = torch.Generator().manual_seed(n)
+    bf16 = every[torch.randint(0, 65536, (n,), generator=generator)]
+    fp32 = torch.randn(n, generator=generator) * 2
+    fp32[::3] = -0.0
+    fp32.view(torch.int32)[1::7] = torch.randint(0x7F800001, 0x7FFFFFFF, fp32[1::7].shape, generator=generator, dtype=torch.int32)
+    channels_last = every[torch.randint(0, 65536, (4, 8, 9, 9), generator=generator)].contiguous(memory_format=torch.channels_last)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for x in (bf16, fp32, channels_last, every):
+                bits = torch.int16 if x.dtype == torch.bfloat16 else torch.int32
+                clamped = x.clone()
+                signs = elementwise.clamp_and_sign(clamped)
+                assert torch.equal(clamped.view(bits), x.clone().clamp_(-1.0, 1.0).view(bits))
+                assert torch.equal(signs.view(bits), functional.sign(x).view(bits)) and signs.stride() == x.stride()
+    finally:
+        torch.set_num_threads(previous)
+    assert elementwise.clamp_and_sign(torch.randn(4, dtype=torch.float64)) is None
+    assert elementwise.clamp_and_sign(torch.randn(4, 6)[:, ::2]) is None
+
+
 def test_welfords_quotient_from_the_reciprocal_is_the_division():
     """a / n from 1 / n and two fmas (the variance's update) is the correctly rounded quotient wherever that is
     normal or zero: random a over the exponent range and whole n, n = 1, zeros, and a within an ulp of n times a

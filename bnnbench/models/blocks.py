@@ -42,9 +42,13 @@ class BinaryLayers:
             act_norm=self.act_norm,
         )
 
-    def nonlinearity(self) -> nn.Module:
-        """Hardtanh between binary layers (upstream), ReLU when activations are real."""
-        return nn.ReLU(inplace=True) if self.real_activations else Hardtanh()
+    def nonlinearity(self, into_binary: bool = True) -> nn.Module:
+        """Hardtanh between binary layers (upstream), ReLU when activations are real.  ``into_binary``: its output is
+        a binary layer's input as it is, so the hardtanh makes the signs in its pass where the activation method's
+        binarizer is sign(a) of that input (:meth:`~bnnbench.method.Method.activation` not overridden)."""
+        if self.real_activations:
+            return nn.ReLU(inplace=True)
+        return Hardtanh(signs=into_binary and type(self.activations).activation is Method.activation)
 
 
 class PadShortcut(nn.Module):
@@ -77,7 +81,10 @@ class BasicBlock(nn.Module):
     Single skip:  out = act(BN(conv2(act(BN(conv1(x))))) + shortcut(x))
     """
 
-    def __init__(self, layers: BinaryLayers, in_channels: int, out_channels: int, stride: int, shortcut: nn.Module, double_skip: bool) -> None:
+    def __init__(
+        self, layers: BinaryLayers, in_channels: int, out_channels: int, stride: int, shortcut: nn.Module, double_skip: bool, last: bool = False
+    ) -> None:
+        """``last``: the network's last block, whose output goes to the head, not to a binary layer."""
         super().__init__()
         self.double_skip = double_skip
         self.conv1 = layers.conv(in_channels, out_channels, 3, stride)
@@ -85,7 +92,7 @@ class BasicBlock(nn.Module):
         self.act1 = layers.nonlinearity()
         self.conv2 = layers.conv(out_channels, out_channels, 3, 1)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.act2 = layers.nonlinearity()
+        self.act2 = layers.nonlinearity(into_binary=not last)
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:

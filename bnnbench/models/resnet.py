@@ -46,7 +46,8 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 needs_shortcut = stride != 1 or in_channels != width
                 sc = shortcut(in_channels, width, stride) if needs_shortcut else nn.Identity()
-                blocks.append(BasicBlock(layers, in_channels, width, stride, sc, double_skip))
+                last = i == len(widths) - 1 and j == depth - 1
+                blocks.append(BasicBlock(layers, in_channels, width, stride, sc, double_skip, last=last))
                 in_channels = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -94,7 +95,7 @@ def _imagenet_resnet(layers: BinaryLayers, depths: list[int], num_classes: int, 
     stem = nn.Sequential(
         nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
         nn.BatchNorm2d(64),
-        layers.nonlinearity(),
+        layers.nonlinearity(into_binary=False),  # the max-pool's output is the binary layer's input
         nn.MaxPool2d(3, stride=2, padding=1),
     )
     model = ResNet(layers, stem, [64, 128, 256, 512], depths, num_classes, conv_shortcut, double_skip=True)

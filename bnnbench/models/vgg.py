@@ -22,11 +22,11 @@ class VGGSmall(nn.Module):
     def __init__(self, layers: BinaryLayers, num_classes: int = 10) -> None:
         super().__init__()
         modules: list[nn.Module] = [nn.Conv2d(3, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), layers.nonlinearity()]
-        for c_in, c_out, pool in _BINARY_CONVS:
+        for k, (c_in, c_out, pool) in enumerate(_BINARY_CONVS):
             modules.append(layers.conv(c_in, c_out, 3))
             if pool:
                 modules.append(nn.MaxPool2d(2))
-            modules += [nn.BatchNorm2d(c_out), layers.nonlinearity()]
+            modules += [nn.BatchNorm2d(c_out), layers.nonlinearity(into_binary=k < len(_BINARY_CONVS) - 1)]  # the last: the Linear's
         self.features = nn.Sequential(*modules)
         self.fc = nn.Linear(512 * 4 * 4, num_classes)
         for m in self.modules():

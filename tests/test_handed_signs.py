@@ -1,0 +1,68 @@
+"""The hardtanh between binary layers hands the next layer its signs (functional.hardtanh_ with ``signs``): made in
+the clamp's pass, taken once by the binarizer's sign, never where x changed since, and made only where a binary
+layer takes the hardtanh's output as it is with sign(a) (not before a pool or the head, not for ReActNet's
+sign(a + beta) or DSQ's own binarizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnnbench
+from bnnbench import functional
+from bnnbench.functional import Hardtanh
+
+
+def test_the_signs_are_taken_once_and_not_after_an_in_place_change():
+    x = torch.randn(4, 3, 8, 8).bfloat16()
+    out = functional.hardtanh_(x, signs=True)
+    handed = out.__dict__[functional._HANDED][0]
+    assert torch.equal(handed, functional.sign(x.clone()))
+    assert functional.sign(out) is handed  # the binarizer's sign reads nothing
+    assert functional._HANDED not in out.__dict__
+    fresh = functional.sign(out)
+    assert fresh is not handed and torch.equal(fresh, handed)
+    y = functional.hardtanh_(torch.randn(4, 3, 8, 8), signs=True)
+    y.mul_(-1.0)  # changed in place: its handed signs are stale
+    assert torch.equal(functional.sign(y), torch.where(y >= 0, 1.0, -1.0))
+
+
+def test_gradients_through_the_hardtanh_are_torchs_with_and_without_signs():
+    h = torch.randn(5, 4, 6, 6, generator=torch.Generator().manual_seed(3)) * 2
+    grads = []
+    for signs in (True, False):
+        leaf = h.clone().requires_grad_(True)
+        out = functional.hardtanh_(leaf * 1.0, signs=signs)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        grads.append(leaf.grad)
+    reference = h.clone().requires_grad_(True)
+    (torch.nn.functional.hardtanh(reference) * torch.arange(h.numel()).reshape(h.shape)).sum().backward()
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], reference.grad)
+
+
+def signs_flags(model: torch.nn.Module) -> list[bool]:
+    return [m.signs for m in model.modules() if isinstance(m, Hardtanh)]
+
+
+@pytest.mark.parametrize(("net", "family", "expected"), [
+    ("resnet20", "cifar", [True] * 18 + [False]),  # the stem's, every block's but the last block's output (the head's)
+    ("resnet18", "imagenet", [False] + [True] * 15 + [False]),  # the stem's goes to a max-pool
+    ("vgg_small", "cifar", [True] * 5 + [False]),  # the last goes to the Linear
+])
+def test_only_a_hardtanh_whose_output_a_binary_layer_signs_makes_signs(net, family, expected):
+    assert signs_flags(bnnbench.build_model(net, "biper", family=family)) == expected
+    for method in ("reactnet", "dsq"):  # sign(a + beta), the soft quantizer: no sign(a) to hand on
+        assert not any(signs_flags(bnnbench.build_model(net, method, family=family)))
+
+
+@pytest.mark.parametrize("method", ["sign-ste", "biper", "rad"])
+def test_a_training_forward_takes_every_handed_sign(method):
+    """No handed signs stay behind on a hardtanh's output (they would be kept, unused, until the backward)."""
+    model = bnnbench.build_model("resnet20", method).train()
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in model.modules() if isinstance(m, Hardtanh)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(4, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 19 and not any(functional._HANDED in out.__dict__ for out in outputs)
