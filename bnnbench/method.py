@@ -148,6 +148,10 @@ class Method:
     # True: the method's own bfloat16 formulas follow functional.bf16_formulas (RAD's moments, DSQ), as act_norm and
     # learned alpha do; a run records the choice (layers.takes_bf16_formulas).
     takes_bf16_formulas: ClassVar[bool] = False
+    # True: the activation's forward is functional.sign(a) of the layer's input a itself (any backward), so the
+    # hardtanh before the layer makes those signs in its own pass and hands them over (functional.hardtanh_).  A method
+    # whose forward is another function sets False (ReActNet's sign(a + beta)): signs made for it would go unused.
+    signs_its_input: ClassVar[bool] = True
     # The activation surrogate d sign(a)/da as a function of a alone: Bi-Real's ApproxSign (Eq. 7) unless a method
     # names another (staticmethod(clip_derivative), ...).  surrogate_sign receives the function itself, so the
     # one-pass backwards it knows apply (functional: ApproxSign, clipped STE, and the STE handing the gradient on).

@@ -36,6 +36,8 @@ from bnnbench.registry import register_method
 class ReActNet(Method):
     """RSign activations with a learned per-channel threshold; scaled sign weights."""
 
+    signs_its_input = False  # sign(a + beta): the hardtanh before has no signs to hand over
+
     paper = "Liu et al., ReActNet, ECCV 2020"
     weight_forward = "mean|w_c| sign(w) (scale detached)"
     weight_backward = "1{|w| <= 1} (scale not in the backward)"

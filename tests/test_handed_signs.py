@@ -1,7 +1,7 @@
 """The hardtanh between binary layers hands the next layer its signs (functional.hardtanh_ with ``signs``): made in
 the clamp's pass, taken once by the binarizer's sign, never where x changed since, and made only where a binary
 layer takes the hardtanh's output as it is with sign(a) (not before a pool or the head, not for ReActNet's
-sign(a + beta) or DSQ's own binarizer)."""
+sign(a + beta))."""
 
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ def signs_flags(model: torch.nn.Module) -> list[bool]:
 ])
 def test_only_a_hardtanh_whose_output_a_binary_layer_signs_makes_signs(net, family, expected):
     assert signs_flags(bnnbench.build_model(net, "biper", family=family)) == expected
-    for method in ("reactnet", "dsq"):  # sign(a + beta), the soft quantizer: no sign(a) to hand on
-        assert not any(signs_flags(bnnbench.build_model(net, method, family=family)))
+    assert signs_flags(bnnbench.build_model(net, "dsq", family=family)) == expected  # DSQ's forward: sign(a)
+    assert not any(signs_flags(bnnbench.build_model(net, "reactnet", family=family)))  # sign(a + beta)
 
 
-@pytest.mark.parametrize("method", ["sign-ste", "biper", "rad"])
+@pytest.mark.parametrize("method", ["sign-ste", "biper", "rad", "dsq"])
 def test_a_training_forward_takes_every_handed_sign(method):
     """No handed signs stay behind on a hardtanh's output (they would be kept, unused, until the backward)."""
     model = bnnbench.build_model("resnet20", method).train()

@@ -45,10 +45,10 @@ class BinaryLayers:
     def nonlinearity(self, into_binary: bool = True) -> nn.Module:
         """Hardtanh between binary layers (upstream), ReLU when activations are real.  ``into_binary``: its output is
         a binary layer's input as it is, so the hardtanh makes the signs in its pass where the activation method's
-        binarizer is sign(a) of that input (:meth:`~bnnbench.method.Method.activation` not overridden)."""
+        forward is sign(a) of that input (:attr:`~bnnbench.method.Method.signs_its_input`)."""
         if self.real_activations:
             return nn.ReLU(inplace=True)
-        return Hardtanh(signs=into_binary and type(self.activations).activation is Method.activation)
+        return Hardtanh(signs=into_binary and self.activations.signs_its_input)
 
 
 class PadShortcut(nn.Module):
