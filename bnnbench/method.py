@@ -77,6 +77,7 @@ The run's :class:`~bnnbench.runners.spec.RunSpec` names the teacher run (part of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar, Union
 
@@ -114,6 +115,35 @@ def scheduled(progress: Progress, value: Tensor) -> Progress:
     """A schedule's ``value`` (computed from :func:`as_progress`) in the kind ``progress`` came as:
     a float for a float, the 0-dim tensor for a layer's buffer."""
     return value if isinstance(progress, Tensor) else float(value)
+
+
+_SCHEDULES = "_bnnbench_schedules"
+
+
+def schedule(function: Callable[[Any, Progress], Any]) -> Callable[[Any, Progress], Any]:
+    """A method's schedule of the training progress (``t(p)``, ``k(p)``, ...), kept on a layer's progress buffer:
+    evaluated once per value the buffer holds (its version: :func:`bnnbench.set_progress` fills it in place), not
+    in every forward and backward of every layer, which cost some 5-10 small operators a call.  Keyed by the function
+    and the method's hyper-parameters, on which alone the value depends besides p; a float progress, or a method
+    whose hyper-parameters do not hash, is evaluated every time, as inside torch.compile."""
+
+    @functools.wraps(function)
+    def kept(self: Any, progress: Progress) -> Any:
+        if not isinstance(progress, Tensor) or torch.compiler.is_compiling():
+            return function(self, progress)
+        key = (function, *(getattr(self, field.name) for field in dataclasses.fields(self)))
+        try:
+            memo = progress.__dict__.setdefault(_SCHEDULES, {})
+            hit = memo.get(key)
+        except TypeError:  # an unhashable hyper-parameter
+            return function(self, progress)
+        if hit is not None and hit[0] == progress._version:
+            return hit[1]
+        value = function(self, progress)
+        memo[key] = (progress._version, value)
+        return value
+
+    return kept
 
 
 @dataclasses.dataclass
@@ -406,5 +436,5 @@ def standardized(w: Tensor) -> Tensor:
 
 __all__ = [
     "LOSS_REDUCTIONS", "Method", "Progress", "SCALES", "as_progress", "forward_only_scale", "mean_abs", "per_output_dims", "standardized",
-    "scheduled", "straight_through",
+    "schedule", "scheduled", "straight_through",
 ]

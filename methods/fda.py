@@ -30,7 +30,7 @@ from torch import Tensor
 
 from bnnbench import elementwise
 from bnnbench.elementwise import r
-from bnnbench.method import Method, Progress, as_progress, mean_abs, per_output_dims
+from bnnbench.method import Method, Progress, as_progress, mean_abs, per_output_dims, schedule
 from bnnbench.registry import register_method
 
 
@@ -117,6 +117,7 @@ class FDA(Method):
     activation_backward = "same Fourier series as the weights"
     scale = "mean_abs_channel"
 
+    @schedule
     def n_terms(self, progress: Progress) -> int | Tensor:
         """n(p) = n_start + floor(n_growth p): the last index of the series (an int for a float progress)."""
         n = self.n_start + torch.floor(as_progress(progress) * self.n_growth)

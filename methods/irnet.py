@@ -27,14 +27,7 @@ from torch import Tensor
 
 from bnnbench import elementwise
 from bnnbench.elementwise import r
-from bnnbench.method import (
-    Method,
-    Progress,
-    as_progress,
-    per_output_dims,
-    scheduled,
-    standardized,
-)
+from bnnbench.method import Method, Progress, as_progress, per_output_dims, schedule, scheduled, standardized
 from bnnbench.registry import register_method
 
 
@@ -82,11 +75,13 @@ class IRNet(Method):
     activation_backward = "k t (1 - tanh^2(t a)) (EDE)"
     scale = "power_of_two"
 
+    @schedule
     def t(self, progress: Progress) -> Progress:
         """t(p) = 10^(log10 T_min + (log10 T_max - log10 T_min) p)."""
         lo, hi = math.log10(self.t_min), math.log10(self.t_max)
         return scheduled(progress, torch.pow(10.0, lo + (hi - lo) * as_progress(progress)))
 
+    @schedule
     def k(self, progress: Progress) -> Progress:
         """k(p) = max(1/t(p), 1)."""
         return scheduled(progress, torch.clamp(1.0 / as_progress(self.t(progress)), min=1.0))

@@ -57,7 +57,7 @@ from torch import Tensor
 from bnnbench import elementwise
 from bnnbench.elementwise import r
 from bnnbench.functional import sign
-from bnnbench.method import Method, Progress, as_progress, scheduled, standardized
+from bnnbench.method import Method, Progress, as_progress, schedule, scheduled, standardized
 from bnnbench.registry import register_method
 
 ROTATION_GRADS = ("paper", "upstream")
@@ -122,13 +122,16 @@ class RBNN(Method):
             raise ValueError(f"rbnn: rotation_grad must be one of {ROTATION_GRADS}, got {self.rotation_grad!r}")
 
     # --------------------------------------------------------------- schedule
+    @schedule
     def t(self, progress: Progress) -> Progress:
         lo, hi = math.log10(self.t_min), math.log10(self.t_max)
         return scheduled(progress, torch.pow(10.0, lo + (hi - lo) * as_progress(progress)))
 
+    @schedule
     def k(self, progress: Progress) -> Progress:
         return scheduled(progress, torch.clamp(1.0 / as_progress(self.t(progress)), min=1.0))
 
+    @schedule
     def t_activation(self, progress: Progress) -> Progress:
         return scheduled(progress, torch.clamp(as_progress(self.t(progress)), min=1.0))
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bnnbench.functional import per_output_variance
-from bnnbench.method import Method, Progress, as_progress, per_output_dims, scheduled
+from bnnbench.method import Method, Progress, as_progress, per_output_dims, schedule, scheduled
 from bnnbench.registry import register_method
 
 
@@ -49,6 +49,7 @@ class ReCU(Method):
     scale = "learned_alpha"
     default_act_norm = True
 
+    @schedule
     def tau(self, progress: Progress) -> Progress:
         """tau(p) = A e^p + B, tau(0) = tau_min, tau(1) = tau_max."""
         a = (self.tau_max - self.tau_min) / (math.e - 1.0)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bnnbench import elementwise
 from bnnbench.elementwise import r
-from bnnbench.method import Method, Progress, as_progress, mean_abs, scheduled
+from bnnbench.method import Method, Progress, as_progress, mean_abs, schedule, scheduled
 from bnnbench.registry import register_method
 
 
@@ -97,6 +97,7 @@ class ReSTE(Method):
     activation_backward = "same estimator as the weights"
     scale = "mean_abs_layer"
 
+    @schedule
     def o(self, progress: Progress) -> Progress:
         """The power o(p) = 1 + (o_end - 1)(1 - cos(pi p / 2))."""
         return scheduled(progress, 1.0 + (self.o_end - 1.0) * (1.0 - torch.cos(math.pi * as_progress(progress) / 2.0)))

@@ -370,3 +370,28 @@ def test_extra_methods_build_and_train(name: str, stage: int) -> None:
     conv = model.stages[1][0].conv2
     assert torch.isfinite(loss)
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all() and conv.weight.grad.abs().sum() > 0
+
+
+def test_a_schedule_is_kept_per_progress_value_and_hyper_parameters():
+    """method.schedule: a layer's schedule (IR-Net's t and k, RBNN's, ReCU's tau, ReSTE's o, FDA's n) is evaluated once
+    per value of its progress buffer, again after set_progress moves it, and never shared between hyper-parameters;
+    the values are the plain formula's."""
+    import torch
+
+    from bnnbench import get_method
+    from bnnbench.layers import BinaryConv2d, set_progress
+
+    layer = BinaryConv2d(4, 4, 3, method="irnet")
+    method, p = layer.method, layer.progress
+    first = method.t(p)
+    assert method.t(p) is first and method.k(p) is method.k(p)
+    set_progress(layer, 0.5)
+    moved = method.t(p)
+    assert moved is not first and float(moved) == method.t(0.5) and float(method.k(p)) == method.k(0.5)
+    other = get_method("irnet", t_min=1e-3)
+    assert float(other.t(p)) == other.t(0.5) != float(moved)
+    for name, schedule in (("rbnn", "t_activation"), ("recu", "tau"), ("reste", "o"), ("fda", "n_terms")):
+        m = get_method(name)
+        q = torch.full((), 0.25, dtype=torch.float64)
+        assert getattr(m, schedule)(q) is getattr(m, schedule)(q)
+        assert float(getattr(m, schedule)(q)) == float(getattr(m, schedule)(0.25))
