@@ -79,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any, Callable, ClassVar, Union
 
 import torch
@@ -117,7 +118,8 @@ def scheduled(progress: Progress, value: Tensor) -> Progress:
     return value if isinstance(progress, Tensor) else float(value)
 
 
-_SCHEDULES = "_bnnbench_schedules"
+_SCHEDULES: weakref.WeakKeyDictionary[Tensor, dict] = weakref.WeakKeyDictionary()
+"""Per progress buffer (alive), the schedules kept for it: a copy of a layer is a new buffer, with none."""
 
 
 def schedule(function: Callable[[Any, Progress], Any]) -> Callable[[Any, Progress], Any]:
@@ -133,7 +135,7 @@ def schedule(function: Callable[[Any, Progress], Any]) -> Callable[[Any, Progres
             return function(self, progress)
         key = (function, *(getattr(self, field.name) for field in dataclasses.fields(self)))
         try:
-            memo = progress.__dict__.setdefault(_SCHEDULES, {})
+            memo = _SCHEDULES.setdefault(progress, {})
             hit = memo.get(key)
         except TypeError:  # an unhashable hyper-parameter
             return function(self, progress)

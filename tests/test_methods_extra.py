@@ -395,3 +395,21 @@ def test_a_schedule_is_kept_per_progress_value_and_hyper_parameters():
         q = torch.full((), 0.25, dtype=torch.float64)
         assert getattr(m, schedule)(q) is getattr(m, schedule)(q)
         assert float(getattr(m, schedule)(q)) == float(getattr(m, schedule)(0.25))
+
+
+def test_layers_sharing_one_method_keep_their_own_schedules():
+    """A backbone's layers share one method object, each with its own progress buffer: a schedule kept for one is
+    not another's (here one layer has moved on), and a deep copy (the packed export's) evaluates its own."""
+    import copy
+
+    from bnnbench import get_method
+    from bnnbench.layers import BinaryConv2d, set_progress
+
+    method = get_method("irnet")
+    first, second = (BinaryConv2d(4, 4, 3, method=method) for _ in range(2))
+    assert first.method is second.method
+    method.t(first.progress), method.t(second.progress)
+    set_progress(second, 0.5)
+    assert float(method.t(first.progress)) == method.t(0.0) and float(method.t(second.progress)) == method.t(0.5)
+    twin = copy.deepcopy(second)
+    assert float(twin.method.t(twin.progress)) == method.t(0.5)
