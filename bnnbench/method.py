@@ -58,7 +58,13 @@ keeps until the next (RAD's distribution loss).  :func:`bnnbench.regularization_
 both kinds over the binary layers, the one loss term the training loop knows: weight terms are
 summed over layers; activation terms are summed, or averaged over the layers when the
 activation method's ``loss_reduction`` is ``"mean"``.  The recipe's regulariser switch turns
-both on or off.
+both on or off.  A training forward asks for the binarizer and the activation term in one call,
+``activation_with_loss(a, stage, progress, **kwargs)`` (default: the term, then ``activation``),
+so that a method may compute both in one autograd node (RAD's bfloat16 path).
+
+Schedules of the training progress (IR-Net's t and k, ReCU's tau, ...) are methods decorated with
+:func:`schedule`: evaluated once per value of a layer's progress buffer, not in every forward and
+backward.
 
 A loss over several layers' activations, against a teacher (added for LCR-BNN; any plugin may
 use it).  A method with ``teacher = True`` trains against a frozen full-precision network of the
