@@ -94,7 +94,7 @@ def signs_of(out: Tensor, recompute: Callable[..., Tensor], *sources: Tensor) ->
     sources change in place: the binary conv after it keeps the sources, which the binarizer's backward keeps
     anyway, instead of a packed copy of the signs (:class:`_ConvOfSigns`).  For a method's own autograd Function
     whose forward returns ``sign(x)`` and saves x (DSQ's)."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not any(t.is_inference() for t in (out, *sources)):  # (no versions counted)
         setattr(out, _RECIPE, (recompute, sources, out._version, [t._version for t in sources]))
     return out
 
@@ -499,7 +499,7 @@ def hardtanh_(x: Tensor, signs: bool = False) -> Tensor:
     then reads nothing: for a non-linearity whose output a binary layer takes as it is."""
     if torch.compiler.is_compiling():
         signs = False
-    out, made = _HardtanhInPlace.apply(x, signs)
+    out, made = _HardtanhInPlace.apply(x, signs and not x.is_inference())
     if made is not None:
         out.__dict__[_HANDED] = (made, out._version)
     return out

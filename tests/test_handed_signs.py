@@ -66,3 +66,16 @@ def test_a_training_forward_takes_every_handed_sign(method):
     for h in hooks:
         h.remove()
     assert len(outputs) == 19 and not any(functional._HANDED in out.__dict__ for out in outputs)
+
+
+@pytest.mark.parametrize("method", ["biper", "rad", "dsq", "reactnet"])
+def test_inference_mode_gives_no_grads_outputs(method):
+    """Under torch.inference_mode (whose tensors count no versions) neither the handed signs nor the conv's recipe
+    of its signs are kept; the outputs are no_grad's, bit for bit."""
+    model = bnnbench.build_model("resnet20", method).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fast = model(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(fast, expected)
