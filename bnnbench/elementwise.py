@@ -771,8 +771,7 @@ def per_sample_variance(x: Tensor, root: bool = False) -> Tensor | None:
     per_sample = x[0].numel()
     if per_sample < 2 or (per_sample >= REDUCTION_GRAIN and torch.get_num_threads() > 1):
         return None
-    rows = x.reshape(x.shape[0], per_sample)
-    rows = rows.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else rows.numpy()
+    rows = bf16_bits(x, x.shape[0], per_sample) if x.dtype == torch.bfloat16 else x.detach().reshape(x.shape[0], per_sample).numpy()
     out = np.empty(x.shape[0])
     omp.run(_welford_rows, x.shape[0], omp.Split(rows), x.dtype == torch.bfloat16, 1, omp.Split(out), work=x.numel())
     if root:

@@ -266,10 +266,18 @@ _GRADIENTS: dict[Derivative, elementwise.Kernel] = {
 
 def _reusing(t: Tensor, op: Callable[..., Tensor], other: Tensor) -> Tensor:
     """``op(t, other)`` for a temporary ``t``, written into t where that rounds alike (the result has t's dtype and
-    shape): one activation-sized allocation less."""
-    if torch.result_type(t, other) == t.dtype and torch.broadcast_shapes(t.shape, other.shape) == t.shape:
+    shape) and autograd records neither (a backward run with create_graph, as the diagnostics' is): one
+    activation-sized allocation less."""
+    tracked = torch.is_grad_enabled() and (t.requires_grad or other.requires_grad)
+    if not tracked and torch.result_type(t, other) == t.dtype and torch.broadcast_shapes(t.shape, other.shape) == t.shape:
         return op(t, other, out=t)
     return op(t, other)
+
+
+def _variance_gradient(x: Tensor, grad_var: Tensor) -> Tensor:
+    """VarBackward's gradient to x of the unbiased variance over dims 1.. (keepdim), in its order:
+    (2 / (n - 1)) grad_var (x - mean(x)), written into the centred temporary."""
+    return _reusing(x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True), torch.mul, (2.0 / (x[0].numel() - 1)) * grad_var)
 
 
 class _NormalizedSurrogateSign(torch.autograd.Function):
@@ -320,8 +328,7 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
         grad_a0 = grad_output * surrogate
         # autograd's (-grad_a0 * (a0 / root)).sum(): negating the sum instead is exact (rounding is symmetric)
         grad_root = -_reusing(_reusing(a0, torch.div, root), torch.mul, grad_a0).sum(dim=dims, keepdim=True)
-        grad_var = grad_root / (2 * root)
-        through_variance = _reusing(x - x.mean(dim=dims, keepdim=True), torch.mul, (2.0 / (x[0].numel() - 1)) * grad_var)
+        through_variance = _variance_gradient(x, grad_root / (2 * root))
         return _reusing(grad_a0, torch.div, root), through_variance, None, None
 
 
@@ -348,8 +355,7 @@ class _PerOutputVariance(torch.autograd.Function):
         x, result = ctx.saved_tensors
         if ctx.root:
             grad_output = (grad_output / (result * 2)).masked_fill_(result == 0, 0)
-        dims = tuple(range(1, x.dim()))
-        return (2.0 / (x[0].numel() - 1)) * grad_output * (x - x.mean(dim=dims, keepdim=True)), None, None
+        return _variance_gradient(x, grad_output), None, None
 
 
 def per_output_variance(x: Tensor, root: bool = False) -> Tensor:
@@ -497,9 +503,7 @@ def hardtanh_(x: Tensor, signs: bool = False) -> Tensor:
     """In-place hardtanh (clamp to [-1, 1]) that keeps only its output for the backward.  With ``signs``, sign(x)
     is made in the same pass and handed to the first :func:`sign` of the output (the binarizer after it), which
     then reads nothing: for a non-linearity whose output a binary layer takes as it is."""
-    if torch.compiler.is_compiling():
-        signs = False
-    out, made = _HardtanhInPlace.apply(x, signs and not x.is_inference())
+    out, made = _HardtanhInPlace.apply(x, signs and not x.is_inference())  # (none inside torch.compile: not covered)
     if made is not None:
         out.__dict__[_HANDED] = (made, out._version)
     return out

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
-from llvmlite import ir
 
 PARALLEL_WORK = 1 << 16
 """Elements below which :func:`run` stays on the calling thread (a region costs some 2 us to enter)."""

@@ -210,17 +210,29 @@ class _ChannelMomentsBF16(torch.autograd.Function):
         if grad_mean is None and grad_mean_square is None:
             return None
         a, mean = ctx.saved_tensors
-        count = a.numel() // a.shape[1]
-        if grad_mean_square is None:  # the mean's share alone (no 0 (a - mu) term: NaN where a is infinite)
-            return (grad_mean.float() / count).view(1, -1, *([1] * (a.dim() - 2))).expand_as(a).to(a.dtype)
-        twice_share = 2.0 * grad_mean_square.float() / count
-        mean_share = torch.zeros_like(mean) if grad_mean is None else grad_mean.float() / count
-        rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
+        return _bf16_moments_gradient(a, mean, grad_mean, grad_mean_square)
+
+
+def _bf16_moments_gradient(a: Tensor, mean: Tensor, grad_mean: Tensor | None, grad_mean_square: Tensor | None, grad_signs: Tensor | None = None) -> Tensor:
+    """The gradient to a bfloat16 a of its channel moments, 2 (g_ms / M) (a - mu) + g_mu / M, and with ``grad_signs``
+    the clipped STE's g 1{|a| <= 1} too, in one float32 pass rounded once (a missing moment's gradient is 0); torch's
+    formula where the kernels do not take a and the gradients.  The mean's share alone is spread without the
+    0 (a - mu) term (NaN where a is infinite)."""
+    count = a.numel() // a.shape[1]
+    channels = (1, -1, *([1] * (a.dim() - 2)))
+    mean_share = torch.zeros_like(mean) if grad_mean is None else grad_mean.float() / count
+    if grad_mean_square is None and grad_signs is None:
+        return mean_share.view(channels).expand_as(a).to(a.dtype)
+    twice_share = torch.zeros_like(mean) if grad_mean_square is None else 2.0 * grad_mean_square.float() / count
+    rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
+    if grad_signs is None:
         fused = elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
-        if fused is None:  # the same formula by torch, where the kernels do not take a
-            channels = (1, -1, *([1] * (a.dim() - 2)))
-            fused = (twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)).to(a.dtype)
+    else:
+        fused = elementwise.apply(SIGN_AND_MOMENTS_GRADIENT, a, grad_signs, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+    if fused is not None:
         return fused
+    centred = twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)
+    return (centred if grad_signs is None else grad_signs.float() * clip_derivative(a).float() + centred).to(a.dtype)
 
 
 def _sign_and_moments_gradient(a: np.float32, g: np.float32, mean: np.float32, twice_share: np.float32, mean_share: np.float32) -> np.float32:
@@ -272,17 +284,8 @@ class _SignAndMomentsBF16(torch.autograd.Function):
         a, mean = ctx.saved_tensors
         if grad_signs is None and grad_mean is None and grad_mean_square is None:
             return None
-        count = a.numel() // a.shape[1]
-        twice_share = torch.zeros_like(mean) if grad_mean_square is None else 2.0 * grad_mean_square.float() / count
-        mean_share = torch.zeros_like(mean) if grad_mean is None else grad_mean.float() / count
         grad_signs = torch.zeros_like(a) if grad_signs is None else grad_signs
-        rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
-        fused = elementwise.apply(SIGN_AND_MOMENTS_GRADIENT, a, grad_signs, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
-        if fused is None:  # the same formula by torch (a gradient in another layout)
-            channels = (1, -1, *([1] * (a.dim() - 2)))
-            centred = twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)
-            fused = (grad_signs.float() * clip_derivative(a).float() + centred).to(a.dtype)
-        return fused
+        return _bf16_moments_gradient(a, mean, grad_mean, grad_mean_square, grad_signs)
 
 
 @register_method("rad")
