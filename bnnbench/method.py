@@ -92,6 +92,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .standardize import fuses as fuses_standardization
+from .standardize import standardized as fused_standardized
 from .functional import (
     Derivative,
     ParametrizedSurrogate,
@@ -437,7 +439,10 @@ def per_output_dims(w: Tensor) -> tuple[int, ...]:
 
 def standardized(w: Tensor) -> Tensor:
     """(w - mean_c(w)) / std_c(w - mean_c(w)) per output channel c, the std unbiased and without eps (IR-Net's
-    and RBNN's weights, as upstream); torch's values and gradients (:func:`~bnnbench.functional.per_output_variance`)."""
+    and RBNN's weights, as upstream); torch's values and gradients (:func:`~bnnbench.functional.per_output_variance`),
+    or one node computing in float64 under bfloat16 autocast with the fused formulas (:mod:`bnnbench.standardize`)."""
+    if fuses_standardization(w):
+        return fused_standardized(w)
     centered = w - w.mean(dim=per_output_dims(w), keepdim=True)
     return centered / per_output_variance(centered, root=True)
 

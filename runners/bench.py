@@ -68,11 +68,20 @@ RESNET18_BINARY_CONVS: tuple[tuple[int, int, int, int], ...] = (
 
 @dataclass
 class Timing:
-    """Seconds per call: best (minimum) and median over ``runs`` calls."""
+    """Seconds per call: best (minimum) and median over ``runs`` calls; ``blocks``: the median call of each of the
+    contender's blocks, one per round of :func:`time_interleaved`, in order."""
 
     best: float
     median: float
     runs: int
+    blocks: tuple[float, ...] = ()
+
+
+def paired_ratio(timing: Timing, baseline: Timing) -> float:
+    """The median over rounds of ``timing``'s block against ``baseline``'s block of the same round: a ratio that a
+    slow spell of the machine lasting a round or more leaves alone, where best / best follows the luckiest call."""
+    pairs = [a / b for a, b in zip(timing.blocks, baseline.blocks)]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def time_interleaved(
@@ -101,11 +110,12 @@ def time_interleaved(
         with setting(name):
             call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    blocks: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
     while min(len(s) for s in samples.values()) < min_runs or time.perf_counter() - start < budget_s:
         for name, call in calls.items():
             with setting(name):
-                block_start = time.perf_counter()
+                block_start, first = time.perf_counter(), len(samples[name])
                 while True:
                     t0 = time.perf_counter()
                     call()
@@ -113,7 +123,8 @@ def time_interleaved(
                     samples[name].append(t1 - t0)
                     if t1 - block_start >= block_s:
                         break
-    return {name: Timing(min(s), statistics.median(s), len(s)) for name, s in samples.items()}
+                blocks[name].append(statistics.median(samples[name][first:]))
+    return {name: Timing(min(s), statistics.median(s), len(s), tuple(blocks[name])) for name, s in samples.items()}
 
 
 def set_threads(threads: int) -> None:

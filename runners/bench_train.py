@@ -26,7 +26,7 @@ import bnnbench
 from bnnbench.errors import ConfigError
 from bnnbench.functional import BF16_FORMULAS, bf16_formulas
 
-from .bench import machine_info, set_threads, time_interleaved
+from .bench import machine_info, paired_ratio, set_threads, time_interleaved
 from .train import bf16_hardware
 
 MEMORY_STEPS = 3
@@ -152,7 +152,8 @@ def peak_memory(methods: Sequence[str], settings: StepSettings, threads: int) ->
 def train_benchmark(
     settings: StepSettings, methods: Sequence[str] | None = None, threads: int = 1, budget_s: float = 3.0, memory: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One row per method (fp first): images/s, step time, ratio to fp (best and median), peak memory and its ratio."""
+    """One row per method (fp first): images/s, step time, ratio to fp (best, median, and the median of each round's
+    ratio: :func:`~.bench.paired_ratio`), peak memory and its ratio."""
     set_threads(threads)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64  # one compiled model per method in this process
@@ -181,6 +182,7 @@ def train_benchmark(
                 "step_ms": 1e3 * times[name].best,
                 "step_vs_fp": times[name].best / reference.best,
                 "step_vs_fp_median": times[name].median / reference.median,
+                "step_vs_fp_paired": paired_ratio(times[name], reference),
                 "peak_mib": peaks.get(name, float("nan")),
                 "peak_vs_fp": peaks.get(name, float("nan")) / peaks["fp"] if peaks.get("fp") else float("nan"),
                 "runs": times[name].runs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
 from bnnbench.commands.bench import conv_table, conv_verdict, model_table
@@ -64,3 +65,29 @@ def test_interleaved_timing_enters_a_contender_setting_around_its_blocks_only():
     times = time_interleaved(calls, budget_s=0.01, min_runs=20, block_s=0.001, settings={"set": switch})
     assert seen == {"plain": {False}, "set": {True}}
     assert times["set"].runs >= 20 and 1 < state["entered"] < times["set"].runs + 1  # once per block, not per call
+
+
+def test_the_paired_ratio_pairs_each_round_and_one_lucky_call_does_not_move_it(monkeypatch):
+    """Each round gives every contender one block; the paired ratio is the median of the rounds' ratios: a baseline
+    call that ran twice as fast once (a lucky spell) moves best / best from 1.5 to 3, and the paired ratio not."""
+    import itertools
+
+    from bnnbench.runners import bench
+
+    clock = itertools.count()
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock) * 1e-3)  # 1 ms a reading
+    calls = {"base": 0, "other": 0}
+
+    def timed(name: str, ms: int):
+        def call() -> None:
+            calls[name] += 1
+            lucky = name == "base" and calls[name] == 3  # the second timed call (the first is the warm-up)
+            for _ in range((ms // 2 if lucky else ms) - 1):  # the reading after the call makes the last ms
+                next(clock)
+
+        return call
+
+    times = bench.time_interleaved({"base": timed("base", 2), "other": timed("other", 3)}, budget_s=0.0, min_runs=6, block_s=0.0)
+    assert len(times["base"].blocks) == len(times["other"].blocks) == times["base"].runs == 6
+    assert times["other"].best / times["base"].best == pytest.approx(3.0)
+    assert bench.paired_ratio(times["other"], times["base"]) == pytest.approx(1.5)

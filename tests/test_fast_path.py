@@ -115,7 +115,7 @@ def test_training_steps_are_bit_identical_to_the_reference_formulas(method, amp,
     assert all(torch.equal(fast[k], reference[k]) for k in fast), [k for k in fast if not torch.equal(fast[k], reference[k])]
 
 
-@pytest.mark.parametrize("method", ["biper", "rbnn", "dsq"])
+@pytest.mark.parametrize("method", ["biper", "rbnn", "dsq", "irnet", "recu"])
 def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
     """act_norm, alpha and DSQ's soft quantizer in float32 kernels under bf16 (the default): 3 SGD steps end as near
     fp32's weights as with
