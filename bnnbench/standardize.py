@@ -24,9 +24,8 @@ from numba import njit
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .act_norm_bf16 import SUMS  # sums in vector lanes; NaN and infinity still propagate
 from .functional import fused_bf16
-
-SUMS = {"reassoc", "contract"}  # float64 sums in vector lanes; NaN and infinity still propagate
 
 
 @njit(nogil=True, fastmath=SUMS, cache=True)
