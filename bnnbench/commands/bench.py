@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     train.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per method)")
     train.add_argument("--csv", "--out", dest="csv", default="results/bench/train.csv", help="CSV file (default: results/bench/train.csv)")
+    train.add_argument(
+        "--breakdown",
+        metavar="CSV",
+        default=None,
+        help="also profile each method's step per operator against fp's (self CPU ms per step; 3 rounds of 4 steps) into this CSV",
+    )
     for sub, budget in ((conv, 3.0), (model, 20.0), (train, 3.0)):
         sub.add_argument("--threads", type=at_least(1), default=1, help="threads for torch and numba alike (default: 1)")
         sub.add_argument("--budget", type=float, default=budget, help=f"seconds of timing per row (per batch for model; default: {budget})")
@@ -93,6 +99,12 @@ def main(args: argparse.Namespace) -> int:
         console.print(train_table(rows))
     path = write_csv(args.csv if args.bench == "train" else args.out, rows, machine)
     console.print(f"wrote {path}")
+    if args.bench == "train" and args.breakdown:  # after the timings are safe on disk
+        from ..runners.bench_breakdown import operator_breakdown
+
+        operators = operator_breakdown(settings, [r["method"] for r in rows], threads=args.threads)
+        console.print(breakdown_table(operators))
+        console.print(f"wrote {write_csv(args.breakdown, operators, machine)}")
     return 0
 
 
@@ -102,6 +114,23 @@ def machine_line(machine: dict[str, Any]) -> str:
         f"{machine['threads']} thread(s) of {machine['logical_cpus']}, torch {machine['torch']}, numba {machine['numba']}, "
         f"micro-kernel {machine['micro_kernel']}"
     )
+
+
+def breakdown_table(rows: list[dict[str, Any]], top: int = 5) -> Table:
+    """Per binary method, its profiled step and the ``top`` operators that take the most time beyond fp's."""
+    from rich.table import Table
+
+    from ..runners.bench_breakdown import step_totals
+
+    totals = step_totals(rows)
+    table = Table(title=f"where the step goes beyond fp's: profiled self CPU ms per step (fp {totals['fp']:.1f} ms), top {top} operators")
+    for header in ("method", "profiled ms", "operators: extra ms per step (calls per step)"):
+        table.add_column(header, justify="left" if header != "profiled ms" else "right")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "fp"):
+        mine = [r for r in rows if r["method"] == method][:top]
+        cells = ", ".join(f"{r['operator']} {r['extra_ms_per_step']:+.1f} ({r['calls_per_step']:.0f})" for r in mine)
+        table.add_row(method, f"{totals[method]:.1f}", cells)
+    return table
 
 
 def conv_table(rows: list[dict[str, Any]]) -> Table:
