@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from torch.profiler import ProfilerActivity, profile
 
 from .bench import set_threads
-from .bench_train import StepSettings, training_step
+from .bench_train import StepSettings, prepared_steps
 
 
 def operator_breakdown(
@@ -27,10 +27,8 @@ def operator_breakdown(
     if rounds < 1 or steps < 1:
         raise ValueError(f"rounds and steps must be at least 1, got {rounds} and {steps}")
     set_threads(threads)
-    names = ["fp"] + [name for name in methods if name != "fp"]
-    calls = {name: training_step(name, settings) for name in names}
-    for call in calls.values():
-        call()
+    calls = prepared_steps(settings, methods)
+    names = list(calls)
     self_ms = {name: collections.Counter() for name in names}
     counts = {name: collections.Counter() for name in names}
     per_step = rounds * steps

@@ -149,6 +149,16 @@ def peak_memory(methods: Sequence[str], settings: StepSettings, threads: int) ->
             os.environ[MMAP_THRESHOLD] = previous
 
 
+def prepared_steps(settings: StepSettings, methods: Sequence[str] | None = None) -> dict[str, Callable[[], None]]:
+    """:func:`training_step` of fp and each of ``methods`` (default: all registered), fp first, each run once so that
+    compilation (when asked) and first-use costs fall before any measurement."""
+    names = ["fp"] + [name for name in (methods or bnnbench.list_methods()) if name != "fp"]
+    steps = {name: training_step(name, settings) for name in names}
+    for step in steps.values():
+        step()
+    return steps
+
+
 def train_benchmark(
     settings: StepSettings, methods: Sequence[str] | None = None, threads: int = 1, budget_s: float = 3.0, memory: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -157,10 +167,8 @@ def train_benchmark(
     set_threads(threads)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64  # one compiled model per method in this process
-    names = ["fp"] + [name for name in (methods or bnnbench.list_methods()) if name != "fp"]
-    steps = {name: training_step(name, settings) for name in names}
-    for step in steps.values():
-        step()  # compile (when asked) before any timing
+    steps = prepared_steps(settings, methods)
+    names = list(steps)
     times = time_interleaved(steps, budget_s * len(names), min_runs=3)
     peaks = peak_memory(names, settings, threads) if memory else {}
     reference = times["fp"]
@@ -191,4 +199,4 @@ def train_benchmark(
     return rows, machine_info(threads)
 
 
-__all__ = ["StepSettings", "peak_memory", "train_benchmark", "training_step"]
+__all__ = ["StepSettings", "peak_memory", "prepared_steps", "train_benchmark", "training_step"]
