@@ -491,6 +491,7 @@ class _HardtanhInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, signs: bool) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
         ctx.mark_dirty(x)
+        ctx.set_materialize_grads(False)  # the signs get no gradient: no activation-sized zeros made for them
         made = elementwise.clamp_and_sign(x.detach()) if signs else None
         if made is None:
             x.clamp_(-1.0, 1.0)
@@ -501,6 +502,8 @@ class _HardtanhInPlace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_signs: None):  # type: ignore[override]
+        if grad_output is None:
+            return None, None
         (out,) = ctx.saved_tensors
         return torch.ops.aten.hardtanh_backward(grad_output, out, -1.0, 1.0), None
 

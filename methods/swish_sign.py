@@ -31,7 +31,7 @@ def swish_sign_derivative(x: Tensor, beta: float) -> Tensor:
 
     The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
     (:func:`bnnbench.elementwise.tabulated`, torch's bfloat16 cosh rounding some values differently in its scalar
-    tail); else torch's tanh and cosh, the rest in :data:`SWISH_HALF` and :data:`SWISH_SIGN` (bfloat16: the
+    tail); else :data:`SWISH_ARGUMENTS`, torch's tanh and cosh in place, then :data:`SWISH_SIGN` (bfloat16: the
     numerator looked up, :func:`bnnbench.elementwise.bf16_table`, then :data:`SWISH_QUOTIENT`)."""
     fused = elementwise.tabulated(_swish_sign, x, beta)
     fused = _fused_swish_sign(x, beta) if fused is None else fused
@@ -47,9 +47,11 @@ def _numerator(x: Tensor, beta: float) -> Tensor:
     return beta * (2.0 - bx * torch.tanh(bx / 2.0))
 
 
-def _swish_half(x: np.float32, beta: np.float32) -> np.float32:
-    """``bx / 2.0``, bx = ``beta * x`` (a float times a tensor, a tensor over a float: float32 scalars)."""
-    return r(r(beta * x) / np.float32(2.0))
+def _swish_arguments(x: np.float32, beta: np.float32) -> tuple[np.float32, np.float32]:
+    """bx = ``beta * x`` and ``bx / 2.0``, the arguments of cosh and tanh (a float times a tensor, a tensor over a
+    float: float32 scalars)."""
+    bx = r(beta * x)
+    return bx, r(bx / np.float32(2.0))
 
 
 def _swish_sign_tail(x: np.float32, th: np.float32, cosh: np.float32, beta: np.float32) -> np.float32:
@@ -62,7 +64,7 @@ def _swish_quotient(numerator: np.float32, cosh: np.float32) -> np.float32:
     return r(numerator / r(np.float32(1.0) + cosh))
 
 
-SWISH_HALF = elementwise.Kernel("swish_half", _swish_half)
+SWISH_ARGUMENTS = elementwise.Kernel("swish_arguments", _swish_arguments, outputs=2)
 SWISH_SIGN = elementwise.Kernel("swish_sign", _swish_sign_tail)
 SWISH_QUOTIENT = elementwise.Kernel("swish_quotient", _swish_quotient)
 
@@ -70,11 +72,12 @@ SWISH_QUOTIENT = elementwise.Kernel("swish_quotient", _swish_quotient)
 def _fused_swish_sign(x: Tensor, beta: float) -> Tensor | None:
     if not elementwise.covered(x) or x.numel() == 0:
         return None
-    cosh = torch.cosh(beta * x)  # not in place: torch's bfloat16 cosh_ runs 2x slower than its cosh
     if x.dtype == torch.bfloat16:  # the numerator looked up in a pass of its own (a gather keeps a loop scalar)
+        cosh = torch.cosh(beta * x)  # not in place: torch's bfloat16 cosh_ runs 2x slower than its cosh
         numerator = elementwise.look_up(elementwise.bf16_table(_numerator, beta), x)
         return elementwise.apply(SWISH_QUOTIENT, numerator, cosh, out=(cosh,), final=True)
-    th = torch.tanh_(elementwise.apply(SWISH_HALF, x, params=(np.float32(beta),)))
+    bx, half = elementwise.apply(SWISH_ARGUMENTS, x, params=(np.float32(beta),))  # one pass for both arguments
+    cosh, th = torch.cosh_(bx), torch.tanh_(half)
     return elementwise.apply(SWISH_SIGN, x, th, cosh, params=(np.float32(beta),), out=(cosh,), final=True)
 
 
