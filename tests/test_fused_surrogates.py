@@ -105,21 +105,21 @@ def test_irnet_table_holds_in_torchs_scalar_tail(hp):
 
 
 @DTYPES
-def test_fda_series_is_the_torch_formula(dtype, monkeypatch):
-    monkeypatch.setattr(fda, "FUSED_FROM", 0)  # the kernels on the small inputs too
+@pytest.mark.parametrize("block, threads", [(None, 1), (1000, 1), (1000, 2)], ids=["block", "small-blocks", "2-threads"])
+def test_fda_series_is_the_torch_formula(dtype, block, threads, monkeypatch):
+    if block is not None:  # float32's blocks: many, a short last one, on 2 threads one per thread
+        monkeypatch.setattr(fda, "BLOCK", block)
+        monkeypatch.setattr(omp, "PARALLEL_WORK", 1)
     method = bnnbench.get_method("fda")
-    for progress in schedules():
-        check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
-    for n in (0, 3, 9):  # an integer n, no max_n
-        check(lambda x: fda.fourier_sign_derivative(x, 0.1, n), dtype, monkeypatch)
-
-
-def test_fda_small_float32_tensors_keep_the_torch_formula(monkeypatch):
-    x = torch.randn(fda.FUSED_FROM - 1)
-    ran = []
-    monkeypatch.setattr(elementwise.Kernel, "__call__", lambda self, *a: ran.append(self))
-    value = fda.fourier_sign_derivative(x, 0.1, 12)
-    assert not ran and identical(value, fda._fourier(x, 0.1, 12))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for progress in schedules():
+            check(lambda x: method.activation_derivative(x, progress), dtype, monkeypatch)
+        for n in (0, 3, 9):  # an integer n, no max_n
+            check(lambda x: fda.fourier_sign_derivative(x, 0.1, n), dtype, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_fda_table_holds_in_torchs_scalar_tail():
@@ -385,7 +385,6 @@ def test_a_surrogate_ending_in_a_kernel_takes_the_gradient_into_its_last_pass(na
     derivative = dict(tabulated_derivatives())[name]
     generator = torch.Generator().manual_seed(9)
     monkeypatch.setattr(omp, "PARALLEL_WORK", 1)  # the kernels split even these between the threads
-    monkeypatch.setattr(fda, "FUSED_FROM", 0)  # and FDA's series takes its kernels on them
     if dtype == torch.bfloat16:
         monkeypatch.setattr(elementwise, "tabulated", lambda *a: None)
     previous = torch.get_num_threads()
