@@ -324,6 +324,12 @@ def _flat(x: Tensor, dtype: np.dtype) -> np.ndarray:
     return (flat.view(torch.int16) if x.dtype == torch.bfloat16 else flat).numpy().view(dtype)
 
 
+def memory_order(x: Tensor) -> np.ndarray:
+    """A dense float32 tensor's elements in memory order, as a 1-D numpy view (no copy): for a loop over tensors of
+    one layout whose element i is the same element of each."""
+    return _flat(x, np.dtype(np.float32))
+
+
 def bf16_bits(x: Tensor, *shape: int) -> np.ndarray:
     """A contiguous bfloat16 tensor's 16-bit patterns as a numpy uint16 view of ``shape`` (its memory, no copy):
     what the compiled loops read with :func:`_widen` and write with :func:`_round_bf16`."""
@@ -797,6 +803,7 @@ __all__ = [
     "bf16_tail_table",
     "fma",
     "look_up",
+    "memory_order",
     "multiplying",
     "tabulated",
     "operand",

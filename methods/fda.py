@@ -100,11 +100,6 @@ def _block_sums(cosines: np.ndarray, total: np.ndarray) -> None:  # pragma: no c
                 total[b, j] = total[b, j] + cosines[b, i, j] * np.float32(1.0)
 
 
-def _memory_order(t: Tensor) -> np.ndarray:
-    """A dense tensor's elements in memory order, as a flat numpy view."""
-    return t.detach().as_strided((t.numel(),), (1,)).numpy()
-
-
 def _fourier_float32(x: Tensor, omega: float, n: int | Tensor, max_n: int | None) -> Tensor | None:
     """The terms i <= n only: a term beyond n adds cos * 0, +-0 where its argument is finite, which leaves a partial
     sum unchanged unless it were -0, which none is (0 + t is +0 for t = -0, an exact cancellation rounds to +0),
@@ -121,7 +116,7 @@ def _fourier_float32(x: Tensor, omega: float, n: int | Tensor, max_n: int | None
     beyond = coefficient(max_n) if max_n is not None and max_n > last else np.float32(0.0)
     coefficients = np.array([coefficient(i) for i in range(last + 1)], dtype=np.float32)
     series = torch.empty_like(x)
-    xs, sums = _memory_order(x), _memory_order(series)
+    xs, sums = elementwise.memory_order(x), elementwise.memory_order(series)
     threads = omp.threads_for(xs.size)
     buffer = torch.empty(min(threads * BLOCK, xs.size) * coefficients.size)
     for start in range(0, xs.size, threads * BLOCK):

@@ -14,13 +14,15 @@ Training", arXiv:1812.11800 (2018).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
-from bnnbench import elementwise
+from bnnbench import elementwise, omp
 from bnnbench.elementwise import r
 from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
@@ -69,6 +71,67 @@ SWISH_SIGN = elementwise.Kernel("swish_sign", _swish_sign_tail)
 SWISH_QUOTIENT = elementwise.Kernel("swish_quotient", _swish_quotient)
 
 
+_CHUNK = 1024  # elements a pass of :func:`_saturated_cosh` sorts before it takes their cosh (its indices stay in L1)
+
+
+@njit(nogil=True, cache=True)
+def _saturated_cosh(bx: np.ndarray, x: np.ndarray, at_one: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``bx = cosh(bx)`` in place, ``bx = beta * x``: ``at_one`` (cosh(beta), cosh(-beta)) where x is +1 or -1, the
+    C library's coshf elsewhere, called only for those elements.  torch's float32 cosh calls that coshf element
+    by element too (its vectorised loop maps it over the lanes; :func:`_coshf_is_torchs` checks it), 7-10 ns an
+    element, so an activation the hardtanh saturated in 44% of its elements (ResNet-20 on random data) costs
+    that much less.  Chunk by chunk, the elements of each kind are listed first, without a branch (a branch on
+    random +-1 mispredicts), then each list is taken in turn."""
+    others, ones = np.empty(_CHUNK, dtype=np.int64), np.empty(_CHUNK, dtype=np.int64)
+    for start in range(0, x.size, _CHUNK):
+        stop = min(start + _CHUNK, x.size)
+        k = m = 0
+        for i in range(start, stop):
+            saturated = abs(x[i]) == np.float32(1.0)
+            others[k], ones[m] = i, i
+            k += not saturated
+            m += saturated
+        for j in range(k):
+            bx[others[j]] = math.cosh(bx[others[j]])
+        for j in range(m):
+            bx[ones[j]] = at_one[np.int64(x[ones[j]] < np.float32(0.0))]
+
+
+@njit(nogil=True, cache=True)
+def _coshf(values: np.ndarray) -> None:  # pragma: no cover - compiled
+    for i in range(values.size):
+        values[i] = math.cosh(values[i])
+
+
+_AGREES: list[bool] = []
+
+
+def _coshf_is_torchs() -> bool:
+    """True when the coshf numba calls gives torch's float32 cosh bit for bit on every bfloat16 value (widened: the
+    whole range, the special values, both signs) and 2^17 values of [-8, 8]; checked once a process."""
+    if not _AGREES:
+        probe = torch.cat([
+            torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float(),
+            torch.linspace(-8.0, 8.0, 2**17),
+        ])
+        ours = probe.clone()
+        _coshf(ours.numpy())
+        theirs = torch.cosh(probe)
+        _AGREES.append(bool(torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())))
+    return _AGREES[0]
+
+
+def _cosh_(bx: Tensor, x: Tensor, beta: np.float32) -> Tensor:
+    """``torch.cosh_(bx)`` for ``bx = beta * x`` (dense float32 tensors of one layout), bit for bit, by
+    :func:`_saturated_cosh` where the C library's coshf is torch's."""
+    if bx.stride() != x.stride() or not _coshf_is_torchs():
+        return torch.cosh_(bx)
+    at_one = torch.cosh(torch.tensor([beta, -beta], dtype=torch.float32)).numpy()
+    flat_bx, flat_x = elementwise.memory_order(bx), elementwise.memory_order(x)
+    omp.run(_saturated_cosh, flat_x.size, omp.Split(flat_bx), omp.Split(flat_x), at_one, grain=_CHUNK)
+    return bx
+
+
 def _fused_swish_sign(x: Tensor, beta: float) -> Tensor | None:
     if not elementwise.covered(x) or x.numel() == 0:
         return None
@@ -77,7 +140,7 @@ def _fused_swish_sign(x: Tensor, beta: float) -> Tensor | None:
         numerator = elementwise.look_up(elementwise.bf16_table(_numerator, beta), x)
         return elementwise.apply(SWISH_QUOTIENT, numerator, cosh, out=(cosh,), final=True)
     bx, half = elementwise.apply(SWISH_ARGUMENTS, x, params=(np.float32(beta),))  # one pass for both arguments
-    cosh, th = torch.cosh_(bx), torch.tanh_(half)
+    cosh, th = _cosh_(bx, x, np.float32(beta)), torch.tanh_(half)
     return elementwise.apply(SWISH_SIGN, x, th, cosh, params=(np.float32(beta),), out=(cosh,), final=True)
 
 

@@ -151,6 +151,31 @@ def test_swish_sign_derivative_is_the_torch_formula(dtype, beta, monkeypatch):
     check(lambda x: swish_sign.swish_sign_derivative(x, beta), dtype, monkeypatch)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_swish_sign_cosh_of_saturated_activations_is_torchs(threads, layout, monkeypatch):
+    """float32 cosh skips the hardtanh's +-1 outputs (their cosh looked up) and calls the C library's coshf for the
+    rest, torch's value bit for bit, on 1 and 2 threads, a layout of either kind, with NaN, infinities and zeros
+    among them; torch's own cosh_ never runs where the coshf agrees with it."""
+    generator = torch.Generator().manual_seed(5)
+    x = (1.5 * torch.randn(3, 4, 37, 41, generator=generator)).clamp(-1, 1)
+    x.view(-1)[:9] = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, 1.0, -1.0])
+    x = x.contiguous(memory_format=layout)
+    assert 0.2 < (x.abs() == 1).float().mean() < 0.6
+    ran = []
+    cosh_ = torch.cosh_
+    monkeypatch.setattr(torch, "cosh_", lambda t: (ran.append(t), cosh_(t))[1])
+    monkeypatch.setattr(omp, "PARALLEL_WORK", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = swish_sign.swish_sign_derivative(x, 5.0)
+    finally:
+        torch.set_num_threads(previous)
+    assert swish_sign._coshf_is_torchs() and not ran
+    assert identical(fast, swish_sign._swish_sign(x, 5.0))
+
+
 @pytest.mark.parametrize("beta", [5.0, 1.3, 0.1])
 def test_swish_sign_tables_hold_in_torchs_scalar_tail(beta):
     """The numerator's table serves body and tail alike; the whole derivative's (cosh) has a tail table of its own."""
