@@ -106,6 +106,31 @@ def test_elementwise_kernel_beats_the_torch_formula_it_replaces(benchmark, name,
     assert speedup >= threshold(f"BNNBENCH_PERF_MIN_{name.upper()}_SPEEDUP", floor)
 
 
+@pytest.mark.parametrize(
+    "name, floor",
+    # FDA's series in blocks 3.8x its torch formula, SwishSign's derivative (one pass for both arguments, the cosh
+    # skipping the saturated elements, the tail fused) 2.2x (2026-12-04 02:11 UTC, Intel Xeon 6/207, 1 thread, fp32,
+    # a 128 x 16 x 32 x 32 activation 44% at +-1)
+    [("fda", 2.0), ("swish-sign", 1.5)],
+)
+def test_float32_surrogate_of_a_saturated_activation_beats_its_torch_formula(benchmark, name, floor):
+    """FDA's Fourier series and SwishSign's derivative in float32, on an activation the hardtanh saturated as a
+    ResNet-20's is (some 44% of it at +-1), against the torch formula each replaces, the same bits."""
+    import torch
+
+    from bnnbench.methods import fda, swish_sign
+
+    fast, formula = {
+        "fda": (lambda x: fda.fourier_sign_derivative(x, 0.1, 13, 18), lambda x: fda._fourier(x, 0.1, 13, 18)),
+        "swish-sign": (lambda x: swish_sign.swish_sign_derivative(x, 5.0), lambda x: swish_sign._swish_sign(x, 5.0)),
+    }[name]
+    x = (1.3 * torch.randn(128, 16, 32, 32, generator=torch.Generator().manual_seed(0))).clamp_(-1, 1)
+    assert torch.equal(fast(x), formula(x))
+    speedup = speedup_over(benchmark, lambda: fast(x), lambda: formula(x))
+    benchmark.extra_info.update({"speedup_vs_torch": speedup})
+    assert speedup >= threshold(f"BNNBENCH_PERF_MIN_{name.upper().replace('-', '_')}_FLOAT32_SPEEDUP", floor)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_surrogate_takes_the_gradient_faster_than_its_value_then_product(benchmark, dtype):
     """IR-Net's surrogate backward on a ResNet-20 activation: the gradient multiplied in the derivative's last
