@@ -64,11 +64,14 @@ class Job:
     record: RunRecord | None = None  # the run used (finished) or to resume (unfinished/failed)
     note: str = ""  # why there is no number (diverged, data not found, ...)
     teacher: bool = False  # the teacher of another job: a finished run counts only with its final checkpoint
+    diverged: bool = False  # trained here and diverged (before its first epoch ended, it left no run directory)
 
     @property
     def status(self) -> str:
         """``finished``, ``diverged``, ``unfinished``/``failed`` (to resume) or ``missing`` (to train)."""
-        return self.record.status if self.record is not None else "missing"
+        if self.record is not None:
+            return self.record.status
+        return "diverged" if self.diverged else "missing"
 
     @property
     def done(self) -> bool:
@@ -272,6 +275,7 @@ def execute(jobs: list[Job], *, quiet: bool = False, log: Callable[[str], None] 
         else:
             outcome.trained.append(job)
         if result.diverged:
+            job.diverged = True
             log(f"    diverged ({job.spec.describe()}): {result.diverged}")
         if result.failed:
             job.note = "failed"
