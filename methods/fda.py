@@ -69,10 +69,10 @@ BLOCK = 1 << 14
 """Elements of x per block of the float32 series: every term's argument of a block, (n + 1) x BLOCK float32 (1.2 MB
 for n = 18), stays in cache between the pass that makes them, torch's cos over them and the sum, where one pass
 per term over the whole activation streams it from memory 2n times.  n = 13, against those passes per term, in one
-process (2026-12-04, Intel Xeon 6/207, medians of 15 calls): 128 x 16 x 32 x 32, 23.4 ms against 30.7 ms on one
+process (2026-12-04, Intel Xeon 6/207, AVX-512 with VPOPCNTDQ, no AMX, medians of 15 calls): 128 x 16 x 32 x 32, 23.4 ms against 30.7 ms on one
 thread, 13.4 against 16.5 ms on two; 128 x 64 x 8 x 8, 5.7 against 8.1 ms and 3.5 against 4.7 ms; a 16 x 16 x 3 x 3
-weight 87 us against torch's formula's 221 us, so every size takes the blocks.  Blocks of 8,192 to 16,384 elements
-were fastest of 2,048 to 32,768.  On several threads each thread makes and sums a block of its own, and torch's cos
+weight 87 us against torch's formula's 221 us, so every size takes the blocks.  In a prototype of these loops (the same
+day and machine) blocks of 8,192 to 16,384 elements were fastest of 2,048 to 32,768.  On several threads each thread makes and sums a block of its own, and torch's cos
 takes all of them in one call."""
 
 
