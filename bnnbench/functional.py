@@ -7,8 +7,8 @@ convolution of +-1 inputs, which it keeps for the backward as the binarizer's in
 the signs of (:func:`signs_of`), or in one bit each.  The element-wise
 formulas run as one-pass kernels (:mod:`bnnbench.elementwise`, bit for bit the torch
 formulas) where those cover the tensor, as the torch formulas otherwise; act_norm's backward runs in
-one pass per sample (:mod:`bnnbench.act_norm`), for bfloat16 in float32 sweeps (:mod:`bnnbench.act_norm_bf16`)
-unless :func:`bf16_formulas` says "torch".  This module imports nothing else from the package.
+one pass per sample (:mod:`bnnbench.act_norm`), for bfloat16 in float32 sweeps (:mod:`bnnbench.act_norm_fused`)
+unless :func:`formulas` says "torch" (float32 with fused formulas likewise).  This module imports nothing else from the package.
 """
 
 from __future__ import annotations
@@ -23,35 +23,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import act_norm, act_norm_bf16, elementwise
+from . import act_norm, act_norm_fused, elementwise
 
 Derivative = Callable[[Tensor], Tensor]
 
-BF16_FORMULAS = ("fused", "torch")
-"""How bfloat16 activations compute act_norm, a learned alpha and a method's own formulas that read
-:func:`fused_bf16` (RAD's moments, DSQ's soft quantizer): "fused" (float32 within one kernel,
-:mod:`bnnbench.act_norm_bf16`; alpha in the weight, :meth:`bnnbench.layers.BinaryConv2d.folds_scale`: each rounded
-once to bfloat16) or "torch" (torch's eager formulas bit for bit, every operator rounded to bfloat16: the numbers
-of runs before 2026-12-02).  Float32 is always the latter."""
-_bf16_formulas: contextvars.ContextVar[str] = contextvars.ContextVar("bf16_formulas", default="fused")
+FORMULAS = ("fused", "torch")
+"""How activations of a dtype compute act_norm, a learned alpha and a method's own formulas that read
+:func:`fused_formulas` (RAD's moments, DSQ's soft quantizer: bfloat16 only): "fused" (float32 within one kernel,
+:mod:`bnnbench.act_norm_fused`; alpha in the weight or the conv's backward,
+:meth:`bnnbench.layers.BinaryConv2d.scale_placement`) or "torch" (torch's eager formulas bit for bit, every operator rounded to the dtype).  Chosen per
+dtype with :func:`formulas`: bfloat16 takes the fused ones by default (torch's are the numbers of runs before
+2026-12-02), float32 torch's (the reference formulas, bit for bit; the fused ones are a few units in the last
+place from them, opt-in)."""
+_FORMULAS_OF = {
+    torch.bfloat16: contextvars.ContextVar("bf16_formulas", default="fused"),
+    torch.float32: contextvars.ContextVar("fp32_formulas", default="torch"),
+}
 
 
 @contextmanager
-def bf16_formulas(name: str) -> Iterator[None]:
-    """Within: bfloat16 computes act_norm and a learned alpha as ``name`` of :data:`BF16_FORMULAS` says."""
-    if name not in BF16_FORMULAS:
-        raise ValueError(f"bf16 formulas must be one of {BF16_FORMULAS}, got {name!r}")
-    token = _bf16_formulas.set(name)
+def formulas(*, bf16: str | None = None, fp32: str | None = None) -> Iterator[None]:
+    """Within: bfloat16 (``bf16``) and float32 (``fp32``) activations compute act_norm and a learned alpha as that
+    name of :data:`FORMULAS` says (None: as outside)."""
+    chosen = {torch.bfloat16: bf16, torch.float32: fp32}
+    for dtype, name in chosen.items():
+        if name is not None and name not in FORMULAS:
+            raise ValueError(f"{str(dtype).removeprefix('torch.')} formulas must be one of {FORMULAS}, got {name!r}")
+    tokens = [(_FORMULAS_OF[dtype], _FORMULAS_OF[dtype].set(name)) for dtype, name in chosen.items() if name is not None]
     try:
         yield
     finally:
-        _bf16_formulas.reset(token)
+        for variable, token in reversed(tokens):
+            variable.reset(token)
 
 
-def fused_bf16() -> bool:
-    """True where bfloat16 act_norm, alpha and a method's own formulas take the fused ones (the default; see
-    :data:`BF16_FORMULAS`)."""
-    return _bf16_formulas.get() == "fused"
+def fused_formulas(dtype: torch.dtype) -> bool:
+    """True where activations of ``dtype`` take the fused formulas of :data:`FORMULAS` (bfloat16 by default)."""
+    variable = _FORMULAS_OF.get(dtype)
+    return variable is not None and variable.get() == "fused"
 
 
 def sign(x: Tensor) -> Tensor:
@@ -295,16 +304,17 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
     division's intermediates: one activation-sized tensor less per binary layer.  ``x`` comes in twice and its
     two gradient terms (through the division, through the variance) go back separately, so that autograd
     adds them to x's other gradients (a residual connection's) in the order it did before: floating-point
-    addition is not associative.  A bfloat16 x (with :func:`fused_bf16`) keeps x alone and gets one gradient
-    from float32 sweeps instead (:mod:`bnnbench.act_norm_bf16`: not bit for bit torch's bfloat16 formula).
+    addition is not associative.  With the fused formulas of its dtype (:func:`fused_formulas`: bfloat16 by
+    default) x is kept alone and gets one gradient from float32 sweeps instead (:mod:`bnnbench.act_norm_fused`: not
+    bit for bit torch's formula).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, x_again: Tensor, derivative: Derivative, eps: float) -> Tensor:  # type: ignore[override]
         dims = tuple(range(1, x.dim()))
         ctx.derivative, ctx.dims, ctx.eps = derivative, dims, eps
-        ctx.in_float32 = fused_bf16() and act_norm_bf16.covers(x)  # the statistics in the backward's sweeps
-        if ctx.in_float32:
+        ctx.fused = fused_formulas(x.dtype) and act_norm_fused.covers(x)  # the statistics in the backward's sweeps
+        if ctx.fused:
             ctx.save_for_backward(x)
             return signs_of(sign(x), sign, x)
         variance = elementwise.per_sample_variance(x)  # torch's var, bit for bit, in one pass over all samples
@@ -314,14 +324,14 @@ class _NormalizedSurrogateSign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        if ctx.in_float32:
+        if ctx.fused:
             (x,) = ctx.saved_tensors
             swept = _sweep_formula(ctx.derivative)
             if swept is not None:
-                return act_norm_bf16.backward(x, grad_output, ctx.eps, formula=swept[0], params=swept[1]), None, None, None
-            known = act_norm_bf16.moments(x, ctx.eps)
-            surrogate = _surrogate(ctx.derivative, x.detach().float() / act_norm_bf16.roots(known, x)).float()
-            return act_norm_bf16.backward(x, grad_output, ctx.eps, surrogate=surrogate, known=known), None, None, None
+                return act_norm_fused.backward(x, grad_output, ctx.eps, formula=swept[0], params=swept[1]), None, None, None
+            known = act_norm_fused.moments(x, ctx.eps)
+            surrogate = _surrogate(ctx.derivative, x.detach().float() / act_norm_fused.roots(known, x)).float()
+            return act_norm_fused.backward(x, grad_output, ctx.eps, surrogate=surrogate, known=known), None, None, None
         x, root = ctx.saved_tensors
         dims = ctx.dims
         formula = _FORMULAS.get(ctx.derivative)  # the lines below in one pass per sample, the surrogate too
@@ -379,7 +389,8 @@ def per_output_variance(x: Tensor, root: bool = False) -> Tensor:
 
 
 class _ConvOfSigns(torch.autograd.Function):
-    """``conv2d(a, w)`` for an input of +-1 values, which the weight gradient needs.
+    """``conv2d(a, w)`` for an input of +-1 values, which the weight gradient needs; with ``scale`` (one value per
+    output channel, shape (C, 1, 1)) ``conv2d(a, w) * scale``.
 
     A binary layer's input is the sign its binarizer just made, a new tensor nothing else keeps.  Where the
     binarizer marked it as a recipe of its own input (``sign(x)``, kept by the binarizer's backward anyway:
@@ -388,17 +399,27 @@ class _ConvOfSigns(torch.autograd.Function):
     (:func:`bnnbench.elementwise.pack_signs`; as int8, 1 byte, where the kernels do not cover a) and widens them
     again.  Either gives the same gradients, bit for bit.  Under autocast the convolution runs in the autocast
     dtype, as F.conv2d does.
+
+    The scale multiplies the convolution's output in place (as ``y * scale`` rounds: the forward's numbers are
+    those of :func:`scale_channels` of the output) and folds into the backward's weight instead of scaling the
+    output's gradient: the gradient to ``a`` is the transposed conv of grad with ``w * scale``, the weight's the
+    conv's weight gradient times the scale, the scale's that times ``w`` summed over the weight's other
+    dimensions, the same sums as ``(grad * y).sum``, in another order (a few units in the last place from
+    autograd's through ``y * scale``, with no pass over the output's gradient).  The fused fp32 formulas'
+    learned alpha (:meth:`bnnbench.layers.BinaryConv2d.scale_placement`).
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int, scale: Tensor | None) -> Tensor:  # type: ignore[override]
         dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
         with torch.autocast(a.device.type, enabled=False):
             out = F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
+            if scale is not None:
+                out.mul_(scale.to(dtype))
         recipe = _recipe_of(a)
         packed = elementwise.pack_signs(a) if recipe is None and dtype in (torch.float32, torch.bfloat16) else None
         kept = recipe[1] if recipe is not None else (a.to(torch.int8) if packed is None else packed,)
-        ctx.save_for_backward(*kept, weight)
+        ctx.save_for_backward(*kept, weight, scale)
         ctx.recompute = None if recipe is None else recipe[0]
         ctx.layout = None if packed is None else (a.shape, a.stride())  # to unpack to
         ctx.conv = (dtype, a.dtype, None if bias is None else bias.shape, stride, padding, dilation, groups)
@@ -406,24 +427,31 @@ class _ConvOfSigns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        *kept, weight = ctx.saved_tensors
+        *kept, weight, scale = ctx.saved_tensors
         dtype, input_dtype, bias_shape, stride, padding, dilation, groups = ctx.conv
         if ctx.recompute is not None:
             signs = ctx.recompute(*kept).to(dtype)
         else:
             signs = kept[0].to(dtype) if ctx.layout is None else elementwise.unpack_signs(kept[0], *ctx.layout, dtype)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
+        scaled = scale is not None
+        needs_scale = scaled and ctx.needs_input_grad[7]
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] or needs_scale, bias_shape is not None and ctx.needs_input_grad[2]]
+        per_output = scale.to(dtype).reshape(-1, *([1] * (weight.dim() - 1))) if scaled else None
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_output.to(dtype), signs, weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
+            grad_output.to(dtype), signs, weight.to(dtype) * per_output if scaled else weight.to(dtype), bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
         )
+        grad_scale = (grad_w * weight.to(dtype)).sum(dim=tuple(range(1, weight.dim()))).reshape(scale.shape).to(scale.dtype) if needs_scale else None
+        if scaled and grad_w is not None:
+            grad_w = grad_w * per_output if ctx.needs_input_grad[1] else None
         grad_a = None if grad_a is None else grad_a.to(input_dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        return grad_a, grad_w, grad_b, None, None, None, None
+        return grad_a, grad_w, grad_b, None, None, None, None, grad_scale
 
 
-def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
-    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves in 1 bit each."""
-    return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups)
+def conv2d_of_signs(a: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int, scale: Tensor | None = None) -> Tensor:
+    """``F.conv2d`` of an input whose values are all +-1 (a binarizer's output), which it saves in 1 bit each; with
+    ``scale`` (C, 1, 1) times that per output channel, folded into the backward's weight (:class:`_ConvOfSigns`)."""
+    return _ConvOfSigns.apply(a, weight, bias, stride, padding, dilation, groups, scale)
 
 
 class _ScaledChannels(torch.autograd.Function):

@@ -16,7 +16,8 @@ as larq's layers take a kernel and an input quantizer.  Forward of a binary laye
                                      only a and the per-sample scale
                                      (``functional.normalized_surrogate_sign``): the
                                      same gradients, bit for bit, in less memory
-        = conv(a_b, w_b * alpha)     under bfloat16 autocast (:meth:`folds_scale`)
+        = conv(a_b, w_b * alpha)     with bfloat16's fused formulas (the default;
+                                     float32's scale in the conv: :meth:`scale_placement`)
 
 ``activation_params`` are the learnable per-layer tensors the activation method asks for
 through ``Method.activation_parameters`` (ReActNet's per-channel threshold);
@@ -136,24 +137,32 @@ class _BinaryMixin:
             with torch.no_grad():
                 self.method.update_state(self.weight.detach(), self.progress, self.stage, event, **self.weight_tensors())
 
-    def folds_scale(self, x: Tensor) -> bool:
-        """True where alpha multiplies the weight instead of the output: a layer without bias under bfloat16 autocast.
+    def scale_placement(self, x: Tensor) -> str:
+        """Where alpha multiplies (none: "output"): "output", "weight" or "conv", by the formulas of the conv's dtype
+        (:func:`bnnbench.functional.fused_formulas`).
 
-        conv(a, w * alpha) = conv(a, w) * alpha per output channel, and in bfloat16 the left side is the more
-        exact: a stage-2 layer's products are +-alpha (bfloat16: 8 significant bits) and every partial sum an
-        integer multiple of it, exact in the conv's float32 accumulator, so the output is y alpha rounded once,
-        where ``y * alpha`` rounds the integer y to bfloat16 first, then the product.  It costs a pass over
-        the weight instead of two over the output (forward, backward) and the per-channel sum of grad y.
-        Float32, and bfloat16 within ``functional.bf16_formulas("torch")``, keep the product of the output, whose
-        numbers are the reference formulas' bit for bit."""
+        * "output": ``y * alpha`` (:meth:`scale_output`), torch's formulas: the reference numbers, bit for bit.
+        * "weight" (bfloat16's fused formulas, a layer without bias): conv(a, w * alpha) = conv(a, w) * alpha per
+          output channel, and in bfloat16 the left side is the more exact: a stage-2 layer's products are +-alpha
+          (bfloat16: 8 significant bits) and every partial sum an integer multiple of it, exact in the conv's
+          float32 accumulator, so the output is y alpha rounded once, where ``y * alpha`` rounds the integer y to
+          bfloat16 first, then the product.  It costs a pass over the weight instead of two over the output
+          (forward, backward) and the per-channel sum of grad y.
+        * "conv" (float32's fused formulas, a conv without bias on binary inputs): the conv scales its own output
+          in place and folds alpha into its backward's weight (:func:`bnnbench.functional.conv2d_of_signs`): the
+          forward's numbers are the reference's, the backward a few units in the last place from them, without
+          its pass over the output's gradient.  In float32 alpha in the weight would not be exact: the partial
+          sums of +-alpha (24 significant bits) round, and a stage-2 output that is exactly 0 (frequent: an even
+          number of +-1 products) would come out +-1 ulp, its sign after the BatchNorm then a coin toss."""
+        if self.alpha is None or self.bias is not None:
+            return "output"
         device = x.device.type
-        return (
-            self.alpha is not None
-            and self.bias is None
-            and torch.is_autocast_enabled(device)
-            and torch.get_autocast_dtype(device) == torch.bfloat16
-            and functional.fused_bf16()
-        )
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if not functional.fused_formulas(dtype):
+            return "output"
+        if dtype == torch.bfloat16:
+            return "weight"
+        return "conv" if isinstance(self, BinaryConv2d) and self.convolves_signs else "output"
 
     def forward_weight(self, fold_scale: bool = False) -> Tensor:
         """The weight the layer computes with: the method's (binary in stage 2), times alpha with ``fold_scale``."""
@@ -174,7 +183,7 @@ class _BinaryMixin:
         return self.act_method.activation(x, progress=self.progress, **normalize, **self.activation_params)
 
     def scale_output(self, y: Tensor, folded: bool = False) -> Tensor:
-        """``y * alpha`` in y's dtype (y itself where there is no alpha or it is ``folded`` into the weight): a
+        """``y * alpha`` in y's dtype (y itself where there is no alpha or it is ``folded`` into the weight or conv): a
         float32 alpha would promote every later activation to float32.  The backward keeps the product (which
         the BatchNorm after keeps anyway) instead of y where y, an integer in stage 2, can be recovered from it
         bit for bit (:func:`bnnbench.functional.scale_channels`)."""
@@ -214,14 +223,20 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self._setup_binary(method, act_method, in_channels, out_channels, 2, stage, act_norm, binary_activations)
 
+    @property
+    def convolves_signs(self) -> bool:
+        """True where the inputs are +-1 and the conv keeps them for the backward in 1 bit each (``conv2d_of_signs``)."""
+        return self.binary_activations and self.padding_mode == "zeros"
+
     def forward(self, x: Tensor) -> Tensor:
-        folded = self.folds_scale(x)
-        a, w = self.forward_input(x), self.forward_weight(folded)
-        if self.binary_activations and self.padding_mode == "zeros":  # +-1 inputs: kept for the backward in 1 bit each
-            y = functional.conv2d_of_signs(a, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        placement = self.scale_placement(x)
+        a, w = self.forward_input(x), self.forward_weight(placement == "weight")
+        if self.convolves_signs:
+            scale = self.alpha.to(x.dtype) if placement == "conv" else None
+            y = functional.conv2d_of_signs(a, w, self.bias, self.stride, self.padding, self.dilation, self.groups, scale)
         else:
             y = self._conv_forward(a, w, self.bias)
-        return self.scale_output(y, folded)
+        return self.scale_output(y, placement != "output")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_repr()}"
@@ -246,8 +261,8 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
         self._setup_binary(method, act_method, in_features, out_features, 0, stage, act_norm, binary_activations)
 
     def forward(self, x: Tensor) -> Tensor:
-        folded = self.folds_scale(x)
-        return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(folded), self.bias), folded)
+        placement = self.scale_placement(x)
+        return self.scale_output(F.linear(self.forward_input(x), self.forward_weight(placement == "weight"), self.bias), placement != "output")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_repr()}"
@@ -263,11 +278,13 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | Binary
             yield name, module
 
 
-def takes_bf16_formulas(model: nn.Module) -> bool:
-    """True where ``functional.bf16_formulas`` changes the model's bfloat16 numbers: a layer with act_norm or alpha,
-    or whose method says so (:attr:`~bnnbench.method.Method.takes_bf16_formulas`)."""
+def takes_fused_formulas(model: nn.Module, dtype: torch.dtype) -> bool:
+    """True where :func:`bnnbench.functional.formulas` changes the model's numbers in ``dtype``: a layer with act_norm
+    or alpha, or in bfloat16 one whose method says so (:attr:`~bnnbench.method.Method.takes_bf16_formulas`: its
+    own fused formulas are bfloat16 kernels)."""
+    own = dtype == torch.bfloat16
     return any(
-        layer.act_norm or layer.alpha is not None or layer.method.takes_bf16_formulas or layer.act_method.takes_bf16_formulas
+        layer.act_norm or layer.alpha is not None or (own and (layer.method.takes_bf16_formulas or layer.act_method.takes_bf16_formulas))
         for _, layer in binary_layers(model)
     )
 

@@ -12,7 +12,7 @@ nodes: some 20 small operators and 250-430 us a layer on the CPU (measured 2026-
 1-2 threads: the weights of a CIFAR ResNet-20 hold 2,304-36,864 elements), where one kernel call each way takes
 tens of microseconds.  The kernels sum in float64 and round once to float32, so they are at least as exact as
 torch's float32 operators, not bit for bit them: :func:`fuses` keeps them to bfloat16-autocast runs with the
-fused formulas (:func:`bnnbench.functional.fused_bf16`), where a run records that choice; float32 runs keep
+fused formulas (:func:`bnnbench.functional.fused_formulas`), where a run records that choice; float32 runs keep
 torch's formulas, bit for bit.  NaN and infinities propagate (no fast-math flags that drop them).
 """
 
@@ -24,8 +24,8 @@ from numba import njit
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .act_norm_bf16 import SUMS  # sums in vector lanes; NaN and infinity still propagate
-from .functional import fused_bf16
+from .act_norm_fused import SUMS  # sums in vector lanes; NaN and infinity still propagate
+from .functional import fused_formulas
 
 
 @njit(nogil=True, fastmath=SUMS, cache=True)
@@ -79,7 +79,7 @@ def fuses(w: Tensor) -> bool:
         and w.is_contiguous()
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and fused_bf16()
+        and fused_formulas(torch.bfloat16)
         and not torch.compiler.is_compiling()
     )
 

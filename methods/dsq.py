@@ -54,7 +54,7 @@ from torch import Tensor
 
 from bnnbench import elementwise, omp
 from bnnbench.elementwise import _round_bf16, _widen, fma, r, tanh_float32
-from bnnbench.functional import fused_bf16, sign, signs_of
+from bnnbench.functional import fused_formulas, sign, signs_of
 from bnnbench.method import Method, Progress, straight_through
 from bnnbench.registry import register_method
 
@@ -117,7 +117,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, u, neg_u, s, k)
-        ctx.fused = x.dtype == torch.bfloat16 and fused_bf16() and x.is_contiguous()  # the choice of the forward's context
+        ctx.fused = x.dtype == torch.bfloat16 and fused_formulas(torch.bfloat16) and x.is_contiguous()  # the choice of the forward's context
         return signs_of(sign(x), sign, x)  # the binary conv keeps x, not the signs
 
     @staticmethod
@@ -197,7 +197,7 @@ class DSQ(Method):
     activation_forward = "sign(a)"
     activation_backward = "s k (1 - tanh^2(k a)) 1{|a|<=u_a}, alpha_a, u_a learned per layer"
     scale = "learned_bound"
-    takes_bf16_formulas = True  # a bfloat16 soft quantizer's backward: one float32 pass unless bf16_formulas("torch")
+    takes_bf16_formulas = True  # a bfloat16 soft quantizer's backward: one float32 pass unless formulas(bf16="torch")
 
     def _alpha(self, alpha: Tensor) -> Tensor:
         return alpha.clamp(self.alpha_min, self.alpha_max)

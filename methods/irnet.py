@@ -74,7 +74,7 @@ class IRNet(Method):
     weight_backward = "k t (1 - tanh^2(t w_std)) through the standardisation; t = 10^(lg Tmin + (lg Tmax - lg Tmin) p), k = max(1/t, 1)"
     activation_backward = "k t (1 - tanh^2(t a)) (EDE)"
     scale = "power_of_two"
-    takes_bf16_formulas = True  # the standardisation under bfloat16 autocast: bnnbench.standardize unless bf16_formulas("torch")
+    takes_bf16_formulas = True  # the standardisation under bfloat16 autocast: bnnbench.standardize unless formulas(bf16="torch")
 
     @schedule
     def t(self, progress: Progress) -> Progress:

@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from bnnbench import elementwise, omp
 from bnnbench.elementwise import _widen, r
-from bnnbench.functional import clip_derivative, fused_bf16, saved_as_recipe, sign, signs_of
+from bnnbench.functional import clip_derivative, fused_formulas, saved_as_recipe, sign, signs_of
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
 
@@ -66,7 +66,7 @@ def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     """(mu_c, mean_c((a_c - mu_c)^2)) over (N, H, W) in float32 at least: the formula's values and gradients,
     bit for bit, in fewer passes where the kernels cover a contiguous a (:class:`_ChannelMoments`), else by
     autograd through the formula (keeping a and the means, the float32 centred copy recomputed).  A bfloat16 a
-    with the fused bf16 formulas (:func:`~bnnbench.functional.fused_bf16`) takes float32 sweeps instead
+    with the fused bf16 formulas (:func:`~bnnbench.functional.fused_formulas`) takes float32 sweeps instead
     (:class:`_ChannelMomentsBF16`: not bit for bit torch's, within float32's rounding of the exact values)."""
     detached = a.detach()
     if fuses_bf16(a):
@@ -256,10 +256,10 @@ def _bf16_moments(a: Tensor) -> tuple[Tensor, Tensor]:
 
 def fuses_bf16(a: Tensor) -> bool:
     """True where a's moments take the float32 sweeps: a contiguous bfloat16 (N, C, ...) a the kernels cover, with
-    :func:`~bnnbench.functional.fused_bf16`."""
+    :func:`~bnnbench.functional.fused_formulas`."""
     detached = a.detach()
     return (
-        a.dtype == torch.bfloat16 and fused_bf16() and a.dim() >= 2 and a.numel() > 0
+        a.dtype == torch.bfloat16 and fused_formulas(torch.bfloat16) and a.dim() >= 2 and a.numel() > 0
         and elementwise.covered(detached) and detached.is_contiguous() and not torch.compiler.is_compiling()
     )
 
@@ -300,7 +300,7 @@ class RAD(Method):
     weight_backward = "1"
     activation_backward = "1{|a| <= 1}; + lambda * distribution loss of a, mean over layers"
     loss_reduction = "mean"
-    takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsBF16 unless bf16_formulas("torch")
+    takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsBF16 unless formulas(bf16="torch")
 
     activation_surrogate = staticmethod(clip_derivative)
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench.errors import ConfigError
-from bnnbench.functional import BF16_FORMULAS, bf16_formulas
+from bnnbench.functional import formulas
 
 from .bench import machine_info, paired_ratio, set_threads, time_interleaved
+from .spec import check_formulas
 from .train import bf16_hardware
 
 MEMORY_STEPS = 3
@@ -42,14 +42,14 @@ class StepSettings:
     batch: int = 128
     stage: int = 2
     amp: bool = False
-    bf16_formulas: str = "fused"  # bnnbench.functional.BF16_FORMULAS, under amp
+    bf16_formulas: str = "fused"  # bnnbench.functional.FORMULAS, under amp
+    fp32_formulas: str = "torch"  # the same without it
     channels_last: bool = False
     compile: bool = False
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.bf16_formulas not in BF16_FORMULAS:
-            raise ConfigError(f"--bf16-formulas must be one of {', '.join(BF16_FORMULAS)}, got {self.bf16_formulas!r}")
+        check_formulas(bf16=self.bf16_formulas, fp32=self.fp32_formulas)
 
     @classmethod
     def auto(cls, amp: bool | None, channels_last: bool | None, device: str = "cpu", **fields: Any) -> StepSettings:
@@ -80,7 +80,7 @@ def training_step(method: str, settings: StepSettings, seed: int = 0) -> Callabl
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp), bf16_formulas(settings.bf16_formulas):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp), formulas(bf16=settings.bf16_formulas, fp32=settings.fp32_formulas):
             logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels)
         extra = bnnbench.regularization_loss(model)
@@ -183,6 +183,7 @@ def train_benchmark(
                 "device": settings.device,
                 "amp_bf16": settings.amp,
                 "bf16_formulas": settings.bf16_formulas if settings.amp else "",
+                "fp32_formulas": "" if settings.amp else settings.fp32_formulas,
                 "channels_last": settings.channels_last,
                 "compile": settings.compile,
                 "images_per_s": settings.batch / times[name].best,

@@ -31,7 +31,7 @@ import torch
 
 from bnnbench.data import DATASETS, DataRequest
 from bnnbench.errors import ConfigError
-from bnnbench.functional import BF16_FORMULAS
+from bnnbench.functional import FORMULAS
 from bnnbench.models import ModelSpec
 
 from .defaults import DEFAULT_DATA, DEFAULT_NETS, default_recipe
@@ -199,13 +199,21 @@ class RunSpec:
         return f"{self.model.net} {self.model.label}{hp} on {self.data}, seed {self.seed}, recipe {self.recipe.name}"
 
 
+def check_formulas(**chosen: str) -> None:
+    """Refuse a ``--<dtype>-formulas`` value (``bf16=``, ``fp32=``) that is not one of :data:`~bnnbench.functional.FORMULAS`."""
+    for dtype, name in chosen.items():
+        if name not in FORMULAS:
+            raise ConfigError(f"--{dtype}-formulas must be one of {', '.join(FORMULAS)}, got {name!r}")
+
+
 @dataclass
 class Machine:
     """Where and how a run executes; never part of its identity (see the module docstring)."""
 
     device: str = "auto"
     amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with bf16 hardware
-    bf16_formulas: str = "fused"  # act_norm and learned alpha under bf16: fused or torch (functional.BF16_FORMULAS)
+    bf16_formulas: str = "fused"  # act_norm and learned alpha under bf16: fused or torch (functional.FORMULAS)
+    fp32_formulas: str = "torch"  # the same in float32: torch (the reference, bit for bit) or fused
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False
     threads: int | None = None  # torch threads (None: torch's default)
@@ -223,8 +231,7 @@ class Machine:
 
     def __post_init__(self) -> None:
         parse_device(self.device)
-        if self.bf16_formulas not in BF16_FORMULAS:
-            raise ConfigError(f"--bf16-formulas must be one of {', '.join(BF16_FORMULAS)}, got {self.bf16_formulas!r}")
+        check_formulas(bf16=self.bf16_formulas, fp32=self.fp32_formulas)
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (load in the training process) or more, got {self.workers}")
         if self.threads is not None and self.threads < 1:
@@ -243,10 +250,11 @@ class Machine:
 
     @classmethod
     def from_saved(cls, saved: Mapping[str, Any]) -> Machine:
-        """The settings a run was saved with; one saved before ``bf16_formulas`` existed computed with torch's
-        bf16 formulas, and resumes with them."""
+        """The settings a run was saved with; one saved before ``bf16_formulas`` (``fp32_formulas``) existed computed
+        with torch's bf16 (float32) formulas, and resumes with them."""
         settings = dict(saved["settings"] if "settings" in saved else saved["config"])
         settings.setdefault("bf16_formulas", "torch")
+        settings.setdefault("fp32_formulas", "torch")
         return cls.from_dict(settings)
 
     def replace(self, **changes: Any) -> Machine:

@@ -339,7 +339,7 @@ def _recipe_summary(recipe: Recipe) -> str:
 
 
 def _arithmetic(records: list[RunRecord]) -> str:
-    """How the runs computed: fp32 or bf16 autocast (with the fused bf16 formulas where a run took them), eager or
+    """How the runs computed: fp32 or bf16 autocast (with the fused formulas where a run took them), eager or
     torch.compile, with counts when they differ."""
     kinds: dict[str, int] = {}
     for r in records:
@@ -347,6 +347,8 @@ def _arithmetic(records: list[RunRecord]) -> str:
         kind = ("bf16 autocast" if resolved.get("amp_bf16") else "fp32") + (", torch.compile" if resolved.get("compile") else "")
         if resolved.get("amp_bf16") and resolved.get("bf16_formulas", "torch") == "fused":  # before 2026-12-02: torch's
             kind += " (fused bf16 formulas)"
+        if not resolved.get("amp_bf16") and resolved.get("fp32_formulas") == "fused":  # opt-in since 2026-12-04
+            kind += " (fused fp32 formulas)"
         kinds[kind] = kinds.get(kind, 0) + 1
     if len(kinds) == 1:
         return next(iter(kinds))

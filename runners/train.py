@@ -88,7 +88,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -103,7 +103,7 @@ from bnnbench import functional
 from bnnbench.data import open_data
 from bnnbench.errors import ConfigError
 from bnnbench.hardware import cpu_flags
-from bnnbench.layers import takes_bf16_formulas
+from bnnbench.layers import takes_fused_formulas
 
 from . import distributed
 from .callbacks import EpochCallback, EpochReport
@@ -187,7 +187,7 @@ class StepContext:
     inference: nn.Module  # what runs the test batches: the module or its torch.compile wrapper
     device: torch.device
     amp: bool
-    bf16_formulas: str  # functional.BF16_FORMULAS
+    formulas: dict[str, str]  # functional.formulas's arguments: bf16 and fp32, each one of functional.FORMULAS
     channels_last: bool
     label_smoothing: float
     check_every: int
@@ -196,12 +196,11 @@ class StepContext:
     cost: CostEstimate
 
     def autocast(self) -> Any:
-        """bf16 autocast with its formulas (:data:`bnnbench.functional.BF16_FORMULAS`), where the run takes it."""
-        if not self.amp:
-            return nullcontext()
+        """The run's formulas (:data:`bnnbench.functional.FORMULAS`), with bf16 autocast where the run takes it."""
         stack = ExitStack()
-        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-        stack.enter_context(functional.bf16_formulas(self.bf16_formulas))
+        if self.amp:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        stack.enter_context(functional.formulas(**self.formulas))
         return stack
 
     def prepare(self, images: Tensor) -> Tensor:
@@ -487,7 +486,8 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
     resolved = {
         "device": str(device),
         "amp_bf16": amp,
-        "bf16_formulas": machine.bf16_formulas if amp and takes_bf16_formulas(model) else None,  # None: no difference
+        "bf16_formulas": machine.bf16_formulas if amp and takes_fused_formulas(model, torch.bfloat16) else None,  # None: no difference
+        "fp32_formulas": machine.fp32_formulas if not amp and takes_fused_formulas(model, torch.float32) else None,
         "channels_last": channels_last,
         "compile": machine.compile,
         "stage2_init": init_record,
@@ -521,7 +521,7 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
         inference,
         device,
         amp,
-        machine.bf16_formulas,
+        {"bf16": machine.bf16_formulas, "fp32": machine.fp32_formulas},
         channels_last,
         spec.recipe.label_smoothing,
         check_every,

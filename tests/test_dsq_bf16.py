@@ -1,7 +1,7 @@
 """DSQ's soft quantizer backward on bfloat16 activations with the fused bf16 formulas (bnnbench.methods.dsq.
 _fused_bf16_gradients): one float32 pass, within bfloat16's rounding of the float64 gradients to x, u and alpha;
 its tanh (bnnbench.elementwise.tanh_float32) within a few float32 ulps; the same on one and two threads; the choice made in the forward's context.
-torch's formulas (``bf16_formulas("torch")``) keep the bit-exact path (tests/test_fused_surrogates.py)."""
+torch's formulas (``formulas(bf16="torch")``) keep the bit-exact path (tests/test_fused_surrogates.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from numba import njit
 import bnnbench
 import bnnbench.methods.dsq as dsq
 from bnnbench.elementwise import tanh_float32
-from bnnbench.functional import bf16_formulas
+from bnnbench.functional import formulas as chosen_formulas
 
 
 @njit
@@ -38,7 +38,7 @@ def gradients(x: torch.Tensor, grad: torch.Tensor, u: float, alpha: float, formu
     dtype = torch.float64 if formulas is None else x.dtype
     leaf = x.to(dtype).clone().requires_grad_()
     lu, la = torch.tensor(u, requires_grad=True, dtype=dtype), torch.tensor(alpha, requires_grad=True, dtype=dtype)
-    with bf16_formulas(formulas or "torch"):
+    with chosen_formulas(bf16=formulas or "torch"):
         out = method.activation(leaf, 0.5, u=lu, alpha=la)
     out.backward(grad.to(dtype))  # outside the context: the forward chose
     return out.detach(), leaf.grad, lu.grad, la.grad

@@ -252,7 +252,7 @@ def test_normalized_surrogate_sign_matches_autograd_through_the_formula(dtype, m
     x = (1.5 * torch.randn(3, 5, 7, 6, generator=generator)).to(dtype)
     grad = torch.randn(3, 5, 7, 6, generator=generator).to(dtype)
     fast_leaf = x.clone().requires_grad_()
-    with functional.bf16_formulas("torch"):  # the fused bf16 formulas: tests/test_act_norm_bf16.py
+    with functional.formulas(bf16="torch"):  # the fused bf16 formulas: tests/test_act_norm_fused.py
         fast = functional.normalized_surrogate_sign(fast_leaf, functional.approx_sign_derivative, 1e-5)
     fast.backward(grad)
     monkeypatch.setattr(elementwise, "covered", lambda x: False)

@@ -15,7 +15,7 @@ import bnnbench.methods.irnet as irnet
 import bnnbench.methods.reste as reste
 import bnnbench.methods.swish_sign as swish_sign
 from bnnbench import omp
-from bnnbench.functional import bf16_formulas
+from bnnbench.functional import formulas as chosen_formulas
 from bnnbench.elementwise import r
 
 EDGES = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 1e-39, -1e-39, 3.0, -3.0]
@@ -287,7 +287,7 @@ def test_dsq_soft_quantized_sign_is_autograd_through_the_soft_quantizer(dtype, u
 
         def run():
             leaf, lu, la = x.clone().requires_grad_(), torch.tensor(u, requires_grad=True), torch.tensor(alpha, requires_grad=True)
-            with bf16_formulas("torch"):  # the fused bf16 formulas: tests/test_dsq_bf16.py
+            with chosen_formulas(bf16="torch"):  # the fused bf16 formulas: tests/test_dsq_bf16.py
                 out = method.activation(leaf, 0.5, u=lu, alpha=la)
                 out.backward(grad)
             return out.detach(), leaf.grad, lu.grad, la.grad

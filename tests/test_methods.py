@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import bnnbench
-from bnnbench import BinaryConv2d, BinaryLinear, build_model, get_method, list_methods, registry
+from bnnbench import BinaryConv2d, BinaryLinear, build_model, functional, get_method, list_methods, registry
 from bnnbench.cli import main as cli_main
 
 REQUIRED = ["sign-ste", "clip-ste", "polynomial", "reste", "recu", "biper"]
@@ -404,19 +404,19 @@ def test_learned_alpha_folds_into_the_weight_under_bf16_autocast(kind: str, stag
     def run(fold: bool):
         layer.zero_grad()
         if not fold:
-            layer.folds_scale = lambda x: False
+            layer.scale_placement = lambda x: "output"
         xa = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert layer.folds_scale(xa) is fold
+            assert (layer.scale_placement(xa) == "weight") is fold
             y = layer(xa)
         y.float().backward(g)
         if not fold:
-            del layer.folds_scale
+            del layer.scale_placement
         return y, xa.grad, layer.alpha.grad.clone(), layer.weight.grad.clone()
 
     folded, plain = run(True), run(False)
     # float64 formula of the same bfloat16 operands: a_b, w_b and alpha as the layer casts them
-    a = torch.where(x >= 0, 1.0, -1.0).double().requires_grad_(True)
+    a = torch.where(x >= 0, 1.0, -1.0).double()
     weight = layer.weight.detach().double().requires_grad_(True)
     w = get_method("biper").weight(weight, stage=stage)
     alpha = layer.alpha.detach().bfloat16().double().requires_grad_(True)
@@ -433,7 +433,44 @@ def test_learned_alpha_folds_into_the_weight_under_bf16_autocast(kind: str, stag
     error_plain = [((got.double().view_as(want) - want).norm() / want.norm()).item() for got, want in ((plain[0], y_ref.detach()), (plain[2], alpha.grad))]
     assert all(e <= 1.1 * p for e, p in zip(error, error_plain)), (error, error_plain)
     x32 = x.clone().requires_grad_(True)
-    assert not layer.folds_scale(x32)  # float32: the product of the output, the reference formulas' numbers
+    assert layer.scale_placement(x32) == "output"  # float32: the product of the output, the reference formulas' numbers
+
+
+@pytest.mark.parametrize("stage", [2, 1])
+def test_float32s_fused_formulas_scale_in_the_conv_keeping_the_forward(stage: int) -> None:
+    """Float32 with the fused formulas: the conv multiplies its own output by alpha (the forward bit for bit the
+    output-scaling path's: an exact stage-2 zero stays 0) and folds alpha into its backward's weight: the weight's
+    and alpha's gradients within float32's rounding of the float64 formula, the input's of torch's.  A linear layer, torch's
+    formulas and a layer with bias keep the product of the output; bfloat16's fused formulas fold into the weight."""
+    torch.manual_seed(0)
+    layer = BinaryConv2d(64, 16, 3, padding=1, method="biper", stage=stage, act_norm=False)
+    x, g = torch.randn(4, 64, 6, 6), torch.randn(4, 16, 6, 6)
+
+    def run(formulas: str):
+        layer.zero_grad()
+        xa = x.clone().requires_grad_(True)
+        with functional.formulas(fp32=formulas):
+            assert layer.scale_placement(xa) == ("conv" if formulas == "fused" else "output")
+            y = layer(xa)
+        y.backward(g)
+        return y.detach(), xa.grad, layer.weight.grad.clone(), layer.alpha.grad.clone()
+
+    fused, torchs = run("fused"), run("torch")
+    assert torch.equal(fused[0], torchs[0])
+    a = torch.where(x >= 0, 1.0, -1.0).double()
+    weight = layer.weight.detach().double().requires_grad_(True)
+    alpha = layer.alpha.detach().double().requires_grad_(True)
+    (F.conv2d(a, get_method("biper").weight(weight, stage=stage), padding=1) * alpha).backward(g.double())
+    # the input's: torch's formulas through the binarizer's surrogate (the reference, bit for bit) as the measure
+    for got, want in zip(fused[1:], (torchs[1].double(), weight.grad, alpha.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with functional.formulas(fp32="fused"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.scale_placement(x) == "weight"
+        with functional.formulas(bf16="torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.scale_placement(x) == "output"
+        assert BinaryLinear(8, 4, method="biper").scale_placement(torch.randn(2, 8)) == "output"
+        assert BinaryConv2d(8, 4, 3, method="biper", bias=True).scale_placement(torch.randn(2, 8, 5, 5)) == "output"
 
 
 def test_act_norm_backward_matches_autograd_reference() -> None:

@@ -1,7 +1,7 @@
 """RAD's distribution loss on bfloat16 activations with the fused bf16 formulas (bnnbench.methods.rad.
 _ChannelMomentsBF16): the channel moments in float32 sweeps and the input's gradient in one pass, within bfloat16's
 rounding of the float64 formula, the same on one and two threads, a moment no loss uses sending nothing back;
-torch's formulas (``bf16_formulas("torch")``) keep the bit-exact path (tests/test_fast_path.py)."""
+torch's formulas (``formulas(bf16="torch")``) keep the bit-exact path (tests/test_fast_path.py)."""
 
 from __future__ import annotations
 
@@ -74,10 +74,10 @@ def test_a_moment_no_loss_uses_sends_nothing_back(uses):
 
 @pytest.mark.parametrize(("method", "act_method", "takes"), [("rad", None, True), ("sign-ste", "rad", True), ("sign-ste", None, False)])
 def test_a_run_with_rads_loss_records_its_bf16_formulas(method, act_method, takes):
-    from bnnbench.layers import BinaryConv2d, takes_bf16_formulas
+    from bnnbench.layers import BinaryConv2d, takes_fused_formulas
 
     model = torch.nn.Sequential(BinaryConv2d(4, 4, 3, method=method, act_method=act_method))
-    assert takes_bf16_formulas(model) is takes
+    assert takes_fused_formulas(model, torch.bfloat16) is takes
 
 
 def test_where_the_kernels_do_not_take_the_input_torch_computes_the_same_gradient(monkeypatch):
@@ -135,7 +135,7 @@ def test_one_node_on_one_and_two_threads_and_torchs_formulas_keep_two(threads):
         threads(count)
         results.append(one_node_outputs(a, grad_signs, True)[2])
     assert torch.equal(*results)
-    with functional.bf16_formulas("torch"):
+    with functional.formulas(bf16="torch"):
         signs, _ = rad.RAD().activation_with_loss(a.clone().requires_grad_(True), 2, 0.0)
     assert type(signs.grad_fn).__name__ == "_SurrogateSignBackward"
 

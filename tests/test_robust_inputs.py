@@ -231,6 +231,9 @@ def test_bench_train_names_the_bf16_formulas_it_takes(capsys):
     assert cli_main(["bench", "train", "--bf16-formulas", "exact", "--methods", "biper"]) == 2
     error = one_line_error(capsys)
     assert "--bf16-formulas" in error and "fused, torch" in error and "'exact'" in error
+    assert cli_main(["bench", "train", "--fp32-formulas", "fast", "--methods", "biper"]) == 2
+    error = one_line_error(capsys)
+    assert "--fp32-formulas" in error and "fused, torch" in error and "'fast'" in error
 
 
 def test_eval_threads_must_be_positive(capsys):

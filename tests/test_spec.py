@@ -93,6 +93,15 @@ def test_the_bf16_formulas_are_a_checked_machine_setting_and_old_runs_resume_wit
     assert Machine.from_saved({"settings": {**settings, "bf16_formulas": "fused"}}).bf16_formulas == "fused"
 
 
+def test_the_fp32_formulas_are_torchs_unless_chosen_and_checked():
+    assert Machine().fp32_formulas == "torch" and Machine(fp32_formulas="fused").fp32_formulas == "fused"
+    with pytest.raises(ConfigError, match="--fp32-formulas must be one of fused, torch, got 'fast'"):
+        Machine(fp32_formulas="fast")
+    settings = Machine(fp32_formulas="fused").to_dict()
+    del settings["fp32_formulas"]  # a config.json written before 2026-12-04
+    assert Machine.from_saved({"settings": settings}).fp32_formulas == "torch"
+
+
 # Runs of the shipped tables that are not committed, and why.  A teacher job appears only for a
 # student still to train; it is missing in a fresh checkout (committed runs keep no checkpoints)
 # and finished where its run was trained.

@@ -10,8 +10,8 @@ import torch
 
 import bnnbench
 from bnnbench import standardize
-from bnnbench.functional import bf16_formulas, per_output_variance
-from bnnbench.layers import BinaryConv2d, takes_bf16_formulas
+from bnnbench.functional import formulas as chosen_formulas, per_output_variance
+from bnnbench.layers import BinaryConv2d, takes_fused_formulas
 from bnnbench.method import standardized
 
 SHAPES = [(16, 16, 3, 3), (64, 32, 3, 3), (10, 7), (3, 2)]
@@ -82,7 +82,7 @@ def test_non_finite_values_stay_in_their_row():
 
 def test_torchs_formula_stays_in_float32_with_torchs_bf16_formulas_and_elsewhere():
     w = weights((16, 8, 3, 3))
-    with torch.autocast("cpu", dtype=torch.bfloat16), bf16_formulas("torch"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), chosen_formulas(bf16="torch"):
         assert not standardize.fuses(w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not standardize.fuses(w.double())
@@ -106,7 +106,7 @@ def test_the_methods_weights_take_it_under_bf16_and_stay_close_to_torchs_formula
     results = {}
     for formulas in ("torch", "fused"):
         layer.weight.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16), bf16_formulas(formulas):
+        with torch.autocast("cpu", dtype=torch.bfloat16), chosen_formulas(bf16=formulas):
             w = layer.forward_weight()
         w.float().backward(torch.randn(w.shape, generator=torch.Generator().manual_seed(2)))
         results[formulas] = (w.detach().float(), layer.weight.grad.clone())
@@ -117,4 +117,4 @@ def test_the_methods_weights_take_it_under_bf16_and_stay_close_to_torchs_formula
 
 
 def test_irnet_records_its_bf16_formulas():
-    assert takes_bf16_formulas(torch.nn.Sequential(BinaryConv2d(4, 4, 3, method="irnet")))
+    assert takes_fused_formulas(torch.nn.Sequential(BinaryConv2d(4, 4, 3, method="irnet")), torch.bfloat16)

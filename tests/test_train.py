@@ -328,6 +328,24 @@ def test_a_bf16_run_records_its_formulas_and_each_choice_trains(tmp_path):
         assert json.loads((run_dir(cfg) / "config.json").read_text())["resolved"]["bf16_formulas"] is None
 
 
+def test_an_fp32_run_records_its_formulas_where_they_matter_and_fused_ones_train(tmp_path):
+    """--fp32-formulas: "torch" by default, recorded where act_norm or alpha is (BiPer), null where the choice changes
+    nothing (sign-STE, and bf16 runs); both train to finite losses."""
+    rows = {}
+    for formulas in ("torch", "fused"):
+        cfg = tiny_config(tmp_path / formulas, amp=False, stages=[1], **({"fp32_formulas": formulas} if formulas == "fused" else {}))
+        cfg.recipe.train_subset, cfg.recipe.test_subset = 32, 20
+        run_training(cfg.spec, cfg.machine, quiet=True)
+        assert json.loads((run_dir(cfg) / "config.json").read_text())["resolved"]["fp32_formulas"] == formulas
+        (rows[formulas],) = read_rows(run_dir(cfg) / "metrics.csv")
+        assert math.isfinite(float(rows[formulas]["train_loss"]))
+    for changes in ({"amp": False, "method": "sign-ste"}, {"amp": True}):
+        cfg = tiny_config(tmp_path / "none" / str(len(changes)), stages=[1], fp32_formulas="fused", **changes)
+        cfg.recipe.train_subset, cfg.recipe.test_subset = 32, 20
+        run_training(cfg.spec, cfg.machine, quiet=True)
+        assert json.loads((run_dir(cfg) / "config.json").read_text())["resolved"]["fp32_formulas"] is None
+
+
 class NanIntoOneLatentWeight(EpochCallback):
     """Writes NaN into one gradient entry of the first binary layer in stage 2: the SGD step makes that
     latent weight NaN, which sign() maps to -1, so the loss stays finite."""

@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as a run: on for CUDA and CPUs with AVX512-BF16/AMX)")
     train.add_argument("--bf16-formulas", metavar="fused|torch", default="fused", help="the fused bf16 formulas or torch's, as a run's --bf16-formulas")
+    train.add_argument("--fp32-formulas", metavar="torch|fused", default="torch", help="torch's fp32 formulas or the fused ones, as a run's --fp32-formulas")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: as a run: on for CUDA)")
     train.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     train.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per method)")
@@ -93,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
             stage=args.stage,
             compile=args.compile,
             bf16_formulas=args.bf16_formulas,
+            fp32_formulas=args.fp32_formulas,
         )
         rows, machine = train_benchmark(settings, methods=args.methods, threads=args.threads, budget_s=args.budget, memory=not args.no_memory)
         console.print(machine_line(machine))
@@ -200,7 +202,8 @@ def train_table(rows: list[dict[str, Any]]) -> Table:
 
     first = rows[0]
     bf16 = "bf16 autocast" + (" (torch's formulas)" if first.get("bf16_formulas") == "torch" else "")
-    modes = ", ".join(name for name, on in ((bf16, first["amp_bf16"]), ("channels_last", first["channels_last"]), ("torch.compile", first["compile"])) if on) or "fp32 eager"
+    fp32 = "fp32 eager" + (" (fused formulas)" if first.get("fp32_formulas") == "fused" else "")
+    modes = ", ".join(name for name, on in ((bf16, first["amp_bf16"]), ("channels_last", first["channels_last"]), ("torch.compile", first["compile"])) if on) or fp32
     table = Table(
         title=f"training step, {first['net']} stage {first['stage']}, batch {first['batch']}, {modes} "
         "(best; median, and vs fp the median of the rounds' ratios, in brackets)"

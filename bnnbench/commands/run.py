@@ -39,7 +39,7 @@ SPEC_OPTIONS = (
     "act_hp", "skip", "act_norm", "real_activations", "stage", "init", "seed", "augment", "teacher",
 )  # fmt: skip
 MACHINE_OPTIONS = (
-    "data_dir", "device", "amp", "bf16_formulas", "channels_last", "compile", "threads", "loader", "ffcv_dir", "workers", "skip_bad_images",
+    "data_dir", "device", "amp", "bf16_formulas", "fp32_formulas", "channels_last", "compile", "threads", "loader", "ffcv_dir", "workers", "skip_bad_images",
     "download", "sync_bn", "name", "tensorboard", "out",
 )  # fmt: skip
 
@@ -141,6 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="fused|torch",
         help="under bf16: act_norm, a learned alpha, RAD's moments and DSQ's soft quantizer in float32 kernels, rounded once "
         "(fused, the default), or torch's eager formulas bit for bit (torch: the numbers of runs before 2026-12-02)",
+    )
+    machine.add_argument(
+        "--fp32-formulas",
+        metavar="torch|fused",
+        help="in fp32: torch's formulas bit for bit (torch, the default: the reference numbers), or act_norm's statistics "
+        "and gradient in one float32 kernel and a learned alpha in the weight (fused: faster, a few units in the last "
+        "place from them)",
     )
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
     machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")

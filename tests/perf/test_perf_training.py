@@ -186,9 +186,9 @@ def test_rads_fused_moments_beat_autograd_through_the_formula(benchmark, dtype):
         loss_of(leaf).backward()
         return leaf.grad
 
-    from bnnbench.functional import bf16_formulas
+    from bnnbench.functional import formulas
 
-    with bf16_formulas("torch"):  # _ChannelMoments, bit for bit the formula
+    with formulas(bf16="torch"):  # _ChannelMoments, bit for bit the formula
         assert torch.equal(gradient(rad.distribution_loss), gradient(formula))
     want = gradient(formula)  # bfloat16 by default: the fused moments, within bfloat16's rounding of it
     torch.testing.assert_close(gradient(rad.distribution_loss), want, rtol=2**-7, atol=2**-8 * want.abs().max().item())
@@ -228,11 +228,11 @@ def test_act_norm_backward_scales_to_two_torch_threads(benchmark, dtype):
 
 def test_fused_bf16_act_norm_beats_torchs_bf16_formulas(benchmark):
     """act_norm under bf16, what a step pays for it (the forward's statistics and the backward): the fused float32
-    sweeps (bnnbench.act_norm_bf16) against the bit-exact reproduction of torch's bf16 formulas (the variance,
+    sweeps (bnnbench.act_norm_fused) against the bit-exact reproduction of torch's bf16 formulas (the variance,
     then the sweep of bnnbench.act_norm), on a ResNet-20 layer's activation."""
     import torch
 
-    from bnnbench import act_norm, act_norm_bf16, elementwise, functional
+    from bnnbench import act_norm, act_norm_fused, elementwise, functional
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(128, 16, 32, 32, generator=generator).bfloat16()
@@ -243,7 +243,7 @@ def test_fused_bf16_act_norm_beats_torchs_bf16_formulas(benchmark):
         return act_norm.backward(x, torch.sqrt(elementwise.per_sample_variance(x) + 1e-5), grad, formula)
 
     def fused() -> torch.Tensor:
-        return act_norm_bf16.backward(x, grad, 1e-5, formula=formula)
+        return act_norm_fused.backward(x, grad, 1e-5, formula=formula)
 
     exact = sum(t.double() for t in torchs())
     assert ((fused().double() - exact).norm() / exact.norm()).item() < 0.01  # the same gradient, bf16 apart

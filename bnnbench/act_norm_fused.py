@@ -1,4 +1,4 @@
-"""act_norm's backward for bfloat16 activations, in float32 and in sweeps over each sample while it is in cache.
+"""act_norm's fused backward: in float32 and in sweeps over each sample while it is in cache.
 
 ``normalized_surrogate_sign`` evaluates a binarizer's surrogate at a0 = x / r, r = sqrt(var(x) + eps) per
 sample (M elements, unbiased variance), the gradient flowing through the variance.  Its gradient of x is
@@ -6,20 +6,22 @@ sample (M elements, unbiased variance), the gradient flowing through the varianc
     g_x = g d / r  -  S (x - mean(x)) / ((M - 1) r^3),      d = surrogate(a0),  S = sum_i g_i d_i x_i
 
 (the division's term plus the variance's: d var / d x_i = 2 (x_i - mean) / (M - 1), d a0_i / d var =
--x_i / (2 r^3)).  For a bfloat16 x the bit-exact kernel (:mod:`bnnbench.act_norm`) reproduces torch's eager
-formula, which rounds every operator's result to bfloat16 and computes the variance in a float64 Welford chain
-in the forward; that costs 6-10 passes' time per layer.  Here the forward keeps only x (its sign needs no
-statistics: r > 0) and the backward, per sample, sweeps it three times while it stays in cache:
+-x_i / (2 r^3)).  The bit-exact kernel (:mod:`bnnbench.act_norm`) reproduces torch's eager formula, which
+computes the variance in its own pass in the forward (for bfloat16 a float64 Welford chain, every operator's
+result rounded to bfloat16) and keeps it; that costs 6-10 passes' time per layer in bfloat16, and the forward's
+variance pass and a backward of torch's reduction order in float32.  Here the forward keeps only x (its sign
+needs no statistics: r > 0) and the backward, per sample, sweeps it three times while it stays in cache:
 
     1. mean(x)                        float32 sums, reassociated into vector lanes
     2. var(x) = sum (x - mean)^2 / (M - 1), r = sqrt(var + eps)
     3. S = sum g d x, d at a0 = x / r (the surrogate's float32 formula with its scalar parameters, or its values
        from a tensor torch made at :func:`moments`' roots, whose moments then come in and are not swept again)
-    4. g_x as above, rounded once to bfloat16
+    4. g_x as above, rounded once to x's dtype
 
-all in float32: more exact than the eager formula's (one rounding to bfloat16 instead of one per operator), not
-bit for bit it.  The two gradient terms go back as one tensor (autograd then adds it to the residual's gradient
-once, not twice).  Float32 activations keep the bit-exact kernel: their numbers are the reference formulas'.
+all in float32: for bfloat16 more exact than the eager formula's (one rounding to bfloat16 instead of one per
+operator); for float32 within a few units in the last place of it, with the sums in another order.  Neither is
+bit for bit torch's formula: the fused formulas of :data:`bnnbench.functional.FORMULAS`.  The two gradient terms
+go back as one tensor (autograd then adds it to the residual's gradient once, not twice).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from numba import njit
 from torch import Tensor
 
 from . import omp
-from .elementwise import _keep, _round_bf16, _widen, _with_rounding, bf16_bits, covered
+from .elementwise import _keep, _load, _store, _with_rounding, bf16_bits, covered
 
 SUMS = {"reassoc", "contract"}  # float32 sums in vector lanes (no nnan/ninf: NaN and infinity propagate as IEEE says)
 _kernels: dict[tuple[Callable | None, int], Callable] = {}  # _backward_rows per formula and parameter count
@@ -40,15 +42,15 @@ _kernels: dict[tuple[Callable | None, int], Callable] = {}  # _backward_rows per
 
 @njit(nogil=True, fastmath=SUMS, cache=True)
 def _row_moments(row: np.ndarray, eps: np.float32) -> tuple[np.float32, np.float32]:  # pragma: no cover - compiled
-    """(mean, sqrt(unbiased variance + eps)) of one bfloat16 row (its bits), in float32, two sweeps."""
+    """(mean, sqrt(unbiased variance + eps)) of one row (bfloat16 bits or float32), in float32, two sweeps."""
     n = row.size
     total = np.float32(0.0)
     for i in range(n):
-        total += _widen(row[i])
+        total += _load(row[i])
     mean = total / np.float32(n)
     squares = np.float32(0.0)
     for i in range(n):
-        centred = _widen(row[i]) - mean
+        centred = _load(row[i]) - mean
         squares += centred * centred
     return mean, np.sqrt(squares / np.float32(n - 1) + eps)
 
@@ -70,7 +72,7 @@ def _backward_rows(formula: Callable | None, count: int):
     after the element) evaluated at a0, or read from a float32 array; the moments computed here, or read from a
     (rows, 2) array of (mean, root) where that has columns."""
     evaluate = formula is not None
-    at = _with_parameters(formula, count) if evaluate else _widen  # _widen: a placeholder the folded branch never calls
+    at = _with_parameters(formula, count) if evaluate else _keep  # _keep: a placeholder the folded branch never calls
 
     @njit(nogil=True, fastmath=SUMS)
     def rows(x, grad, surrogate, moments, eps, out, params):  # pragma: no cover - compiled
@@ -85,14 +87,14 @@ def _backward_rows(formula: Callable | None, count: int):
             inverse = np.float32(1.0) / root
             total = np.float32(0.0)
             for i in range(n):
-                v = _widen(xr[i])
+                v = _load(xr[i])
                 d = at(v * inverse, params) if evaluate else sr[i]
-                total += _widen(gr[i]) * d * v
+                total += _load(gr[i]) * d * v
             coefficient = -total * inverse * inverse * inverse / np.float32(n - 1)
             for i in range(n):
-                v = _widen(xr[i])
+                v = _load(xr[i])
                 d = at(v * inverse, params) if evaluate else sr[i]
-                o[i] = _round_bf16(_widen(gr[i]) * d * inverse + coefficient * (v - mean))
+                o[i] = _store(_load(gr[i]) * d * inverse + coefficient * (v - mean), o)
 
     return rows
 
@@ -103,19 +105,21 @@ def _moments_rows(x: np.ndarray, eps: np.float32, moments: np.ndarray) -> None: 
         moments[r, 0], moments[r, 1] = _row_moments(x[r], eps)
 
 
-def _bits(t: Tensor) -> np.ndarray:
-    return bf16_bits(t, t.shape[0], -1)
+def _elements(t: Tensor) -> np.ndarray:
+    """A covered tensor's memory as one row per sample: bfloat16 bits (uint16) or float32 (no copy)."""
+    return bf16_bits(t, t.shape[0], -1) if t.dtype == torch.bfloat16 else t.detach().reshape(t.shape[0], -1).numpy()
 
 
 def covers(x: Tensor) -> bool:
-    """True where :func:`backward` takes x: a dense contiguous CPU bfloat16 tensor of two or more elements per sample."""
-    return x.dtype == torch.bfloat16 and x.dim() >= 2 and x.shape[0] > 0 and x[0].numel() >= 2 and x.is_contiguous() and covered(x.detach())
+    """True where :func:`backward` takes x: a dense contiguous CPU bfloat16 or float32 tensor of two or more elements
+    per sample."""
+    return x.dim() >= 2 and x.shape[0] > 0 and x[0].numel() >= 2 and x.is_contiguous() and covered(x.detach())
 
 
 def moments(x: Tensor, eps: float) -> np.ndarray:
     """(mean, sqrt(var + eps)) per sample of a covered x, float32 of shape (N, 2), as :func:`backward` computes them."""
     out = np.empty((x.shape[0], 2), dtype=np.float32)
-    omp.run(_moments_rows, x.shape[0], omp.Split(_bits(x)), np.float32(eps), omp.Split(out), work=x.numel())
+    omp.run(_moments_rows, x.shape[0], omp.Split(_elements(x)), np.float32(eps), omp.Split(out), work=x.numel())
     return out
 
 
@@ -133,14 +137,14 @@ def backward(
     surrogate: Tensor | None = None,
     known: np.ndarray | None = None,
 ) -> Tensor:
-    """g_x of the module docstring for a covered x and its gradient, as one bfloat16 tensor.
+    """g_x of the module docstring for a covered x and its gradient, as one tensor of x's dtype.
 
     The surrogate is ``formula`` (float32, as :class:`~bnnbench.elementwise.Kernel` takes them, evaluated at a0 in
     the sweep, its scalar ``params`` after the element) or its float32 values ``surrogate`` at a0 = x / root, with
     the ``known`` :func:`moments` it was evaluated with (swept again here where not given)."""
     grad = grad.contiguous()
-    if grad.shape != x.shape or grad.dtype != torch.bfloat16:
-        grad = grad.to(torch.bfloat16).reshape(x.shape).contiguous()
+    if grad.shape != x.shape or grad.dtype != x.dtype:
+        grad = grad.to(x.dtype).reshape(x.shape).contiguous()
     key = (formula, len(params))
     if key not in _kernels:
         _kernels[key] = _backward_rows(formula, len(params))
@@ -148,9 +152,9 @@ def backward(
     values = np.empty((count, 0), dtype=np.float32) if surrogate is None else surrogate.detach().reshape(count, -1).contiguous().numpy()
     known = np.empty((count, 0), dtype=np.float32) if known is None else known
     out = torch.empty_like(x)
-    split = [omp.Split(a) for a in (_bits(x), _bits(grad), values, known)]
+    split = [omp.Split(a) for a in (_elements(x), _elements(grad), values, known)]
     scalars = tuple(np.float32(p) for p in params)
-    omp.run(_kernels[key], count, *split, np.float32(eps), omp.Split(_bits(out)), scalars, work=x.numel())
+    omp.run(_kernels[key], count, *split, np.float32(eps), omp.Split(_elements(out)), scalars, work=x.numel())
     return out
 
 
