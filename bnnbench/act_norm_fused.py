@@ -34,7 +34,7 @@ from numba import njit
 from torch import Tensor
 
 from . import omp
-from .elementwise import _keep, _load, _store, _with_rounding, bf16_bits, covered
+from .elementwise import _keep, _load, _store, _with_rounding, covered, stored
 
 SUMS = {"reassoc", "contract"}  # float32 sums in vector lanes (no nnan/ninf: NaN and infinity propagate as IEEE says)
 _kernels: dict[tuple[Callable | None, int], Callable] = {}  # _backward_rows per formula and parameter count
@@ -105,9 +105,9 @@ def _moments_rows(x: np.ndarray, eps: np.float32, moments: np.ndarray) -> None: 
         moments[r, 0], moments[r, 1] = _row_moments(x[r], eps)
 
 
-def _elements(t: Tensor) -> np.ndarray:
-    """A covered tensor's memory as one row per sample: bfloat16 bits (uint16) or float32 (no copy)."""
-    return bf16_bits(t, t.shape[0], -1) if t.dtype == torch.bfloat16 else t.detach().reshape(t.shape[0], -1).numpy()
+def _rows(t: Tensor) -> np.ndarray:
+    """A covered tensor's memory, one row per sample (:func:`~bnnbench.elementwise.stored`)."""
+    return stored(t, t.shape[0], -1)
 
 
 def covers(x: Tensor) -> bool:
@@ -119,7 +119,7 @@ def covers(x: Tensor) -> bool:
 def moments(x: Tensor, eps: float) -> np.ndarray:
     """(mean, sqrt(var + eps)) per sample of a covered x, float32 of shape (N, 2), as :func:`backward` computes them."""
     out = np.empty((x.shape[0], 2), dtype=np.float32)
-    omp.run(_moments_rows, x.shape[0], omp.Split(_elements(x)), np.float32(eps), omp.Split(out), work=x.numel())
+    omp.run(_moments_rows, x.shape[0], omp.Split(_rows(x)), np.float32(eps), omp.Split(out), work=x.numel())
     return out
 
 
@@ -152,9 +152,9 @@ def backward(
     values = np.empty((count, 0), dtype=np.float32) if surrogate is None else surrogate.detach().reshape(count, -1).contiguous().numpy()
     known = np.empty((count, 0), dtype=np.float32) if known is None else known
     out = torch.empty_like(x)
-    split = [omp.Split(a) for a in (_elements(x), _elements(grad), values, known)]
+    split = [omp.Split(a) for a in (_rows(x), _rows(grad), values, known)]
     scalars = tuple(np.float32(p) for p in params)
-    omp.run(_kernels[key], count, *split, np.float32(eps), omp.Split(_elements(out)), scalars, work=x.numel())
+    omp.run(_kernels[key], count, *split, np.float32(eps), omp.Split(_rows(out)), scalars, work=x.numel())
     return out
 
 

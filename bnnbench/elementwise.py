@@ -336,6 +336,13 @@ def bf16_bits(x: Tensor, *shape: int) -> np.ndarray:
     return x.detach().reshape(shape).view(torch.int16).numpy().view(np.uint16)
 
 
+def stored(x: Tensor, *shape: int) -> np.ndarray:
+    """A contiguous bfloat16 or float32 tensor's memory as a numpy view of ``shape`` (no copy): bfloat16's bits
+    (:func:`bf16_bits`) or the float32 values, what the compiled loops read with :func:`_load` and write with
+    :func:`_store`."""
+    return bf16_bits(x, *shape) if x.dtype == torch.bfloat16 else x.detach().reshape(shape).numpy()
+
+
 def _dense(x: Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -517,6 +524,17 @@ class Product:
 
 
 _WAITING = threading.local()
+
+
+def waiting_product(x: Tensor, value: Tensor) -> tuple[Tensor, Product] | None:
+    """(grad, product) where, within :func:`multiplying` for this ``x``, the gradient still waits to be multiplied
+    into a formula's ``value`` (a new tensor of grad's dtype and layout): a formula's own kernel then writes
+    ``grad * value`` into ``value`` and returns ``product.finish(value)``.  None otherwise."""
+    product = getattr(_WAITING, "product", None)
+    if product is None or product.x is not x:
+        return None
+    grad = product.gradient_for(value)
+    return None if grad is None else (grad, product)
 
 
 @contextlib.contextmanager

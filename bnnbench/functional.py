@@ -57,6 +57,12 @@ def formulas(*, bf16: str | None = None, fp32: str | None = None) -> Iterator[No
             variable.reset(token)
 
 
+def formulas_in_force() -> dict[str, str]:
+    """The formulas chosen now, as :func:`formulas`' arguments: for a backward to compute with its forward's (a
+    surrogate evaluated in the backward, which runs outside the forward's context)."""
+    return {"bf16": _FORMULAS_OF[torch.bfloat16].get(), "fp32": _FORMULAS_OF[torch.float32].get()}
+
+
 def fused_formulas(dtype: torch.dtype) -> bool:
     """True where activations of ``dtype`` take the fused formulas of :data:`FORMULAS` (bfloat16 by default)."""
     variable = _FORMULAS_OF.get(dtype)
@@ -130,12 +136,20 @@ class _SurrogateSign(torch.autograd.Function):
         if derivative is not identity_derivative:
             ctx.save_for_backward(x)
         ctx.derivative = derivative
+        ctx.formulas = None if torch.compiler.is_compiling() else formulas_in_force()  # (a graph reads no context)
         return signs_of(sign(x), sign, x)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         if ctx.derivative is identity_derivative:
             return grad_output, None
+        if ctx.formulas is None:
+            return _SurrogateSign.gradient(ctx, grad_output)
+        with formulas(**ctx.formulas):  # the surrogate as the forward's formulas say
+            return _SurrogateSign.gradient(ctx, grad_output)
+
+    @staticmethod
+    def gradient(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
         kernel = _GRADIENTS.get(ctx.derivative)
         if kernel is not None and grad_output.dtype == x.dtype and (fused := elementwise.apply(kernel, x, grad_output)) is not None:

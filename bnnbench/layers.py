@@ -280,11 +280,11 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryConv2d | Binary
 
 def takes_fused_formulas(model: nn.Module, dtype: torch.dtype) -> bool:
     """True where :func:`bnnbench.functional.formulas` changes the model's numbers in ``dtype``: a layer with act_norm
-    or alpha, or in bfloat16 one whose method says so (:attr:`~bnnbench.method.Method.takes_bf16_formulas`: its
-    own fused formulas are bfloat16 kernels)."""
-    own = dtype == torch.bfloat16
+    or alpha, or whose method says so (:attr:`~bnnbench.method.Method.takes_bf16_formulas`,
+    :attr:`~bnnbench.method.Method.takes_fp32_formulas`)."""
+    flag = "takes_bf16_formulas" if dtype == torch.bfloat16 else "takes_fp32_formulas"
     return any(
-        layer.act_norm or layer.alpha is not None or (own and (layer.method.takes_bf16_formulas or layer.act_method.takes_bf16_formulas))
+        layer.act_norm or layer.alpha is not None or getattr(layer.method, flag) or getattr(layer.act_method, flag)
         for _, layer in binary_layers(model)
     )
 

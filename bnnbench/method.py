@@ -185,9 +185,11 @@ class Method:
     positive: ClassVar[tuple[str, ...]] = ()
     # True: trains against a frozen full-precision teacher of the same backbone (feature_loss).
     teacher: ClassVar[bool] = False
-    # True: the method's own bfloat16 formulas follow functional.bf16_formulas (RAD's moments, DSQ), as act_norm and
-    # learned alpha do; a run records the choice (layers.takes_bf16_formulas).
+    # True: the method's own bfloat16 formulas follow functional.formulas(bf16=...) (RAD's moments, DSQ, IR-Net's
+    # standardisation), as act_norm and learned alpha do; a run records the choice (layers.takes_fused_formulas).
     takes_bf16_formulas: ClassVar[bool] = False
+    # True: its own float32 formulas follow them too (functional.formulas(fp32=...): RAD's moments, DSQ).
+    takes_fp32_formulas: ClassVar[bool] = False
     # True: the activation's forward is functional.sign(a) of the layer's input a itself (any backward), so the
     # hardtanh before the layer makes those signs in its own pass and hands them over (functional.hardtanh_).  A method
     # whose forward is another function sets False (ReActNet's sign(a + beta)): signs made for it would go unused.

@@ -53,7 +53,7 @@ from numba import njit
 from torch import Tensor
 
 from bnnbench import elementwise, omp
-from bnnbench.elementwise import _round_bf16, _widen, fma, r, tanh_float32
+from bnnbench.elementwise import _load, _store, fma, r, tanh_float32
 from bnnbench.functional import fused_formulas, sign, signs_of
 from bnnbench.method import Method, Progress, straight_through
 from bnnbench.registry import register_method
@@ -117,7 +117,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, u, neg_u, s, k)
-        ctx.fused = x.dtype == torch.bfloat16 and fused_formulas(torch.bfloat16) and x.is_contiguous()  # the choice of the forward's context
+        ctx.fused = x.dtype in (torch.bfloat16, torch.float32) and fused_formulas(x.dtype) and x.is_contiguous()  # the forward's context's choice
         return signs_of(sign(x), sign, x)  # the binary conv keeps x, not the signs
 
     @staticmethod
@@ -125,7 +125,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
         x, u, neg_u, s, k = ctx.saved_tensors
         scalars = tuple(np.float32(float(v)) for v in (u, neg_u, s, k))  # 0-dim tensors of x's dtype: exact
         if ctx.fused and elementwise.covered(grad):
-            return _fused_bf16_gradients(x, grad.contiguous().to(torch.bfloat16), scalars)
+            return _fused_gradients(x, grad.contiguous().to(x.dtype), scalars)
         z, parts = elementwise.apply(DSQ_ARGUMENT, x, params=(scalars[0], scalars[1], scalars[3])), None
         if z is not None:  # torch's tanh: bfloat16 looked up (a pass of its own: a gather keeps a loop scalar)
             th = elementwise.look_up(elementwise.bf16_table(torch.tanh), z, z) if z.dtype == torch.bfloat16 else torch.tanh_(z)
@@ -137,21 +137,21 @@ class _SoftQuantizedSign(torch.autograd.Function):
 
 @njit(nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
 def _fused_rows(x, grad, out, sums, u, neg_u, s, k):  # pragma: no cover - compiled
-    """Per row of bfloat16 bits: the gradient to x (rounded once to bfloat16) and the row's float32 sums of the
-    gradients to u, -u, s and k, the soft quantizer's backward in float32 in one pass."""
+    """Per row (bfloat16 bits or float32): the gradient to x (rounded once to x's dtype) and the row's float32 sums of
+    the gradients to u, -u, s and k, the soft quantizer's backward in float32 in one pass."""
     zero = np.float32(0.0)
     for row in range(x.shape[0]):
         xr, gr, o = x[row], grad[row], out[row]
         to_u, to_neg_u, to_s, to_k = zero, zero, zero, zero
         for i in range(xr.size):
-            v, g = _widen(xr[i]), _widen(gr[i])
+            v, g = _load(xr[i]), _load(gr[i])
             inside, positive = abs(v) <= u, v >= zero
             c = v if inside else (u if positive else neg_u)
             th = tanh_float32(k * c)
             grad_z = g * s * (np.float32(1.0) - th * th)
             grad_c = grad_z * k
             outside = zero if inside else grad_c
-            o[i] = _round_bf16(grad_c if inside else zero)
+            o[i] = _store(grad_c if inside else zero, o)
             to_u += outside if positive else zero  # selects, no short-circuit branches: the loop stays vectorised
             to_neg_u += zero if positive else outside
             to_s += g * th
@@ -159,13 +159,14 @@ def _fused_rows(x, grad, out, sums, u, neg_u, s, k):  # pragma: no cover - compi
         sums[row, 0], sums[row, 1], sums[row, 2], sums[row, 3] = to_u, to_neg_u, to_s, to_k
 
 
-def _fused_bf16_gradients(x: Tensor, grad: Tensor, scalars: tuple[np.float32, ...]) -> tuple[Tensor, ...]:
-    """The soft quantizer's gradients for a contiguous bfloat16 x in one float32 pass (the fused bf16 formulas):
-    to x as bfloat16, to u, -u, s and k summed in float32 per sample, then in float64, each rounded once."""
+def _fused_gradients(x: Tensor, grad: Tensor, scalars: tuple[np.float32, ...]) -> tuple[Tensor, ...]:
+    """The soft quantizer's gradients for a contiguous bfloat16 or float32 x in one float32 pass (the fused formulas
+    of x's dtype): to x in x's dtype, to u, -u, s and k summed in float32 per sample, then in float64, each rounded
+    once."""
     rows = x.shape[0] if x.dim() > 1 else 1
     out = torch.empty_like(x)
     sums = np.empty((rows, 4), dtype=np.float32)
-    split = [omp.Split(a) for a in (*(elementwise.bf16_bits(t, rows, -1) for t in (x, grad, out)), sums)]
+    split = [omp.Split(a) for a in (*(elementwise.stored(t, rows, -1) for t in (x, grad, out)), sums)]
     omp.run(_fused_rows, rows, *split, *scalars, work=x.numel())
     totals = torch.from_numpy(sums).double().sum(dim=0).to(x.dtype)
     return out, totals[0], totals[1], totals[2], totals[3]
@@ -198,6 +199,7 @@ class DSQ(Method):
     activation_backward = "s k (1 - tanh^2(k a)) 1{|a|<=u_a}, alpha_a, u_a learned per layer"
     scale = "learned_bound"
     takes_bf16_formulas = True  # a bfloat16 soft quantizer's backward: one float32 pass unless formulas(bf16="torch")
+    takes_fp32_formulas = True  # a float32 one likewise with formulas(fp32="fused")
 
     def _alpha(self, alpha: Tensor) -> Tensor:
         return alpha.clamp(self.alpha_min, self.alpha_max)

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bnnbench import elementwise, omp
-from bnnbench.elementwise import _widen, r
+from bnnbench.elementwise import _load, r
 from bnnbench.functional import clip_derivative, fused_formulas, saved_as_recipe, sign, signs_of
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
@@ -65,12 +65,13 @@ def loss_of_moments(mean: Tensor, mean_square: Tensor, eps: float = 1e-10) -> Te
 def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     """(mu_c, mean_c((a_c - mu_c)^2)) over (N, H, W) in float32 at least: the formula's values and gradients,
     bit for bit, in fewer passes where the kernels cover a contiguous a (:class:`_ChannelMoments`), else by
-    autograd through the formula (keeping a and the means, the float32 centred copy recomputed).  A bfloat16 a
-    with the fused bf16 formulas (:func:`~bnnbench.functional.fused_formulas`) takes float32 sweeps instead
-    (:class:`_ChannelMomentsBF16`: not bit for bit torch's, within float32's rounding of the exact values)."""
+    autograd through the formula (keeping a and the means, the float32 centred copy recomputed).  With the fused
+    formulas of a's dtype (:func:`~bnnbench.functional.fused_formulas`: bfloat16's default, float32's opt-in) float32
+    sweeps instead (:class:`_ChannelMomentsFused`: not bit for bit torch's, within float32's rounding of the exact
+    values)."""
     detached = a.detach()
-    if fuses_bf16(a):
-        return _ChannelMomentsBF16.apply(a)
+    if fuses(a):
+        return _ChannelMomentsFused.apply(a)
     if a.dim() >= 2 and elementwise.covered(detached) and detached.is_contiguous() and a.numel() and not torch.compiler.is_compiling():
         return _ChannelMoments.apply(a, a)
     widen = a.dtype in (torch.float16, torch.bfloat16)
@@ -160,7 +161,7 @@ class _ChannelMoments(torch.autograd.Function):
 @njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
 def _moments_of_channels(x: np.ndarray, channels: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """(mean, mean square about it) of the channels ``channels`` of x, (N, C, L) bfloat16 bits, into out's rows:
-    each sample's L elements summed in float32 vector lanes, the samples' sums added in float64; two sweeps."""
+    each sample's L elements summed in float32 vector lanes, the samples' sums added in float64; two sweeps."""  # (or float32)
     samples, _, length = x.shape
     count = samples * length
     for j in range(channels.size):
@@ -169,14 +170,14 @@ def _moments_of_channels(x: np.ndarray, channels: np.ndarray, out: np.ndarray) -
         for n in range(samples):
             part = np.float32(0.0)
             for i in range(length):
-                part += _widen(x[n, c, i])
+                part += _load(x[n, c, i])
             total += part
         mean = np.float32(total / count)
         squares = 0.0
         for n in range(samples):
             part = np.float32(0.0)
             for i in range(length):
-                d = _widen(x[n, c, i]) - mean
+                d = _load(x[n, c, i]) - mean
                 part += d * d
             squares += part
         out[j, 0], out[j, 1] = mean, np.float32(squares / count)
@@ -190,16 +191,16 @@ def _fused_input_gradient(a: np.float32, mean: np.float32, twice_share: np.float
 FUSED_INPUT_GRADIENT = elementwise.Kernel("rad_fused_input_gradient", _fused_input_gradient)
 
 
-class _ChannelMomentsBF16(torch.autograd.Function):
-    """:func:`channel_moments` of a contiguous bfloat16 a in float32 sweeps: forward two read-only sweeps per channel
+class _ChannelMomentsFused(torch.autograd.Function):
+    """:func:`channel_moments` of a contiguous bfloat16 or float32 a in float32 sweeps: forward two read-only sweeps per channel
     (:func:`_moments_of_channels`), no float32 copy of a; backward one pass, d/da_i = 2 (g_ms / M) (a_i - mu) +
-    g_mu / M, rounded once to bfloat16.  The term the formula's graph adds through the mean of the centred values,
+    g_mu / M, rounded once to a's dtype.  The term the formula's graph adds through the mean of the centred values,
     -(2 g_ms / M) sum(a - mu) / M per channel, is zero in exact arithmetic and left out (torch's float32 value of it
     is rounding noise)."""
 
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        mean, mean_square = _bf16_moments(a)
+        mean, mean_square = _fused_moments(a)
         ctx.save_for_backward(a, mean)
         ctx.set_materialize_grads(False)
         return mean, mean_square
@@ -210,11 +211,11 @@ class _ChannelMomentsBF16(torch.autograd.Function):
         if grad_mean is None and grad_mean_square is None:
             return None
         a, mean = ctx.saved_tensors
-        return _bf16_moments_gradient(a, mean, grad_mean, grad_mean_square)
+        return _fused_moments_gradient(a, mean, grad_mean, grad_mean_square)
 
 
-def _bf16_moments_gradient(a: Tensor, mean: Tensor, grad_mean: Tensor | None, grad_mean_square: Tensor | None, grad_signs: Tensor | None = None) -> Tensor:
-    """The gradient to a bfloat16 a of its channel moments, 2 (g_ms / M) (a - mu) + g_mu / M, and with ``grad_signs``
+def _fused_moments_gradient(a: Tensor, mean: Tensor, grad_mean: Tensor | None, grad_mean_square: Tensor | None, grad_signs: Tensor | None = None) -> Tensor:
+    """The gradient to a bfloat16 or float32 a of its channel moments, 2 (g_ms / M) (a - mu) + g_mu / M, and with ``grad_signs``
     the clipped STE's g 1{|a| <= 1} too, in one float32 pass rounded once (a missing moment's gradient is 0); torch's
     formula where the kernels do not take a and the gradients.  The mean's share alone is spread without the
     0 (a - mu) term (NaN where a is infinite)."""
@@ -244,36 +245,36 @@ def _sign_and_moments_gradient(a: np.float32, g: np.float32, mean: np.float32, t
 SIGN_AND_MOMENTS_GRADIENT = elementwise.Kernel("rad_sign_and_moments_gradient", _sign_and_moments_gradient)
 
 
-def _bf16_moments(a: Tensor) -> tuple[Tensor, Tensor]:
-    """(mu_c, mean_c((a_c - mu_c)^2)) of a contiguous bfloat16 a, (N, C, ...), from :func:`_moments_of_channels`."""
+def _fused_moments(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu_c, mean_c((a_c - mu_c)^2)) of a contiguous bfloat16 or float32 a, (N, C, ...), from :func:`_moments_of_channels`."""
     channels = a.shape[1]
-    bits = elementwise.bf16_bits(a, a.shape[0], channels, -1)
+    bits = elementwise.stored(a, a.shape[0], channels, -1)
     out = np.empty((channels, 2), dtype=np.float32)
     omp.run(_moments_of_channels, channels, bits, omp.Split(np.arange(channels)), omp.Split(out), work=a.numel())
     moments = torch.from_numpy(out)
     return moments[:, 0].clone(), moments[:, 1].clone()
 
 
-def fuses_bf16(a: Tensor) -> bool:
-    """True where a's moments take the float32 sweeps: a contiguous bfloat16 (N, C, ...) a the kernels cover, with
-    :func:`~bnnbench.functional.fused_formulas`."""
+def fuses(a: Tensor) -> bool:
+    """True where a's moments take the float32 sweeps: a contiguous bfloat16 or float32 (N, C, ...) a the kernels
+    cover, with the fused formulas of its dtype (:func:`~bnnbench.functional.fused_formulas`)."""
     detached = a.detach()
     return (
-        a.dtype == torch.bfloat16 and fused_formulas(torch.bfloat16) and a.dim() >= 2 and a.numel() > 0
+        a.dtype in (torch.bfloat16, torch.float32) and fused_formulas(a.dtype) and a.dim() >= 2 and a.numel() > 0
         and elementwise.covered(detached) and detached.is_contiguous() and not torch.compiler.is_compiling()
     )
 
 
-class _SignAndMomentsBF16(torch.autograd.Function):
-    """RAD's binarizer and the moments of its input in one node, for a bfloat16 a (:func:`fuses_bf16`): forward
-    sign(a) and :func:`_bf16_moments`; backward the clipped STE's gradient and the moments' in one pass,
+class _SignAndMomentsFused(torch.autograd.Function):
+    """RAD's binarizer and the moments of its input in one node, for an a with fused formulas (:func:`fuses`): forward
+    sign(a) and :func:`_fused_moments`; backward the clipped STE's gradient and the moments' in one pass,
     g 1{|a| <= 1} + 2 (g_ms / M)(a - mu) + g_mu / M (:data:`SIGN_AND_MOMENTS_GRADIENT`), where the two nodes apart
     write two activation-sized gradients and autograd adds them: three passes.  The moments' gradient is
-    :class:`_ChannelMomentsBF16`'s, the sum rounded once to bfloat16."""
+    :class:`_ChannelMomentsFused`'s, the sum rounded once to a's dtype."""
 
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        mean, mean_square = _bf16_moments(a)
+        mean, mean_square = _fused_moments(a)
         ctx.save_for_backward(a, mean)
         ctx.set_materialize_grads(False)
         return signs_of(sign(a), sign, a), mean, mean_square
@@ -285,7 +286,7 @@ class _SignAndMomentsBF16(torch.autograd.Function):
         if grad_signs is None and grad_mean is None and grad_mean_square is None:
             return None
         grad_signs = torch.zeros_like(a) if grad_signs is None else grad_signs
-        return _bf16_moments_gradient(a, mean, grad_mean, grad_mean_square, grad_signs)
+        return _fused_moments_gradient(a, mean, grad_mean, grad_mean_square, grad_signs)
 
 
 @register_method("rad")
@@ -300,7 +301,8 @@ class RAD(Method):
     weight_backward = "1"
     activation_backward = "1{|a| <= 1}; + lambda * distribution loss of a, mean over layers"
     loss_reduction = "mean"
-    takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsBF16 unless formulas(bf16="torch")
+    takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsFused unless formulas(bf16="torch")
+    takes_fp32_formulas = True  # of a float32 input with formulas(fp32="fused")
 
     activation_surrogate = staticmethod(clip_derivative)
 
@@ -315,12 +317,12 @@ class RAD(Method):
         return self.loss_weight * on * loss
 
     def activation_with_loss(self, a: Tensor, stage: int, progress: Progress = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-        """A bfloat16 a with the fused bf16 formulas: the binarizer and the loss's moments in one node
-        (:class:`_SignAndMomentsBF16`), whose backward is one pass; otherwise the two apart."""
+        """An a with the fused formulas of its dtype: the binarizer and the loss's moments in one node
+        (:class:`_SignAndMomentsFused`), whose backward is one pass; otherwise the two apart."""
         plain = self.activation_surrogate is clip_derivative and type(self).activation_derivative is Method.activation_derivative
-        if kwargs or self.loss_weight == 0 or not plain or not (a.requires_grad and torch.is_grad_enabled()) or not fuses_bf16(a):
+        if kwargs or self.loss_weight == 0 or not plain or not (a.requires_grad and torch.is_grad_enabled()) or not fuses(a):
             return super().activation_with_loss(a, stage, progress, **kwargs)
-        signs, mean, mean_square = _SignAndMomentsBF16.apply(a)
+        signs, mean, mean_square = _SignAndMomentsFused.apply(a)
         return signs, self._weighted(loss_of_moments(mean, mean_square), progress)
 
     def schedule(self, progress: Progress) -> dict[str, float]:

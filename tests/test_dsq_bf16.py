@@ -1,5 +1,5 @@
 """DSQ's soft quantizer backward on bfloat16 activations with the fused bf16 formulas (bnnbench.methods.dsq.
-_fused_bf16_gradients): one float32 pass, within bfloat16's rounding of the float64 gradients to x, u and alpha;
+_fused_gradients): one float32 pass, within bfloat16's rounding of the float64 gradients to x, u and alpha;
 its tanh (bnnbench.elementwise.tanh_float32) within a few float32 ulps; the same on one and two threads; the choice made in the forward's context.
 torch's formulas (``formulas(bf16="torch")``) keep the bit-exact path (tests/test_fused_surrogates.py)."""
 
@@ -68,7 +68,7 @@ def test_the_kernels_gradients_are_the_formulas_within_rounding(u, alpha):
     bu, balpha = torch.tensor(u).bfloat16(), torch.tensor(alpha).bfloat16()
     s_, k_ = dsq.soft_quantizer_scales(bu, balpha)
     scalars = tuple(np.float32(float(v)) for v in (bu, -bu, s_, k_))
-    got = dsq._fused_bf16_gradients(x, grad, scalars)
+    got = dsq._fused_gradients(x, grad, scalars)
     want = float64_gradients(x, grad, scalars)
     assert got[0].dtype == torch.bfloat16
     torch.testing.assert_close(got[0].double(), want[0], rtol=2**-8, atol=2**-9 * want[0].abs().max().item())
@@ -100,8 +100,38 @@ def test_the_same_on_one_and_two_threads(threads):
 def test_torchs_formulas_take_the_bit_exact_path_and_differ_from_the_fused(monkeypatch):
     x, grad = inputs(5)
     calls = []
-    monkeypatch.setattr(dsq, "_fused_bf16_gradients", lambda *a: calls.append(1) or pytest.fail("fused under torch's formulas"))
+    monkeypatch.setattr(dsq, "_fused_gradients", lambda *a: calls.append(1) or pytest.fail("fused under torch's formulas"))
     torch_grads = gradients(x, grad, 1.0, 0.2, "torch")
     monkeypatch.undo()
     fused = gradients(x, grad, 1.0, 0.2, "fused")
     assert not calls and not torch.equal(torch_grads[1], fused[1])
+
+
+@pytest.mark.parametrize("u, alpha", [(1.0, 0.2), (0.37, 0.99), (2.5, 1e-4)])
+def test_float32_with_fused_formulas_is_the_formula_within_float32_rounding(u, alpha, threads, monkeypatch):
+    """--fp32-formulas fused: a float32 x takes the one-pass kernel too (its tanh within a few ulps), its gradients
+    within float32's rounding of the float64 formula's, the same on 1 and 2 threads; torch's formulas (the default)
+    do not take it."""
+    x, grad = (t.float() for t in inputs(int(100 * u) + 1))
+    s_, k_ = dsq.soft_quantizer_scales(torch.tensor(u), torch.tensor(alpha))
+    scalars = tuple(np.float32(float(v)) for v in (u, -u, s_, k_))
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(dsq._fused_gradients(x, grad, scalars))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    got, want = results[0], float64_gradients(x, grad, scalars)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6 * want[0].abs().max().item())
+    scale = (grad.double().abs() * x.double().abs().clamp(min=1)).sum().item()
+    for g, w in zip(got[1:], want[1:]):
+        assert abs(g.double().item() - w.item()) <= 1e-5 * abs(w.item()) + 1e-6 * scale
+    calls = []
+    kernel = dsq._fused_gradients
+    monkeypatch.setattr(dsq, "_fused_gradients", lambda *a: calls.append(1) or kernel(*a))
+    for chosen in ("torch", "fused"):
+        leaf = x.clone().requires_grad_()
+        with chosen_formulas(fp32=chosen):
+            out = bnnbench.get_method("dsq").activation(leaf, 0.5, u=torch.tensor(u, requires_grad=True), alpha=torch.tensor(alpha, requires_grad=True))
+        out.backward(grad)
+        assert len(calls) == (chosen == "fused")

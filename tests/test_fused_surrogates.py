@@ -472,3 +472,52 @@ def test_a_gradient_taken_into_a_final_kernel_never_changes_what_the_derivative_
     leaf = x.clone().requires_grad_()
     (fast,) = torch.autograd.grad(bnnbench.surrogate_sign(leaf, derivative), leaf, grad)
     assert identical(fast, grad * reference(derivative, x, monkeypatch))
+
+
+@pytest.mark.parametrize("n", [0, 9, 18])
+def test_fdas_recurrence_with_fused_fp32_formulas_is_the_series_within_float32_rounding(n, threads):
+    """--fp32-formulas fused: FDA's float32 series by the cosines' recurrence, as near the float64 series as torch's
+    formula (within 2x its error), zero outside [-1, 1] and NaN where torch's float32 formula is (NaN or infinite x, an evaluated
+    term's argument overflowing), the same on 1 and 2 threads; an omega above RECURRENCE_OMEGA keeps torch's cosines; torch's formulas (the default) never take it."""
+    from bnnbench.methods import fda
+
+    x = torch.randn(3, 5, 33, 31, generator=torch.Generator().manual_seed(n)) * 0.8
+    x.view(-1)[:9] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0000001, -7.0, 3e38, float("inf"), float("nan")])
+    want = fda._fourier(x.double(), 0.1, n)
+    torchs = fda.fourier_sign_derivative(x, 0.1, n, 18)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        with chosen_formulas(fp32="fused"):
+            results.append(fda.fourier_sign_derivative(x, 0.1, n, 18))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN as NaN
+    got = results[0]
+    assert torch.equal(got.isnan(), torchs.isnan())  # (3e38: 37 omega x overflows in float32, not in float64)
+    finite = ~torchs.isnan()
+    assert torch.all(got[finite & (x.abs() > 1)] == 0)
+    error = lambda v: ((v.double() - want)[finite].norm() / want[finite].norm()).item()  # noqa: E731
+    assert error(got) <= 2 * error(torchs) + 1e-8, (error(got), error(torchs))
+    assert not torch.equal(got, torchs)  # the recurrence ran
+    assert fda._fourier_recurrence(x, 1.5, n) is None and fda._fourier_recurrence(x.double(), 0.1, n) is None
+
+
+def test_a_surrogate_evaluated_in_the_backward_takes_the_forwards_formulas(monkeypatch):
+    """The backward runs outside the forward's ``formulas`` context (a training loop's loss.backward()); the
+    surrogate, evaluated there, computes with the forward's choice: FDA's recurrence under fused fp32 formulas, its
+    gradient multiplied into its pass (no separate product), within rounding of torch's formula's gradient."""
+    from bnnbench.methods import fda
+
+    calls = []
+    recurrence = fda._fourier_recurrence
+    monkeypatch.setattr(fda, "_fourier_recurrence", lambda *a: calls.append(1) or recurrence(*a))
+    method = bnnbench.get_method("fda")
+    x, grad = torch.randn(4, 8, 6, 6) * 0.6, torch.randn(4, 8, 6, 6)
+    results = {}
+    for chosen in ("torch", "fused"):
+        leaf = x.clone().requires_grad_(True)
+        with chosen_formulas(fp32=chosen):
+            out = method.activation(leaf, progress=0.5)
+        out.backward(grad)
+        results[chosen] = leaf.grad
+        assert len(calls) == (chosen == "fused")
+    torch.testing.assert_close(results["fused"], results["torch"], rtol=1e-5, atol=1e-6)

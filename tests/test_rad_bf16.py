@@ -1,5 +1,5 @@
 """RAD's distribution loss on bfloat16 activations with the fused bf16 formulas (bnnbench.methods.rad.
-_ChannelMomentsBF16): the channel moments in float32 sweeps and the input's gradient in one pass, within bfloat16's
+_ChannelMomentsFused): the channel moments in float32 sweeps and the input's gradient in one pass, within bfloat16's
 rounding of the float64 formula, the same on one and two threads, a moment no loss uses sending nothing back;
 torch's formulas (``formulas(bf16="torch")``) keep the bit-exact path (tests/test_fast_path.py)."""
 
@@ -22,7 +22,7 @@ def float64_loss_and_gradient(a: torch.Tensor) -> tuple[float, torch.Tensor]:
 def fused_loss_and_gradient(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     leaf = a.clone().requires_grad_(True)
     loss = rad.distribution_loss(leaf)
-    assert type(rad.channel_moments(a.clone().requires_grad_())[0].grad_fn).__name__ == "_ChannelMomentsBF16Backward"
+    assert type(rad.channel_moments(a.clone().requires_grad_())[0].grad_fn).__name__ == "_ChannelMomentsFusedBackward"
     loss.backward()
     return loss.detach(), leaf.grad
 
@@ -77,7 +77,7 @@ def test_a_run_with_rads_loss_records_its_bf16_formulas(method, act_method, take
     from bnnbench.layers import BinaryConv2d, takes_fused_formulas
 
     model = torch.nn.Sequential(BinaryConv2d(4, 4, 3, method=method, act_method=act_method))
-    assert takes_fused_formulas(model, torch.bfloat16) is takes
+    assert takes_fused_formulas(model, torch.bfloat16) is takes and takes_fused_formulas(model, torch.float32) is takes
 
 
 def test_where_the_kernels_do_not_take_the_input_torch_computes_the_same_gradient(monkeypatch):
@@ -90,7 +90,7 @@ def test_where_the_kernels_do_not_take_the_input_torch_computes_the_same_gradien
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the binarizer and the moments in one node (rad._SignAndMomentsBF16, through Method.activation_with_loss)
+# the binarizer and the moments in one node (rad._SignAndMomentsFused, through Method.activation_with_loss)
 
 
 def one_node_outputs(a: torch.Tensor, grad_signs: torch.Tensor, one_node: bool):
@@ -99,7 +99,7 @@ def one_node_outputs(a: torch.Tensor, grad_signs: torch.Tensor, one_node: bool):
     leaf = a.clone().requires_grad_(True)
     if one_node:
         signs, loss = method.activation_with_loss(leaf, 2, 0.0)
-        assert type(signs.grad_fn).__name__ == "_SignAndMomentsBF16Backward"
+        assert type(signs.grad_fn).__name__ == "_SignAndMomentsFusedBackward"
     else:
         loss, signs = method.activation_loss(leaf, 2, 0.0), method.activation(leaf)
     ((signs.float() * grad_signs.float()).sum() + 50 * loss).backward()
@@ -146,8 +146,8 @@ def test_one_node_in_a_layer_and_where_the_kernels_do_not_take_the_gradient(monk
     layer = BinaryConv2d(4, 6, 3, padding=1, method="rad").train()
     x = torch.randn(3, 4, 6, 6, generator=torch.Generator().manual_seed(9)).clamp(-1, 1).requires_grad_(True)
     calls = []
-    apply = rad._SignAndMomentsBF16.apply
-    monkeypatch.setattr(rad._SignAndMomentsBF16, "apply", lambda a: calls.append(a.shape) or apply(a))
+    apply = rad._SignAndMomentsFused.apply
+    monkeypatch.setattr(rad._SignAndMomentsFused, "apply", lambda a: calls.append(a.shape) or apply(a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x.bfloat16())
     assert calls == [x.shape] and layer.activation_loss_term is not None
@@ -159,3 +159,24 @@ def test_one_node_in_a_layer_and_where_the_kernels_do_not_take_the_gradient(monk
     want = one_node_outputs(a, grad_signs, True)[2]
     monkeypatch.setattr(rad.elementwise, "apply", lambda *args, **kwargs: None)
     torch.testing.assert_close(one_node_outputs(a, grad_signs, True)[2], want, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (40, 16, 9, 9)], ids=lambda s: "x".join(map(str, s)))
+def test_float32_with_fused_formulas_takes_the_sweeps_within_float32_rounding(shape, threads):
+    """--fp32-formulas fused: a float32 a takes the float32 sweeps too, within float32's rounding of the float64
+    formula, as near it as torch's float32 formula (the default, which does not take them), on 1 and 2 threads."""
+    a = activations(shape, sum(shape) + 1).float()
+    want_loss, want_grad = float64_loss_and_gradient(a)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        with functional.formulas(fp32="fused"):
+            results.append(fused_loss_and_gradient(a))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    loss, grad = results[0]
+    assert grad.dtype == torch.float32 and loss.item() == pytest.approx(want_loss, rel=1e-6)
+    leaf = a.clone().requires_grad_(True)
+    assert type(rad.channel_moments(leaf)[0].grad_fn).__name__ != "_ChannelMomentsFusedBackward"  # torch's: the default
+    rad.distribution_loss(leaf).backward()
+    error, torchs = (((g.double() - want_grad).norm() / want_grad.norm()).item() for g in (grad, leaf.grad))
+    assert error < 1e-6 and error <= 2 * torchs + 1e-7, (error, torchs)
