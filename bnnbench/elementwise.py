@@ -31,6 +31,7 @@ OpenMP threads (:mod:`bnnbench.omp`), into ranges whose results do not depend on
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import types as types_module
 from typing import Callable, Iterator
@@ -259,6 +260,59 @@ def tanh_float32(z: np.float32) -> np.float32:  # pragma: no cover - compiled
     p = ((((((_P13 * z2 + _P11) * z2 + _P9) * z2 + _P7) * z2 + _P5) * z2 + _P3) * z2 + _P1) * z
     q = ((_Q6 * z2 + _Q4) * z2 + _Q2) * z2 + _Q0
     return p / q
+
+
+# exp and pow in float32 arithmetic that vectorises, for the fused fp32 formulas (numba's are scalar libm calls)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HIGH, _LN2_LOW = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 in two parts (Cody and Waite)
+_EXP_TERMS = np.array([1.0 / math.factorial(k) for k in range(7, -1, -1)], dtype=np.float32)  # 1/7! .. 1/0!
+_EXP2_TERMS = np.array([math.log(2) ** k / math.factorial(k) for k in range(7, -1, -1)], dtype=np.float32)  # 2^f's
+_LOG2_TERMS = np.array([2.0 / ((2 * k + 1) * math.log(2)) for k in range(4, -1, -1)], dtype=np.float32)  # log2 m / s's
+_SQRT2 = np.float32(1.4142135623730951)
+
+
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
+def exp_float32(z: np.float32) -> np.float32:  # pragma: no cover - compiled
+    """exp(z): z = k ln 2 + t with |t| <= ln 2 / 2, exp(t) by its Taylor series to t^7 (relative error below 6e-9),
+    times 2^k from its exponent bits; 0 below z = -87 (under 2^-125), infinity above 88.3 (where k would leave the
+    exponent's range: the largest float32 is e^88.72, so e^88.3 to e^88.72 come out infinite too), NaN at NaN."""
+    k = np.floor(z * _LOG2E + np.float32(0.5))
+    t = (z - k * _LN2_HIGH) - k * _LN2_LOW
+    value = _EXP_TERMS[0]
+    for j in range(1, _EXP_TERMS.size):
+        value = value * t + _EXP_TERMS[j]
+    clamped = max(min(k, np.float32(127.0)), np.float32(-126.0))
+    power = _float_of(np.uint32(np.int32(clamped) + np.int32(127)) << np.uint32(23))
+    value = value * power
+    return np.float32(0.0) if z < np.float32(-87.0) else (np.float32(np.inf) if z > np.float32(88.3) else value)
+
+
+@njit(inline="always", error_model="numpy")
+def pow_float32(a: np.float32, q: np.float32) -> np.float32:  # pragma: no cover - compiled
+    """a^q = 2^(q log2 a) for a positive normal float32 a and |q log2 a| below 126: a = m 2^e with m in
+    [sqrt(2)/2, sqrt(2)), log2 m = s P(s^2) with s = (m - 1) / (m + 1), |s| <= 0.172 (atanh's series to s^9),
+    then 2^w = 2^k 2^f with |f| <= 1/2 (exp's Taylor series to (f ln 2)^7) and 2^k from its exponent bits: within
+    4 + |w| float32 ulps (w's own rounding carries into the power; tests/test_fused_surrogates.py); other inputs give finite values of no meaning (a caller selects
+    those away).  Fewer constants than exp(q log a), which spills the vector registers of a 256-bit loop."""
+    bits = _bits_of(a)
+    exponent = np.float32(np.int32((bits >> np.uint32(23)) & np.uint32(0xFF)) - np.int32(127))
+    m = _float_of((bits & np.uint32(0x7FFFFF)) | np.uint32(0x3F800000))
+    high = m > _SQRT2
+    m = m * np.float32(0.5) if high else m
+    exponent = exponent + np.float32(1.0) if high else exponent
+    s = (m - np.float32(1.0)) / (m + np.float32(1.0))
+    s2 = s * s
+    value = _LOG2_TERMS[0]
+    for j in range(1, _LOG2_TERMS.size):
+        value = value * s2 + _LOG2_TERMS[j]
+    w = q * (exponent + s * value)
+    k = np.floor(w + np.float32(0.5))
+    f = w - k
+    power = _EXP2_TERMS[0]
+    for j in range(1, _EXP2_TERMS.size):
+        power = power * f + _EXP2_TERMS[j]
+    clamped = max(min(k, np.float32(127.0)), np.float32(-126.0))
+    return power * _float_of(np.uint32(np.int32(clamped) + np.int32(127)) << np.uint32(23))
 
 
 SIGN = Kernel("sign", _sign)

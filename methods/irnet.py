@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from bnnbench import elementwise
-from bnnbench.elementwise import r
+from bnnbench.elementwise import exp_float32, r
+from bnnbench.functional import fused_formulas
 from bnnbench.method import Method, Progress, as_progress, per_output_dims, schedule, scheduled, standardized
 from bnnbench.registry import register_method
 
@@ -35,7 +36,8 @@ def ede_derivative(x: Tensor, k: float | Tensor, t: float | Tensor) -> Tensor:
     """Error Decay Estimator: d/dx [k tanh(t x)] = k t (1 - tanh^2(t x)).
 
     The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
-    (:func:`bnnbench.elementwise.tabulated`), float32 as ``t x``, torch's tanh in place, :data:`EDE_TAIL` in place."""
+    (:func:`bnnbench.elementwise.tabulated`), float32 as ``t x``, torch's tanh in place, :data:`EDE_TAIL` in place.
+    Float32 with the fused fp32 formulas: one pass from one exponential (:data:`EDE_FROM_EXP`, not bit for bit)."""
     fused = elementwise.tabulated(_ede, x, k, t) if x.dtype == torch.bfloat16 else _ede_float32(x, k, t)
     return fused if fused is not None else _ede(x, k, t)
 
@@ -52,9 +54,24 @@ def _ede_tail(th: np.float32, kt: np.float32) -> np.float32:
 EDE_TAIL = elementwise.Kernel("ede_tail", _ede_tail)
 
 
+def _ede_from_exp(x: np.float32, kt: np.float32, t: np.float32) -> np.float32:
+    """k t sech^2(t x) = k t 4 e / (1 + e)^2 with e = exp(-2 |t x|): 1 - tanh^2 without its cancellation where tanh
+    nears 1 (more exact there than the formula's float32 value), kt at 0, NaN at NaN (0 far out and at infinity,
+    where the formula's 1 - 1 is 0 too)."""
+    e = exp_float32(np.float32(-2.0) * abs(t * x))
+    wider = np.float32(1.0) + e
+    return kt * (np.float32(4.0) * e / (wider * wider))
+
+
+EDE_FROM_EXP = elementwise.Kernel("ede_from_exp", _ede_from_exp)
+"""The fused fp32 formulas' EDE (:func:`_ede_from_exp`)."""
+
+
 def _ede_float32(x: Tensor, k: float | Tensor, t: float | Tensor) -> Tensor | None:
     if x.dtype != torch.float32 or not elementwise.covered(x):
         return None
+    if fused_formulas(torch.float32):
+        return elementwise.apply(EDE_FROM_EXP, x, params=(np.float32(float(k * t)), np.float32(float(t))), final=True)
     u = torch.tanh_(t * x)
     return elementwise.apply(EDE_TAIL, u, params=(np.float32(float(k * t)),), out=(u,), final=True)
 
@@ -75,6 +92,7 @@ class IRNet(Method):
     activation_backward = "k t (1 - tanh^2(t a)) (EDE)"
     scale = "power_of_two"
     takes_bf16_formulas = True  # the standardisation under bfloat16 autocast: bnnbench.standardize unless formulas(bf16="torch")
+    takes_fp32_formulas = True  # the EDE from one exponential with formulas(fp32="fused")
 
     @schedule
     def t(self, progress: Progress) -> Progress:

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from bnnbench import elementwise
-from bnnbench.elementwise import r
+from bnnbench.elementwise import pow_float32, r
+from bnnbench.functional import fused_formulas
 from bnnbench.method import Method, Progress, as_progress, mean_abs, schedule, scheduled
 from bnnbench.registry import register_method
 
@@ -37,7 +38,9 @@ def reste_derivative(x: Tensor, o: float | Tensor, interval: float, t: float) ->
 
     The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
     (:func:`bnnbench.elementwise.tabulated`; torch's bfloat16 pow rounds some values differently in its scalar
-    tail for some exponents, -1/2 among them), else :data:`RESTE_BASE`, torch's pow in place, :data:`RESTE_PIECES`."""
+    tail for some exponents, -1/2 among them), else :data:`RESTE_BASE`, torch's pow in place, :data:`RESTE_PIECES`.
+    Float32 with the fused fp32 formulas: one pass with the power's own float32 arithmetic (:data:`RESTE_ONE_PASS`,
+    not bit for bit)."""
     fused = elementwise.tabulated(_reste, x, o, interval, t)
     fused = _fused_reste(x, o, interval, t) if fused is None else fused
     return fused if fused is not None else _reste(x, o, interval, t)
@@ -62,6 +65,17 @@ def _reste_pieces(power: np.float32, x: np.float32, interval: np.float32, t: np.
     return inner if a <= interval else (r(scale * power) if a <= t else np.float32(0.0))
 
 
+def _reste_one_pass(x: np.float32, interval: np.float32, t: np.float32, inner: np.float32, scale: np.float32, exponent: np.float32) -> np.float32:
+    """The pieces with the power ``|x|.clamp(min=interval) ** exponent`` in the same pass
+    (:func:`~bnnbench.elementwise.pow_float32`): 0 where |x| > t or x is NaN, as the formula's selects give, whatever
+    the power's value there."""
+    a = abs(x)
+    power = pow_float32(interval if a < interval else a, exponent)
+    return inner if a <= interval else (scale * power if a <= t else np.float32(0.0))
+
+
+RESTE_ONE_PASS = elementwise.Kernel("reste_one_pass", _reste_one_pass)
+"""The fused fp32 formulas' estimator (:func:`_reste_one_pass`): within a few float32 ulps of the exact value."""
 RESTE_BASE = elementwise.Kernel("reste_base", _reste_base)
 RESTE_PIECES = elementwise.Kernel("reste_pieces", _reste_pieces)
 
@@ -70,6 +84,10 @@ def _fused_reste(x: Tensor, o: float | Tensor, interval: float, t: float) -> Ten
     if not elementwise.covered(x):
         return None
     mode, scale = x.dtype, 1.0 / o  # comparisons and where's inner: the scalars in x's dtype; ``scale * power`` below
+    if mode == torch.float32 and fused_formulas(torch.float32) and x.numel():
+        inner = float(torch.pow(torch.as_tensor(interval, dtype=torch.float64), 1.0 / o) / interval)
+        params = tuple(np.float32(float(v)) for v in (interval, t, inner, scale, (1.0 - o) / o))
+        return elementwise.apply(RESTE_ONE_PASS, x, params=params, final=True)
     base = elementwise.apply(RESTE_BASE, x, params=(elementwise.operand(interval, mode, False),))
     if base is None:
         return None
@@ -96,6 +114,7 @@ class ReSTE(Method):
     weight_backward = "(1/o)|w|^((1-o)/o) on 0.1<|w|<=t; 0.1^(1/o)/0.1 on |w|<=0.1; 0 beyond t"
     activation_backward = "same estimator as the weights"
     scale = "mean_abs_layer"
+    takes_fp32_formulas = True  # the estimator in one pass with formulas(fp32="fused")
 
     @schedule
     def o(self, progress: Progress) -> Progress:

@@ -24,7 +24,8 @@ from numba import njit
 from torch import Tensor
 
 from bnnbench import elementwise, omp
-from bnnbench.elementwise import r
+from bnnbench.elementwise import exp_float32, r
+from bnnbench.functional import fused_formulas
 from bnnbench.method import Method, Progress
 from bnnbench.registry import register_method
 
@@ -35,7 +36,8 @@ def swish_sign_derivative(x: Tensor, beta: float) -> Tensor:
     The torch formula, or bit for bit its value in fewer passes where the kernels cover x: bfloat16 by lookup
     (:func:`bnnbench.elementwise.tabulated`, torch's bfloat16 cosh rounding some values differently in its scalar
     tail); else :data:`SWISH_ARGUMENTS`, torch's tanh and cosh in place, then :data:`SWISH_SIGN` (bfloat16: the
-    numerator looked up, :func:`bnnbench.elementwise.bf16_table`, then :data:`SWISH_QUOTIENT`)."""
+    numerator looked up, :func:`bnnbench.elementwise.bf16_table`, then :data:`SWISH_QUOTIENT`).  Float32 with the
+    fused fp32 formulas: one pass from one exponential (:data:`SWISH_FROM_EXP`, not bit for bit)."""
     fused = elementwise.tabulated(_swish_sign, x, beta)
     fused = _fused_swish_sign(x, beta) if fused is None else fused
     return fused if fused is not None else _swish_sign(x, beta)
@@ -67,6 +69,18 @@ def _swish_quotient(numerator: np.float32, cosh: np.float32) -> np.float32:
     return r(numerator / r(np.float32(1.0) + cosh))
 
 
+def _swish_from_exp(x: np.float32, beta: np.float32) -> np.float32:
+    """The derivative from e = exp(-|beta x|) alone: with y = |beta x|, 1 + cosh(beta x) = (1 + e)^2 / (2 e) and
+    beta x tanh(beta x / 2) = y (1 - e) / (1 + e), so d = beta (2 - y (1 - e) / (1 + e)) 2 e / (1 + e)^2: no
+    cancellation, exact limits (beta at 0, -0 far out, NaN at NaN and infinity, as torch's formula)."""
+    y = abs(beta * x)
+    e = exp_float32(-y)
+    wider = np.float32(1.0) + e
+    return beta * (np.float32(2.0) - y * ((np.float32(1.0) - e) / wider)) * (np.float32(2.0) * e / (wider * wider))
+
+
+SWISH_FROM_EXP = elementwise.Kernel("swish_from_exp", _swish_from_exp)
+"""The fused fp32 formulas' derivative (:func:`_swish_from_exp`): within a few float32 ulps of the exact value."""
 SWISH_ARGUMENTS = elementwise.Kernel("swish_arguments", _swish_arguments, outputs=2)
 SWISH_SIGN = elementwise.Kernel("swish_sign", _swish_sign_tail)
 SWISH_QUOTIENT = elementwise.Kernel("swish_quotient", _swish_quotient)
@@ -126,6 +140,8 @@ def _cosh_(bx: Tensor, x: Tensor, beta: np.float32) -> Tensor:
 def _fused_swish_sign(x: Tensor, beta: float) -> Tensor | None:
     if not elementwise.covered(x) or x.numel() == 0:
         return None
+    if x.dtype == torch.float32 and fused_formulas(torch.float32):
+        return elementwise.apply(SWISH_FROM_EXP, x, params=(np.float32(beta),), final=True)
     if x.dtype == torch.bfloat16:  # the numerator looked up in a pass of its own (a gather keeps a loop scalar)
         cosh = torch.cosh(beta * x)  # not in place: torch's bfloat16 cosh_ runs 2x slower than its cosh
         numerator = elementwise.look_up(elementwise.bf16_table(_numerator, beta), x)
@@ -147,6 +163,7 @@ class SwishSign(Method):
     paper = "Darabi et al., BNN+: Improved Binary Network Training, arXiv:1812.11800"
     weight_backward = "beta (2 - beta w tanh(beta w / 2)) / (1 + cosh(beta w)), beta = 5"
     activation_backward = "beta (2 - beta a tanh(beta a / 2)) / (1 + cosh(beta a))"
+    takes_fp32_formulas = True  # the derivative from one exponential with formulas(fp32="fused")
 
     def weight_derivative(self, x: Tensor, progress: Progress) -> Tensor:
         return swish_sign_derivative(x, self.beta)

@@ -136,7 +136,7 @@ def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
     assert distance(fused) <= 1.25 * distance(torchs), (distance(fused), distance(torchs))
 
 
-@pytest.mark.parametrize("method", ["biper", "recu", "lcr-rbnn", "rad", "dsq", "fda"])
+@pytest.mark.parametrize("method", ["biper", "recu", "lcr-rbnn", "rad", "dsq", "fda", "swish-sign", "reste", "lcr-irnet"])
 def test_fused_fp32_formulas_keep_the_forward_and_the_gradients_within_rounding(method):
     """--fp32-formulas fused (act_norm's sweep, alpha in the conv's backward, RAD's moments, DSQ's soft quantizer
     in one pass, FDA's series by recurrence): the same forward as torch's formulas,

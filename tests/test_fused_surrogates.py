@@ -5,6 +5,7 @@ schedules' ends and between, as 0-dim float64 tensors (a layer's progress buffer
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 import pytest
 import torch
 
@@ -521,3 +522,86 @@ def test_a_surrogate_evaluated_in_the_backward_takes_the_forwards_formulas(monke
         results[chosen] = leaf.grad
         assert len(calls) == (chosen == "fused")
     torch.testing.assert_close(results["fused"], results["torch"], rtol=1e-5, atol=1e-6)
+
+
+@njit
+def _exp_and_pow_of(z, a, q, exps, powers):
+    for i in range(z.size):
+        exps[i] = elementwise.exp_float32(z[i])
+    for i in range(a.size):
+        powers[i] = elementwise.pow_float32(a[i], q)
+
+
+def test_the_float32_exp_and_pow_are_within_two_ulps():
+    """The fused fp32 formulas' exp (SwishSign) and pow (ReSTE): exp within 2 float32 ulps of float64's over its
+    range (0 below -87 and infinity above 88.3, NaN at NaN), a^q within 4 + |q log2 a| (the rounding of the power's
+    base-2 logarithm, carried into the power)."""
+    z = np.concatenate([np.linspace(-87, 88.3, 200001, dtype=np.float32), np.array([0.0, -0.0, -1e-30, 1e-8], np.float32)])
+    a = np.concatenate([np.geomspace(1e-3, 1e3, 100001).astype(np.float32), np.array([0.1, 1.0, 1.5, 2.0 ** -20], np.float32)])
+    specials = np.array([-88.0, -np.inf, 89.0, np.inf, np.nan], np.float32)
+    for q in (-2.0 / 3.0, -0.41, 0.0, 0.5, 1.7):
+        exps, powers = np.empty(z.size + specials.size, np.float32), np.empty_like(a)
+        _exp_and_pow_of(np.concatenate([z, specials]), a, np.float32(q), exps, powers)
+        allowed = 4 + np.abs(np.float64(np.float32(q)) * np.log2(a.astype(np.float64)))
+        for got, want, bound in ((exps[: z.size], np.exp(z.astype(np.float64)), 2.0), (powers, a.astype(np.float64) ** np.float64(np.float32(q)), allowed)):
+            ulps = np.abs(got - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+            assert np.all(ulps <= bound), (q, (ulps - bound).max())
+        assert exps[z.size] == 0 and exps[z.size + 1] == 0 and np.isinf(exps[z.size + 2]) and np.isinf(exps[z.size + 3]) and np.isnan(exps[-1])
+
+
+@pytest.mark.parametrize("name", ["swish-sign", "reste"])
+def test_swish_sign_and_reste_with_fused_fp32_formulas_are_torchs_within_a_few_ulps(name, threads):
+    """--fp32-formulas fused: SwishSign's derivative from one exponential and ReSTE's estimator in one pass: the
+    torch formula's values within a few float32 ulps (where it is not near a zero of the value: SwishSign's numerator
+    changes sign at |beta x| = 2.4), zeros and NaNs where it has them, on 1 and 2 threads, the gradient multiplied
+    into the pass; the defaults (torch's formulas) never take them."""
+    method = bnnbench.get_method(name)
+    x = torch.randn(4, 8, 17, 19, generator=torch.Generator().manual_seed(3)) * 0.8
+    x.view(-1)[:10] = torch.tensor([0.0, -0.0, 0.1, -1.0, 1.5, 1.6, -30.0, float("inf"), float("-inf"), float("nan")])
+    grad = torch.randn_like(x)
+    differed = []
+    for progress in (0.0, 0.6, torch.tensor(1.0, dtype=torch.float64)):
+        want = method.activation_derivative(x, progress)
+        results = []
+        for count in (1, 2):
+            threads(count)
+            with chosen_formulas(fp32="fused"):
+                results.append(method.activation_derivative(x, progress))
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
+        got = results[0]
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got == 0, want == 0)
+        usable = torch.isfinite(want) & (want != 0) & ((5.0 * x).abs() - 2.4).abs().gt(0.1)
+        ulps = (got - want)[usable].abs() / (torch.finfo(torch.float32).eps * want[usable].abs())
+        assert ulps.max() <= 64, ulps.max()
+        differed.append(not torch.equal(got[usable], want[usable]))
+        leaf = x.clone().requires_grad_(True)
+        with chosen_formulas(fp32="fused"):
+            out = method.activation(leaf, progress=progress)
+        out.backward(grad)
+        torch.testing.assert_close(leaf.grad, grad * got, rtol=0, atol=0, equal_nan=True)
+    assert any(differed)  # they ran (ReSTE at p = 0, o = 1, is exactly the STE's 1 either way)
+
+
+def test_irnets_ede_with_fused_fp32_formulas_is_the_float64_value_within_a_few_ulps(threads):
+    """--fp32-formulas fused: IR-Net's EDE as k t 4e / (1 + e)^2, e = exp(-2|t x|), in one pass: within 4 + 2|t x|
+    float32 ulps of k t sech^2(t x) in float64 wherever that is normal (torch's float32 1 - tanh^2 cancels to 0 or to few
+    correct digits where tanh nears 1: the fused value is the nearer), NaN where torch's is, on 1 and 2 threads."""
+    method = bnnbench.get_method("irnet")
+    x = torch.randn(4, 8, 17, 19, generator=torch.Generator().manual_seed(4)) * 0.8
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 3.0, -40.0, float("inf"), float("nan")])
+    for progress in (0.0, 0.5, torch.tensor(1.0, dtype=torch.float64)):
+        k, t = float(method.k(progress)), float(method.t(progress))
+        want = k * t / torch.cosh(t * x.double()) ** 2  # sech^2 in float64 (its 1 - tanh^2 cancels too, from |t x| ~ 18)
+        torchs = method.activation_derivative(x, progress)
+        results = []
+        for count in (1, 2):
+            threads(count)
+            with chosen_formulas(fp32="fused"):
+                results.append(method.activation_derivative(x, progress))
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
+        got = results[0]
+        assert torch.equal(got.isnan(), torchs.isnan())
+        normal = torch.isfinite(want) & (want.abs() > 1e-30)
+        ulps = lambda v: (v.double() - want)[normal].abs() / (torch.finfo(torch.float32).eps * want[normal].abs())  # noqa: E731
+        bound = 4 + 2 * (t * x.double()).abs()[normal]  # exp's argument -2|t x| rounds: its error carries into e
+        assert torch.all(ulps(got) <= bound) and ulps(got).max() <= ulps(torchs).max()
