@@ -29,12 +29,13 @@ Derivative = Callable[[Tensor], Tensor]
 
 FORMULAS = ("fused", "torch")
 """How activations of a dtype compute act_norm, a learned alpha and a method's own formulas that read
-:func:`fused_formulas` (RAD's moments, DSQ's soft quantizer: bfloat16 only): "fused" (float32 within one kernel,
-:mod:`bnnbench.act_norm_fused`; alpha in the weight or the conv's backward,
-:meth:`bnnbench.layers.BinaryConv2d.scale_placement`) or "torch" (torch's eager formulas bit for bit, every operator rounded to the dtype).  Chosen per
-dtype with :func:`formulas`: bfloat16 takes the fused ones by default (torch's are the numbers of runs before
-2026-12-02), float32 torch's (the reference formulas, bit for bit; the fused ones are a few units in the last
-place from them, opt-in)."""
+:func:`fused_formulas` (RAD's moments, DSQ's soft quantizer; in float32 also FDA's, SwishSign's, ReSTE's and IR-Net's
+surrogates): "fused" (float32 within one kernel, :mod:`bnnbench.act_norm_fused`; alpha in the weight or the conv's
+backward, :meth:`bnnbench.layers.BinaryConv2d.scale_placement`; transcendentals in float32 arithmetic that
+vectorises) or "torch" (torch's eager formulas bit for bit, every operator rounded to the dtype).  Chosen per dtype
+with :func:`formulas`: bfloat16 takes the fused ones by default (torch's are the numbers of runs before 2026-12-02),
+float32 torch's (the reference formulas, bit for bit; the fused ones, opt-in, keep the forward bit for bit and
+give gradients within float32's rounding of the exact values, not bit for bit torch's)."""
 _FORMULAS_OF = {
     torch.bfloat16: contextvars.ContextVar("bf16_formulas", default="fused"),
     torch.float32: contextvars.ContextVar("fp32_formulas", default="torch"),
@@ -261,7 +262,7 @@ _FORMULAS: dict[Derivative, act_norm.Formula] = {approx_sign_derivative: element
 class ParametrizedSurrogate:
     """A surrogate d sign(x)/dx with scalar parameters, given twice: ``function(x)``, its torch formula (the reference,
     bit for bit), and ``formula(x, *parameters())``, the same in float32 scalars (as
-    :class:`~bnnbench.elementwise.Kernel` takes formulas), which act_norm's bfloat16 backward evaluates in its own
+    :class:`~bnnbench.elementwise.Kernel` takes formulas), which act_norm's fused backward evaluates in its own
     sweep instead of reading a surrogate tensor torch made.  ``parameters`` is called there only, in the backward on
     the CPU: a scheduled parameter kept in a tensor is read once a layer a step, never in the forward."""
 

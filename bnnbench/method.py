@@ -282,7 +282,7 @@ class Method:
 
     def activation_formula(self, progress: Progress) -> tuple[Callable[..., float], Callable[[], tuple[float, ...]]] | None:
         """An overridden :meth:`activation_derivative` as a float32 scalar formula and a function giving its parameters
-        at ``progress`` (:class:`~bnnbench.functional.ParametrizedSurrogate`), which act_norm's bfloat16 backward
+        at ``progress`` (:class:`~bnnbench.functional.ParametrizedSurrogate`), which act_norm's fused backward
         evaluates in its own sweep; None (the default): torch evaluates the surrogate there, one pass more."""
         return None
 

@@ -23,7 +23,7 @@ rotation and the standardisation, by autograd) and activations:
     activations  d sign(x)/dx = max(0, sqrt(2) t_a - t_a^2 |x|),  t_a = max(t, 1)
     t(p) = 10^(log10 T_min + (log10 T_max - log10 T_min) p),  k = max(1/t, 1),
     T_min = 1e-2, T_max = 1e1 (upstream CIFAR defaults).
-No extra loss term.  With act_norm on bfloat16 activations (``--bf16-formulas fused``) the activation surrogate
+No extra loss term.  With act_norm and the fused formulas (bfloat16's default, ``--fp32-formulas fused``) the activation surrogate
 is evaluated in act_norm's float32 sweep (:meth:`RBNN.activation_formula`), not by torch on a float32 copy.
 
 ``rotation_grad="paper"`` (default) differentiates w' with R1, R2 held fixed:
