@@ -262,7 +262,11 @@ def test_fused_bf16_formulas_speed_up_the_step(benchmark, method, floor):
     torchs = training_step(method, StepSettings(batch=BATCH, amp=True, bf16_formulas="torch"))
     speedup = speedup_over(benchmark, fused, torchs, rounds=10, warmup_rounds=1)
     benchmark.extra_info.update({"speedup_vs_torch_formulas": speedup})
-    assert speedup >= threshold("BNNBENCH_PERF_MIN_FUSED_STEP_SPEEDUP", floor)
+    # without bf16 hardware (runs there default to fp32) torch emulates the bf16 convs, which then take most of the
+    # step: measured 2026-12-04 on the 6/207 Xeon (AVX-512, no AVX512-BF16/AMX), BiPer 1.09x, RBNN 1.13x, RAD 1.06x
+    # (the same with the code before the fused fp32 formulas, 06f5ebd), DSQ 1.02x (one run below 1.02x); there they
+    # need only not be slower (0.97: the rounds' noise)
+    assert speedup >= threshold("BNNBENCH_PERF_MIN_FUSED_STEP_SPEEDUP", floor if bf16_hardware() else 0.97)
 
 
 # measured 2026-12-04 on the 6/207 Xeon (AVX-512, no bf16 hardware), idle, 1 thread, step vs fp's in bnnbench bench
