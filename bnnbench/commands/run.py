@@ -145,9 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument(
         "--fp32-formulas",
         metavar="torch|fused",
-        help="in fp32: torch's formulas bit for bit (torch, the default: the reference numbers), or act_norm's statistics "
-        "and gradient in one float32 kernel and a learned alpha in the weight (fused: faster, a few units in the last "
-        "place from them)",
+        help="in fp32: torch's formulas bit for bit (torch, the default: the reference numbers), or fused: act_norm in "
+        "float32 sweeps, a learned alpha folded into the conv's backward, RAD's, DSQ's, FDA's, SwishSign's, ReSTE's and "
+        "IR-Net's own formulas in one pass (the forward bit for bit, gradients within float32's rounding; faster)",
     )
     machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
     machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")
