@@ -883,6 +883,7 @@ __all__ = [
     "REDUCTION_GRAIN",
     "SHIFTED_APPROX_SIGN_GRAD",
     "SHIFTED_SIGN",
+    "shifted_approx_sign_backward",
     "SIGN",
     "covered",
     "pack_signs",
@@ -1035,3 +1036,48 @@ def scale_channels_backward(out: Tensor, alpha: Tensor, indices: Tensor, values:
     if indices.numel():
         patch(flat_grad, indices.numpy(), kept, flat_product)
     return grad_y, product
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ReActNet's gradient with its shift's sum in the same pass (the fused formulas of bnnbench.functional.surrogate_sign
+# with a per-channel shift and ApproxSign's derivative)
+
+
+@njit(nogil=True, fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _shifted_approx_sign_rows(x, grad, shift, out, sums):  # pragma: no cover - compiled
+    """Per (sample, channel) row of x (bfloat16 bits or float32) and grad: the float32 product grad * max(0, 2 - 2|x +
+    shift_c|) with x + shift_c rounded to float32 (as :data:`SHIFTED_APPROX_SIGN_GRAD` computes it in float32 mode),
+    stored in out's dtype, and the row's float32 sum of the products; the row's channel is its index modulo the
+    channels (a thread's rows start at a multiple of them).  Only the sum is reassociated (into vector lanes)."""
+    channels = shift.size
+    for row in range(x.shape[0]):
+        b, xr, gr, o = shift[row % channels], x[row], grad[row], out[row]
+        total = np.float32(0.0)
+        for i in range(xr.size):
+            t = _TWO - _TWO * abs(_load(xr[i]) + b)
+            g = _load(gr[i]) * (_ZERO if t < _ZERO else t)
+            o[i] = _store(g, o)
+            total += g
+        sums[row] = total
+
+
+def shifted_approx_sign_backward(x: Tensor, shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The gradients of ``sign(x + shift)`` with ApproxSign's surrogate, for a float32 per-channel shift (C, 1, ...)
+    and a contiguous (N, C, ...) x and grad (bfloat16 or float32): to x ``grad * max(0, 2 - 2|x + shift|)`` in x's
+    dtype, bit for bit what torch's float32 product rounded to x's dtype gives, and to the shift that product's sum
+    over every other dimension, in one pass: float32 per (sample, channel) row, then float64 across samples,
+    rounded once to float32 (torch's formula sums the float32 products in its own order).  None where the kernel
+    does not cover them."""
+    if not (covered(x) and covered(grad) and x.is_contiguous() and grad.is_contiguous() and grad.shape == x.shape and x.dim() >= 2):
+        return None
+    if shift.dtype != torch.float32 or tuple(shift.shape) != (x.shape[1], *([1] * (x.dim() - 2))) or not x.numel():
+        return None
+    rows, channels = x.shape[0] * x.shape[1], x.shape[1]
+    out = torch.empty_like(x)
+    sums = np.empty(rows, dtype=np.float32)
+    values = shift.detach().reshape(-1).contiguous().numpy()
+    arrays = [omp.Split(stored(t, rows, -1)) for t in (x, grad)]
+    omp.run(_shifted_approx_sign_rows, rows, *arrays, values, omp.Split(stored(out, rows, -1)), omp.Split(sums), work=x.numel(), grain=channels)
+    _written(out)
+    total = torch.from_numpy(sums).view(x.shape[0], channels).double().sum(dim=0).float()
+    return out, total.reshape(shift.shape)

@@ -179,17 +179,23 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
     layer before holds anyway) and the small shift instead of the activation-sized sum.  For a per-channel
     shift of a contiguous x, the sum is never made: the sign, and with ApproxSign's derivative the gradient
     (in the sum's dtype, and rounded to x's, which autograd would cast it to), are one pass each
-    (:func:`_shifted`)."""
+    (:func:`_shifted`).  With the fused formulas of x's dtype (:func:`fused_formulas`, chosen in the forward's
+    context), that pass also sums the shift's gradient (:func:`bnnbench.elementwise.shifted_approx_sign_backward`:
+    the same gradient to x, the shift's in float32 per row and float64 across samples) instead of writing the
+    float32 products for torch's sum: two activation-sized float32 passes less."""
 
     @staticmethod
     def forward(ctx, x: Tensor, shift: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, shift)
         ctx.derivative = derivative
+        ctx.fused = derivative is approx_sign_derivative and fused_formulas(x.dtype)
         return signs_of(_shifted_sign(x, shift), _shifted_sign, x, shift)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, shift = ctx.saved_tensors
+        if ctx.fused and (summed := elementwise.shifted_approx_sign_backward(x, shift, grad_output)) is not None:
+            return summed[0], summed[1], None
         fused = _shifted(elementwise.SHIFTED_APPROX_SIGN_GRAD, x, shift, (grad_output,)) if ctx.derivative is approx_sign_derivative else None
         if fused is not None:
             grad, grad_x = fused

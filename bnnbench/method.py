@@ -186,7 +186,8 @@ class Method:
     # True: trains against a frozen full-precision teacher of the same backbone (feature_loss).
     teacher: ClassVar[bool] = False
     # True: the method's own bfloat16 formulas follow functional.formulas(bf16=...) (RAD's moments, DSQ, IR-Net's
-    # standardisation), as act_norm and learned alpha do; a run records the choice (layers.takes_fused_formulas).
+    # standardisation, ReActNet's shifted sign: functional.surrogate_sign with a shift), as act_norm and learned alpha
+    # do; a run records the choice (layers.takes_fused_formulas).
     takes_bf16_formulas: ClassVar[bool] = False
     # True: its own float32 formulas follow them too (functional.formulas(fp32=...): RAD's moments, DSQ).
     takes_fp32_formulas: ClassVar[bool] = False
