@@ -1043,7 +1043,10 @@ def scale_channels_backward(out: Tensor, alpha: Tensor, indices: Tensor, values:
 # with a per-channel shift and ApproxSign's derivative)
 
 
-@njit(nogil=True, fastmath={"reassoc"}, error_model="numpy", cache=True)
+_APPROX_SIGN_DERIVATIVE_FLOAT32 = _with_rounding(_approx_sign_derivative, _keep)
+
+
+@njit(nogil=True, fastmath={"reassoc"}, error_model="numpy")  # (not cached: it calls a formula compiled at import)
 def _shifted_approx_sign_rows(x, grad, shift, out, sums):  # pragma: no cover - compiled
     """Per (sample, channel) row of x (bfloat16 bits or float32) and grad: the float32 product grad * max(0, 2 - 2|x +
     shift_c|) with x + shift_c rounded to float32 (as :data:`SHIFTED_APPROX_SIGN_GRAD` computes it in float32 mode),
@@ -1054,8 +1057,7 @@ def _shifted_approx_sign_rows(x, grad, shift, out, sums):  # pragma: no cover - 
         b, xr, gr, o = shift[row % channels], x[row], grad[row], out[row]
         total = np.float32(0.0)
         for i in range(xr.size):
-            t = _TWO - _TWO * abs(_load(xr[i]) + b)
-            g = _load(gr[i]) * (_ZERO if t < _ZERO else t)
+            g = _load(gr[i]) * _APPROX_SIGN_DERIVATIVE_FLOAT32(_load(xr[i]) + b)
             o[i] = _store(g, o)
             total += g
         sums[row] = total

@@ -188,7 +188,7 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
     def forward(ctx, x: Tensor, shift: Tensor, derivative: Derivative) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, shift)
         ctx.derivative = derivative
-        ctx.fused = derivative is approx_sign_derivative and fused_formulas(x.dtype)
+        ctx.fused = derivative is approx_sign_derivative and not torch.compiler.is_compiling() and fused_formulas(x.dtype)  # (a graph reads no context)
         return signs_of(_shifted_sign(x, shift), _shifted_sign, x, shift)
 
     @staticmethod

@@ -189,7 +189,7 @@ class Method:
     # standardisation, ReActNet's shifted sign: functional.surrogate_sign with a shift), as act_norm and learned alpha
     # do; a run records the choice (layers.takes_fused_formulas).
     takes_bf16_formulas: ClassVar[bool] = False
-    # True: its own float32 formulas follow them too (functional.formulas(fp32=...): RAD's moments, DSQ).
+    # True: its own float32 formulas follow them too (functional.formulas(fp32=...): RAD's moments, DSQ, FDA, ...).
     takes_fp32_formulas: ClassVar[bool] = False
     # True: the activation's forward is functional.sign(a) of the layer's input a itself (any backward), so the
     # hardtanh before the layer makes those signs in its own pass and hands them over (functional.hardtanh_).  A method

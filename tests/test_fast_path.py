@@ -123,9 +123,7 @@ def test_training_steps_are_bit_identical_to_the_reference_formulas(method, amp,
 @pytest.mark.parametrize("method", ["biper", "rbnn", "dsq", "irnet", "recu", "reactnet"])
 def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
     """act_norm, alpha, DSQ's soft quantizer and ReActNet's shift gradient in float32 kernels under bf16 (the default):
-    3 SGD steps end as near
-    fp32's weights as with
-    torch's bf16 formulas, and not at them (the formulas do run)."""
+    3 SGD steps end as near fp32's weights as with torch's bf16 formulas, and not at them (the formulas do run)."""
     exact = train_steps(method)
     fused, torchs = train_steps(method, amp=True, formulas="fused"), train_steps(method, amp=True, formulas="torch")
     floats = [k for k in exact if exact[k].is_floating_point()]
@@ -141,8 +139,7 @@ def test_fused_bf16_formulas_train_as_close_to_fp32_as_torchs(method):
 def test_fused_fp32_formulas_keep_the_forward_and_the_gradients_within_rounding(method):
     """--fp32-formulas fused (act_norm's sweep, alpha in the conv's backward, RAD's moments, DSQ's soft quantizer
     in one pass, FDA's series by recurrence, ReActNet's shift gradient in the surrogate's pass): the same forward as
-    torch's formulas,
-    bit for bit (one step's loss, so no sign decides otherwise); one step's gradients within float32's rounding of
+    torch's formulas, bit for bit (one step's loss, so no sign decides otherwise); one step's gradients within float32's rounding of
     torch's (1e-5 of the norm), except alpha's, a sum that the BatchNorm after it cancels almost entirely (BN is
     invariant to a channel's scale, so alpha's gradient is the eps term's and float32's rounding of the large
     terms: measured 2026-12-04 within 3e-3 of float64's, torch's within 2e-4), here within 1e-2."""
