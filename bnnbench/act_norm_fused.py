@@ -34,7 +34,7 @@ from numba import njit
 from torch import Tensor
 
 from . import omp
-from .elementwise import _keep, _load, _store, _with_rounding, covered, stored
+from .elementwise import _keep, _load, _store, _with_rounding, covered, in_layout_of, memory_rows
 
 SUMS = {"reassoc", "contract"}  # float32 sums in vector lanes (no nnan/ninf: NaN and infinity propagate as IEEE says)
 _kernels: dict[tuple[Callable | None, int], Callable] = {}  # _backward_rows per formula and parameter count
@@ -106,14 +106,15 @@ def _moments_rows(x: np.ndarray, eps: np.float32, moments: np.ndarray) -> None: 
 
 
 def _rows(t: Tensor) -> np.ndarray:
-    """A covered tensor's memory, one row per sample (:func:`~bnnbench.elementwise.stored`)."""
-    return stored(t, t.shape[0], -1)
+    """A covered tensor's memory, one row per sample in memory order (:func:`~bnnbench.elementwise.memory_rows`)."""
+    return memory_rows(t, t.shape[0])
 
 
 def covers(x: Tensor) -> bool:
-    """True where :func:`backward` takes x: a dense contiguous CPU bfloat16 or float32 tensor of two or more elements
-    per sample."""
-    return x.dim() >= 2 and x.shape[0] > 0 and x[0].numel() >= 2 and x.is_contiguous() and covered(x.detach())
+    """True where :func:`backward` takes x: a dense CPU bfloat16 or float32 tensor, contiguous or channels_last
+    (:func:`~bnnbench.elementwise.covered`), of two or more elements per sample.  A sample's sums run in memory
+    order, so the two memory formats give values within float32 rounding of each other, not the same bits."""
+    return x.dim() >= 2 and x.shape[0] > 0 and x[0].numel() >= 2 and covered(x.detach())
 
 
 def moments(x: Tensor, eps: float) -> np.ndarray:
@@ -142,14 +143,12 @@ def backward(
     The surrogate is ``formula`` (float32, as :class:`~bnnbench.elementwise.Kernel` takes them, evaluated at a0 in
     the sweep, its scalar ``params`` after the element) or its float32 values ``surrogate`` at a0 = x / root, with
     the ``known`` :func:`moments` it was evaluated with (swept again here where not given)."""
-    grad = grad.contiguous()
-    if grad.shape != x.shape or grad.dtype != x.dtype:
-        grad = grad.to(x.dtype).reshape(x.shape).contiguous()
+    grad = in_layout_of(grad.reshape(x.shape), x)
     key = (formula, len(params))
     if key not in _kernels:
         _kernels[key] = _backward_rows(formula, len(params))
     count = x.shape[0]
-    values = np.empty((count, 0), dtype=np.float32) if surrogate is None else surrogate.detach().reshape(count, -1).contiguous().numpy()
+    values = np.empty((count, 0), dtype=np.float32) if surrogate is None else _rows(in_layout_of(surrogate.detach(), x, torch.float32))
     known = np.empty((count, 0), dtype=np.float32) if known is None else known
     out = torch.empty_like(x)
     split = [omp.Split(a) for a in (_rows(x), _rows(grad), values, known)]

@@ -397,6 +397,24 @@ def stored(x: Tensor, *shape: int) -> np.ndarray:
     return bf16_bits(x, *shape) if x.dtype == torch.bfloat16 else x.detach().reshape(shape).numpy()
 
 
+def memory_rows(x: Tensor, rows: int) -> np.ndarray:
+    """A dense tensor's memory as ``rows`` equal rows, each in memory order (:func:`stored`'s arrays, no copy): one row
+    per sample for ``rows`` = N of a contiguous or a channels_last tensor alike, whose samples lie one after another
+    (their elements in another order within each)."""
+    length = x.numel() // rows if rows else 0
+    flat = torch.as_strided(x.detach(), (rows, length), (length, 1), x.storage_offset())
+    return stored(flat, rows, -1)
+
+
+def in_layout_of(t: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` (x's shape) in ``dtype`` (default x's) with x's strides, copied where it has others (a gradient in another
+    memory format): for a loop reading both in memory order."""
+    dtype = x.dtype if dtype is None else dtype
+    if t.dtype == dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, dtype=dtype).copy_(t)
+
+
 def _dense(x: Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 

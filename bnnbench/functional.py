@@ -554,7 +554,8 @@ class _HardtanhInPlace(torch.autograd.Function):
         if grad_output is None:
             return None, None
         (out,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad_output, out, -1.0, 1.0), None
+        grad = torch.empty_like(out)  # in out's memory format: a gradient arriving in another (a pooling's) takes it
+        return torch.ops.aten.hardtanh_backward.grad_input(grad_output, out, -1.0, 1.0, grad_input=grad), None
 
 
 def hardtanh_(x: Tensor, signs: bool = False) -> Tensor:

@@ -289,6 +289,12 @@ def takes_fused_formulas(model: nn.Module, dtype: torch.dtype) -> bool:
     )
 
 
+def channels_last_kernels(model: nn.Module) -> bool:
+    """True where every binary layer's methods take channels_last activations in their kernels
+    (:attr:`~bnnbench.method.Method.channels_last_kernels`): a channels_last model runs none of their torch formulas."""
+    return all(layer.method.channels_last_kernels and layer.act_method.channels_last_kernels for _, layer in binary_layers(model))
+
+
 def set_progress(model: nn.Module, progress: float) -> None:
     """Set training progress p = epoch / epochs in [0, 1] on every binary layer.
 

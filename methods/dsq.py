@@ -117,7 +117,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, u: Tensor, neg_u: Tensor, s: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, u, neg_u, s, k)
-        ctx.fused = x.dtype in (torch.bfloat16, torch.float32) and fused_formulas(x.dtype) and x.is_contiguous()  # the forward's context's choice
+        ctx.fused = x.dtype in (torch.bfloat16, torch.float32) and fused_formulas(x.dtype) and elementwise.covered(x.detach())  # the forward's context's choice
         return signs_of(sign(x), sign, x)  # the binary conv keeps x, not the signs
 
     @staticmethod
@@ -125,7 +125,7 @@ class _SoftQuantizedSign(torch.autograd.Function):
         x, u, neg_u, s, k = ctx.saved_tensors
         scalars = tuple(np.float32(float(v)) for v in (u, neg_u, s, k))  # 0-dim tensors of x's dtype: exact
         if ctx.fused and elementwise.covered(grad):
-            return _fused_gradients(x, grad.contiguous().to(x.dtype), scalars)
+            return _fused_gradients(x, elementwise.in_layout_of(grad, x), scalars)
         z, parts = elementwise.apply(DSQ_ARGUMENT, x, params=(scalars[0], scalars[1], scalars[3])), None
         if z is not None:  # torch's tanh: bfloat16 looked up (a pass of its own: a gather keeps a loop scalar)
             th = elementwise.look_up(elementwise.bf16_table(torch.tanh), z, z) if z.dtype == torch.bfloat16 else torch.tanh_(z)
@@ -160,13 +160,13 @@ def _fused_rows(x, grad, out, sums, u, neg_u, s, k):  # pragma: no cover - compi
 
 
 def _fused_gradients(x: Tensor, grad: Tensor, scalars: tuple[np.float32, ...]) -> tuple[Tensor, ...]:
-    """The soft quantizer's gradients for a contiguous bfloat16 or float32 x in one float32 pass (the fused formulas
-    of x's dtype): to x in x's dtype, to u, -u, s and k summed in float32 per sample, then in float64, each rounded
-    once."""
+    """The soft quantizer's gradients for a dense (contiguous or channels_last) bfloat16 or float32 x and a grad of its
+    strides, in one float32 pass (the fused formulas of x's dtype): to x in x's dtype, to u, -u, s and k summed in
+    float32 per sample (in memory order), then in float64, each rounded once."""
     rows = x.shape[0] if x.dim() > 1 else 1
     out = torch.empty_like(x)
     sums = np.empty((rows, 4), dtype=np.float32)
-    split = [omp.Split(a) for a in (*(elementwise.stored(t, rows, -1) for t in (x, grad, out)), sums)]
+    split = [omp.Split(a) for a in (*(elementwise.memory_rows(t, rows) for t in (x, grad, out)), sums)]
     omp.run(_fused_rows, rows, *split, *scalars, work=x.numel())
     totals = torch.from_numpy(sums).double().sum(dim=0).to(x.dtype)
     return out, totals[0], totals[1], totals[2], totals[3]

@@ -303,6 +303,7 @@ class RAD(Method):
     loss_reduction = "mean"
     takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsFused unless formulas(bf16="torch")
     takes_fp32_formulas = True  # of a float32 input with formulas(fp32="fused")
+    channels_last_kernels = False  # per-channel rows of a contiguous (N, C, ...) input
 
     activation_surrogate = staticmethod(clip_derivative)
 

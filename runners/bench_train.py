@@ -27,7 +27,7 @@ from bnnbench.functional import formulas
 
 from .bench import machine_info, paired_ratio, set_threads, time_interleaved
 from .spec import check_formulas
-from .train import bf16_hardware
+from .train import bf16_hardware, resolve_channels_last
 
 MEMORY_STEPS = 3
 MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
@@ -44,7 +44,7 @@ class StepSettings:
     amp: bool = False
     bf16_formulas: str = "fused"  # bnnbench.functional.FORMULAS, under amp
     fp32_formulas: str = "torch"  # the same without it
-    channels_last: bool = False
+    channels_last: bool | None = False  # None: as a run decides for each model (runners.train.resolve_channels_last)
     compile: bool = False
     device: str = "cpu"
 
@@ -57,14 +57,25 @@ class StepSettings:
         is_cuda = device.startswith("cuda")
         return cls(
             amp=(is_cuda or bf16_hardware()) if amp is None else amp,
-            channels_last=is_cuda if channels_last is None else channels_last,
+            channels_last=channels_last,
             device=device,
             **fields,
         )
 
 
-def training_step(method: str, settings: StepSettings, seed: int = 0) -> Callable[[], None]:
-    """A closure running one SGD step of ``method`` (fp: the real model in stage 2) on a fixed random batch."""
+@dataclass(frozen=True)
+class Step:
+    """One SGD step of a method's model, called to run it; ``channels_last``: the model's memory format."""
+
+    run: Callable[[], None]
+    channels_last: bool
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def training_step(method: str, settings: StepSettings, seed: int = 0) -> Step:
+    """One SGD step of ``method`` (fp: the real model in stage 2) on a fixed random batch."""
     torch.manual_seed(seed)
     device = torch.device(settings.device)
     model = bnnbench.build_model(settings.net, method, family=settings.family, stage=settings.stage if method != "fp" else 2).to(device)
@@ -73,7 +84,8 @@ def training_step(method: str, settings: StepSettings, seed: int = 0) -> Callabl
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(settings.batch, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, model.spec.num_classes, (settings.batch,), generator=generator).to(device)
-    if settings.channels_last:
+    channels_last = resolve_channels_last(settings.channels_last, device, settings.amp, model)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model) if settings.compile else model
@@ -92,7 +104,7 @@ def training_step(method: str, settings: StepSettings, seed: int = 0) -> Callabl
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return step
+    return Step(step, channels_last)
 
 
 def _peak_rss_kib() -> int:
@@ -149,7 +161,7 @@ def peak_memory(methods: Sequence[str], settings: StepSettings, threads: int) ->
             os.environ[MMAP_THRESHOLD] = previous
 
 
-def prepared_steps(settings: StepSettings, methods: Sequence[str] | None = None) -> dict[str, Callable[[], None]]:
+def prepared_steps(settings: StepSettings, methods: Sequence[str] | None = None) -> dict[str, Step]:
     """:func:`training_step` of fp and each of ``methods`` (default: all registered), fp first, each run once so that
     compilation (when asked) and first-use costs fall before any measurement."""
     names = ["fp"] + [name for name in (methods or bnnbench.list_methods()) if name != "fp"]
@@ -184,7 +196,7 @@ def train_benchmark(
                 "amp_bf16": settings.amp,
                 "bf16_formulas": settings.bf16_formulas if settings.amp else "",
                 "fp32_formulas": "" if settings.amp else settings.fp32_formulas,
-                "channels_last": settings.channels_last,
+                "channels_last": steps[name].channels_last,
                 "compile": settings.compile,
                 "images_per_s": settings.batch / times[name].best,
                 "images_per_s_median": settings.batch / times[name].median,
@@ -200,4 +212,4 @@ def train_benchmark(
     return rows, machine_info(threads)
 
 
-__all__ = ["StepSettings", "peak_memory", "prepared_steps", "train_benchmark", "training_step"]
+__all__ = ["Step", "StepSettings", "peak_memory", "prepared_steps", "train_benchmark", "training_step"]

@@ -214,7 +214,7 @@ class Machine:
     amp: bool | None = None  # bf16 autocast; None: on for CUDA and for CPUs with bf16 hardware
     bf16_formulas: str = "fused"  # act_norm and learned alpha under bf16: fused or torch (functional.FORMULAS)
     fp32_formulas: str = "torch"  # the same in float32: torch (the reference, bit for bit) or fused
-    channels_last: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: runners.train.resolve_channels_last (CUDA; bf16 CPUs where the kernels take it)
     compile: bool = False
     threads: int | None = None  # torch threads (None: torch's default)
     loader: str = "auto"

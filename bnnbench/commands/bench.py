@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as a run: on for CUDA and CPUs with AVX512-BF16/AMX)")
     train.add_argument("--bf16-formulas", metavar="fused|torch", default="fused", help="the fused bf16 formulas or torch's, as a run's --bf16-formulas")
     train.add_argument("--fp32-formulas", metavar="torch|fused", default="torch", help="torch's fp32 formulas or the fused ones, as a run's --fp32-formulas")
-    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: as a run: on for CUDA)")
+    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: as a run: on for CUDA and, under bf16 autocast on bf16 hardware, for models whose kernels take it)")
     train.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     train.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (one process per method)")
     train.add_argument("--csv", "--out", dest="csv", default="results/bench/train.csv", help="CSV file (default: results/bench/train.csv)")
@@ -212,7 +212,7 @@ def train_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)
     for r in rows:
         table.add_row(
-            r["method"],
+            r["method"] + ("" if r["channels_last"] == first["channels_last"] else " (channels_last)" if r["channels_last"] else " (NCHW)"),
             f"{r['images_per_s']:.0f} ({r['images_per_s_median']:.0f})",
             f"{r['step_ms']:.1f}",
             f"{r['step_vs_fp']:.2f}x ({r['step_vs_fp_median']:.2f}x, {r['step_vs_fp_paired']:.2f}x)",

@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "float32 sweeps, a learned alpha folded into the conv's backward, RAD's, DSQ's, FDA's, SwishSign's, ReSTE's and "
         "IR-Net's own formulas in one pass (the forward bit for bit, gradients within float32's rounding; faster)",
     )
-    machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA)")
+    machine.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on for CUDA, and on CPUs with bf16 hardware under bf16 autocast where every binary layer's kernels take it)")
     machine.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile (off by default; see the README's performance section)")
     machine.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     machine.add_argument(

@@ -1,0 +1,166 @@
+"""channels_last models on the CPU: the binary layer's kernels keep the memory format end to end.
+
+The hardtanh's backward gives its gradient in its output's memory format (a pooling's NCHW gradient would otherwise
+turn every later BatchNorm backward into a mixed-format one); act_norm's fused backward and DSQ's take channels_last
+tensors (one sample after another in memory, as contiguous ones) and give what they give for the contiguous tensor,
+within float32 rounding (a sample's sums run in memory order); a channels_last ResNet's gradients stay channels_last
+all the way down; and a run's default turns channels_last on for the CPU only under bf16 autocast on bf16 hardware
+and where every binary layer's kernels take it (not for RAD and ReActNet, whose per-channel kernels need contiguous
+rows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnnbench
+import bnnbench.methods.dsq as dsq
+from bnnbench import act_norm_fused, functional
+from bnnbench.layers import channels_last_kernels
+from bnnbench.runners import train as train_module
+from bnnbench.runners.bench_train import StepSettings, training_step
+
+CL = torch.channels_last
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def test_the_hardtanhs_gradient_takes_its_outputs_memory_format_with_torchs_values():
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 8, 5, 5, generator=generator) * 2).bfloat16().contiguous(memory_format=CL)
+    grad = torch.randn(4, 8, 5, 5, generator=generator).bfloat16()  # NCHW, as an average pooling's gradient arrives
+    leaf = x.clone().requires_grad_(True)
+    out = functional.hardtanh_(leaf + 0)  # (a leaf's .grad would take the leaf's layout whatever the backward gave)
+    (got,) = torch.autograd.grad(out, leaf, grad)
+    assert is_channels_last(got)
+    assert torch.equal(got, torch.ops.aten.hardtanh_backward(grad, x.clamp(-1, 1), -1.0, 1.0))
+    assert not torch.equal(got, grad)  # the mask applied: some inputs lie outside [-1, 1]
+
+
+def act_norm_gradient(x: torch.Tensor, grad: torch.Tensor, derivative) -> torch.Tensor:
+    leaf = x.detach().clone().requires_grad_(True)
+    with functional.formulas(bf16="fused", fp32="fused"):
+        functional.normalized_surrogate_sign(leaf, derivative, 1e-5).backward(grad)
+    return leaf.grad
+
+
+def rbnn_like(x: torch.Tensor) -> torch.Tensor:
+    return ((x.abs() <= 1).to(x.dtype) * (1 - x.abs())).to(x.dtype)
+
+
+@pytest.mark.parametrize("derivative", [functional.approx_sign_derivative, rbnn_like], ids=["formula", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("grad_format", [torch.contiguous_format, CL], ids=["nchw-grad", "cl-grad"])
+def test_act_norms_fused_backward_takes_channels_last_and_gives_the_contiguous_result(dtype, derivative, grad_format, threads):
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 16, 9, 9, generator=generator) * 3 + 0.5).to(dtype)
+    grad = torch.randn(6, 16, 9, 9, generator=generator).to(dtype)
+    assert act_norm_fused.covers(x.contiguous(memory_format=CL))
+    for count in (1, 2):
+        threads(count)
+        want = act_norm_gradient(x, grad, derivative)
+        got = act_norm_gradient(x.contiguous(memory_format=CL), grad.contiguous(memory_format=grad_format), derivative)
+        assert is_channels_last(got)
+        if dtype == torch.bfloat16:  # one rounding of a float32 value that differs in its last bits at most
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * want.abs().max().item())
+            assert (got != want).float().mean() < 0.01
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_dsqs_fused_backward_takes_channels_last_and_gives_the_contiguous_result():
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.randn(8, 16, 7, 7, generator=generator) * 0.9).bfloat16()
+    grad = torch.randn(8, 16, 7, 7, generator=generator).bfloat16()
+    method = bnnbench.get_method("dsq")
+    results = []
+    for x_format, grad_format in [(torch.contiguous_format, torch.contiguous_format), (CL, torch.contiguous_format), (CL, CL)]:
+        leaf = x.contiguous(memory_format=x_format).detach().requires_grad_(True)
+        u, alpha = torch.tensor(1.0, requires_grad=True), torch.tensor(0.2, requires_grad=True)
+        with functional.formulas(bf16="fused"):
+            out = method.activation(leaf, 0.5, u=u, alpha=alpha)
+        out.backward(grad.contiguous(memory_format=grad_format))
+        results.append((leaf.grad, u.grad, alpha.grad))
+    want = results[0]
+    for got in results[1:]:
+        assert is_channels_last(got[0])
+        torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2**-7, atol=2**-7 * want[0].abs().max().item())
+        for g, w in zip(got[1:], want[1:]):  # float32 sums of the rows in another order, rounded to the scalar
+            assert abs(g.item() - w.item()) <= 1e-2 * abs(w.item()) + 1e-6
+    scalars = tuple(np.float32(v) for v in (1.0, -1.0, 0.5, 2.0))
+    flat = dsq._fused_gradients(x, grad, scalars)
+    last = dsq._fused_gradients(x.contiguous(memory_format=CL), grad.contiguous(memory_format=CL), scalars)
+    torch.testing.assert_close(last[0].float(), flat[0].float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["sign-ste", "biper", "dsq"])
+def test_a_channels_last_resnets_gradients_stay_channels_last(method):
+    """Every activation gradient of a channels_last model under bf16 autocast (the fused formulas) is channels_last
+    (the pooling's 1x1 gradient aside), and its step's loss is the NCHW model's within bf16 rounding."""
+    torch.manual_seed(0)
+    model = bnnbench.build_model("resnet20", method).train()
+    twin = bnnbench.build_model("resnet20", method).train()
+    twin.load_state_dict(model.state_dict())
+    model = model.to(memory_format=CL)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 3])
+    seen: list[tuple[str, torch.Tensor, bool]] = []
+    pooled: list[torch.Tensor] = []  # the last block's output, whose gradient the pooling gives (NCHW)
+
+    def watch(module_name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad and output.dim() == 4 and output.shape[-1] > 1:
+                output.register_hook(lambda g: seen.append((module_name, output, is_channels_last(g))))
+
+        return hook
+
+    model.pool.register_forward_pre_hook(lambda module, inputs: pooled.append(inputs[0]))
+    for name, module in model.named_modules():
+        if name and module is not model.pool:
+            module.register_forward_hook(watch(name))
+    losses = []
+    for net, x in ((model, images.contiguous(memory_format=CL)), (twin, images)):
+        with torch.autocast("cpu", dtype=torch.bfloat16), functional.formulas(bf16="fused"):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        losses.append(loss.item())
+    inner = [(name, cl) for name, output, cl in seen if output is not pooled[0]]
+    assert len(inner) > 50 and all(cl for _, cl in inner), [name for name, cl in inner if not cl][:5]
+    assert abs(losses[0] - losses[1]) < 0.02 * abs(losses[1])
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(is_channels_last(c.weight.grad) for c in convs if c.weight.grad is not None and c.weight.shape[-1] > 1)
+
+
+@pytest.mark.parametrize(
+    "method, asked, device, amp, hardware, expected",
+    [
+        ("sign-ste", None, "cpu", True, True, True),
+        ("biper", None, "cpu", True, True, True),
+        ("fp", None, "cpu", True, True, True),
+        ("rad", None, "cpu", True, True, False),
+        ("reactnet", None, "cpu", True, True, False),
+        ("sign-ste", None, "cpu", False, True, False),
+        ("sign-ste", None, "cpu", True, False, False),
+        ("rad", True, "cpu", True, True, True),
+        ("sign-ste", False, "cpu", True, True, False),
+        ("rad", None, "cuda", True, False, True),
+    ],
+)
+def test_a_runs_channels_last_default(method, asked, device, amp, hardware, expected, monkeypatch):
+    monkeypatch.setattr(train_module, "bf16_hardware", lambda: hardware)
+    model = bnnbench.build_model("resnet20", method)
+    assert channels_last_kernels(model) is (method not in ("rad", "reactnet"))
+    assert train_module.resolve_channels_last(asked, torch.device(device), amp, model) is expected
+
+
+def test_the_benchmark_step_records_each_models_format(monkeypatch):
+    monkeypatch.setattr(train_module, "bf16_hardware", lambda: True)
+    settings = StepSettings(batch=2, amp=True, channels_last=None)
+    assert training_step("sign-ste", settings).channels_last is True
+    assert training_step("reactnet", settings).channels_last is False
+    assert training_step("sign-ste", StepSettings(batch=2, amp=True)).channels_last is False  # as asked
