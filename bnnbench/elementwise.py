@@ -1081,13 +1081,76 @@ def _shifted_approx_sign_rows(x, grad, shift, out, sums):  # pragma: no cover - 
         sums[row] = total
 
 
+_SIGN_FLOAT32 = _with_rounding(_sign, _keep)
+
+
+@njit(nogil=True, error_model="numpy")  # (not cached: it calls a formula compiled at import)
+def _shifted_sign_samples(x, shift, out):  # pragma: no cover - compiled
+    """sign(x + shift_c) in float32 (as :data:`SHIFTED_SIGN` in float32 mode) per element of channels_last samples:
+    x and out (bfloat16 bits or float32) one row per sample, an element's channel its index modulo the channels."""
+    channels = shift.size
+    for n in range(x.shape[0]):
+        xr, o = x[n], out[n]
+        for p in range(xr.size // channels):
+            for c in range(channels):
+                i = p * channels + c
+                o[i] = _store(_SIGN_FLOAT32(_load(xr[i]) + shift[c]), o)
+
+
+@njit(nogil=True, fastmath={"reassoc"}, error_model="numpy")  # (not cached: it calls a formula compiled at import)
+def _shifted_approx_sign_samples(x, grad, shift, out, sums):  # pragma: no cover - compiled
+    """:func:`_shifted_approx_sign_rows` for channels_last samples (one row per sample, an element's channel its index
+    modulo the channels): the same products, and per sample the float32 sum of each channel's (into its row of sums)."""
+    channels = shift.size
+    for n in range(x.shape[0]):
+        xr, gr, o, total = x[n], grad[n], out[n], sums[n]
+        for c in range(channels):
+            total[c] = np.float32(0.0)
+        for p in range(xr.size // channels):
+            for c in range(channels):
+                i = p * channels + c
+                g = _load(gr[i]) * _APPROX_SIGN_DERIVATIVE_FLOAT32(_load(xr[i]) + shift[c])
+                o[i] = _store(g, o)
+                total[c] += g
+
+
+def _channels_last_shift(x: Tensor, shift: Tensor) -> bool:
+    """True where the channels_last kernels take ``x + shift``: a covered 4-D channels_last x (not also contiguous)
+    with elements, and a float32 shift of shape (C, 1, 1)."""
+    return (
+        x.dim() == 4 and x.numel() > 0 and covered(x) and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        and shift.dtype == torch.float32 and tuple(shift.shape) == (x.shape[1], 1, 1)
+    )
+
+
+def shifted_sign_channels_last(x: Tensor, shift: Tensor) -> Tensor | None:
+    """``sign(x + shift)`` in x's dtype for a channels_last x and a float32 per-channel shift, the sum in float32 (what
+    :data:`SHIFTED_SIGN` gives a contiguous x, bit for bit), in one pass; None where the kernel does not cover them."""
+    if not _channels_last_shift(x, shift):
+        return None
+    out = torch.empty_like(x)
+    values = shift.detach().reshape(-1).contiguous().numpy()
+    omp.run(_shifted_sign_samples, x.shape[0], omp.Split(memory_rows(x, x.shape[0])), values, omp.Split(memory_rows(out, x.shape[0])), work=x.numel())
+    _written(out)
+    return out
+
+
 def shifted_approx_sign_backward(x: Tensor, shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor] | None:
     """The gradients of ``sign(x + shift)`` with ApproxSign's surrogate, for a float32 per-channel shift (C, 1, ...)
     and a contiguous (N, C, ...) x and grad (bfloat16 or float32): to x ``grad * max(0, 2 - 2|x + shift|)`` in x's
     dtype, bit for bit what torch's float32 product rounded to x's dtype gives, and to the shift that product's sum
     over every other dimension, in one pass: float32 per (sample, channel) row, then float64 across samples,
-    rounded once to float32 (torch's formula sums the float32 products in its own order).  None where the kernel
-    does not cover them."""
+    rounded once to float32 (torch's formula sums the float32 products in its own order).  A channels_last x takes
+    the same products and sums per (sample, channel) in memory order (its grad copied to x's layout where it has
+    another).  None where the kernel does not cover them."""
+    if covered(grad) and grad.shape == x.shape and _channels_last_shift(x, shift):
+        grad, count = in_layout_of(grad, x), x.shape[0]
+        out, sums = torch.empty_like(x), np.empty((count, x.shape[1]), dtype=np.float32)
+        values = shift.detach().reshape(-1).contiguous().numpy()
+        arrays = [omp.Split(memory_rows(t, count)) for t in (x, grad)]
+        omp.run(_shifted_approx_sign_samples, count, *arrays, values, omp.Split(memory_rows(out, count)), omp.Split(sums), work=x.numel())
+        _written(out)
+        return out, torch.from_numpy(sums).double().sum(dim=0).float().reshape(shift.shape)
     if not (covered(x) and covered(grad) and x.is_contiguous() and grad.is_contiguous() and grad.shape == x.shape and x.dim() >= 2):
         return None
     if shift.dtype != torch.float32 or tuple(shift.shape) != (x.shape[1], *([1] * (x.dim() - 2))) or not x.numel():

@@ -205,8 +205,10 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
 
 
 def _shifted_sign(x: Tensor, shift: Tensor) -> Tensor:
-    """``sign(x + shift)`` in x's dtype (one pass where :func:`_shifted` covers x)."""
+    """``sign(x + shift)`` in x's dtype (one pass where :func:`_shifted` covers x, or the channels_last kernel)."""
     fused = _shifted(elementwise.SHIFTED_SIGN, x, shift, ())
+    if fused is None:
+        fused = elementwise.shifted_sign_channels_last(x, shift)
     return sign(x + shift).to(x.dtype) if fused is None else fused
 
 

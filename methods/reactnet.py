@@ -39,7 +39,6 @@ class ReActNet(Method):
     signs_its_input = False  # sign(a + beta): the hardtanh before has no signs to hand over
     takes_bf16_formulas = True  # beta's gradient summed in the surrogate's pass unless formulas(bf16="torch")
     takes_fp32_formulas = True  # likewise with formulas(fp32="fused")
-    channels_last_kernels = False  # per-channel rows of a contiguous (N, C, ...) input
 
     paper = "Liu et al., ReActNet, ECCV 2020"
     weight_forward = "mean|w_c| sign(w) (scale detached)"
