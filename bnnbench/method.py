@@ -195,11 +195,11 @@ class Method:
     # hardtanh before the layer makes those signs in its own pass and hands them over (functional.hardtanh_).  A method
     # whose forward is another function sets False (ReActNet's sign(a + beta)): signs made for it would go unused.
     signs_its_input: ClassVar[bool] = True
-    # True: the method's own kernels take channels_last activations as they take contiguous ones (those of
-    # functional.surrogate_sign with or without a shift, act_norm's and DSQ's, whose loops run over each sample in
-    # memory order).  False where they need contiguous (N, C, ...) rows, one per channel, and a channels_last model
-    # runs their torch formulas instead (RAD's per-channel moments: 2.7x slower, README "Training speed"); a run's
-    # channels_last default then stays off on the CPU (runners.train.resolve_channels_last).
+    # True: the method's own kernels take channels_last activations as they take contiguous ones (every built-in
+    # method's: functional.surrogate_sign's with or without a shift, act_norm's, DSQ's and RAD's loop over each sample
+    # in memory order).  A plugin whose own kernels need contiguous (N, C, ...) rows sets False: a run's channels_last
+    # default then stays off on the CPU (runners.train.resolve_channels_last), where its kernels would otherwise fall
+    # back to torch's formulas (RAD's did before they took channels_last: 2.7x fp's step, README "Training speed").
     channels_last_kernels: ClassVar[bool] = True
     # The activation surrogate d sign(a)/da as a function of a alone: Bi-Real's ApproxSign (Eq. 7) unless a method
     # names another (staticmethod(clip_derivative), ...).  surrogate_sign receives the function itself, so the

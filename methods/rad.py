@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bnnbench import elementwise, omp
-from bnnbench.elementwise import _load, r
+from bnnbench.elementwise import _keep, _load, _store, _with_rounding, r
 from bnnbench.functional import clip_derivative, fused_formulas, saved_as_recipe, sign, signs_of
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
@@ -225,6 +225,8 @@ def _fused_moments_gradient(a: Tensor, mean: Tensor, grad_mean: Tensor | None, g
     if grad_mean_square is None and grad_signs is None:
         return mean_share.view(channels).expand_as(a).to(a.dtype)
     twice_share = torch.zeros_like(mean) if grad_mean_square is None else 2.0 * grad_mean_square.float() / count
+    if _channels_last(a) and elementwise.covered(a) and (grad_signs is None or elementwise.covered(grad_signs)):
+        return _channels_last_gradient(a, mean, twice_share, mean_share, grad_signs)
     rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
     if grad_signs is None:
         fused = elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
@@ -243,11 +245,72 @@ def _sign_and_moments_gradient(a: np.float32, g: np.float32, mean: np.float32, t
 
 
 SIGN_AND_MOMENTS_GRADIENT = elementwise.Kernel("rad_sign_and_moments_gradient", _sign_and_moments_gradient)
+_SIGN_AND_MOMENTS_FLOAT32 = _with_rounding(_sign_and_moments_gradient, _keep)
+_FUSED_INPUT_FLOAT32 = _with_rounding(_fused_input_gradient, _keep)
+
+
+@njit(nogil=True, error_model="numpy")  # (not cached: it calls formulas compiled at import)
+def _channels_last_rows(a, g, mean, twice_share, mean_share, signs, out):  # pragma: no cover - compiled
+    """:data:`SIGN_AND_MOMENTS_GRADIENT` (``signs``: g the binarizer's gradient) or :data:`FUSED_INPUT_GRADIENT` per
+    element of channels_last samples (one row each, an element's channel its index modulo the channels)."""
+    channels = mean.size
+    for n in range(a.shape[0]):
+        ar, gr, o = a[n], g[n], out[n]
+        for p in range(ar.size // channels):
+            for c in range(channels):
+                i = p * channels + c
+                v = _load(ar[i])
+                if signs:
+                    value = _SIGN_AND_MOMENTS_FLOAT32(v, _load(gr[i]), mean[c], twice_share[c], mean_share[c])
+                else:
+                    value = _FUSED_INPUT_FLOAT32(v, mean[c], twice_share[c], mean_share[c])
+                o[i] = _store(value, o)
+
+
+def _channels_last_gradient(a: Tensor, mean: Tensor, twice_share: Tensor, mean_share: Tensor, grad_signs: Tensor | None) -> Tensor:
+    """:func:`_fused_moments_gradient` of a channels_last a: the same per-element formulas, in one pass over its
+    samples (grad_signs copied to a's layout where it has another)."""
+    out = torch.empty_like(a)
+    g = a if grad_signs is None else elementwise.in_layout_of(grad_signs, a, grad_signs.dtype)
+    rows = [omp.Split(elementwise.memory_rows(t, a.shape[0])) for t in (a, g)]
+    values = [v.detach().float().contiguous().numpy() for v in (mean, twice_share, mean_share)]
+    omp.run(_channels_last_rows, a.shape[0], *rows, *values, grad_signs is not None, omp.Split(elementwise.memory_rows(out, a.shape[0])), work=a.numel())
+    return out
+
+
+@njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
+def _sample_channel_sums(x: np.ndarray, mean: np.ndarray, centre: bool, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Per channels_last sample (one row of x, bfloat16 bits or float32; an element's channel its index modulo the
+    channels), each channel's float32 sum of its elements, or with ``centre`` of their squares about ``mean``."""
+    channels = mean.size
+    for n in range(x.shape[0]):
+        xr, o = x[n], out[n]
+        for c in range(channels):
+            o[c] = np.float32(0.0)
+        for p in range(xr.size // channels):
+            for c in range(channels):
+                v = _load(xr[p * channels + c])
+                d = v - mean[c]
+                o[c] += d * d if centre else v
+
+
+def _channels_last(a: Tensor) -> bool:
+    """True where a is 4-D channels_last (and not contiguous too): one sample after another, channels innermost."""
+    return a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
 
 
 def _fused_moments(a: Tensor) -> tuple[Tensor, Tensor]:
-    """(mu_c, mean_c((a_c - mu_c)^2)) of a contiguous bfloat16 or float32 a, (N, C, ...), from :func:`_moments_of_channels`."""
-    channels = a.shape[1]
+    """(mu_c, mean_c((a_c - mu_c)^2)) of a contiguous or channels_last bfloat16 or float32 a, (N, C, ...), from
+    :func:`_moments_of_channels` (channels_last: :func:`_sample_channel_sums`, each sample's sums in float32, added
+    across samples in float64, as there)."""
+    channels, count = a.shape[1], a.numel() // a.shape[1]
+    if _channels_last(a):
+        rows, sums = elementwise.memory_rows(a, a.shape[0]), np.empty((a.shape[0], channels), dtype=np.float32)
+        zeros = np.zeros(channels, dtype=np.float32)
+        omp.run(_sample_channel_sums, a.shape[0], omp.Split(rows), zeros, False, omp.Split(sums), work=a.numel())
+        mean = torch.from_numpy(sums).double().sum(dim=0).div_(count).float()
+        omp.run(_sample_channel_sums, a.shape[0], omp.Split(rows), mean.numpy(), True, omp.Split(sums), work=a.numel())
+        return mean, torch.from_numpy(sums).double().sum(dim=0).div_(count).float()
     bits = elementwise.stored(a, a.shape[0], channels, -1)
     out = np.empty((channels, 2), dtype=np.float32)
     omp.run(_moments_of_channels, channels, bits, omp.Split(np.arange(channels)), omp.Split(out), work=a.numel())
@@ -256,12 +319,12 @@ def _fused_moments(a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fuses(a: Tensor) -> bool:
-    """True where a's moments take the float32 sweeps: a contiguous bfloat16 or float32 (N, C, ...) a the kernels
-    cover, with the fused formulas of its dtype (:func:`~bnnbench.functional.fused_formulas`)."""
+    """True where a's moments take the float32 sweeps: a contiguous or channels_last bfloat16 or float32 (N, C, ...) a
+    the kernels cover, with the fused formulas of its dtype (:func:`~bnnbench.functional.fused_formulas`)."""
     detached = a.detach()
     return (
         a.dtype in (torch.bfloat16, torch.float32) and fused_formulas(a.dtype) and a.dim() >= 2 and a.numel() > 0
-        and elementwise.covered(detached) and detached.is_contiguous() and not torch.compiler.is_compiling()
+        and elementwise.covered(detached) and (detached.is_contiguous() or _channels_last(detached)) and not torch.compiler.is_compiling()
     )
 
 
@@ -303,7 +366,6 @@ class RAD(Method):
     loss_reduction = "mean"
     takes_bf16_formulas = True  # the moments of a bfloat16 input: _ChannelMomentsFused unless formulas(bf16="torch")
     takes_fp32_formulas = True  # of a float32 input with formulas(fp32="fused")
-    channels_last_kernels = False  # per-channel rows of a contiguous (N, C, ...) input
 
     activation_surrogate = staticmethod(clip_derivative)
 

@@ -340,7 +340,7 @@ def _recipe_summary(recipe: Recipe) -> str:
 
 def _arithmetic(records: list[RunRecord]) -> str:
     """How the runs computed: fp32 or bf16 autocast (with the fused formulas where a run took them), eager or
-    torch.compile, with counts when they differ."""
+    torch.compile, channels_last or not, with counts when they differ."""
     kinds: dict[str, int] = {}
     for r in records:
         resolved = r.saved.get("resolved") or {}
@@ -349,6 +349,8 @@ def _arithmetic(records: list[RunRecord]) -> str:
             kind += " (fused bf16 formulas)"
         if not resolved.get("amp_bf16") and resolved.get("fp32_formulas") == "fused":  # opt-in since 2026-12-04
             kind += " (fused fp32 formulas)"
+        if resolved.get("channels_last"):  # another rounding in the convs: CPU default under bf16 since 2026-12-04
+            kind += ", channels_last"
         kinds[kind] = kinds.get(kind, 0) + 1
     if len(kinds) == 1:
         return next(iter(kinds))

@@ -1,15 +1,16 @@
 """channels_last models on the CPU: the binary layer's kernels keep the memory format end to end.
 
 The hardtanh's backward gives its gradient in its output's memory format (a pooling's NCHW gradient would otherwise
-turn every later BatchNorm backward into a mixed-format one); act_norm's fused backward and DSQ's take channels_last
-tensors (one sample after another in memory, as contiguous ones) and give what they give for the contiguous tensor,
-within float32 rounding (a sample's sums run in memory order); a channels_last ResNet's gradients stay channels_last
-all the way down; and a run's default turns channels_last on for the CPU only under bf16 autocast on bf16 hardware
-and where every binary layer's kernels take it (not for RAD, whose per-channel moments need contiguous rows).
-ReActNet's shifted sign and its fused backward have channels_last kernels: the same signs and gradient to x, bit for
-bit, as the contiguous kernels give, the threshold's gradient within float32 rounding."""
+turn every later BatchNorm backward into a mixed-format one); act_norm's fused backward, DSQ's, ReActNet's shifted
+sign and RAD's channel moments take channels_last tensors (one sample after another in memory, as contiguous ones)
+and give what they give for the contiguous tensor: the same per-element values bit for bit where no sum enters them,
+within float32 rounding where one does (a sample's sums run in memory order); a channels_last ResNet's gradients
+stay channels_last all the way down; and a run's default turns channels_last on for the CPU only under bf16
+autocast on bf16 hardware and where every binary layer's kernels take it (a plugin may say its own do not)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -18,12 +19,21 @@ import torch.nn.functional as F
 
 import bnnbench
 import bnnbench.methods.dsq as dsq
+import bnnbench.methods.rad as rad
 from bnnbench import act_norm_fused, elementwise, functional
-from bnnbench.layers import channels_last_kernels
+from bnnbench.layers import BinaryConv2d, channels_last_kernels
+from bnnbench.methods.sign_ste import SignSTE
 from bnnbench.runners import train as train_module
 from bnnbench.runners.bench_train import StepSettings, training_step
 
 CL = torch.channels_last
+
+
+@dataclass
+class ContiguousOnly(SignSTE):
+    """A plugin whose own kernels would take contiguous activations only."""
+
+    channels_last_kernels = False
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -98,7 +108,7 @@ def test_dsqs_fused_backward_takes_channels_last_and_gives_the_contiguous_result
     torch.testing.assert_close(last[0].float(), flat[0].float(), rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["sign-ste", "biper", "dsq", "reactnet"])
+@pytest.mark.parametrize("method", ["sign-ste", "biper", "dsq", "reactnet", "rad"])
 def test_a_channels_last_resnets_gradients_stay_channels_last(method):
     """Every activation gradient of a channels_last model under bf16 autocast (the fused formulas) is channels_last
     (the pooling's gradient aside), and so is every 3x3 conv's weight gradient.  (Its loss is not the NCHW model's:
@@ -138,27 +148,33 @@ def test_a_channels_last_resnets_gradients_stay_channels_last(method):
         ("sign-ste", None, "cpu", True, True, True),
         ("biper", None, "cpu", True, True, True),
         ("fp", None, "cpu", True, True, True),
-        ("rad", None, "cpu", True, True, False),
+        ("rad", None, "cpu", True, True, True),
         ("reactnet", None, "cpu", True, True, True),
+        ("contiguous-only", None, "cpu", True, True, False),
         ("sign-ste", None, "cpu", False, True, False),
         ("sign-ste", None, "cpu", True, False, False),
-        ("rad", True, "cpu", True, True, True),
+        ("contiguous-only", True, "cpu", True, True, True),
         ("sign-ste", False, "cpu", True, True, False),
-        ("rad", None, "cuda", True, False, True),
+        ("contiguous-only", None, "cuda", True, False, True),
     ],
 )
 def test_a_runs_channels_last_default(method, asked, device, amp, hardware, expected, monkeypatch):
     monkeypatch.setattr(train_module, "bf16_hardware", lambda: hardware)
-    model = bnnbench.build_model("resnet20", method)
-    assert channels_last_kernels(model) is (method != "rad")
+    if method == "contiguous-only":  # (a plugin instance: build_model would look its name up)
+        model = torch.nn.Sequential(BinaryConv2d(4, 4, 3, method=ContiguousOnly()))
+    else:
+        model = bnnbench.build_model("resnet20", method)
+    assert channels_last_kernels(model) is (method != "contiguous-only")
     assert train_module.resolve_channels_last(asked, torch.device(device), amp, model) is expected
+    mixed = torch.nn.Sequential(BinaryConv2d(4, 4, 3, method="sign-ste", act_method=ContiguousOnly()))  # the activations' counts
+    assert not channels_last_kernels(mixed)
 
 
 def test_the_benchmark_step_records_each_models_format(monkeypatch):
     monkeypatch.setattr(train_module, "bf16_hardware", lambda: True)
     settings = StepSettings(batch=2, amp=True, channels_last=None)
     assert training_step("sign-ste", settings).channels_last is True
-    assert training_step("rad", settings).channels_last is False
+    assert training_step("rad", settings).channels_last is True
     assert training_step("sign-ste", StepSettings(batch=2, amp=True)).channels_last is False  # as asked
 
 
@@ -192,3 +208,35 @@ def test_reactnets_shifted_sign_and_fused_backward_take_channels_last(dtype, thr
         results.append((out, leaf.grad, beta.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rads_moments_and_their_gradient_take_channels_last(dtype, threads):
+    generator = torch.Generator().manual_seed(5)
+    a = (torch.randn(6, 24, 7, 7, generator=generator) * 0.8 + 0.1).to(dtype)
+    grad_signs = torch.randn(6, 24, 7, 7, generator=generator).to(dtype)
+    last = a.contiguous(memory_format=CL)
+    with functional.formulas(bf16="fused", fp32="fused"):
+        assert rad.fuses(last) and rad.fuses(a)
+    shares = [torch.randn(24, generator=generator) for _ in range(2)]
+    for count in (1, 2):
+        threads(count)
+        want, got = rad._fused_moments(a), rad._fused_moments(last)
+        for g, w in zip(got, want):  # float32 sums per sample in another order, float64 across samples
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+        for signs in (None, grad_signs, grad_signs.contiguous(memory_format=CL)):
+            flat = rad._fused_moments_gradient(a, want[0], shares[0], shares[1], signs)
+            other = rad._fused_moments_gradient(last, want[0], shares[0], shares[1], signs)
+            assert is_channels_last(other) and torch.equal(other, flat)  # the same formula per element, the same values
+    # through the method, as a training forward calls it: the contiguous layer's gradient within float32 sums' rounding
+    method = bnnbench.get_method("rad")
+    results = []
+    for inp in (a, last):
+        leaf = inp.detach().clone().requires_grad_(True)
+        with functional.formulas(bf16="fused", fp32="fused"):
+            signs, loss = method.activation_with_loss(leaf, 2, 0.5)
+        (signs * grad_signs).sum().add(loss).backward()
+        results.append((signs, loss, leaf.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][2].float(), results[0][2].float(), rtol=2**-7, atol=1e-5)

@@ -536,3 +536,5 @@ def test_the_caption_names_fused_bf16_formulas_and_counts_a_mix():
     assert _arithmetic([before, fused, run(amp_bf16=False)]) == "bf16 autocast (1 runs); bf16 autocast (fused bf16 formulas) (1 runs); fp32 (1 runs)"
     fp32 = [run(amp_bf16=False, fp32_formulas=f) for f in ("fused", "torch", None)]  # None: the choice changed nothing
     assert _arithmetic(fp32[:1]) == "fp32 (fused fp32 formulas)" and _arithmetic(fp32[1:]) == "fp32"
+    layouts = [run(amp_bf16=True, bf16_formulas="fused", channels_last=last) for last in (True, False)]  # RAD's NCHW
+    assert _arithmetic(layouts) == "bf16 autocast (fused bf16 formulas) (1 runs); bf16 autocast (fused bf16 formulas), channels_last (1 runs)"
