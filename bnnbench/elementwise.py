@@ -1144,7 +1144,7 @@ def shifted_approx_sign_backward(x: Tensor, shift: Tensor, grad: Tensor) -> tupl
     the same products and sums per (sample, channel) in memory order (its grad copied to x's layout where it has
     another).  None where the kernel does not cover them."""
     if covered(grad) and grad.shape == x.shape and _channels_last_shift(x, shift):
-        grad, count = in_layout_of(grad, x), x.shape[0]
+        grad, count = in_layout_of(grad, x, grad.dtype), x.shape[0]
         out, sums = torch.empty_like(x), np.empty((count, x.shape[1]), dtype=np.float32)
         values = shift.detach().reshape(-1).contiguous().numpy()
         arrays = [omp.Split(memory_rows(t, count)) for t in (x, grad)]

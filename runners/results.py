@@ -20,6 +20,7 @@ lists, numbers and strings so that ``torch.load(weights_only=True)`` reads them.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -208,6 +209,14 @@ def git_commit(path: Path | None = None) -> dict[str, Any] | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+@functools.cache
+def source_commit() -> dict[str, Any] | None:
+    """:func:`git_commit` of bnnbench's source tree, read once a process, at its first run: the code that process
+    imported.  A pool worker trains several runs with the code it started with, while the tree may move on (a
+    campaign's finished runs committed as they finish): HEAD at each run's start would name code it did not run."""
+    return git_commit()
 
 
 def package_versions() -> dict[str, str | None]:

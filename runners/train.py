@@ -110,7 +110,7 @@ from .callbacks import EpochCallback, EpochReport
 from .diagnostics import default_callbacks
 from .display import CostEstimate, Display
 from .optim import make_optimizer, make_scheduler
-from .results import checkpoint_name, device_info, git_commit, load_checkpoint, load_model_state, package_versions, rng_state, set_rng_state
+from .results import checkpoint_name, device_info, load_checkpoint, load_model_state, package_versions, rng_state, set_rng_state, source_commit
 from .rundir import RunDirectory
 from .spec import Machine, RunSpec, data_request
 from .teachers import load_teacher
@@ -518,7 +518,7 @@ def train_claimed(directory: RunDirectory, display: Display, callbacks: Sequence
             "resolved": resolved,
             "model": spec.model.describe(),
             "data": bundle.info,
-            "git": git_commit(),
+            "git": source_commit(),
             "versions": package_versions(),
             "machine": device_info(device),
         }

@@ -288,3 +288,18 @@ def test_files_and_cache_folders_respect_the_umask(tmp_path, umask):
         os.umask(before)
     assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_process_records_the_commit_of_the_code_it_imported_not_the_trees_later_head(monkeypatch):
+    """A pool worker trains several runs with the code it started with: its config.json files name the commit it read
+    at its first run, even after the tree moved on (a campaign commits its finished runs as they finish)."""
+    from bnnbench.runners import results
+
+    heads = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": False}])
+    monkeypatch.setattr(results, "git_commit", lambda path=None: next(heads))
+    results.source_commit.cache_clear()
+    try:
+        assert results.source_commit()["commit"] == "a" * 40
+        assert results.source_commit()["commit"] == "a" * 40  # HEAD is now b...: not read again
+    finally:
+        results.source_commit.cache_clear()
