@@ -166,25 +166,32 @@ def _with_rounding(formula: Callable, rounding, compiled: dict | None = None) ->
     return compiled[formula]
 
 
-def _loop(formula: Callable, inputs: int, outputs: tuple[int | None, ...], params: int, rows: int = 0) -> Callable:
+def _loop(formula: Callable, inputs: int, outputs: tuple[int | None, ...], params: int, rows: int = 0, columns: bool = False) -> Callable:
     """The one-pass loop of ``formula`` over ``inputs`` arrays into one array per entry of ``outputs`` (an input's
     index where the output is that input, written in place: the same array, so that the vectoriser sees element i
     read and then written, not two arrays that might overlap, which would keep the loop scalar), with ``params``
     scalars (or tables) unpacked once, outside the loop (an array taken from the tuple per element would be
     reference-counted per element), and ``rows`` arrays of one value per row (the elements split into as many rows
     of equal length as those have values: a per-channel tensor against a contiguous NC... one), passed after the
-    elements.  Each row's elements are a slice indexed from 0, so that the inner loop needs no negative-index check."""
+    elements; with ``columns``, of one value per column instead (rows as long as those have values: a per-channel
+    tensor against a channels_last one, whose channels are innermost).  Each row's elements are a slice indexed from
+    0, so that the inner loop needs no negative-index check."""
     a, p, q = ([f"{c}{j}" for j in range(n)] for c, n in (("a", inputs), ("p", params), ("q", rows)))
     o = [f"a{alias}" if alias is not None else f"o{j}" for j, alias in enumerate(outputs)]
-    call = f"formula({', '.join([f'_load(row_{n}[i])' for n in a] + [f'_load({n}[row])' for n in q] + p)})"
+    at = "i" if columns else "row"  # a value per column (element of the row) or per row
+    call = f"formula({', '.join([f'_load(row_{n}[i])' for n in a] + [f'_load({n}[{at}])' for n in q] + p)})"
     store = f"row_{o[0]}[i] = _store({call}, row_{o[0]})" if len(o) == 1 else (
         f"v = {call}; " + "; ".join(f"row_{n}[i] = _store(v[{j}], row_{n})" for j, n in enumerate(o))
     )
     own = [n for n in o if n.startswith("o")]
-    count, size = ("q0.size" if q else "1"), f"{a[0]}.size"
+    size = f"{a[0]}.size"
     source = [f"def loop({', '.join(a + own + q)}, params):"]
     source += [f"    {', '.join(p)}, = params"] if p else []
-    source += [f"    length = {size} // {count}", f"    for row in range({count}):", "        start = row * length"]
+    if columns:
+        source += ["    length = q0.size", f"    for row in range({size} // length):", "        start = row * length"]
+    else:
+        count = "q0.size" if q else "1"
+        source += [f"    length = {size} // {count}", f"    for row in range({count}):", "        start = row * length"]
     source += [f"        row_{n} = {n}[start:start + length]" for n in a + own]
     source += ["        for i in range(length):", f"            {store}"]
     scope = {"formula": formula, "_load": _load, "_store": _store}
@@ -213,18 +220,28 @@ class Kernel:
         self(x.dtype, (x,), (out,))
 
     def __call__(
-        self, mode: torch.dtype, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: tuple = (), rows: tuple[Tensor, ...] = ()
+        self,
+        mode: torch.dtype,
+        inputs: tuple[Tensor, ...],
+        outputs: tuple[Tensor, ...],
+        params: tuple = (),
+        rows: tuple[Tensor, ...] = (),
+        columns: bool = False,
     ) -> None:
-        """The formula over dense tensors of one shape and strides (and contiguous ``rows``, see :func:`_loop`),
-        rounding as torch does in ``mode``."""
+        """The formula over dense tensors of one shape and strides (and contiguous ``rows``, one value per row or,
+        with ``columns``, per column: see :func:`_loop`), rounding as torch does in ``mode``."""
         aliases = tuple(next((j for j, t in enumerate(inputs) if _same(t, out)), None) for out in outputs)
-        key = (mode, len(inputs), aliases, len(params), len(rows))
+        key = (mode, len(inputs), aliases, len(params), len(rows), columns)
         if key not in self._loops:
-            self._loops[key] = _loop(self._formulas[mode], len(inputs), aliases, len(params), len(rows))
+            self._loops[key] = _loop(self._formulas[mode], len(inputs), aliases, len(params), len(rows), columns)
         own = [out for out, alias in zip(outputs, aliases) if alias is None]
-        arrays = [omp.Split(_flat(t, _NUMPY[t.dtype])) for t in (*inputs, *own, *rows)]
-        items = rows[0].numel() if rows else inputs[0].numel()  # rows or elements, each thread a range of them
-        omp.run(self._loops[key], items, *arrays, tuple(params), work=inputs[0].numel(), grain=1 if rows else _ALIGN)
+        arrays = [omp.Split(_flat(t, _NUMPY[t.dtype])) for t in (*inputs, *own)]
+        values = [_flat(q, _NUMPY[q.dtype]) for q in rows]
+        if columns:  # each thread a range of rows, every column's value
+            items, split = inputs[0].numel() // rows[0].numel(), values
+        else:  # rows or elements, each thread a range of them (and of the rows' values)
+            items, split = (rows[0].numel() if rows else inputs[0].numel()), [omp.Split(v) for v in values]
+        omp.run(self._loops[key], items, *arrays, *split, tuple(params), work=inputs[0].numel(), grain=1 if rows else _ALIGN)
         _written(*outputs)
 
     def times_gradient(self) -> Kernel:
@@ -415,6 +432,11 @@ def in_layout_of(t: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> Tens
     return torch.empty_like(x, dtype=dtype).copy_(t)
 
 
+def channels_last(x: Tensor) -> bool:
+    """True where x is 4-D channels_last and not also contiguous: one sample after another, its channels innermost."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _dense(x: Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -449,20 +471,30 @@ def apply(
     mode: torch.dtype | None = None,
     out: tuple[Tensor, ...] | None = None,
     rows: tuple[Tensor, ...] = (),
+    channels: tuple[Tensor, ...] = (),
     dtypes: tuple[torch.dtype, ...] | None = None,
     final: bool = False,
 ) -> Tensor | tuple[Tensor, ...] | None:
     """``kernel``'s formula over ``inputs`` (each covered, one shape and strides), rounding as torch does in ``mode``
     (default: the first input's dtype), into ``out`` (default: new tensors like the first input, of ``dtypes``,
     default all ``mode``; an input may be an output too: element i is read before it is written), with ``rows``
-    (contiguous, one value per row of a contiguous first input, see :func:`_loop`), or None where it does not
-    cover them.  ``final``: the value is what the formula calling it returns (a derivative's last pass), which
-    within :func:`multiplying` is written as its product with the waiting gradient instead (checked there)."""
+    (contiguous, one value per row of a contiguous first input, see :func:`_loop`) or ``channels`` (one value per
+    channel, dim 1, of a contiguous first input, which takes them as rows, or of a channels_last one, as columns),
+    or None where it does not cover them.  ``final``: the value is what the formula calling it returns (a
+    derivative's last pass), which within :func:`multiplying` is written as its product with the waiting gradient
+    instead (checked there)."""
     first = inputs[0]
     mode = first.dtype if mode is None else mode
     if not all(covered(t) and t.shape == first.shape and t.stride() == first.stride() for t in inputs):
         return None
-    if rows and not (first.is_contiguous() and all(covered(q) and q.is_contiguous() and q.numel() == rows[0].numel() for q in rows)):
+    columns = False
+    if channels:
+        if first.dim() < 2 or not all(covered(v) and v.numel() == first.shape[1] for v in channels):
+            return None
+        columns = channels_last(first)
+        flat = [v.detach().reshape(-1).contiguous() for v in channels]
+        rows = tuple(flat if columns else (v.reshape(1, -1).expand(first.shape[0], -1).contiguous() for v in flat))
+    if rows and not ((columns or first.is_contiguous()) and all(covered(q) and q.is_contiguous() and q.numel() == rows[0].numel() for q in rows)):
         return None
     if rows and (rows[0].numel() == 0 or first.numel() % rows[0].numel()):
         return None
@@ -476,10 +508,10 @@ def apply(
     grad = None if waiting is None else waiting.gradient_for(out[0])
     if grad is not None:
         if first.numel():
-            kernel.times_gradient()(mode, (grad, *inputs), out, params, rows)
+            kernel.times_gradient()(mode, (grad, *inputs), out, params, rows, columns)
         return waiting.finish(out[0])
     if first.numel():
-        kernel(mode, inputs, out, params, rows)
+        kernel(mode, inputs, out, params, rows, columns)
     return out[0] if kernel.outputs == 1 else out
 
 
@@ -1081,22 +1113,6 @@ def _shifted_approx_sign_rows(x, grad, shift, out, sums):  # pragma: no cover - 
         sums[row] = total
 
 
-_SIGN_FLOAT32 = _with_rounding(_sign, _keep)
-
-
-@njit(nogil=True, error_model="numpy")  # (not cached: it calls a formula compiled at import)
-def _shifted_sign_samples(x, shift, out):  # pragma: no cover - compiled
-    """sign(x + shift_c) in float32 (as :data:`SHIFTED_SIGN` in float32 mode) per element of channels_last samples:
-    x and out (bfloat16 bits or float32) one row per sample, an element's channel its index modulo the channels."""
-    channels = shift.size
-    for n in range(x.shape[0]):
-        xr, o = x[n], out[n]
-        for p in range(xr.size // channels):
-            for c in range(channels):
-                i = p * channels + c
-                o[i] = _store(_SIGN_FLOAT32(_load(xr[i]) + shift[c]), o)
-
-
 @njit(nogil=True, fastmath={"reassoc"}, error_model="numpy")  # (not cached: it calls a formula compiled at import)
 def _shifted_approx_sign_samples(x, grad, shift, out, sums):  # pragma: no cover - compiled
     """:func:`_shifted_approx_sign_rows` for channels_last samples (one row per sample, an element's channel its index
@@ -1115,24 +1131,9 @@ def _shifted_approx_sign_samples(x, grad, shift, out, sums):  # pragma: no cover
 
 
 def _channels_last_shift(x: Tensor, shift: Tensor) -> bool:
-    """True where the channels_last kernels take ``x + shift``: a covered 4-D channels_last x (not also contiguous)
-    with elements, and a float32 shift of shape (C, 1, 1)."""
-    return (
-        x.dim() == 4 and x.numel() > 0 and covered(x) and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        and shift.dtype == torch.float32 and tuple(shift.shape) == (x.shape[1], 1, 1)
-    )
-
-
-def shifted_sign_channels_last(x: Tensor, shift: Tensor) -> Tensor | None:
-    """``sign(x + shift)`` in x's dtype for a channels_last x and a float32 per-channel shift, the sum in float32 (what
-    :data:`SHIFTED_SIGN` gives a contiguous x, bit for bit), in one pass; None where the kernel does not cover them."""
-    if not _channels_last_shift(x, shift):
-        return None
-    out = torch.empty_like(x)
-    values = shift.detach().reshape(-1).contiguous().numpy()
-    omp.run(_shifted_sign_samples, x.shape[0], omp.Split(memory_rows(x, x.shape[0])), values, omp.Split(memory_rows(out, x.shape[0])), work=x.numel())
-    _written(out)
-    return out
+    """True where the channels_last kernel takes ``x + shift``: a covered channels_last x with elements, and a float32
+    shift of shape (C, 1, 1)."""
+    return x.numel() > 0 and covered(x) and channels_last(x) and shift.dtype == torch.float32 and tuple(shift.shape) == (x.shape[1], 1, 1)
 
 
 def shifted_approx_sign_backward(x: Tensor, shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor] | None:

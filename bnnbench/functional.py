@@ -205,16 +205,14 @@ class _ShiftedSurrogateSign(torch.autograd.Function):
 
 
 def _shifted_sign(x: Tensor, shift: Tensor) -> Tensor:
-    """``sign(x + shift)`` in x's dtype (one pass where :func:`_shifted` covers x, or the channels_last kernel)."""
+    """``sign(x + shift)`` in x's dtype (one pass where :func:`_shifted` covers x)."""
     fused = _shifted(elementwise.SHIFTED_SIGN, x, shift, ())
-    if fused is None:
-        fused = elementwise.shifted_sign_channels_last(x, shift)
     return sign(x + shift).to(x.dtype) if fused is None else fused
 
 
 def _shifted(kernel: elementwise.Kernel, x: Tensor, shift: Tensor, tensors: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...] | None:
-    """``kernel`` over x (and ``tensors`` of the sum's shape) with the shift as one value per row: for a contiguous
-    x of shape (N, C, ...) and a shift of shape (C, 1, ...); None otherwise.  The sum ``x + shift`` rounds in its
+    """``kernel`` over x (and ``tensors`` of the sum's shape and strides) with the shift as one value per channel: for a
+    contiguous or channels_last x of shape (N, C, ...) and a shift of shape (C, 1, ...); None otherwise.  The sum ``x + shift`` rounds in its
     result dtype (float32 for a bfloat16 x and a float32 shift), the mode of the kernel, which ``tensors`` have
     or x's dtype (a bfloat16 gradient, widened as torch's float32 product widens it).  One output is stored in
     x's dtype (the sign), two in the sum's and in x's (the gradient)."""
@@ -225,9 +223,8 @@ def _shifted(kernel: elementwise.Kernel, x: Tensor, shift: Tensor, tensors: tupl
         return None
     if any(t.dtype not in (mode, x.dtype) for t in tensors):
         return None
-    rows = shift.detach().reshape(1, -1).expand(x.shape[0], -1).contiguous()
     dtypes = (x.dtype,) if kernel.outputs == 1 else (mode, x.dtype)
-    return elementwise.apply(kernel, x, *tensors, mode=mode, rows=(rows,), dtypes=dtypes)
+    return elementwise.apply(kernel, x, *tensors, mode=mode, channels=(shift,), dtypes=dtypes)
 
 
 def surrogate_sign(x: Tensor, derivative: Derivative, shift: Tensor | None = None) -> Tensor:

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bnnbench import elementwise, omp
-from bnnbench.elementwise import _keep, _load, _store, _with_rounding, r
+from bnnbench.elementwise import _load, r
 from bnnbench.functional import clip_derivative, fused_formulas, saved_as_recipe, sign, signs_of
 from bnnbench.method import Method, Progress, as_progress
 from bnnbench.registry import register_method
@@ -109,11 +109,6 @@ NEGATED_CENTRED_GRADIENT = elementwise.Kernel("rad_negated_centred_gradient", _n
 INPUT_GRADIENT = elementwise.Kernel("rad_input_gradient", _input_gradient)
 
 
-def _per_row(values: Tensor, a: Tensor) -> Tensor:
-    """One value per (sample, channel) row of a contiguous (N, C, ...) a, from one per channel."""
-    return values.reshape(1, -1).expand(a.shape[0], -1).contiguous()
-
-
 class _ChannelMoments(torch.autograd.Function):
     """:func:`channel_moments` in four passes forward (torch's float32 copy and its mean, the squares in one
     kernel pass, their mean) and three backward (the centred gradient, negated, in one pass; torch's sum of it to
@@ -131,7 +126,7 @@ class _ChannelMoments(torch.autograd.Function):
     def forward(ctx, a: Tensor, a_again: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         dims = (0, *range(2, a.dim()))
         mean = (a.float() if a.dtype != torch.float32 else a).mean(dim=dims)
-        squares = elementwise.apply(SQUARE, a, mode=torch.float32, rows=(_per_row(mean, a),), dtypes=(torch.float32,))
+        squares = elementwise.apply(SQUARE, a, mode=torch.float32, channels=(mean,), dtypes=(torch.float32,))
         ctx.save_for_backward(a, mean)
         ctx.set_materialize_grads(False)  # an output no loss uses sends nothing back, as in autograd's graph
         return mean, squares.mean(dim=dims)
@@ -144,8 +139,8 @@ class _ChannelMoments(torch.autograd.Function):
         channels = (1, a.shape[1], *([1] * (a.dim() - 2)))
         negated = mean_share = None
         if grad_mean_square is not None:
-            rows = (_per_row(mean, a), _per_row(grad_mean_square / count, a))
-            negated = elementwise.apply(NEGATED_CENTRED_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(torch.float32,))
+            per_channel = (mean, grad_mean_square / count)
+            negated = elementwise.apply(NEGATED_CENTRED_GRADIENT, a, mode=torch.float32, channels=per_channel, dtypes=(torch.float32,))
             through_centred = negated.sum_to_size(channels).view(-1)
             mean_share = (through_centred if grad_mean is None else grad_mean + through_centred) / count
         elif grad_mean is not None:
@@ -155,7 +150,7 @@ class _ChannelMoments(torch.autograd.Function):
             return None if negated is None else negated.neg_(), spread
         if negated is None:
             return None if spread is None else spread.to(a.dtype), None
-        return elementwise.apply(INPUT_GRADIENT, negated, mode=torch.float32, rows=(_per_row(mean_share, a),), dtypes=(a.dtype,)), None
+        return elementwise.apply(INPUT_GRADIENT, negated, mode=torch.float32, channels=(mean_share,), dtypes=(a.dtype,)), None
 
 
 @njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
@@ -225,13 +220,13 @@ def _fused_moments_gradient(a: Tensor, mean: Tensor, grad_mean: Tensor | None, g
     if grad_mean_square is None and grad_signs is None:
         return mean_share.view(channels).expand_as(a).to(a.dtype)
     twice_share = torch.zeros_like(mean) if grad_mean_square is None else 2.0 * grad_mean_square.float() / count
-    if _channels_last(a) and elementwise.covered(a) and (grad_signs is None or elementwise.covered(grad_signs)):
-        return _channels_last_gradient(a, mean, twice_share, mean_share, grad_signs)
-    rows = tuple(_per_row(v, a) for v in (mean, twice_share, mean_share))
+    per_channel = (mean, twice_share, mean_share)
     if grad_signs is None:
-        fused = elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+        fused = elementwise.apply(FUSED_INPUT_GRADIENT, a, mode=torch.float32, channels=per_channel, dtypes=(a.dtype,))
     else:
-        fused = elementwise.apply(SIGN_AND_MOMENTS_GRADIENT, a, grad_signs, mode=torch.float32, rows=rows, dtypes=(a.dtype,))
+        if elementwise.channels_last(a) and elementwise.covered(grad_signs):  # (an NCHW gradient: copied to a's layout)
+            grad_signs = elementwise.in_layout_of(grad_signs, a, grad_signs.dtype)
+        fused = elementwise.apply(SIGN_AND_MOMENTS_GRADIENT, a, grad_signs, mode=torch.float32, channels=per_channel, dtypes=(a.dtype,))
     if fused is not None:
         return fused
     centred = twice_share.view(channels) * (a.float() - mean.view(channels)) + mean_share.view(channels)
@@ -245,39 +240,6 @@ def _sign_and_moments_gradient(a: np.float32, g: np.float32, mean: np.float32, t
 
 
 SIGN_AND_MOMENTS_GRADIENT = elementwise.Kernel("rad_sign_and_moments_gradient", _sign_and_moments_gradient)
-_SIGN_AND_MOMENTS_FLOAT32 = _with_rounding(_sign_and_moments_gradient, _keep)
-_FUSED_INPUT_FLOAT32 = _with_rounding(_fused_input_gradient, _keep)
-
-
-@njit(nogil=True, error_model="numpy")  # (not cached: it calls formulas compiled at import)
-def _channels_last_rows(a, g, mean, twice_share, mean_share, signs, out):  # pragma: no cover - compiled
-    """:data:`SIGN_AND_MOMENTS_GRADIENT` (``signs``: g the binarizer's gradient) or :data:`FUSED_INPUT_GRADIENT` per
-    element of channels_last samples (one row each, an element's channel its index modulo the channels)."""
-    channels = mean.size
-    for n in range(a.shape[0]):
-        ar, gr, o = a[n], g[n], out[n]
-        for p in range(ar.size // channels):
-            for c in range(channels):
-                i = p * channels + c
-                v = _load(ar[i])
-                if signs:
-                    value = _SIGN_AND_MOMENTS_FLOAT32(v, _load(gr[i]), mean[c], twice_share[c], mean_share[c])
-                else:
-                    value = _FUSED_INPUT_FLOAT32(v, mean[c], twice_share[c], mean_share[c])
-                o[i] = _store(value, o)
-
-
-def _channels_last_gradient(a: Tensor, mean: Tensor, twice_share: Tensor, mean_share: Tensor, grad_signs: Tensor | None) -> Tensor:
-    """:func:`_fused_moments_gradient` of a channels_last a: the same per-element formulas, in one pass over its
-    samples (grad_signs copied to a's layout where it has another)."""
-    out = torch.empty_like(a)
-    g = a if grad_signs is None else elementwise.in_layout_of(grad_signs, a, grad_signs.dtype)
-    rows = [omp.Split(elementwise.memory_rows(t, a.shape[0])) for t in (a, g)]
-    values = [v.detach().float().contiguous().numpy() for v in (mean, twice_share, mean_share)]
-    omp.run(_channels_last_rows, a.shape[0], *rows, *values, grad_signs is not None, omp.Split(elementwise.memory_rows(out, a.shape[0])), work=a.numel())
-    return out
-
-
 @njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
 def _sample_channel_sums(x: np.ndarray, mean: np.ndarray, centre: bool, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Per channels_last sample (one row of x, bfloat16 bits or float32; an element's channel its index modulo the
@@ -294,17 +256,12 @@ def _sample_channel_sums(x: np.ndarray, mean: np.ndarray, centre: bool, out: np.
                 o[c] += d * d if centre else v
 
 
-def _channels_last(a: Tensor) -> bool:
-    """True where a is 4-D channels_last (and not contiguous too): one sample after another, channels innermost."""
-    return a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
-
-
 def _fused_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     """(mu_c, mean_c((a_c - mu_c)^2)) of a contiguous or channels_last bfloat16 or float32 a, (N, C, ...), from
     :func:`_moments_of_channels` (channels_last: :func:`_sample_channel_sums`, each sample's sums in float32, added
     across samples in float64, as there)."""
     channels, count = a.shape[1], a.numel() // a.shape[1]
-    if _channels_last(a):
+    if elementwise.channels_last(a):
         rows, sums = elementwise.memory_rows(a, a.shape[0]), np.empty((a.shape[0], channels), dtype=np.float32)
         zeros = np.zeros(channels, dtype=np.float32)
         omp.run(_sample_channel_sums, a.shape[0], omp.Split(rows), zeros, False, omp.Split(sums), work=a.numel())
@@ -324,7 +281,7 @@ def fuses(a: Tensor) -> bool:
     detached = a.detach()
     return (
         a.dtype in (torch.bfloat16, torch.float32) and fused_formulas(a.dtype) and a.dim() >= 2 and a.numel() > 0
-        and elementwise.covered(detached) and (detached.is_contiguous() or _channels_last(detached)) and not torch.compiler.is_compiling()
+        and elementwise.covered(detached) and (detached.is_contiguous() or elementwise.channels_last(detached)) and not torch.compiler.is_compiling()
     )
 
 

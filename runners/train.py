@@ -181,7 +181,8 @@ def resolve_channels_last(asked: bool | None, device: torch.device, amp: bool, m
     """channels_last: as asked, else on for CUDA, and on a CPU where bf16 autocast runs on bf16 hardware and every
     binary layer's kernels take it (:func:`bnnbench.layers.channels_last_kernels`): there oneDNN's bf16
     convolutions run 1.3x faster in channels_last (the fp ResNet-20 step, Xeon 6/167 with AMX, 2026-12-04; README
-    "Training speed"); in float32 it is not measured faster."""
+    "Training speed"); not in float32, where a probe found BiPer's step slower in it (act_norm's bit-exact float32
+    path takes contiguous tensors only) and the other methods were not measured."""
     if asked is not None:
         return asked
     if device.type == "cuda":

@@ -187,11 +187,11 @@ def test_reactnets_shifted_sign_and_fused_backward_take_channels_last(dtype, thr
     x.view(-1)[5::17] = (-shift.expand(5, 24, 7, 7).reshape(-1)[5::17]).to(dtype)  # x + shift at 0 (bf16 rounding aside)
     grad = torch.randn(5, 24, 7, 7, generator=generator).to(dtype)
     last = x.contiguous(memory_format=CL)
-    assert elementwise.shifted_sign_channels_last(x, shift) is None  # contiguous: the row kernels' case
     for count in (1, 2):
         threads(count)
-        signs = elementwise.shifted_sign_channels_last(last, shift)
-        assert is_channels_last(signs) and torch.equal(signs, functional._shifted_sign(x, shift))
+        signs = functional._shifted(elementwise.SHIFTED_SIGN, last, shift, ())  # the kernel (None: torch's formula)
+        assert signs is not None and is_channels_last(signs) and torch.equal(signs, functional._shifted(elementwise.SHIFTED_SIGN, x, shift, ()))
+        assert torch.equal(signs, (x.float() + shift >= 0).to(dtype) * 2 - 1)
         want = elementwise.shifted_approx_sign_backward(x, shift, grad)
         for g in (grad, grad.contiguous(memory_format=CL)):
             got = elementwise.shifted_approx_sign_backward(last, shift, g)
